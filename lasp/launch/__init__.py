@@ -1,0 +1,1 @@
+"""The training launcher behind `lasp-train` (config, data, checkpoints, metrics)."""

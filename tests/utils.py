@@ -1,0 +1,52 @@
+"""Helpers shared by the test modules: fresh random inputs and relative errors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64; NaN anywhere in `a` fails every tolerance."""
+    a, b = a.double(), b.double()
+    if torch.isnan(a).any():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def random_inputs(B, T, H, K, V, *, decay=None, dtype=torch.float64, device="cpu",
+                  n_states=None, generator=None, requires_grad=True):
+    """q, k, v, g, g_gamma, h0 drawn fresh: decay is None, "g" or "g_gamma".
+
+    Log-decays are -softplus(randn)-ish so that the decays vary over (0, 1).
+    """
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device, generator=generator)
+
+    q, k, v = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, H, V)
+    g = g_gamma = None
+    if decay == "g":
+        g = F.logsigmoid(rand(B, T, H) + 2.0)
+    elif decay == "g_gamma":
+        g_gamma = F.logsigmoid(rand(H) + 3.0)
+    h0 = None if n_states is None else rand(n_states, H, K, V).float().to(
+        torch.float64 if dtype == torch.float64 else torch.float32)
+    tensors = [q, k, v, g, g_gamma, h0]
+    if requires_grad:
+        for t in tensors:
+            if t is not None:
+                t.requires_grad_(True)
+    return tensors
+
+
+def random_cu_seqlens(lengths, device="cpu"):
+    """int32 offsets [0, l0, l0+l1, ...] of the given sequence lengths."""
+    offsets = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
+    return offsets.to(torch.int32).to(device)
+
+
+def grads(outputs, inputs, cotangents):
+    """Gradients of sum(<output, cotangent>) for the inputs that are not None."""
+    live = [x for x in inputs if x is not None]
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None]
+    return torch.autograd.grad([o for o, _ in pairs], live, [c for _, c in pairs])
