@@ -1,5 +1,6 @@
 """Sequence parallelism over a process group (NCCL or gloo), composed from `lasp.kernels`."""
 
+from lasp.parallel.lasp2 import lasp1_linear_attention, lasp2_linear_attention
 from lasp.parallel.layout import SequenceLayout
 
-__all__ = ["SequenceLayout"]
+__all__ = ["SequenceLayout", "lasp2_linear_attention", "lasp1_linear_attention"]
