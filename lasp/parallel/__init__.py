@@ -1,6 +1,13 @@
 """Sequence parallelism over a process group (NCCL or gloo), composed from `lasp.kernels`."""
 
 from lasp.parallel.lasp2 import lasp1_linear_attention, lasp2_linear_attention
+from lasp.parallel.lasp2h import lasp2h_attention, ring_attention
 from lasp.parallel.layout import SequenceLayout
 
-__all__ = ["SequenceLayout", "lasp2_linear_attention", "lasp1_linear_attention"]
+__all__ = [
+    "SequenceLayout",
+    "lasp2_linear_attention",
+    "lasp1_linear_attention",
+    "lasp2h_attention",
+    "ring_attention",
+]

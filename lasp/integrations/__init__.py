@@ -1,0 +1,1 @@
+"""Sequence parallelism for models of other libraries (imported only when used)."""

@@ -1,0 +1,679 @@
+"""Triton backend of causal linear attention with optional scalar decay: forward and backward.
+
+Per head the recurrence is (DESIGN.md §1)::
+
+    S_t = exp(g_t) S_{t-1} + k_t v_tᵀ          o_t = scale · q_tᵀ S_t
+
+Work is cut into chunks of C tokens and *segments* of a few consecutive chunks; neither
+crosses a packed-sequence boundary. The segment-summary idea of LASP-2 is used inside the
+GPU so that one long sequence still fills every SM: instead of walking all chunks of a
+sequence in B·H programs (the sequential state pass of chunkwise kernels), every segment
+is walked by its own programs and only a tiny scan over segment summaries is sequential.
+
+Forward (three launches):
+
+Segment kernels run one program per (segment, tile) on grid axis 0, tiles of a segment
+adjacent so that they share its chunk loads through L2, and per head on axis 1.
+
+1. `_fwd_summary_kernel`, one program per (segment, head, K-tile, V-tile): walks the
+   segment's chunks from a zero state and writes the segment's local state `U_s` and its
+   log-transition `G_s` (sum of g over the segment).
+2. `_scan_kernel`: per (sequence, head), scans the summaries in order from the initial
+   state (or zero), overwriting each `U_s` in place with the segment's incoming state and
+   writing the final state.
+3. `_fwd_output_kernel`, one program per (segment, head, V-tile): walks the segment again
+   from its incoming state and writes each chunk's output
+   `o = scale[(q ⊙ e^Γ) h_c + ((q kᵀ) ⊙ M) v]`.
+
+Backward (three launches plus a small torch epilogue for dg):
+
+1. `_bwd_dq_kernel`, one program per (segment, head, K-tile): walks forward from the
+   segment's incoming state (saved by the forward: small), writes
+   `dq = scale[((do vᵀ) ⊙ M) k + e^Γ (do h_cᵀ)]`, and accumulates the segment's local
+   state gradient `dU_s` (gradient of the segment's outputs w.r.t. its incoming state).
+2. `_scan_kernel` in reverse: from d final_state (or zero) turns `dU_s` in place into the
+   gradient of each segment's outgoing state, and writes d initial_state.
+3. `_bwd_dkdv_kernel`, walking each segment backwards from its outgoing state gradient:
+   `dv = scale((q kᵀ) ⊙ M)ᵀ do + (k ⊙ e^{γ−Γ}) dh`, `dk = scale((do vᵀ) ⊙ M)ᵀ q +
+   e^{γ−Γ} (v dhᵀ)`. When the full K×V state gradient fits one program's registers
+   (K, V ≤ 128 plain, ≤ 64 with a decay) one launch writes both; otherwise two launches
+   (dv over V-tiles with all of K, dk over K-tiles with all of V) each carry a slice.
+
+Here Γ is the chunk-local inclusive cumulative log-decay, γ = Γ at the chunk's last token
+and M_ts = exp(Γ_t − Γ_s) for s ≤ t, 0 otherwise (masked before the exp, so no overflow).
+With a decay, dg follows from `dB_t = q_t·dq_t − k_t·dk_t` (fp32, from the kernels'
+accumulators): dg is the reverse cumulative sum of dB within each sequence plus
+`<d final_state, final_state>` of that sequence (the final state scales with every g).
+
+No host synchronisation: launch grids depend on shapes only (for packed input an upper
+bound on the number of segments, or the exact count from `cu_seqlens_host`); segment
+bounds are computed on the device and surplus programs find an empty segment.
+States, summaries and accumulators are fp32; `tl.dot` operands are in the input dtype
+(fp32 inputs use the tensor cores' default TF32 on GPUs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _fix_interpreter_loop_bounds() -> None:
+    """Let `range(tensor)` work in the Triton interpreter under NumPy >= 2.4.
+
+    The interpreter holds scalars as 1-element arrays and converts loop bounds with
+    `int(array)`, which NumPy 2.4 turned into a TypeError. The segment walks loop over
+    a device-computed number of chunks, so the CPU tests need this conversion. Patches
+    only the interpreter (TRITON_INTERPRET=1), nothing on GPUs.
+    """
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_lasp_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._lasp_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_loop_bounds()
+
+CHUNK_SIZE = 64
+# Segment length: up to MAX_SEGMENT_CHUNKS chunks, shorter when that leaves fewer than
+# about SEGMENT_PROGRAMS (segment, head) pairs, so that small problems still fill the GPU.
+MAX_SEGMENT_CHUNKS = 16
+SEGMENT_PROGRAMS = 512
+# The widest K×V state gradient one program keeps in registers for the fused dk/dv
+# launch; wider states take the split launch. With a decay the fused kernel needs more
+# registers (ptxas, sm_90a: it spills at K = V = 128 with a decay, not without).
+FUSED_DKDV_MAX_ELEMENTS = 128 * 128
+FUSED_DKDV_MAX_ELEMENTS_DECAY = 64 * 64
+SCAN_BLOCK = 1024
+
+# Tests set this to fill every kernel output with NaN before the kernels run, so that an
+# element a kernel forgets to write fails the comparison. Off in production (extra fills).
+POISON_OUTPUTS = False
+
+
+def _new(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _segment_span(seg_bounds, s, T, SEG_TOKENS, SEGS_PER_SEQ, VARLEN: tl.constexpr):
+    """Token range [start, end) of segment `s` on the flattened B·T token axis.
+
+    Packed input reads it from `seg_bounds` (int64 [NS, 2], device-computed; surplus
+    segments are empty); otherwise segment s is the (s % SEGS_PER_SEQ)-th of row s // SEGS_PER_SEQ.
+    """
+    if VARLEN:
+        start = tl.load(seg_bounds + 2 * s)
+        end = tl.load(seg_bounds + 2 * s + 1)
+    else:
+        row = (s // SEGS_PER_SEQ).to(tl.int64)
+        start = row * T + (s % SEGS_PER_SEQ).to(tl.int64) * SEG_TOKENS
+        end = tl.minimum(start + SEG_TOKENS, (row + 1) * T)
+    return start, end
+
+
+@triton.jit
+def _chunk_gates(g, offs_t, mask_t, h, H: tl.constexpr):
+    """Chunk-local inclusive cumulative log-decay Γ [C] and its last value γ.
+
+    Padded tokens load g = 0, so Γ stays flat after the chunk's last real token.
+    """
+    b_g = tl.load(g + offs_t * H + h, mask=mask_t, other=0.0)
+    return tl.cumsum(b_g, axis=0), tl.sum(b_g, axis=0)
+
+
+@triton.jit
+def _load_tile(ptr, offs_t, mask_t, h, offs_d, D: tl.constexpr, H: tl.constexpr):
+    """[C, BD] tile of a [tokens, H, D] tensor, zero outside the chunk and beyond D."""
+    ptrs = ptr + (offs_t[:, None] * H + h) * D + offs_d[None, :]
+    return tl.load(ptrs, mask=mask_t[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, value, offs_t, mask_t, h, offs_d, D: tl.constexpr, H: tl.constexpr):
+    ptrs = ptr + (offs_t[:, None] * H + h) * D + offs_d[None, :]
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask_t[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _state_ptrs(ptr, s, h, offs_k, offs_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Pointers and mask of a [BK, BV] tile of state `s` in a [*, H, K, V] fp32 buffer."""
+    base = (s.to(tl.int64) * H + h) * K
+    ptrs = ptr + (base + offs_k[:, None]) * V + offs_v[None, :]
+    return ptrs, (offs_k < K)[:, None] & (offs_v < V)[None, :]
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_summary_kernel(k, v, g, seg_bounds, U, G_seg, T, SEG_TOKENS, SEGS_PER_SEQ,
+                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr,
+                        USE_G: tl.constexpr, VARLEN: tl.constexpr):
+    """U_s = Σ_chunks decayed kᵀv of segment s from a zero state; G_s = Σ g over s."""
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    n_tiles: tl.constexpr = triton.cdiv(K, BK) * NV
+    tile = tl.program_id(0) % n_tiles
+    s = tl.program_id(0) // n_tiles
+    h = tl.program_id(1)
+    offs_k = (tile // NV) * BK + tl.arange(0, BK)
+    offs_v = (tile % NV) * BV + tl.arange(0, BV)
+    start, end = _segment_span(seg_bounds, s, T, SEG_TOKENS, SEGS_PER_SEQ, VARLEN)
+
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    g_total = 0.0
+    for i in range(tl.cdiv(end - start, C)):
+        offs_t = start + i * C + tl.arange(0, C)
+        mask_t = offs_t < end
+        b_k = _load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+        b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
+        if USE_G:
+            gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
+            b_k = (b_k * tl.exp(g_last - gam)[:, None]).to(b_v.dtype)
+            state = state * tl.exp(g_last)
+            g_total += g_last
+        state = tl.dot(tl.trans(b_k), b_v, state)
+
+    ptrs, mask = _state_ptrs(U, s, h, offs_k, offs_v, H, K, V)
+    tl.store(ptrs, state, mask=mask)
+    if USE_G:
+        if tile == 0:
+            tl.store(G_seg + s.to(tl.int64) * H + h, g_total)
+
+
+@triton.jit
+def _scan_kernel(U, G_seg, init, out, seq_segs, SEGS_PER_SEQ,
+                 H: tl.constexpr, KV: tl.constexpr, BLOCK: tl.constexpr,
+                 USE_G: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr,
+                 REVERSE: tl.constexpr, VARLEN: tl.constexpr):
+    """Scan one sequence's segment summaries: U_s is replaced by the carried value at s.
+
+    Forward: carried = incoming state, carried ← e^{G_s}·carried + U_s, starting from
+    `init` (initial state) and ending in `out` (final state). REVERSE runs the segments
+    backwards with the state gradients (dU_s in, outgoing-state gradient out, `init` =
+    d final_state, `out` = d initial_state).
+    """
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < KV
+    if VARLEN:
+        first = tl.load(seq_segs + n)
+        count = tl.load(seq_segs + n + 1) - first
+    else:
+        first = n * SEGS_PER_SEQ
+        count = SEGS_PER_SEQ
+    state_offs = (n.to(tl.int64) * H + h) * KV + offs
+    if HAS_INIT:
+        carried = tl.load(init + state_offs, mask=mask, other=0.0)
+    else:
+        carried = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(count):
+        if REVERSE:
+            s = (first + count - 1 - i).to(tl.int64)
+        else:
+            s = (first + i).to(tl.int64)
+        ptrs = U + (s * H + h) * KV + offs
+        summary = tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, carried, mask=mask)
+        if USE_G:
+            carried = carried * tl.exp(tl.load(G_seg + s * H + h))
+        carried += summary
+    if STORE_OUT:
+        tl.store(out + state_offs, carried, mask=mask)
+
+
+@triton.jit
+def _fwd_output_kernel(q, k, v, g, seg_bounds, H_in, o, scale, T, SEG_TOKENS, SEGS_PER_SEQ,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr,
+                       USE_G: tl.constexpr, VARLEN: tl.constexpr):
+    """Outputs of segment s for one V-tile, carrying the state (all of K) chunk to chunk."""
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    s = tl.program_id(0) // NV
+    h = tl.program_id(1)
+    offs_k = tl.arange(0, BK)
+    offs_v = (tl.program_id(0) % NV) * BV + tl.arange(0, BV)
+    start, end = _segment_span(seg_bounds, s, T, SEG_TOKENS, SEGS_PER_SEQ, VARLEN)
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+
+    ptrs, mask = _state_ptrs(H_in, s, h, offs_k, offs_v, H, K, V)
+    state = tl.load(ptrs, mask=mask, other=0.0)
+    for i in range(tl.cdiv(end - start, C)):
+        offs_t = start + i * C + tl.arange(0, C)
+        mask_t = offs_t < end
+        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H)
+        b_k = _load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+        b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
+        scores = tl.dot(b_q, tl.trans(b_k)) * scale
+        b_o = tl.dot(b_q, state.to(b_q.dtype))
+        if USE_G:
+            gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
+            scores *= tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
+            b_o *= (tl.exp(gam) * scale)[:, None]
+            b_k = (b_k * tl.exp(g_last - gam)[:, None]).to(b_v.dtype)
+            state = state * tl.exp(g_last)
+        else:
+            scores = tl.where(causal, scores, 0.0)
+            b_o *= scale
+        b_o = tl.dot(scores.to(b_v.dtype), b_v, b_o)
+        _store_tile(o, b_o, offs_t, mask_t, h, offs_v, V, H)
+        state = tl.dot(tl.trans(b_k), b_v, state)
+
+
+@triton.jit
+def _bwd_dq_kernel(q, k, v, g, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
+                   SEG_TOKENS, SEGS_PER_SEQ,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr,
+                   USE_G: tl.constexpr, VARLEN: tl.constexpr):
+    """dq of segment s for one K-tile (all of V), and the segment's local state gradient.
+
+    Walks forward from the segment's incoming state h. dU_s = Σ_c e^{Σ_{c'<c} γ_c'} ·
+    scale (q ⊙ e^Γ)ᵀ do over the segment's chunks c (the gradient of the segment's
+    outputs w.r.t. its incoming state). With a decay also writes this K-tile's share
+    of Σ_k q⊙dq per token to dB_q[token, head, K-tile].
+    """
+    NK: tl.constexpr = triton.cdiv(K, BK)
+    kt = tl.program_id(0) % NK
+    s = tl.program_id(0) // NK
+    h = tl.program_id(1)
+    offs_k = kt * BK + tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
+    start, end = _segment_span(seg_bounds, s, T, SEG_TOKENS, SEGS_PER_SEQ, VARLEN)
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+
+    ptrs, mask = _state_ptrs(H_in, s, h, offs_k, offs_v, H, K, V)
+    state = tl.load(ptrs, mask=mask, other=0.0)
+    d_state = tl.zeros([BK, BV], dtype=tl.float32)
+    g_before = 0.0  # log-decay from the segment's start to the current chunk's start
+    for i in range(tl.cdiv(end - start, C)):
+        offs_t = start + i * C + tl.arange(0, C)
+        mask_t = offs_t < end
+        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H)
+        b_k = _load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+        b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
+        b_do = _load_tile(do, offs_t, mask_t, h, offs_v, V, H)
+        dp = tl.dot(b_do, tl.trans(b_v)) * scale
+        b_dq = tl.dot(b_do, tl.trans(state.to(b_do.dtype)))
+        if USE_G:
+            gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
+            dp *= tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
+            b_dq *= (tl.exp(gam) * scale)[:, None]
+            b_qd = (b_q * tl.exp(gam + g_before)[:, None]).to(b_q.dtype)
+            b_kd = (b_k * tl.exp(g_last - gam)[:, None]).to(b_k.dtype)
+        else:
+            dp = tl.where(causal, dp, 0.0)
+            b_dq *= scale
+            b_qd = b_q
+            b_kd = b_k
+        b_dq = tl.dot(dp.to(b_k.dtype), b_k, b_dq)
+        _store_tile(dq, b_dq, offs_t, mask_t, h, offs_k, K, H)
+        if USE_G:
+            # dg sums q·dq over the whole sequence, where the state's rounding to the dot
+            # dtype (2^-9 in bf16) accumulates: add the rounding residual back for dB.
+            residual = (state - state.to(b_do.dtype).to(tl.float32)).to(b_do.dtype)
+            b_dq += tl.dot(b_do, tl.trans(residual)) * (tl.exp(gam) * scale)[:, None]
+            tl.store(dB_q + (offs_t * H + h) * NK + kt, tl.sum(b_q.to(tl.float32) * b_dq, axis=1),
+                     mask=mask_t)
+            state = state * tl.exp(g_last)
+            g_before += g_last
+        d_state = tl.dot(tl.trans(b_qd), b_do, d_state)
+        state = tl.dot(tl.trans(b_kd), b_v, state)
+
+    ptrs, mask = _state_ptrs(dU, s, h, offs_k, offs_v, H, K, V)
+    tl.store(ptrs, d_state * scale, mask=mask)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(q, k, v, g, do, seg_bounds, dH_out, dk, dv, dB_k, scale, T,
+                     SEG_TOKENS, SEGS_PER_SEQ,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, DO_DK: tl.constexpr,
+                     DO_DV: tl.constexpr, USE_G: tl.constexpr, VARLEN: tl.constexpr):
+    """dk and/or dv of segment s, walking its chunks backwards from its outgoing gradient.
+
+    The carried dh is the gradient w.r.t. the state leaving the current chunk:
+    dh ← e^γ dh + scale (q ⊙ e^Γ)ᵀ do. dv needs all of K (BK ≥ K, tiles over V); dk
+    needs all of V (BV ≥ V, tiles over K); both at once need the whole K×V tile. With a
+    decay, DO_DK also writes this K-tile's share of Σ_k k⊙dk per token to
+    dB_k[token, head, K-tile].
+    """
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    n_tiles: tl.constexpr = triton.cdiv(K, BK) * NV
+    tile = tl.program_id(0) % n_tiles
+    s = tl.program_id(0) // n_tiles
+    h = tl.program_id(1)
+    kt = tile // NV
+    offs_k = kt * BK + tl.arange(0, BK)
+    offs_v = (tile % NV) * BV + tl.arange(0, BV)
+    start, end = _segment_span(seg_bounds, s, T, SEG_TOKENS, SEGS_PER_SEQ, VARLEN)
+    # Transposed causal mask: row s (key), column t (query), s ≤ t.
+    causal_t = tl.arange(0, C)[:, None] <= tl.arange(0, C)[None, :]
+
+    ptrs, mask = _state_ptrs(dH_out, s, h, offs_k, offs_v, H, K, V)
+    d_state = tl.load(ptrs, mask=mask, other=0.0)
+    n_chunks = tl.cdiv(end - start, C)
+    for j in range(n_chunks):
+        offs_t = start + (n_chunks - 1 - j) * C + tl.arange(0, C)
+        mask_t = offs_t < end
+        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H)
+        b_k = _load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+        b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
+        b_do = _load_tile(do, offs_t, mask_t, h, offs_v, V, H)
+        if USE_G:
+            gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
+        d_state_in = d_state.to(b_q.dtype)
+        if DO_DV:
+            scores_t = tl.dot(b_k, tl.trans(b_q)) * scale
+            b_dv = tl.dot(b_k, d_state_in)
+            if USE_G:
+                scores_t *= tl.exp(tl.where(causal_t, gam[None, :] - gam[:, None], float("-inf")))
+                b_dv *= tl.exp(g_last - gam)[:, None]
+            else:
+                scores_t = tl.where(causal_t, scores_t, 0.0)
+            b_dv = tl.dot(scores_t.to(b_do.dtype), b_do, b_dv)
+            _store_tile(dv, b_dv, offs_t, mask_t, h, offs_v, V, H)
+        if DO_DK:
+            dp_t = tl.dot(b_v, tl.trans(b_do)) * scale
+            b_dk = tl.dot(b_v, tl.trans(d_state_in))
+            if USE_G:
+                dp_t *= tl.exp(tl.where(causal_t, gam[None, :] - gam[:, None], float("-inf")))
+                b_dk *= tl.exp(g_last - gam)[:, None]
+            else:
+                dp_t = tl.where(causal_t, dp_t, 0.0)
+            b_dk = tl.dot(dp_t.to(b_q.dtype), b_q, b_dk)
+            _store_tile(dk, b_dk, offs_t, mask_t, h, offs_k, K, H)
+            if USE_G:
+                # As in the dq walk: the state gradient's rounding residual, for dB only.
+                residual = (d_state - d_state_in.to(tl.float32)).to(b_q.dtype)
+                b_dk += tl.dot(b_v, tl.trans(residual)) * tl.exp(g_last - gam)[:, None]
+                NK: tl.constexpr = triton.cdiv(K, BK)
+                tl.store(dB_k + (offs_t * H + h) * NK + kt,
+                         tl.sum(b_k.to(tl.float32) * b_dk, axis=1), mask=mask_t)
+        if USE_G:
+            b_q = (b_q * tl.exp(gam)[:, None]).to(b_do.dtype)
+            d_state = d_state * tl.exp(g_last)
+        d_state += tl.dot(tl.trans(b_q), b_do) * scale
+
+
+# --------------------------------------------------------------------------------------
+# Host side: launch geometry, launches, autograd
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Launch geometry shared by the forward and the backward of one call.
+
+    `n_segs` is the segment grid: exact for unpacked input or with `cu_seqlens_host`,
+    otherwise the upper bound cdiv(T, segment tokens) + N (surplus segments are empty).
+    For packed input `seg_bounds` (int64 [n_segs, 2]: token range of each segment) and
+    `seq_segs` (int64 [N+1]: first segment of each sequence) and `seq_ends` (int64 [N]:
+    cu_seqlens[1:]) are device tensors.
+    """
+
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    n_seqs: int
+    chunk: int
+    seg_tokens: int
+    segs_per_seq: int
+    n_segs: int
+    fuse_dkdv: bool
+    seg_bounds: torch.Tensor | None
+    seq_segs: torch.Tensor | None
+    seq_ends: torch.Tensor | None
+
+    @property
+    def varlen(self) -> bool:
+        return self.seg_bounds is not None
+
+    @property
+    def tokens(self) -> int:
+        return self.B * self.T
+
+
+def _default_segment_chunks(tokens: int, H: int, chunk: int) -> int:
+    """A power of two in [2, MAX_SEGMENT_CHUNKS]: long segments amortise the per-segment
+    state traffic, short ones give more programs. Depends on shapes only (no retuning)."""
+    wanted = triton.cdiv(tokens, chunk) * H // SEGMENT_PROGRAMS
+    return max(2, min(MAX_SEGMENT_CHUNKS, 1 << max(wanted, 1).bit_length() - 1))
+
+
+def _make_plan(q, v, use_g, cu_seqlens, cu_seqlens_host, chunk, segment_chunks, fuse_dkdv) -> _Plan:
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if not (chunk >= 16 and chunk & (chunk - 1) == 0):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk}")
+    if segment_chunks is None:
+        segment_chunks = _default_segment_chunks(B * T, H, chunk)
+    if segment_chunks < 1:
+        raise ValueError(f"segment_chunks must be >= 1, got {segment_chunks}")
+    seg_tokens = chunk * segment_chunks
+    if fuse_dkdv is None:
+        limit = FUSED_DKDV_MAX_ELEMENTS_DECAY if use_g else FUSED_DKDV_MAX_ELEMENTS
+        fuse_dkdv = triton.next_power_of_2(K) * triton.next_power_of_2(V) <= limit
+    seg_bounds = seq_segs = seq_ends = None
+    if cu_seqlens is None:
+        # At least one (possibly empty) segment per row, so that T == 0 still scans h0.
+        n_seqs, segs_per_seq = B, max(1, triton.cdiv(T, seg_tokens))
+        n_segs = B * segs_per_seq
+    else:
+        n_seqs, segs_per_seq = cu_seqlens.numel() - 1, 0
+        if cu_seqlens_host is not None:
+            bounds = torch.as_tensor(cu_seqlens_host, dtype=torch.int64, device="cpu")
+            # At least one row in the segment table: the grid is never empty.
+            n_segs = max(1, int(((bounds[1:] - bounds[:-1] + seg_tokens - 1) // seg_tokens).sum()))
+        else:
+            n_segs = triton.cdiv(T, seg_tokens) + n_seqs
+        cu = cu_seqlens.to(torch.int64)
+        n_seg_of_seq = (cu[1:] - cu[:-1] + seg_tokens - 1) // seg_tokens
+        seq_segs = torch.nn.functional.pad(n_seg_of_seq.cumsum(0), (1, 0))
+        s = torch.arange(n_segs, device=cu.device)
+        seq = torch.searchsorted(seq_segs[1:], s, right=True).clamp_(max=n_seqs - 1)
+        start = cu[seq] + (s - seq_segs[seq]) * seg_tokens
+        end = torch.minimum(start + seg_tokens, cu[seq + 1])
+        valid = s < seq_segs[-1]
+        seg_bounds = torch.stack([start * valid, end * valid], 1).contiguous()
+        seq_ends = cu[1:]
+    return _Plan(B, T, H, K, V, n_seqs, chunk, seg_tokens, segs_per_seq, n_segs,
+                 fuse_dkdv, seg_bounds, seq_segs, seq_ends)
+
+
+def _geometry(plan: _Plan, ref: torch.Tensor):
+    """The segment table (`ref` as an unused dummy when unpacked) and the size arguments
+    (T, SEG_TOKENS, SEGS_PER_SEQ) of every segment kernel."""
+    return (plan.seg_bounds if plan.varlen else ref), (plan.T, plan.seg_tokens, plan.segs_per_seq)
+
+
+def _scan(summaries, g_seg, init, out, plan: _Plan, reverse: bool):
+    KV = plan.K * plan.V
+    dummy = summaries
+    _scan_kernel[(plan.n_seqs, plan.H, triton.cdiv(KV, SCAN_BLOCK))](
+        summaries, dummy if g_seg is None else g_seg, dummy if init is None else init,
+        dummy if out is None else out, plan.seq_segs if plan.varlen else dummy, plan.segs_per_seq,
+        H=plan.H, KV=KV, BLOCK=SCAN_BLOCK, USE_G=g_seg is not None, HAS_INIT=init is not None,
+        STORE_OUT=out is not None, REVERSE=reverse, VARLEN=plan.varlen, num_warps=4)
+
+
+def _forward(q, k, v, g, h0, scale, want_final, plan: _Plan):
+    """Returns o, final state (or None), the segments' incoming states and log-transitions."""
+    H, K, V, NS = plan.H, plan.K, plan.V, plan.n_segs
+    dev, use_g = q.device, g is not None
+    gates = g if use_g else q
+    seg_bounds, sizes = _geometry(plan, q)
+
+    states = _new((NS, H, K, V), torch.float32, dev)
+    g_seg = _new((NS, H), torch.float32, dev) if use_g else None
+    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    _fwd_summary_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV) * NS, H)](
+        k, v, gates, seg_bounds, states, states if g_seg is None else g_seg, *sizes,
+        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, VARLEN=plan.varlen,
+        num_warps=4, num_stages=2)
+
+    final = _new((plan.n_seqs, H, K, V), torch.float32, dev) if want_final else None
+    _scan(states, g_seg, h0, final, plan, reverse=False)
+
+    o = _new((plan.B, plan.T, H, V), q.dtype, dev)
+    BK = triton.next_power_of_2(K)
+    BV = min(64 if BK <= 128 else 32, triton.next_power_of_2(V))
+    _fwd_output_kernel[(triton.cdiv(V, BV) * NS, H)](
+        q, k, v, gates, seg_bounds, states, o, scale, *sizes,
+        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, VARLEN=plan.varlen,
+        num_warps=8 if use_g or BK * BV > 128 * 64 else 4, num_stages=2)
+    return o, final, states, g_seg
+
+
+def _backward(q, k, v, g, do, d_final, states, g_seg, final, scale, want_dh0, want_dg,
+              plan: _Plan):
+    """Returns dq, dk, dv, dg (or None), d initial_state (or None)."""
+    H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_segs, plan.tokens
+    dev, use_g = q.device, g is not None
+    gates = g if use_g else q
+    seg_bounds, sizes = _geometry(plan, q)
+    common = dict(H=H, K=K, V=V, C=plan.chunk, USE_G=use_g, VARLEN=plan.varlen)
+
+    BV = triton.next_power_of_2(V)
+    BK = min(64 if BV <= 128 else 32, triton.next_power_of_2(K))
+    n_k_tiles = triton.cdiv(K, BK)
+    dq = _new(q.shape, q.dtype, dev)
+    d_states = _new((NS, H, K, V), torch.float32, dev)
+    dB_q = _new((TT, H, n_k_tiles), torch.float32, dev) if use_g else q
+    _bwd_dq_kernel[(n_k_tiles * NS, H)](
+        q, k, v, gates, do, seg_bounds, states, dq, d_states, dB_q, scale, *sizes,
+        BK=BK, BV=BV, **common, num_warps=8, num_stages=2)
+
+    dh0 = _new((plan.n_seqs, H, K, V), torch.float32, dev) if want_dh0 else None
+    _scan(d_states, g_seg, d_final, dh0, plan, reverse=True)
+
+    dk = _new(k.shape, k.dtype, dev)
+    dv = _new(v.shape, v.dtype, dev)
+    PK, PV = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    BK = PK if plan.fuse_dkdv else min(64 if PV <= 128 else 32, PK)
+    n_k_tiles = triton.cdiv(K, BK)
+    dB_k = _new((TT, H, n_k_tiles), torch.float32, dev) if use_g else q
+    args = (q, k, v, gates, do, seg_bounds, d_states, dk, dv, dB_k, scale, *sizes)
+    if plan.fuse_dkdv:
+        _bwd_dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common,
+                                     num_warps=8, num_stages=2)
+    else:
+        BV = min(64 if PK <= 128 else 32, PV)
+        _bwd_dkdv_kernel[(triton.cdiv(V, BV) * NS, H)](*args, BK=PK, BV=BV, DO_DK=False,
+                                                       DO_DV=True, **common, num_warps=8, num_stages=2)
+        _bwd_dkdv_kernel[(n_k_tiles * NS, H)](*args, BK=BK, BV=PV, DO_DK=True, DO_DV=False,
+                                              **common, num_warps=8, num_stages=2)
+
+    dg = _decay_grad(dB_q.sum(-1) - dB_k.sum(-1), final, d_final, plan) if use_g and want_dg else None
+    return dq, dk, dv, dg, dh0
+
+
+def _decay_grad(dB, final, d_final, plan: _Plan):
+    """dg_u = Σ_{t ≥ u in u's sequence} dB_t + <d final, final> of that sequence.
+
+    dB_t = q_t·dq_t − k_t·dk_t is the gradient w.r.t. the cumulative log-decay at t; g_u
+    enters every cumulative decay from u on, and the final state scales with each g_u.
+    The long suffix sums run in float64 (device ops only, no host sync).
+    """
+    B, T, H = plan.B, plan.T, plan.H
+    dB = dB.double()
+    final_term = None if d_final is None else (d_final.double() * final.double()).sum((-2, -1))
+    if not plan.varlen:
+        dg = dB.view(B, T, H).flip(1).cumsum(1).flip(1)
+        if final_term is not None:
+            dg += final_term[:, None, :]
+        return dg.float()
+    suffix = torch.cat([dB.flip(0).cumsum(0).flip(0), dB.new_zeros(1, H)])
+    seq = torch.searchsorted(plan.seq_ends, torch.arange(plan.tokens, device=dB.device), right=True)
+    dg = suffix[:-1] - suffix[plan.seq_ends[seq]]
+    if final_term is not None:
+        dg += final_term[seq]
+    return dg.float().view(B, T, H)
+
+
+class _TritonLinearAttention(torch.autograd.Function):
+    """Differentiable in q, k, v, g and the initial state, and through the final state.
+
+    Saves the inputs and the segments' incoming states (small: one K×V state per segment
+    and head); the backward recomputes every chunk state from those.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, plan):
+        o, final, states, g_seg = _forward(q, k, v, g, initial_state, scale, output_final_state, plan)
+        ctx.save_for_backward(q, k, v, g, states, g_seg, final if g is not None else None)
+        ctx.scale, ctx.plan = scale, plan
+        ctx.has_initial_state = initial_state is not None
+        ctx.set_materialize_grads(False)
+        return o, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, d_final):
+        q, k, v, g, states, g_seg, final = ctx.saved_tensors
+        do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device) if do is None \
+            else do.contiguous()
+        d_final = None if d_final is None else d_final.float().contiguous()
+        dq, dk, dv, dg, dh0 = _backward(
+            q, k, v, g, do, d_final, states, g_seg, final, ctx.scale,
+            want_dh0=ctx.has_initial_state and ctx.needs_input_grad[4],
+            want_dg=g is not None and ctx.needs_input_grad[3], plan=ctx.plan)
+        return dq, dk, dv, dg, dh0, None, None, None
+
+
+def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                            cu_seqlens_host=None, *, chunk_size=CHUNK_SIZE,
+                            segment_chunks=None, fuse_dkdv=None):
+    """Causal chunkwise linear attention on the Triton backend (inputs already validated).
+
+    Args:
+        q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32), CUDA tensors (or CPU
+            under TRITON_INTERPRET=1); K and V in 16..256.
+        g: None or [B,T,H] float32 natural-log decay per token (≤ 0).
+        scale: python float multiplying q.
+        initial_state: None or [N,H,K,V] float32 (N = B, or len(cu_seqlens) - 1).
+        output_final_state: also return the state after each sequence's last token.
+        cu_seqlens: None or int32/int64 device tensor [N+1] of packed offsets (B == 1).
+        cu_seqlens_host: optional host copy (list or CPU tensor) of `cu_seqlens`; it only
+            tightens the launch grid, the kernels read the device tensor.
+        chunk_size, segment_chunks: tokens per chunk (power of two ≥ 16) and chunks per
+            segment (default from the shapes, `_default_segment_chunks`). fuse_dkdv: one
+            backward launch for dk and dv (default when the K×V state gradient fits one
+            program, `FUSED_DKDV_MAX_ELEMENTS*`). Tuning and test knobs.
+
+    Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] float32 or None), differentiable
+    in q, k, v, g and initial_state.
+    """
+    plan = _make_plan(q, v, g is not None, cu_seqlens, cu_seqlens_host, chunk_size, segment_chunks,
+                      fuse_dkdv)
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    return _TritonLinearAttention.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), None if g is None else g.float().contiguous(),
+        initial_state, float(scale), bool(output_final_state), plan)

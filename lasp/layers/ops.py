@@ -1,0 +1,30 @@
+"""The attention ops a layer calls: sequence-parallel under a layout, single-device without.
+
+Under a `SequenceLayout` the linear op is LASP-2 and the softmax op is LASP-2H; without
+one (the whole sequence is local) they are the single-device kernels of `lasp.kernels`.
+Tensors are [B, T, H, D]; `cu_seqlens` describes the whole packed sequence.
+"""
+
+from __future__ import annotations
+
+from lasp.kernels import linear_attention
+from lasp.kernels.softmax_attention import softmax_attention
+
+
+def linear_attention_op(q, k, v, g=None, g_gamma=None, *, scale=None, layout=None, group=None,
+                        cu_seqlens=None):
+    """Causal linear attention of the local tokens (LASP-2 across the group under a layout)."""
+    if layout is None:
+        return linear_attention(q, k, v, g, g_gamma, scale=scale, cu_seqlens=cu_seqlens)[0]
+    from lasp.parallel.lasp2 import lasp2_linear_attention
+    return lasp2_linear_attention(q, k, v, g, g_gamma, layout=layout, group=group, scale=scale,
+                                  cu_seqlens=cu_seqlens)
+
+
+def softmax_attention_op(q, k, v, *, scale=None, layout=None, group=None, cu_seqlens=None):
+    """Causal softmax attention of the local queries (LASP-2H under a layout); GQA k, v."""
+    if layout is None:
+        return softmax_attention(q, k, v, scale=scale, causal=True, cu_seqlens_q=cu_seqlens,
+                                 cu_seqlens_k=cu_seqlens)
+    from lasp.parallel.lasp2h import lasp2h_attention
+    return lasp2h_attention(q, k, v, layout=layout, group=group, scale=scale, cu_seqlens=cu_seqlens)

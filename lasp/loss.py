@@ -1,0 +1,73 @@
+"""Language-model loss without the logits of the whole sequence, and its sharding contract.
+
+At a million tokens and a 128K vocabulary the logits would need hundreds of GB, so
+`chunked_cross_entropy` projects and scores `chunk_size` tokens at a time, each chunk
+under activation checkpointing (its logits are recomputed in the backward, never kept).
+
+Contract under sequence parallelism (torchtitan's): each rank's loss is the SUM of its
+local token losses divided by the number of valid tokens of the WHOLE sequence (counted
+before sharding: `ShardedBatch.num_tokens`), and parameter gradients are SUMMED across
+the SP group. FSDP/DDP over a dp×sp mesh reduce gradients for you but AVERAGE them:
+multiply the loss by the number of ranks they average over (or set their divide factor
+to 1). Without a wrapper, call `sum_gradients(model, group)` after `backward()`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 4096
+
+
+def _chunk_loss(hidden, weight, labels, ignore_index):
+    logits = F.linear(hidden, weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          chunk_size: int = DEFAULT_CHUNK_SIZE, ignore_index: int = IGNORE_INDEX
+                          ) -> torch.Tensor:
+    """Sum over tokens of cross_entropy(hidden @ weightᵀ, labels), `chunk_size` tokens at a time.
+
+    hidden: [..., D]; weight: [V, D] (the output embedding); labels: [...] next-token
+    targets, `ignore_index` where there is none. Returns a scalar (fp32, fp64 for fp64).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must match hidden {tuple(hidden.shape)} without its "
+                         "last dimension")
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    for start in range(0, hidden.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        total = total + checkpoint(_chunk_loss, hidden[part], weight, labels[part], ignore_index,
+                                   use_reentrant=False)
+    return total
+
+
+def sum_gradients(model: torch.nn.Module, group=None) -> None:
+    """All-reduce (sum) every parameter gradient over `group`: the SP half of the loss contract."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+
+
+def causal_lm_loss(model, batch, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """This rank's loss on a `ShardedBatch`: local token-loss sum ÷ `batch.num_tokens`.
+
+    Works for every model `lasp.parallelize` supports (its decoder is `model.base_model`,
+    its output embedding `model.get_output_embeddings()`); logits exist one chunk at a time.
+    A transformers model must have been parallelized (W = 1 is fine) for packed documents
+    to be masked: its own attention ignores `cu_seqlens`.
+    """
+    hidden = model.base_model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens).last_hidden_state
+    weight = model.get_output_embeddings().weight
+    return chunked_cross_entropy(hidden, weight, batch.shift_labels, chunk_size=chunk_size) / batch.num_tokens

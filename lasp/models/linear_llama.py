@@ -1,0 +1,144 @@
+"""Linear-Llama: the Llama-3 architecture with linear attention, and its hybrids.
+
+Each block is pre-norm attention (linear or softmax, by the config's layer pattern) and
+a SwiGLU MLP, with Hugging Face Llama's parameter names. The models are
+`transformers.PreTrainedModel`s (save_pretrained / from_pretrained with safetensors).
+
+Sequence parallelism: `lasp.parallelize(model, group)` sets `model.model.lasp_sp`; each
+forward then takes this rank's tokens, builds the layout of the batch from their number,
+and every layer runs under it. Without it the whole sequence is local.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+
+from lasp.batch import next_token_labels
+from lasp.layers import LinearAttention, RMSNorm, ShortConv, SoftmaxAttention, SwiGLU
+from lasp.loss import IGNORE_INDEX, chunked_cross_entropy
+from lasp.models.config import LinearLlamaConfig
+
+
+def _attention(config: LinearLlamaConfig, kind: str) -> nn.Module:
+    heads = dict(hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+                 head_dim=config.head_dim, num_kv_heads=config.num_key_value_heads)
+    if kind == "N":
+        return SoftmaxAttention(**heads, rope_theta=config.rope_theta)
+    return LinearAttention(**heads, feature_map=config.linear_feature_map, decay=config.linear_decay,
+                           conv_size=config.linear_conv_size, output_norm=config.linear_output_norm,
+                           output_gate=config.linear_output_gate, norm_eps=config.rms_norm_eps)
+
+
+class LinearLlamaBlock(nn.Module):
+    def __init__(self, config: LinearLlamaConfig, kind: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = _attention(config, kind)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, layout=None, group=None, cu_seqlens=None):
+        x = x + self.self_attn(self.input_layernorm(x), layout=layout, group=group, cu_seqlens=cu_seqlens)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LinearLlamaPreTrainedModel(PreTrainedModel):
+    config_class = LinearLlamaConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["LinearLlamaBlock"]
+
+    def _init_weights(self, module):
+        """Hugging Face's defaults, and nn.Conv1d's for the short convolution."""
+        if isinstance(module, ShortConv):
+            init.uniform_(module.weight, -module.init_bound, module.init_bound)
+        else:
+            super()._init_weights(module)
+
+
+class LinearLlamaModel(LinearLlamaPreTrainedModel):
+    """Embeddings, blocks and the final norm; returns the last hidden states."""
+
+    def __init__(self, config: LinearLlamaConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LinearLlamaBlock(config, kind) for kind in config.layer_kinds)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lasp_sp = None  # SPContext, set by lasp.parallelize
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, inputs_embeds=None, cu_seqlens=None) -> BaseModelOutput:
+        """input_ids [B, T_local] (or inputs_embeds [B, T_local, hidden]); cu_seqlens: packed
+        documents of the whole sequence (B = 1)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        sp = self.lasp_sp
+        layout = None if sp is None else sp.local_layout(x.shape[1])
+        group = None if sp is None else sp.group
+        for layer in self.layers:
+            if self.config.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, layout, group, cu_seqlens, use_reentrant=False)
+            else:
+                x = layer(x, layout, group, cu_seqlens)
+        return BaseModelOutput(last_hidden_state=self.norm(x))
+
+
+class LinearLlamaForCausalLM(LinearLlamaPreTrainedModel):
+    """The language model. With labels its forward returns the loss and no logits: the
+    loss is computed chunk by chunk (`config.loss_chunk_size` tokens) and the logits of
+    the whole sequence never exist."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LinearLlamaConfig):
+        super().__init__(config)
+        self.model = LinearLlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, inputs_embeds=None, cu_seqlens=None, labels=None, shift_labels=None,
+                num_items_in_batch=None) -> CausalLMOutput:
+        """Loss from `shift_labels` (next-token targets, as `lasp.shard_batch` makes them) or
+        `labels` (Hugging Face convention: shifted here, so single-device only).
+
+        The loss is the sum of token losses ÷ `num_items_in_batch` (the number of valid
+        targets of the whole batch: under sequence parallelism `ShardedBatch.num_tokens`),
+        or the mean over the local valid targets if it is not given.
+        """
+        sp = self.model.lasp_sp
+        if labels is not None and shift_labels is None and sp is not None and sp.world_size > 1:
+            raise ValueError("under sequence parallelism pass shift_labels (shifted before sharding, "
+                             "see lasp.shard_batch), not labels")
+        hidden = self.model(input_ids, inputs_embeds, cu_seqlens).last_hidden_state
+        if labels is None and shift_labels is None:
+            return CausalLMOutput(logits=self.lm_head(hidden))
+        if shift_labels is None:
+            shift_labels = next_token_labels(labels, cu_seqlens)
+        total = chunked_cross_entropy(hidden, self.lm_head.weight, shift_labels,
+                                      chunk_size=self.config.loss_chunk_size)
+        if num_items_in_batch is None:
+            num_items_in_batch = (shift_labels != IGNORE_INDEX).sum()
+        return CausalLMOutput(loss=total / num_items_in_batch)

@@ -1,0 +1,226 @@
+"""The Triton backend against the torch oracle, outputs and every gradient.
+
+CPU tier: the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py) in float32
+(fp16 once) against the float64 naive recurrence. Small chunks (16 tokens) and short
+segments (2 chunks) keep the interpreter fast while exercising multi-chunk segments,
+multi-segment sequences and partial last chunks; the production chunk size and segment
+length run too. Every kernel output starts as NaN, so an element a kernel forgets fails.
+
+GPU tier (`gpu` marker): bf16 at real shapes against the fp32 oracle, relative error
+≤ 3e-3 for outputs and ≤ 5e-3 for every gradient, and no host synchronisation.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from lasp.kernels import linear_attention, naive_linear_attention
+from lasp.kernels.reference import chunk_linear_attention
+from tests.utils import grads, random_cu_seqlens, random_inputs, rel_err
+
+tla = pytest.importorskip("lasp.kernels.triton_linear_attention")
+
+CPU = not torch.cuda.is_available()
+cpu_only = pytest.mark.skipif(not CPU, reason="interpreter tier (CPU)")
+FP32_TOL = 2e-5
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(tla, "POISON_OUTPUTS", True)
+
+
+def _check(B, T, H, K, V, decay="g", lengths=None, with_h0=True, final=True, dtype=torch.float32,
+           tol=FP32_TOL, use_host=False, loss_on_output=True, device="cpu", oracle_dtype=torch.float64,
+           out_tol=None, triton_context=contextlib.nullcontext, **kernel_kw):
+    """Run triton and the oracle on the same fresh inputs; compare o, final state, grads.
+
+    `triton_context` wraps the Triton forward and backward only (not the oracle).
+    """
+    cu = None if lengths is None else random_cu_seqlens(lengths, device)
+    n = B if cu is None else len(lengths)
+    q, k, v, g, _, h0 = random_inputs(B, T, H, K, V, decay=decay, dtype=dtype, device=device,
+                                      n_states=n if with_h0 else None)
+    # The contract's fp32 decay and state (random_inputs draws them in `dtype`).
+    g, h0 = (None if x is None else x.detach().float().requires_grad_(True) for x in (g, h0))
+    scale = K ** -0.5
+    host = None if cu is None or not use_host else cu.cpu().tolist()
+    # Drawn in the kernel's dtype so that both sides see the same cotangent values.
+    d_o = torch.randn(B, T, H, V, dtype=dtype, device=device).to(oracle_dtype) if loss_on_output else None
+    d_s = torch.randn(n, H, K, V, dtype=oracle_dtype, device=device) if final else None
+    inputs = [q, k, v, g, h0]
+    with triton_context():
+        o, s = tla.triton_linear_attention(q, k, v, g, scale, h0, final, cu, host, **kernel_kw)
+        got = _grads([o if loss_on_output else None, s], inputs,
+                    [None if d_o is None else d_o.to(o.dtype), None if d_s is None else d_s.float()])
+    assert o.dtype == q.dtype and o.shape == (B, T, H, V)
+    assert (s is None) == (not final)
+
+    ref_inputs = [None if x is None else x.detach().to(oracle_dtype).requires_grad_(True) for x in inputs]
+    rq, rk, rv, rg, rh0 = ref_inputs
+    o_ref, s_ref = naive_linear_attention(rq, rk, rv, rg, scale=scale, initial_state=rh0,
+                                          output_final_state=final, cu_seqlens=cu) \
+        if device == "cpu" else chunk_linear_attention(rq, rk, rv, rg, scale=scale, initial_state=rh0,
+                                                       output_final_state=final, cu_seqlens=cu)
+    errors = {"o": rel_err(o, o_ref)}
+    if final:
+        assert s.dtype == torch.float32 and s.shape == (n, H, K, V)
+        errors["final"] = rel_err(s, s_ref)
+    want = _grads([o_ref if loss_on_output else None, s_ref], ref_inputs, [d_o, d_s])
+    names = [name for name, x in zip(("dq", "dk", "dv", "dg", "dh0"), inputs) if x is not None]
+    for name, a, b in zip(names, got, want):
+        # A gradient that is exactly zero (q when only the final state is used) must stay zero.
+        errors[name] = rel_err(a, b) if b.any() else a.double().norm().item()
+    bad = {name: err for name, err in errors.items()
+           if err > (out_tol if out_tol is not None and name in ("o", "final") else tol)}
+    assert not bad, f"relative errors above tolerance: {bad} (all: {errors})"
+    return errors
+
+
+def _grads(outputs, inputs, cotangents):
+    """Like tests.utils.grads, with zeros for inputs the outputs do not depend on."""
+    live = [x for x in inputs if x is not None]
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None]
+    got = torch.autograd.grad([o for o, _ in pairs], live, [c for _, c in pairs], allow_unused=True)
+    return [torch.zeros_like(x) if d is None else d for x, d in zip(live, got)]
+
+
+# ------------------------------------------------------------------ CPU tier (interpreter)
+
+SMALL = dict(chunk_size=16, segment_chunks=2)
+
+
+@cpu_only
+@pytest.mark.parametrize("decay", [None, "g"])
+@pytest.mark.parametrize("T", [1, 15, 63, 65, 200])
+def test_lengths_not_multiples_of_the_chunk(decay, T):
+    _check(2, T, 1, 32, 32, decay, **SMALL)
+
+
+@cpu_only
+@pytest.mark.parametrize("decay", [None, "g"])
+@pytest.mark.parametrize("use_host", [False, True])
+def test_packed_sequences(decay, use_host):
+    """Uneven lengths: length 1, empty, chunk- and segment-boundary crossings."""
+    lengths = [1, 17, 0, 40, 33, 64, 5, 31]
+    _check(1, sum(lengths), 2, 16, 16, decay, lengths=lengths, use_host=use_host, **SMALL)
+
+
+@cpu_only
+@pytest.mark.parametrize("K, V", [(16, 16), (64, 64), (32, 48), (96, 96), (48, 24)])
+def test_head_dims(K, V):
+    _check(1, 70, 1, K, V, "g", **SMALL)
+
+
+@cpu_only
+def test_wide_heads_take_the_split_dkdv_path():
+    """K = V = 256: the K×V state gradient does not fit one program, dk and dv split."""
+    assert not tla._make_plan(torch.empty(1, 1, 1, 256), torch.empty(1, 1, 1, 256), False,
+                              None, None, 16, 2, None).fuse_dkdv
+    _check(1, 40, 1, 256, 256, None, **SMALL)
+
+
+@cpu_only
+@pytest.mark.parametrize("decay", [None, "g"])
+def test_fused_and_split_dkdv_launches(decay):
+    _check(2, 50, 2, 32, 48, decay, fuse_dkdv=False, **SMALL)
+    _check(2, 50, 2, 32, 48, decay, fuse_dkdv=True, **SMALL)
+
+
+@cpu_only
+@pytest.mark.parametrize("decay", [None, "g"])
+def test_production_chunk_size_and_segment_lengths(decay):
+    """64-token chunks over several segments, the default configuration, long segments."""
+    _check(1, 300, 1, 64, 64, decay, chunk_size=64, segment_chunks=2)
+    _check(2, 150, 1, 32, 32, decay)
+    _check(1, 300, 1, 16, 16, decay, chunk_size=16, segment_chunks=16)
+
+
+@cpu_only
+@pytest.mark.parametrize("with_h0, final", [(False, False), (False, True), (True, False)])
+def test_optional_states(with_h0, final):
+    _check(2, 45, 2, 16, 16, "g", with_h0=with_h0, final=final, **SMALL)
+
+
+@cpu_only
+@pytest.mark.parametrize("decay", [None, "g"])
+def test_gradient_only_through_final_state(decay):
+    _check(1, 60, 2, 16, 16, decay, lengths=[25, 35], loss_on_output=False, **SMALL)
+
+
+@cpu_only
+def test_half_precision():
+    """fp16 dot operands (bf16 dots are not emulated by the interpreter: GPU tier)."""
+    _check(1, 100, 2, 32, 32, "g", dtype=torch.float16, tol=3e-3, **SMALL)
+
+
+@cpu_only
+def test_public_api_dispatches_here_with_fixed_decay():
+    q, k, v, _, g_gamma, h0 = random_inputs(2, 40, 2, 16, 16, decay="g_gamma", dtype=torch.float32,
+                                            n_states=2)
+    o, s = linear_attention(q, k, v, g_gamma=g_gamma, initial_state=h0, output_final_state=True,
+                            backend="triton")
+    ref = [x.detach().double().requires_grad_(True) for x in (q, k, v, g_gamma, h0)]
+    o_ref, s_ref = linear_attention(*ref[:3], g_gamma=ref[3], initial_state=ref[4],
+                                    output_final_state=True, backend="torch")
+    assert rel_err(o, o_ref) < FP32_TOL and rel_err(s, s_ref) < FP32_TOL
+    d_o, d_s = torch.randn_like(o_ref), torch.randn_like(s_ref)
+    for a, b in zip(grads([o, s], [q, k, v, g_gamma, h0], [d_o.float(), d_s.float()]),
+                    grads([o_ref, s_ref], ref, [d_o, d_s])):
+        assert rel_err(a, b) < FP32_TOL
+
+
+@cpu_only
+@pytest.mark.parametrize("lengths", [None, [0, 0]])
+def test_no_tokens_pass_the_initial_state_through(lengths):
+    q, k, v, g, _, h0 = random_inputs(1 if lengths else 2, 0, 2, 16, 16, decay="g",
+                                      dtype=torch.float32, n_states=2)
+    cu = None if lengths is None else random_cu_seqlens(lengths)
+    o, s = tla.triton_linear_attention(q, k, v, g, 0.25, h0, True, cu)
+    assert o.numel() == 0 and torch.equal(s, h0)
+    d_s = torch.randn_like(s)
+    assert torch.equal(torch.autograd.grad(s, h0, d_s)[0], d_s)
+
+
+@cpu_only
+def test_strong_decay_does_not_overflow():
+    """Log-decays near -30 per token: the masked exp must not produce inf or NaN."""
+    q, k, v, _, _, _ = random_inputs(1, 64, 1, 16, 16, dtype=torch.float32, requires_grad=False)
+    g = torch.full((1, 64, 1), -30.0)
+    o, s = tla.triton_linear_attention(q, k, v, g, 0.25, None, True, None, chunk_size=16,
+                                       segment_chunks=2)
+    o_ref, s_ref = naive_linear_attention(q.double(), k.double(), v.double(), g.double(), scale=0.25,
+                                          output_final_state=True)
+    assert rel_err(o, o_ref) < FP32_TOL and rel_err(s, s_ref) < FP32_TOL
+
+
+# ------------------------------------------------------------------ GPU tier
+
+GPU_OUT_TOL, GPU_GRAD_TOL = 3e-3, 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", [None, "g"])
+@pytest.mark.parametrize("B, T, H, D, lengths", [
+    (1, 4096, 4, 128, [1000, 1, 2047, 1048]),
+    (2, 2048, 8, 128, None),
+    (1, 8192, 16, 64, [8192]),
+    (2, 1000, 4, 96, None),
+])
+def test_gpu_bf16(decay, B, T, H, D, lengths):
+    torch.manual_seed(0)
+    _check(B, T, H, D, D, decay, lengths=lengths, dtype=torch.bfloat16, tol=GPU_GRAD_TOL,
+           out_tol=GPU_OUT_TOL, device="cuda", oracle_dtype=torch.float32,
+           triton_context=_no_host_sync)
+
+
+@contextlib.contextmanager
+def _no_host_sync():
+    """Fail on any host-device synchronisation inside (forward and backward)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
