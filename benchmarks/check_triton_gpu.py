@@ -1,6 +1,6 @@
 """GPU check of the Triton linear-attention backend: accuracy, host syncs, and speed.
 
-    python benchmarks/check_triton_gpu.py [--skip-accuracy] [--skip-timing] [--fla]
+    python benchmarks/check_triton_gpu.py [--skip-accuracy] [--skip-timing] [--fla] [--profile]
 
 (a) bf16 Triton against the fp32 torch oracle (`chunk_linear_attention`) with initial and
     final states, packed and batched input, plain and scalar decay: relative errors
@@ -9,8 +9,10 @@
     `torch.cuda.set_sync_debug_mode("error")`, so a host synchronisation fails the check.
 (b) `triton.testing.do_bench` medians (ms) of forward and forward+backward at
     H=16, D=128, bf16, plain and decay, plus tuning variants at B=1, T=32768: fused or
-    split dk/dv launch (defaults at D=128: fused for plain, split for decay) and segment
+    split dk/dv launch (default at D=128: fused) and segment
     length. `--fla` also times fla's chunk_simple_gla if installed.
+(c) `--profile`: CUDA time of each kernel in one fwd+bwd at B=1, T=32768, plain and decay
+    (torch.profiler), to see where the decay variant's extra time goes.
 Runs in well under three minutes on one H100 (most of it is Triton compilation).
 """
 
@@ -117,11 +119,36 @@ def time_fla(B, T, H, D, decay):
     return t_fwd, triton.testing.do_bench(lambda: torch.autograd.grad(fwd(), inputs, d_o))
 
 
+def profile_kernels(B=1, T=32768, H=16, D=128):
+    """Per-kernel CUDA time (µs) of one fwd+bwd, plain and with a decay."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for decay in (False, True):
+        q, k, v, g, _ = make_inputs(B, T, H, D, D, decay, None)
+        inputs = [x for x in (q, k, v, g) if x is not None]
+        d_o = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+
+        def step():
+            o = triton_linear_attention(q, k, v, g, D ** -0.5, None, False, None)[0]
+            return torch.autograd.grad(o, inputs, d_o)
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        print(f"\n(c) {'decay' if decay else 'plain'} B={B} T={T}: CUDA time per fwd+bwd by kernel")
+        rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+        for e in rows[:12]:
+            print(f"  {e.device_time_total / 5:9.1f} us  x{e.count // 5:<3d} {e.key[:90]}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--fla", action="store_true", help="also time fla's chunk_simple_gla")
+    parser.add_argument("--profile", action="store_true", help="per-kernel CUDA times (c)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     torch.manual_seed(0)
@@ -151,6 +178,8 @@ def main():
             if args.fla and not kw:
                 line += f" {time_fla(B, T, 16, 128, True)[1]:10.3f}"
             print(line, flush=True)
+    if args.profile:
+        profile_kernels()
     if not ok:
         raise SystemExit(1)
 

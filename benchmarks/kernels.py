@@ -59,9 +59,9 @@ def methods():
     return rows
 
 
-def measure(fn, inputs, do, backward):
+def measure(fn, inputs, do, backward, variant):
     q, k, v, g, gg = inputs
-    leaves = [q, k, v] + ([g] if g is not None and g.requires_grad else [])
+    leaves = [q, k, v] + ([g] if variant == "g" else [])
 
     def step():
         o = fn(q, k, v, g, gg)
@@ -78,6 +78,15 @@ def measure(fn, inputs, do, backward):
     return ms, peak
 
 
+def _add_speedups(results):
+    """speedup_vs_fla: fla's time for the same variant, shape and mode ÷ this row's."""
+    for r in results:
+        fla = next((x for x in results if x["method"].startswith("fla") and
+                    (x["variant"], x["B"], x["T"], x["mode"]) == (r["variant"], r["B"], r["T"], r["mode"])),
+                   None)
+        r["speedup_vs_fla"] = fla["ms"] / r["ms"] if fla else None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="8x4096,1x32768,1x131072")
@@ -89,6 +98,11 @@ def main():
     bandwidth = copy_bandwidth()
     rows = methods()
     results = []
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(), H=H, D=D, dtype="bf16",
+                copy_bandwidth_gb_s=bandwidth / 1e9, results=results)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "kernels.json")
     for B, T in shapes:
         gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -112,23 +126,14 @@ def main():
                 o = fn(q, k, v, g, gg).float()
                 err = ((o - refs[variant]).norm() / refs[variant].norm()).item()
             for mode in ("fwd", "fwd+bwd"):
-                ms, peak = measure(fn, (q, k, v, g, gg), do, backward=mode == "fwd+bwd")
+                ms, peak = measure(fn, (q, k, v, g, gg), do, mode == "fwd+bwd", variant)
                 results.append(dict(method=name, variant=variant, B=B, T=T, mode=mode, ms=ms,
                                     mtok_s=B * T / ms / 1e3, peak_gb=peak / 1e9, rel_err=err,
                                     floor_ms=floor_ms[mode]))
                 print(f"{name:22s} B={B} T={T:6d} {mode:7s} {ms:8.3f} ms  err={err:.1e}", flush=True)
-    for r in results:
-        fla = next((x for x in results if x["method"].startswith("fla") and
-                    (x["variant"], x["B"], x["T"], x["mode"]) == (r["variant"], r["B"], r["T"], r["mode"])),
-                   None)
-        r["speedup_vs_fla"] = fla["ms"] / r["ms"] if fla else None
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), H=H, D=D, dtype="bf16",
-                copy_bandwidth_gb_s=bandwidth / 1e9, results=results)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "kernels.json")
-    with open(path, "w") as f:
-        json.dump(meta, f, indent=1)
+                _add_speedups(results)
+                with open(path, "w") as f:      # after every row: a run cut short keeps its rows
+                    json.dump(meta, f, indent=1)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
           f"copy {bandwidth / 1e9:.0f} GB/s -> {path}")
     print(f"{'method':22s} {'B x T':>10s} {'mode':7s} {'ms':>8s} {'Mtok/s':>7s} {'peakGB':>7s} "

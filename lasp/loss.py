@@ -66,8 +66,15 @@ def causal_lm_loss(model, batch, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tor
     Works for every model `lasp.parallelize` supports (its decoder is `model.base_model`,
     its output embedding `model.get_output_embeddings()`); logits exist one chunk at a time.
     A transformers model must have been parallelized (W = 1 is fine) for packed documents
-    to be masked: its own attention ignores `cu_seqlens`.
+    to be masked: its own attention ignores `cu_seqlens`. A model whose decoder reports an
+    `aux_loss` (lasp's Mixture-of-Memories layers: this rank's share of the whole sequence's
+    load-balancing loss) adds `config.router_aux_loss_coef` times it.
     """
-    hidden = model.base_model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens).last_hidden_state
+    out = model.base_model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens)
     weight = model.get_output_embeddings().weight
-    return chunked_cross_entropy(hidden, weight, batch.shift_labels, chunk_size=chunk_size) / batch.num_tokens
+    loss = chunked_cross_entropy(out.last_hidden_state, weight, batch.shift_labels,
+                                 chunk_size=chunk_size) / batch.num_tokens
+    aux_loss = getattr(out, "aux_loss", None)
+    if aux_loss is not None:
+        loss = loss + model.config.router_aux_loss_coef * aux_loss
+    return loss

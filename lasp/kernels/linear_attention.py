@@ -1,4 +1,5 @@
-"""`linear_attention`: the public single-device op (DESIGN.md §3) and its backend choice."""
+"""`linear_attention`: the public single-device op (DESIGN.md §3) and its backend choice,
+and `linear_attention_phases`, the same computation split at its data dependencies."""
 
 from __future__ import annotations
 
@@ -80,3 +81,40 @@ def linear_attention(q, k, v, g=None, g_gamma=None, *, scale=None, initial_state
         q, k, v, None if g is None else g.float().contiguous(), float(scale),
         None if initial_state is None else initial_state.float(), output_final_state,
         cu_seqlens, cu_seqlens_host)
+
+
+def linear_attention_phases(q, k, v, g=None, g_gamma=None, *, scale=None, initial_state=None,
+                            cu_seqlens=None, causal=True, backend=None):
+    """`linear_attention` with its final states, split into phases for a caller that runs
+    other work in between (LASP-2 runs its collectives there). Arguments as in
+    `linear_attention`. Returns `(phases, inputs)`: the backend's phase object and the
+    inputs in the form its phases take, `inputs = (q, k, v, g, initial_state)` (converted
+    differentiably: g_gamma expanded to g, contiguous, fp32 decay on Triton). Then::
+
+        final, saved = phases.summarize(k, v, g, initial_state)    # reads k, v, g only
+        o = phases.output(q, k, v, g, saved)
+        dq, partial = phases.grad_q(q, k, v, g, saved, do)         # needs no d final
+        dk, dv, dg, dh0 = phases.grad_kvg(q, k, v, g, saved, partial, d_final,
+                                          want_dg=..., want_dh0=...)
+
+    `final` ([N,H,K,V], fp32 or fp64) and `o` are those of `linear_attention(...,
+    output_final_state=True)`; dq..dh0 are the gradients of <o, do> + <final, d_final>
+    (dg and dh0 None where g or the initial state is None). The phases themselves are not
+    differentiable: the caller's autograd.Function calls the backward ones, keeping the
+    tensors of `saved` (save_for_backward) and `partial` between them.
+    """
+    check_qkv(q, k, v)
+    check_decay(g, g_gamma, q, causal)
+    B, T, H, K = q.shape
+    N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q)
+    check_state("initial_state", initial_state, (N, H, K, v.shape[-1]))
+    backend = _pick_backend(backend, q)
+    if scale is None:
+        scale = K ** -0.5
+    if g_gamma is not None:
+        g = g_gamma[None, None, :].expand(B, T, H)
+    if backend == "torch" or not causal:
+        return reference.TorchPhases(scale, causal, cu_seqlens), (q, k, v, g, initial_state)
+    _check_triton_head_dims(q, v)
+    from lasp.kernels.triton_linear_attention import triton_phases
+    return triton_phases(q, k, v, g, scale, initial_state, cu_seqlens)

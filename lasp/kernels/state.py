@@ -58,15 +58,18 @@ def state_output(q, state, g=None, g_gamma=None, *, scale=None, reach=None):
     if scale is None:
         scale = K ** -0.5
     acc = accumulation_dtype(q.dtype)
-    weight = torch.full((B, T, H), scale, dtype=acc, device=q.device)
+    # 16-bit inputs multiply on the tensor cores (like the kernels' q·h products) with no
+    # fp32 copy of q; fp32/64 stay exact. Per-token weights scale the output rows after.
+    mm = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else acc
     decay = _log_decay(g, g_gamma, q)
+    if decay is None and reach is None:
+        return torch.einsum("bthk,bhkv->bthv", q.to(mm), (state.to(acc) * scale).to(mm)).to(q.dtype)
+    out = torch.einsum("bthk,bhkv->bthv", q.to(mm), state.to(mm))
+    weight = torch.full((B, T, H), scale, dtype=acc, device=q.device)
     if decay is not None:
         # float64 cumsum: over long rows a float32 running sum loses the small differences.
         weight = weight * decay.double().cumsum(1).exp().to(acc)
     if reach is not None:
         inside = torch.arange(T, device=q.device)[None, :] < reach.to(q.device)[:, None]
         weight = weight * inside[..., None]
-    # 16-bit inputs multiply on the tensor cores (like the kernels' q·h products); fp32/64 stay exact.
-    mm = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else acc
-    out = torch.einsum("bthk,bhkv->bthv", (q.to(acc) * weight[..., None]).to(mm), state.to(mm))
-    return out.to(q.dtype)
+    return (out.to(acc) * weight[..., None]).to(q.dtype)

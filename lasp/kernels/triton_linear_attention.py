@@ -36,7 +36,7 @@ Backward (three launches plus a small torch epilogue for dg):
 3. `_bwd_dkdv_kernel`, walking each segment backwards from its outgoing state gradient:
    `dv = scale((q kᵀ) ⊙ M)ᵀ do + (k ⊙ e^{γ−Γ}) dh`, `dk = scale((do vᵀ) ⊙ M)ᵀ q +
    e^{γ−Γ} (v dhᵀ)`. When the full K×V state gradient fits one program's registers
-   (K, V ≤ 128 plain, ≤ 64 with a decay) one launch writes both; otherwise two launches
+   (K, V ≤ 128) one launch writes both; otherwise two launches
    (dv over V-tiles with all of K, dk over K-tiles with all of V) each carry a slice.
 
 Here Γ is the chunk-local inclusive cumulative log-decay, γ = Γ at the chunk's last token
@@ -44,6 +44,11 @@ and M_ts = exp(Γ_t − Γ_s) for s ≤ t, 0 otherwise (masked before the exp, s
 With a decay, dg follows from `dB_t = q_t·dq_t − k_t·dk_t` (fp32, from the kernels'
 accumulators): dg is the reverse cumulative sum of dB within each sequence plus
 `<d final_state, final_state>` of that sequence (the final state scales with every g).
+
+`TritonPhases` groups these launches at their data dependencies: summary + scan (reads
+k, v, g; gives the final states) | output | dq (needs no d final_state) | reverse scan +
+dk/dv + dg epilogue, so that LASP-2 can run its collectives in between
+(`lasp.kernels.linear_attention_phases`); `triton_linear_attention` runs them back to back.
 
 No host synchronisation: launch grids depend on shapes only (for packed input an upper
 bound on the number of segments, or the exact count from `cu_seqlens_host`); segment
@@ -90,13 +95,14 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 CHUNK_SIZE = 64
 # Segment length: up to MAX_SEGMENT_CHUNKS chunks, shorter when that leaves fewer than
 # about SEGMENT_PROGRAMS (segment, head) pairs, so that small problems still fill the GPU.
-MAX_SEGMENT_CHUNKS = 16
-SEGMENT_PROGRAMS = 512
+MAX_SEGMENT_CHUNKS = 64
+SEGMENT_PROGRAMS = 256
 # The widest K×V state gradient one program keeps in registers for the fused dk/dv
-# launch; wider states take the split launch. With a decay the fused kernel needs more
-# registers (ptxas, sm_90a: it spills at K = V = 128 with a decay, not without).
+# launch; wider states take the split launch. With a decay the fused kernel spills a
+# little at K = V = 128 (ptxas, sm_90a), yet on an H200 it still beats the split launch,
+# which reads q, k, v and do twice: 3.27 vs 3.86 ms fwd+bwd at B=1, T=32K, H=16
+# (benchmarks/check_triton_gpu.py, 2026-12-02).
 FUSED_DKDV_MAX_ELEMENTS = 128 * 128
-FUSED_DKDV_MAX_ELEMENTS_DECAY = 64 * 64
 SCAN_BLOCK = 1024
 
 # Tests set this to fill every kernel output with NaN before the kernels run, so that an
@@ -169,6 +175,17 @@ def _state_ptrs(ptr, s, h, offs_k, offs_v, H: tl.constexpr, K: tl.constexpr, V: 
 
 
 @triton.jit
+def _decayed_outer_acc(a, weight, b, acc):
+    """acc + (a ⊙ weight)ᵀ b with `a ⊙ weight` split into a rounded part and its rounding
+    residual, both in b's dtype: the decay-weighted operand is not exact in bf16, and the
+    states it builds feed the decay gradient, which sums over the whole sequence."""
+    scaled = a.to(tl.float32) * weight[:, None]
+    rounded = scaled.to(b.dtype)
+    acc = tl.dot(tl.trans(rounded), b, acc)
+    return tl.dot(tl.trans((scaled - rounded.to(tl.float32)).to(b.dtype)), b, acc)
+
+
+@triton.jit
 def _fwd_summary_kernel(k, v, g, seg_bounds, U, G_seg, T, SEG_TOKENS, SEGS_PER_SEQ,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr,
@@ -192,10 +209,10 @@ def _fwd_summary_kernel(k, v, g, seg_bounds, U, G_seg, T, SEG_TOKENS, SEGS_PER_S
         b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
         if USE_G:
             gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
-            b_k = (b_k * tl.exp(g_last - gam)[:, None]).to(b_v.dtype)
-            state = state * tl.exp(g_last)
+            state = _decayed_outer_acc(b_k, tl.exp(g_last - gam), b_v, state * tl.exp(g_last))
             g_total += g_last
-        state = tl.dot(tl.trans(b_k), b_v, state)
+        else:
+            state = tl.dot(tl.trans(b_k), b_v, state)
 
     ptrs, mask = _state_ptrs(U, s, h, offs_k, offs_v, H, K, V)
     tl.store(ptrs, state, mask=mask)
@@ -323,13 +340,9 @@ def _bwd_dq_kernel(q, k, v, g, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
             gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
             dp *= tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
             b_dq *= (tl.exp(gam) * scale)[:, None]
-            b_qd = (b_q * tl.exp(gam + g_before)[:, None]).to(b_q.dtype)
-            b_kd = (b_k * tl.exp(g_last - gam)[:, None]).to(b_k.dtype)
         else:
             dp = tl.where(causal, dp, 0.0)
             b_dq *= scale
-            b_qd = b_q
-            b_kd = b_k
         b_dq = tl.dot(dp.to(b_k.dtype), b_k, b_dq)
         _store_tile(dq, b_dq, offs_t, mask_t, h, offs_k, K, H)
         if USE_G:
@@ -339,10 +352,12 @@ def _bwd_dq_kernel(q, k, v, g, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
             b_dq += tl.dot(b_do, tl.trans(residual)) * (tl.exp(gam) * scale)[:, None]
             tl.store(dB_q + (offs_t * H + h) * NK + kt, tl.sum(b_q.to(tl.float32) * b_dq, axis=1),
                      mask=mask_t)
-            state = state * tl.exp(g_last)
+            d_state = _decayed_outer_acc(b_q, tl.exp(gam + g_before), b_do, d_state)
+            state = _decayed_outer_acc(b_k, tl.exp(g_last - gam), b_v, state * tl.exp(g_last))
             g_before += g_last
-        d_state = tl.dot(tl.trans(b_qd), b_do, d_state)
-        state = tl.dot(tl.trans(b_kd), b_v, state)
+        else:
+            d_state = tl.dot(tl.trans(b_q), b_do, d_state)
+            state = tl.dot(tl.trans(b_k), b_v, state)
 
     ptrs, mask = _state_ptrs(dU, s, h, offs_k, offs_v, H, K, V)
     tl.store(ptrs, d_state * scale, mask=mask)
@@ -415,9 +430,9 @@ def _bwd_dkdv_kernel(q, k, v, g, do, seg_bounds, dH_out, dk, dv, dB_k, scale, T,
                 tl.store(dB_k + (offs_t * H + h) * NK + kt,
                          tl.sum(b_k.to(tl.float32) * b_dk, axis=1), mask=mask_t)
         if USE_G:
-            b_q = (b_q * tl.exp(gam)[:, None]).to(b_do.dtype)
-            d_state = d_state * tl.exp(g_last)
-        d_state += tl.dot(tl.trans(b_q), b_do) * scale
+            d_state = _decayed_outer_acc(b_q, tl.exp(gam) * scale, b_do, d_state * tl.exp(g_last))
+        else:
+            d_state += tl.dot(tl.trans(b_q), b_do) * scale
 
 
 # --------------------------------------------------------------------------------------
@@ -478,8 +493,7 @@ def _make_plan(q, v, use_g, cu_seqlens, cu_seqlens_host, chunk, segment_chunks, 
         raise ValueError(f"segment_chunks must be >= 1, got {segment_chunks}")
     seg_tokens = chunk * segment_chunks
     if fuse_dkdv is None:
-        limit = FUSED_DKDV_MAX_ELEMENTS_DECAY if use_g else FUSED_DKDV_MAX_ELEMENTS
-        fuse_dkdv = triton.next_power_of_2(K) * triton.next_power_of_2(V) <= limit
+        fuse_dkdv = triton.next_power_of_2(K) * triton.next_power_of_2(V) <= FUSED_DKDV_MAX_ELEMENTS
     seg_bounds = seq_segs = seq_ends = None
     if cu_seqlens is None:
         # At least one (possibly empty) segment per row, so that T == 0 still scans h0.
@@ -523,52 +537,68 @@ def _scan(summaries, g_seg, init, out, plan: _Plan, reverse: bool):
         STORE_OUT=out is not None, REVERSE=reverse, VARLEN=plan.varlen, num_warps=4)
 
 
-def _forward(q, k, v, g, h0, scale, want_final, plan: _Plan):
-    """Returns o, final state (or None), the segments' incoming states and log-transitions."""
+def _forward_states(k, v, g, h0, plan: _Plan):
+    """Summary and scan launches: every segment's incoming state (overwriting its summary),
+    the segments' log-transitions (or None) and each sequence's final state."""
     H, K, V, NS = plan.H, plan.K, plan.V, plan.n_segs
-    dev, use_g = q.device, g is not None
-    gates = g if use_g else q
-    seg_bounds, sizes = _geometry(plan, q)
+    dev, use_g = k.device, g is not None
+    seg_bounds, sizes = _geometry(plan, k)
 
     states = _new((NS, H, K, V), torch.float32, dev)
     g_seg = _new((NS, H), torch.float32, dev) if use_g else None
     BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
     _fwd_summary_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV) * NS, H)](
-        k, v, gates, seg_bounds, states, states if g_seg is None else g_seg, *sizes,
+        k, v, g if use_g else k, seg_bounds, states, states if g_seg is None else g_seg, *sizes,
         H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, VARLEN=plan.varlen,
         num_warps=4, num_stages=2)
 
-    final = _new((plan.n_seqs, H, K, V), torch.float32, dev) if want_final else None
+    final = _new((plan.n_seqs, H, K, V), torch.float32, dev)
     _scan(states, g_seg, h0, final, plan, reverse=False)
+    return states, g_seg, final
 
-    o = _new((plan.B, plan.T, H, V), q.dtype, dev)
+
+def _forward_output(q, k, v, g, states, scale, plan: _Plan):
+    """Output launch: every segment walked again from its incoming state."""
+    H, K, V, NS = plan.H, plan.K, plan.V, plan.n_segs
+    use_g = g is not None
+    seg_bounds, sizes = _geometry(plan, q)
+    o = _new((plan.B, plan.T, H, V), q.dtype, q.device)
     BK = triton.next_power_of_2(K)
     BV = min(64 if BK <= 128 else 32, triton.next_power_of_2(V))
     _fwd_output_kernel[(triton.cdiv(V, BV) * NS, H)](
-        q, k, v, gates, seg_bounds, states, o, scale, *sizes,
+        q, k, v, g if use_g else q, seg_bounds, states, o, scale, *sizes,
         H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, VARLEN=plan.varlen,
         num_warps=8 if use_g or BK * BV > 128 * 64 else 4, num_stages=2)
-    return o, final, states, g_seg
+    return o
 
 
-def _backward(q, k, v, g, do, d_final, states, g_seg, final, scale, want_dh0, want_dg,
-              plan: _Plan):
-    """Returns dq, dk, dv, dg (or None), d initial_state (or None)."""
+def _backward_dq(q, k, v, g, do, states, scale, plan: _Plan):
+    """dq launch: dq, every segment's local state gradient dU_s, and dB_q (decay only)."""
     H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_segs, plan.tokens
     dev, use_g = q.device, g is not None
-    gates = g if use_g else q
     seg_bounds, sizes = _geometry(plan, q)
-    common = dict(H=H, K=K, V=V, C=plan.chunk, USE_G=use_g, VARLEN=plan.varlen)
-
     BV = triton.next_power_of_2(V)
     BK = min(64 if BV <= 128 else 32, triton.next_power_of_2(K))
     n_k_tiles = triton.cdiv(K, BK)
     dq = _new(q.shape, q.dtype, dev)
     d_states = _new((NS, H, K, V), torch.float32, dev)
-    dB_q = _new((TT, H, n_k_tiles), torch.float32, dev) if use_g else q
+    dB_q = _new((TT, H, n_k_tiles), torch.float32, dev) if use_g else None
     _bwd_dq_kernel[(n_k_tiles * NS, H)](
-        q, k, v, gates, do, seg_bounds, states, dq, d_states, dB_q, scale, *sizes,
-        BK=BK, BV=BV, **common, num_warps=8, num_stages=2)
+        q, k, v, g if use_g else q, do, seg_bounds, states, dq, d_states,
+        q if dB_q is None else dB_q, scale, *sizes,
+        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, VARLEN=plan.varlen,
+        num_warps=8, num_stages=2)
+    return dq, d_states, dB_q
+
+
+def _backward_kvg(q, k, v, g, do, d_final, d_states, g_seg, final, dB_q, scale, want_dh0, want_dg,
+                  plan: _Plan):
+    """Reverse scan (from d final_state) and dk/dv launches, then the dg epilogue: returns
+    dk, dv, dg (or None), d initial_state (or None). `d_states` is overwritten."""
+    H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_segs, plan.tokens
+    dev, use_g = q.device, g is not None
+    seg_bounds, sizes = _geometry(plan, q)
+    common = dict(H=H, K=K, V=V, C=plan.chunk, USE_G=use_g, VARLEN=plan.varlen)
 
     dh0 = _new((plan.n_seqs, H, K, V), torch.float32, dev) if want_dh0 else None
     _scan(d_states, g_seg, d_final, dh0, plan, reverse=True)
@@ -579,7 +609,7 @@ def _backward(q, k, v, g, do, d_final, states, g_seg, final, scale, want_dh0, wa
     BK = PK if plan.fuse_dkdv else min(64 if PV <= 128 else 32, PK)
     n_k_tiles = triton.cdiv(K, BK)
     dB_k = _new((TT, H, n_k_tiles), torch.float32, dev) if use_g else q
-    args = (q, k, v, gates, do, seg_bounds, d_states, dk, dv, dB_k, scale, *sizes)
+    args = (q, k, v, g if use_g else q, do, seg_bounds, d_states, dk, dv, dB_k, scale, *sizes)
     if plan.fuse_dkdv:
         _bwd_dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common,
                                      num_warps=8, num_stages=2)
@@ -591,7 +621,7 @@ def _backward(q, k, v, g, do, d_final, states, g_seg, final, scale, want_dh0, wa
                                               **common, num_warps=8, num_stages=2)
 
     dg = _decay_grad(dB_q.sum(-1) - dB_k.sum(-1), final, d_final, plan) if use_g and want_dg else None
-    return dq, dk, dv, dg, dh0
+    return dk, dv, dg, dh0
 
 
 def _decay_grad(dB, final, d_final, plan: _Plan):
@@ -604,12 +634,14 @@ def _decay_grad(dB, final, d_final, plan: _Plan):
     B, T, H = plan.B, plan.T, plan.H
     dB = dB.double()
     final_term = None if d_final is None else (d_final.double() * final.double()).sum((-2, -1))
+    # Suffix sums along the innermost axis: a cumsum over a long strided axis runs one
+    # sequential thread per column on the GPU, along the last axis it is a parallel scan.
     if not plan.varlen:
-        dg = dB.view(B, T, H).flip(1).cumsum(1).flip(1)
+        dg = _suffix_sum(dB.view(B, T, H).transpose(1, 2)).transpose(1, 2)
         if final_term is not None:
-            dg += final_term[:, None, :]
-        return dg.float()
-    suffix = torch.cat([dB.flip(0).cumsum(0).flip(0), dB.new_zeros(1, H)])
+            dg = dg + final_term[:, None, :]
+        return dg.float().contiguous()
+    suffix = torch.cat([_suffix_sum(dB.T), dB.new_zeros(H, 1)], 1).T
     seq = torch.searchsorted(plan.seq_ends, torch.arange(plan.tokens, device=dB.device), right=True)
     dg = suffix[:-1] - suffix[plan.seq_ends[seq]]
     if final_term is not None:
@@ -617,34 +649,84 @@ def _decay_grad(dB, final, d_final, plan: _Plan):
     return dg.float().view(B, T, H)
 
 
-class _TritonLinearAttention(torch.autograd.Function):
-    """Differentiable in q, k, v, g and the initial state, and through the final state.
+def _suffix_sum(x):
+    """Inclusive suffix sums along the last axis (made contiguous first)."""
+    return x.contiguous().flip(-1).cumsum(-1).flip(-1)
 
-    Saves the inputs and the segments' incoming states (small: one K×V state per segment
-    and head); the backward recomputes every chunk state from those.
+
+@dataclass(frozen=True)
+class TritonPhases:
+    """The launches of one call grouped at their data dependencies, in the phases of
+    `lasp.kernels.linear_attention_phases`: summary + scan | output | dq | reverse scan +
+    dk/dv + dg epilogue. Holds the launch geometry only; tensors are passed in.
+
+    `saved` = (every segment's incoming state, the segments' log-transitions, the final
+    states): small, one K×V state per segment and head; the backward recomputes every
+    chunk state from those. `partial` = (do, the segments' local state gradients, dB_q).
     """
 
+    plan: _Plan
+    scale: float
+
+    def summarize(self, k, v, g, initial_state):
+        states, g_seg, final = _forward_states(k, v, g, initial_state, self.plan)
+        return final, (states, g_seg, final)
+
+    def output(self, q, k, v, g, saved):
+        return _forward_output(q, k, v, g, saved[0], self.scale, self.plan)
+
+    def grad_q(self, q, k, v, g, saved, do):
+        do = do.contiguous()
+        dq, d_states, dB_q = _backward_dq(q, k, v, g, do, saved[0], self.scale, self.plan)
+        return dq, (do, d_states, dB_q)
+
+    def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True):
+        """(dk, dv, dg or None, d initial_state or None)."""
+        _, g_seg, final = saved
+        do, d_states, dB_q = partial
+        d_final = None if d_final is None else d_final.float().contiguous()
+        return _backward_kvg(q, k, v, g, do, d_final, d_states, g_seg, final, dB_q, self.scale,
+                             want_dh0, want_dg and g is not None, self.plan)
+
+
+class _TritonLinearAttention(torch.autograd.Function):
+    """Differentiable in q, k, v, g and the initial state, and through the final state:
+    the phases run back to back."""
+
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, plan):
-        o, final, states, g_seg = _forward(q, k, v, g, initial_state, scale, output_final_state, plan)
-        ctx.save_for_backward(q, k, v, g, states, g_seg, final if g is not None else None)
-        ctx.scale, ctx.plan = scale, plan
+    def forward(ctx, q, k, v, g, initial_state, phases, output_final_state):
+        final, saved = phases.summarize(k, v, g, initial_state)
+        o = phases.output(q, k, v, g, saved)
+        ctx.save_for_backward(q, k, v, g, *saved)
+        ctx.phases = phases
         ctx.has_initial_state = initial_state is not None
         ctx.set_materialize_grads(False)
-        return o, final
+        return o, final if output_final_state else None
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, d_final):
-        q, k, v, g, states, g_seg, final = ctx.saved_tensors
-        do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device) if do is None \
-            else do.contiguous()
-        d_final = None if d_final is None else d_final.float().contiguous()
-        dq, dk, dv, dg, dh0 = _backward(
-            q, k, v, g, do, d_final, states, g_seg, final, ctx.scale,
-            want_dh0=ctx.has_initial_state and ctx.needs_input_grad[4],
-            want_dg=g is not None and ctx.needs_input_grad[3], plan=ctx.plan)
-        return dq, dk, dv, dg, dh0, None, None, None
+        q, k, v, g, *saved = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+        dq, partial = ctx.phases.grad_q(q, k, v, g, saved, do)
+        dk, dv, dg, dh0 = ctx.phases.grad_kvg(
+            q, k, v, g, saved, partial, d_final, want_dg=ctx.needs_input_grad[3],
+            want_dh0=ctx.has_initial_state and ctx.needs_input_grad[4])
+        return dq, dk, dv, dg, dh0, None, None
+
+
+def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, cu_seqlens_host=None, *,
+                  chunk_size=CHUNK_SIZE, segment_chunks=None, fuse_dkdv=None):
+    """`TritonPhases` for these inputs (arguments as in `triton_linear_attention`), and the
+    inputs in the form its phases take: (q, k, v, g, initial_state), contiguous, the decay
+    and the state in fp32 (differentiable conversions)."""
+    plan = _make_plan(q, v, g is not None, cu_seqlens, cu_seqlens_host, chunk_size, segment_chunks,
+                      fuse_dkdv)
+    inputs = (q.contiguous(), k.contiguous(), v.contiguous(),
+              None if g is None else g.float().contiguous(),
+              None if initial_state is None else initial_state.float().contiguous())
+    return TritonPhases(plan, float(scale)), inputs
 
 
 def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
@@ -665,15 +747,12 @@ def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state
         chunk_size, segment_chunks: tokens per chunk (power of two ≥ 16) and chunks per
             segment (default from the shapes, `_default_segment_chunks`). fuse_dkdv: one
             backward launch for dk and dv (default when the K×V state gradient fits one
-            program, `FUSED_DKDV_MAX_ELEMENTS*`). Tuning and test knobs.
+            program, `FUSED_DKDV_MAX_ELEMENTS`). Tuning and test knobs.
 
     Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] float32 or None), differentiable
     in q, k, v, g and initial_state.
     """
-    plan = _make_plan(q, v, g is not None, cu_seqlens, cu_seqlens_host, chunk_size, segment_chunks,
-                      fuse_dkdv)
-    if initial_state is not None:
-        initial_state = initial_state.float().contiguous()
-    return _TritonLinearAttention.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), None if g is None else g.float().contiguous(),
-        initial_state, float(scale), bool(output_final_state), plan)
+    phases, inputs = triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, cu_seqlens_host,
+                                   chunk_size=chunk_size, segment_chunks=segment_chunks,
+                                   fuse_dkdv=fuse_dkdv)
+    return _TritonLinearAttention.apply(*inputs, phases, bool(output_final_state))

@@ -8,8 +8,10 @@ documents of the whole sequence).
 from lasp.layers.conv import ShortConv
 from lasp.layers.linear_attention import LinearAttention
 from lasp.layers.mlp import SwiGLU
+from lasp.layers.mom import MixtureOfMemories
 from lasp.layers.norm import RMSNorm
 from lasp.layers.sequence import SPContext
 from lasp.layers.softmax_attention import SoftmaxAttention
 
-__all__ = ["LinearAttention", "SoftmaxAttention", "SwiGLU", "RMSNorm", "ShortConv", "SPContext"]
+__all__ = ["LinearAttention", "MixtureOfMemories", "SoftmaxAttention", "SwiGLU", "RMSNorm", "ShortConv",
+           "SPContext"]

@@ -7,9 +7,15 @@ a SwiGLU MLP, with Hugging Face Llama's parameter names. The models are
 Sequence parallelism: `lasp.parallelize(model, group)` sets `model.model.lasp_sp`; each
 forward then takes this rank's tokens, builds the layout of the batch from their number,
 and every layer runs under it. Without it the whole sequence is local.
+
+Mixture-of-Memories layers (``M``) also return a load-balancing loss; the model output
+carries their mean as `aux_loss`, and the causal-LM loss adds
+`config.router_aux_loss_coef` times it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,7 +25,8 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from lasp.batch import next_token_labels
-from lasp.layers import LinearAttention, RMSNorm, ShortConv, SoftmaxAttention, SwiGLU
+from lasp.layers import LinearAttention, MixtureOfMemories, RMSNorm, ShortConv, SoftmaxAttention, SwiGLU
+from lasp.layers.mom import MemoryProjection
 from lasp.loss import IGNORE_INDEX, chunked_cross_entropy
 from lasp.models.config import LinearLlamaConfig
 
@@ -29,9 +36,28 @@ def _attention(config: LinearLlamaConfig, kind: str) -> nn.Module:
                  head_dim=config.head_dim, num_kv_heads=config.num_key_value_heads)
     if kind == "N":
         return SoftmaxAttention(**heads, rope_theta=config.rope_theta)
-    return LinearAttention(**heads, feature_map=config.linear_feature_map, decay=config.linear_decay,
-                           conv_size=config.linear_conv_size, output_norm=config.linear_output_norm,
-                           output_gate=config.linear_output_gate, norm_eps=config.rms_norm_eps)
+    linear = dict(feature_map=config.linear_feature_map, decay=config.linear_decay,
+                  output_norm=config.linear_output_norm, output_gate=config.linear_output_gate,
+                  norm_eps=config.rms_norm_eps)
+    if kind == "M":
+        return MixtureOfMemories(config.hidden_size, config.num_attention_heads, config.head_dim,
+                                 num_memories=config.mom_num_memories, top_k=config.mom_top_k,
+                                 shared_memory=config.mom_shared_memory, **linear)
+    return LinearAttention(**heads, conv_size=config.linear_conv_size, **linear)
+
+
+@dataclass
+class LinearLlamaModelOutput(BaseModelOutput):
+    """The last hidden states, and the mean load-balancing loss of the MoM layers (None without)."""
+
+    aux_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class LinearLlamaCausalLMOutput(CausalLMOutput):
+    """`loss` includes `router_aux_loss_coef · aux_loss`; `aux_loss` is reported on its own too."""
+
+    aux_loss: torch.FloatTensor | None = None
 
 
 class LinearLlamaBlock(nn.Module):
@@ -43,8 +69,11 @@ class LinearLlamaBlock(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, layout=None, group=None, cu_seqlens=None):
-        x = x + self.self_attn(self.input_layernorm(x), layout=layout, group=group, cu_seqlens=cu_seqlens)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """Returns (x, aux_loss): the layer's load-balancing loss for MoM, else None."""
+        out = self.self_attn(self.input_layernorm(x), layout=layout, group=group, cu_seqlens=cu_seqlens)
+        out, aux = out if isinstance(self.self_attn, MixtureOfMemories) else (out, None)
+        x = x + out
+        return x + self.mlp(self.post_attention_layernorm(x)), aux
 
 
 class LinearLlamaPreTrainedModel(PreTrainedModel):
@@ -53,9 +82,12 @@ class LinearLlamaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LinearLlamaBlock"]
 
     def _init_weights(self, module):
-        """Hugging Face's defaults, and nn.Conv1d's for the short convolution."""
+        """Hugging Face's defaults (MoM's per-memory projections like nn.Linear), and
+        nn.Conv1d's for the short convolution."""
         if isinstance(module, ShortConv):
             init.uniform_(module.weight, -module.init_bound, module.init_bound)
+        elif isinstance(module, MemoryProjection):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         else:
             super()._init_weights(module)
 
@@ -77,21 +109,26 @@ class LinearLlamaModel(LinearLlamaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, inputs_embeds=None, cu_seqlens=None) -> BaseModelOutput:
+    def forward(self, input_ids=None, inputs_embeds=None, cu_seqlens=None) -> LinearLlamaModelOutput:
         """input_ids [B, T_local] (or inputs_embeds [B, T_local, hidden]); cu_seqlens: packed
-        documents of the whole sequence (B = 1)."""
+        documents of the whole sequence (B = 1). Under sequence parallelism `aux_loss` is
+        this rank's share of the whole sequence's (the shares sum to it)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         sp = self.lasp_sp
         layout = None if sp is None else sp.local_layout(x.shape[1])
         group = None if sp is None else sp.group
+        aux_losses = []
         for layer in self.layers:
             if self.config.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, layout, group, cu_seqlens, use_reentrant=False)
+                x, aux = checkpoint(layer, x, layout, group, cu_seqlens, use_reentrant=False)
             else:
-                x = layer(x, layout, group, cu_seqlens)
-        return BaseModelOutput(last_hidden_state=self.norm(x))
+                x, aux = layer(x, layout, group, cu_seqlens)
+            if aux is not None:
+                aux_losses.append(aux)
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
+        return LinearLlamaModelOutput(last_hidden_state=self.norm(x), aux_loss=aux_loss)
 
 
 class LinearLlamaForCausalLM(LinearLlamaPreTrainedModel):
@@ -120,25 +157,30 @@ class LinearLlamaForCausalLM(LinearLlamaPreTrainedModel):
         self.lm_head = value
 
     def forward(self, input_ids=None, inputs_embeds=None, cu_seqlens=None, labels=None, shift_labels=None,
-                num_items_in_batch=None) -> CausalLMOutput:
+                num_items_in_batch=None) -> LinearLlamaCausalLMOutput:
         """Loss from `shift_labels` (next-token targets, as `lasp.shard_batch` makes them) or
         `labels` (Hugging Face convention: shifted here, so single-device only).
 
         The loss is the sum of token losses ÷ `num_items_in_batch` (the number of valid
         targets of the whole batch: under sequence parallelism `ShardedBatch.num_tokens`),
-        or the mean over the local valid targets if it is not given.
+        or the mean over the local valid targets if it is not given; plus
+        `router_aux_loss_coef · aux_loss` with MoM layers.
         """
         sp = self.model.lasp_sp
         if labels is not None and shift_labels is None and sp is not None and sp.world_size > 1:
             raise ValueError("under sequence parallelism pass shift_labels (shifted before sharding, "
                              "see lasp.shard_batch), not labels")
-        hidden = self.model(input_ids, inputs_embeds, cu_seqlens).last_hidden_state
+        out = self.model(input_ids, inputs_embeds, cu_seqlens)
+        hidden, aux_loss = out.last_hidden_state, out.aux_loss
         if labels is None and shift_labels is None:
-            return CausalLMOutput(logits=self.lm_head(hidden))
+            return LinearLlamaCausalLMOutput(logits=self.lm_head(hidden), aux_loss=aux_loss)
         if shift_labels is None:
             shift_labels = next_token_labels(labels, cu_seqlens)
         total = chunked_cross_entropy(hidden, self.lm_head.weight, shift_labels,
                                       chunk_size=self.config.loss_chunk_size)
         if num_items_in_batch is None:
             num_items_in_batch = (shift_labels != IGNORE_INDEX).sum()
-        return CausalLMOutput(loss=total / num_items_in_batch)
+        loss = total / num_items_in_batch
+        if aux_loss is not None:
+            loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return LinearLlamaCausalLMOutput(loss=loss, aux_loss=aux_loss)

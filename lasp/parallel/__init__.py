@@ -3,6 +3,7 @@
 from lasp.parallel.lasp2 import lasp1_linear_attention, lasp2_linear_attention
 from lasp.parallel.lasp2h import lasp2h_attention, ring_attention
 from lasp.parallel.layout import SequenceLayout
+from lasp.parallel.mom import lasp2_load_balancing_loss, lasp2_mixture_of_memories, local_plan
 
 __all__ = [
     "SequenceLayout",
@@ -10,4 +11,7 @@ __all__ = [
     "lasp1_linear_attention",
     "lasp2h_attention",
     "ring_attention",
+    "lasp2_mixture_of_memories",
+    "lasp2_load_balancing_loss",
+    "local_plan",
 ]

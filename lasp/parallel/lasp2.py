@@ -1,18 +1,26 @@
 """LASP-2 (and its LASP-1 baseline): linear attention over a sequence sharded across ranks.
 
 Each rank holds the tokens of its segments (`SequenceLayout`). Linear attention is
-linear in its initial state (`lasp.kernels.state`), so each rank
+linear in its initial state (`lasp.kernels.state`), so each rank runs its segments as
+independent sequences from a zero state and corrects them once the incoming states are
+known. The local kernel comes split at its data dependencies
+(`lasp.kernels.linear_attention_phases`) and `_Overlapped` interleaves it with the
+summary exchange (`lasp.parallel.scan`: one all-gather for LASP-2, a point-to-point ring
+for LASP-1) so that each collective is in flight while local work that does not need
+its result runs:
 
-1. runs ONE local `linear_attention` call on its segments as independent sequences
-   (zero initial state) -> the zero-state output `o0` and every local sequence's final
-   state;
-2. summarises each segment: `U` = the final state of the local sequence holding the
-   segment's last token, `a` = the segment's log-transition (`segment_log_decay`, or
-   -inf when a packed document starts inside the segment: the chain stops there);
-3. exchanges the summaries (`lasp.parallel.scan`: one all-gather for LASP-2, a
-   point-to-point ring for LASP-1) and gets each local segment's incoming state;
-4. adds `state_output(q, S_in, reach=...)`: the incoming state reaches only the tokens
-   before the segment's first document start.
+    forward:  summarize (each local sequence's final state)  -> issue the gather of the
+              segment summaries -> output (the zero-state outputs o0, the bulk of the
+              kernel) -> wait, scan -> each local segment's incoming state
+    backward: issue the gather of the incoming-state gradients -> grad_q (the dq pass)
+              -> wait, suffix scan -> the summaries' gradients -> grad_kvg (dk, dv, dg)
+
+Around it, in autograd: a segment's summary is `U` = the final state of the local
+sequence holding its last token and `a` = its log-transition (`segment_log_decay`, or
+-inf when a packed document starts inside the segment: the chain stops there); the
+correction `state_output(q, S_in, reach=...)` is added to o0 (the incoming state reaches
+only the tokens before the segment's first document start), and its backward gives the
+incoming-state gradients before `_Overlapped`'s backward starts.
 
 Bidirectional attention (`causal=False`, plain) is the same with two chains: every
 token of a document reads the document's whole state, i.e. its own segment's part
@@ -26,17 +34,19 @@ every per-segment index (which local sequence holds a segment's first/last token
 far the incoming state reaches) comes from `searchsorted` on the device: no host sync.
 Without packing, B >= 1 rows are reshaped to B·nseg independent rows.
 
-All math is `lasp.kernels`; this module only reshapes, indexes and exchanges.
+All math is `lasp.kernels`; this module only reshapes, indexes, orders and exchanges.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from lasp.kernels import linear_attention, segment_log_decay, state_output
+from lasp.kernels import linear_attention, linear_attention_phases, segment_log_decay, state_output
 from lasp.kernels.checks import check_cu_seqlens, check_decay, check_qkv
 from lasp.parallel.layout import SequenceLayout
-from lasp.parallel.scan import all_gather_scan, ring_scan
+from lasp.parallel.scan import AllGatherScan, RingScan
 
 
 def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, *, layout, group=None, scale=None,
@@ -59,7 +69,7 @@ def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, *, layout, group=None,
     """
     return sequence_parallel_linear_attention(q, k, v, g, g_gamma, layout=layout, group=group,
                                               scale=scale, causal=causal, cu_seqlens=cu_seqlens,
-                                              exchange=all_gather_scan)
+                                              exchange=AllGatherScan)
 
 
 def lasp1_linear_attention(q, k, v, g=None, g_gamma=None, *, layout, group=None, scale=None,
@@ -69,18 +79,21 @@ def lasp1_linear_attention(q, k, v, g=None, g_gamma=None, *, layout, group=None,
     and the state gradients go back the same way. Same arguments and results."""
     return sequence_parallel_linear_attention(q, k, v, g, g_gamma, layout=layout, group=group,
                                               scale=scale, causal=causal, cu_seqlens=cu_seqlens,
-                                              exchange=ring_scan)
+                                              exchange=RingScan)
 
 
 def sequence_parallel_linear_attention(q, k, v, g=None, g_gamma=None, *, layout, group=None,
                                        scale=None, causal=True, cu_seqlens=None,
-                                       exchange=all_gather_scan):
-    """The local work shared by LASP-2 and LASP-1 around `exchange`, a function of
-    `lasp.parallel.scan` (e.g. `functools.partial(all_gather_scan, overlap=False)`)."""
+                                       exchange=AllGatherScan, backend=None):
+    """The local work shared by LASP-2 and LASP-1 around `exchange`, an exchange class of
+    `lasp.parallel.scan` built as `exchange(layout, group, reverse)`: `AllGatherScan`,
+    `functools.partial(AllGatherScan, overlap=False)` (the gather forced synchronous, for
+    benchmarks) or `RingScan`. `backend`: the local kernel's, as in `linear_attention`
+    (the CPU tests run the Triton kernels under the interpreter)."""
     _check_inputs(q, k, v, g, g_gamma, layout, group, causal, cu_seqlens)
     if layout.world_size == 1:      # the local tokens are the whole sequence, in order
         return linear_attention(q, k, v, g, g_gamma, scale=scale, causal=causal,
-                                cu_seqlens=cu_seqlens)[0]
+                                cu_seqlens=cu_seqlens, backend=backend)[0]
     B, _, H, _ = q.shape
     nseg, L = len(layout.local_segments), layout.segment_len
     R = B * nseg                    # independent rows: (batch row, local segment)
@@ -88,37 +101,33 @@ def sequence_parallel_linear_attention(q, k, v, g=None, g_gamma=None, *, layout,
     def rows(x):
         return None if x is None else x.reshape(R, L, *x.shape[2:])
 
-    def by_segment(x):              # [R, ...] -> [nseg, B, ...], the exchange's order
-        return x.view(B, nseg, *x.shape[1:]).transpose(0, 1)
-
+    reverse = (False,) if causal else (False, True)
     if cu_seqlens is None:
-        o0, final = linear_attention(rows(q), rows(k), rows(v), rows(g), g_gamma, scale=scale,
-                                     causal=causal, output_final_state=True)
-        last = first = final
+        phases, (q_, k_, v_, g_, _) = linear_attention_phases(
+            rows(q), rows(k), rows(v), rows(g), g_gamma, scale=scale, causal=causal, backend=backend)
+        summaries = _Summaries(B, nseg, (None,) * len(reverse))
         reach = tail = None
     else:
-        o0, final = linear_attention(q, k, v, g, g_gamma, scale=scale, causal=causal,
-                                     cu_seqlens=layout.local_cu_seqlens(cu_seqlens),
-                                     output_final_state=True)
+        phases, (q_, k_, v_, g_, _) = linear_attention_phases(
+            q, k, v, g, g_gamma, scale=scale, causal=causal, backend=backend,
+            cu_seqlens=layout.local_cu_seqlens(cu_seqlens))
         first_seq, last_seq, reach, tail = _document_edges(layout, cu_seqlens)
-        last, first = final.index_select(0, last_seq), final.index_select(0, first_seq)
+        summaries = _Summaries(B, nseg, (last_seq, first_seq)[:len(reverse)])
 
     def passes(edge, log_decay):
         """The segment's log-transition, or -inf where a document boundary stops the chain."""
         return log_decay if edge is None else log_decay.masked_fill((edge != L)[:, None], float("-inf"))
 
-    if causal:
-        chains = [(last, passes(reach, segment_log_decay(rows(q), rows(g), g_gamma)))]
-    else:
-        zero = final.new_zeros(R, H)
-        chains = [(last, passes(reach, zero)), (first, passes(tail, zero))]
-    incoming = exchange(torch.stack([by_segment(s) for s, _ in chains], 1),
-                        torch.stack([by_segment(a) for _, a in chains], 1),
-                        layout, group, reverse=(False, True)[:len(chains)])
-    from_left, *from_right = (incoming[:, c].transpose(0, 1).reshape(R, *incoming.shape[3:])
-                              for c in range(len(chains)))
-
     q_rows = rows(q)
+    if causal:
+        log_decays = [passes(reach, segment_log_decay(q_rows, rows(g), g_gamma))]
+    else:
+        zero = segment_log_decay(q_rows)
+        log_decays = [passes(reach, zero), passes(tail, zero)]
+    o0, incoming = _Overlapped.apply(q_, k_, v_, g_, summaries.to_exchange(log_decays), phases,
+                                     exchange(layout, group, reverse), summaries)
+    from_left, *from_right = summaries.from_exchange(incoming)
+
     if causal:
         extra = state_output(q_rows, from_left, rows(g), g_gamma, scale=scale, reach=reach)
     elif reach is None:
@@ -127,6 +136,74 @@ def sequence_parallel_linear_attention(q, k, v, g=None, g_gamma=None, *, layout,
         extra = (state_output(q_rows, from_left, scale=scale, reach=reach)
                  + state_output(q_rows.flip(1), from_right[0], scale=scale, reach=tail).flip(1))
     return (o0.reshape(extra.shape) + extra).reshape(B, nseg * L, *extra.shape[2:])
+
+
+@dataclass(frozen=True)
+class _Summaries:
+    """Where each chain's segment summaries come from and the exchange's order.
+
+    `sequences[c]`: per row (batch row, local segment), the index of the local sequence
+    whose final state is the row's summary in chain c, or None: the row's own sequence
+    (unpacked input). The exchange orders rows as [nseg, C, B, ...].
+    """
+
+    B: int
+    nseg: int
+    sequences: tuple
+
+    def to_exchange(self, per_chain):
+        """[R, ...] per chain -> [nseg, C, B, ...]."""
+        return torch.stack([x.view(self.B, self.nseg, *x.shape[1:]).transpose(0, 1)
+                            for x in per_chain], 1)
+
+    def from_exchange(self, x):
+        """[nseg, C, B, ...] -> [R, ...] per chain."""
+        return [x[:, c].transpose(0, 1).reshape(self.B * self.nseg, *x.shape[3:])
+                for c in range(x.shape[1])]
+
+    def select(self, final):
+        """The summaries [nseg, C, B, H, K, V] from the local final states."""
+        return self.to_exchange([final if seq is None else final.index_select(0, seq)
+                                 for seq in self.sequences])
+
+    def select_backward(self, d_summaries, n_final):
+        """The final states' gradient [n_final, H, K, V] from the summaries'."""
+        total = None
+        for seq, d in zip(self.sequences, self.from_exchange(d_summaries)):
+            if seq is not None:
+                d = d.new_zeros(n_final, *d.shape[1:]).index_add_(0, seq, d)
+            total = d if total is None else total + d
+        return total
+
+
+class _Overlapped(torch.autograd.Function):
+    """The zero-state local kernel (`phases`) and the summary exchange, in the order of the
+    module docstring: (q, k, v, g, log_decays) -> (o0, incoming states [nseg, C, B, H, K, V]).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, log_decays, phases, exchange, summaries):
+        final, saved = phases.summarize(k, v, g, None)
+        pending = exchange.start(summaries.select(final), log_decays)
+        o0 = phases.output(q, k, v, g, saved)
+        incoming, exchange_saved = exchange.finish(pending)
+        ctx.save_for_backward(q, k, v, g, *saved, *exchange_saved)
+        ctx.n_saved, ctx.n_final = len(saved), final.shape[0]
+        ctx.phases, ctx.exchange, ctx.summaries = phases, exchange, summaries
+        return o0, incoming
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, d_incoming):
+        q, k, v, g, *rest = ctx.saved_tensors
+        saved, exchange_saved = rest[:ctx.n_saved], rest[ctx.n_saved:]
+        pending = ctx.exchange.start_backward(d_incoming)
+        dq, partial = ctx.phases.grad_q(q, k, v, g, saved, do)
+        d_summaries, d_log_decays = ctx.exchange.finish_backward(pending, exchange_saved)
+        d_final = ctx.summaries.select_backward(d_summaries, ctx.n_final)
+        dk, dv, dg, _ = ctx.phases.grad_kvg(q, k, v, g, saved, partial, d_final,
+                                            want_dg=ctx.needs_input_grad[3], want_dh0=False)
+        return dq, dk, dv, dg, d_log_decays, None, None, None
 
 
 def _check_inputs(q, k, v, g, g_gamma, layout, group, causal, cu_seqlens) -> None:

@@ -18,27 +18,45 @@ entering segment s (total, through every later segment),
 
 so it reuses the forward walk on the incoming-state gradients.
 
-Two ways to walk:
+Two ways to walk, each an exchange class built per call as `Exchange(layout, group,
+reverse)`:
 
-- `all_gather_scan` (LASP-2): ONE all-gather of every rank's summaries (states and
+- `AllGatherScan` (LASP-2): ONE all-gather of every rank's summaries (states and
   log-decays packed in one buffer), then each rank walks the gathered summaries
   locally, in fp32, up to its last segment. The backward all-gathers the incoming-state
   gradients once. Bytes per rank are independent of the sequence length.
-- `ring_scan` (LASP-1, the baseline): the running value is handed point-to-point from
+- `RingScan` (LASP-1, the baseline): the running value is handed point-to-point from
   the owner of each segment to the owner of the next (with zigzag the chain goes up the
   ranks and back down), so ranks wait on each other in turn.
 
-No host synchronisation: tensor values never reach Python. On CUDA the all-gather runs
-on a side stream ordered by events, so the host never blocks on it and the compute
-stream waits only where the result is used; `overlap=False` forces it synchronous
-(issued on the compute stream, then the host waits for it), for benchmarks.
-`bytes_sent` counts the payload this process sent (for benchmarks).
+An exchange comes in two halves per direction so that the caller can run independent
+work while the collective is in flight (`lasp.parallel.lasp2` runs the local kernels
+there)::
+
+    pending = exchange.start(states, log_decays)           # the collective is issued
+    incoming, saved = exchange.finish(pending)              # waits for it, walks the chain
+    pending = exchange.start_backward(d_incoming)
+    d_states, d_log_decays = exchange.finish_backward(pending, saved)
+
+`all_gather_scan` and `ring_scan` are the same exchanges as one differentiable op.
+
+No host synchronisation: tensor values never reach Python. An all-gather is issued
+asynchronously: on CUDA on a side stream ordered after the work already queued, so the
+compute stream goes on and waits (device-side) only in `finish`; on gloo as an async
+work handle waited in `finish`. `overlap=False` forces it synchronous (issued on the
+compute stream, then the host waits for it), for benchmarks. The ring is synchronous
+(its halves run in `finish`). `bytes_sent` counts the payload this process sent (for
+benchmarks).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+
+from lasp.parallel.layout import SequenceLayout
 
 bytes_sent = 0
 _side_streams: dict = {}
@@ -63,28 +81,39 @@ def _count(x: torch.Tensor) -> None:
     bytes_sent += x.numel() * x.element_size()
 
 
-def _all_gather(x: torch.Tensor, group, overlap: bool) -> torch.Tensor:
-    """All ranks' `x` (contiguous), stacked: [W, *x.shape]."""
-    _count(x)
-    out = x.new_empty(dist.get_world_size(group) * x.numel())
-    stacked = out.view(-1, *x.shape)
-    if not x.is_cuda:
-        _gather_into(out, x.flatten(), group=group, async_op=True).wait()
-        return stacked
-    compute = torch.cuda.current_stream(x.device)
-    if not overlap:
-        _gather_into(out, x.flatten(), group=group)
-        compute.synchronize()
-        return stacked
-    side = _side_streams.setdefault(x.device, torch.cuda.Stream(x.device))
-    side.wait_stream(compute)              # the summaries are written
-    with torch.cuda.stream(side):
-        _gather_into(out, x.flatten(), group=group)
-    # Both buffers were allocated on the compute stream: keep them until the side stream is done.
-    x.record_stream(side)
-    out.record_stream(side)
-    compute.wait_stream(side)              # a device-side wait: the host goes on
-    return stacked
+class _Gather:
+    """One all-gather of a contiguous `x` in flight; `wait()` returns all ranks' `x` stacked,
+    [W, *x.shape], ready for use on the current stream (module docstring)."""
+
+    def __init__(self, x: torch.Tensor, group, overlap: bool):
+        _count(x)
+        self.shape = x.shape
+        self.out = x.new_empty(dist.get_world_size(group) * x.numel())
+        self.work = self.stream = None
+        if not x.is_cuda:
+            self.work = _gather_into(self.out, x.flatten(), group=group, async_op=overlap)
+            return
+        compute = torch.cuda.current_stream(x.device)
+        if not overlap:
+            _gather_into(self.out, x.flatten(), group=group)
+            compute.synchronize()
+            return
+        if x.device not in _side_streams:
+            _side_streams[x.device] = torch.cuda.Stream(x.device)
+        self.stream = _side_streams[x.device]
+        self.stream.wait_stream(compute)             # x is written
+        with torch.cuda.stream(self.stream):
+            _gather_into(self.out, x.flatten(), group=group)
+        # Both buffers were allocated on the compute stream: keep them until the side stream is done.
+        x.record_stream(self.stream)
+        self.out.record_stream(self.stream)
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        if self.stream is not None:                  # a device-side wait: the host goes on
+            torch.cuda.current_stream(self.out.device).wait_stream(self.stream)
+        return self.out.view(-1, *self.shape)
 
 
 def _gathered_walk(layout, order, log_decays, summaries, group):
@@ -153,52 +182,92 @@ def _summary_grads(walk, layout, group, reverse, log_decays, d_incoming, incomin
     return d_states, d_log_decays
 
 
-class _AllGatherScan(torch.autograd.Function):
+@dataclass(frozen=True)
+class AllGatherScan:
+    """LASP-2 exchange: one all-gather per direction, then a local fp32 scan."""
+
+    layout: SequenceLayout
+    group: object = None
+    reverse: tuple = (False,)
+    overlap: bool = True
+
+    def start(self, states, log_decays):
+        """Issue the all-gather of the summaries, states and log-decays in one buffer."""
+        buffer = torch.cat([states.flatten(), log_decays.flatten()])
+        return _Gather(buffer, self.group, self.overlap), states.shape, log_decays.shape
+
+    def finish(self, pending):
+        """(incoming [nseg, C, ...], saved): `saved` are the tensors the backward needs."""
+        gather, state_shape, log_decay_shape = pending
+        gathered = gather.wait()
+        n = state_shape.numel()
+        all_states = gathered[:, :n].view(-1, *state_shape)
+        all_log_decays = gathered[:, n:].view(-1, *log_decay_shape)
+        incoming = _incoming(_gathered_walk, self.layout, self.group, self.reverse, all_log_decays,
+                             all_states, 2)
+        # A copy, so that what the backward keeps is not the whole gathered buffer.
+        return incoming, (all_log_decays.clone(), incoming)
+
+    def start_backward(self, d_incoming):
+        return _Gather(d_incoming.contiguous(), self.group, self.overlap)
+
+    def finish_backward(self, pending, saved):
+        """(d states, d log_decays) of this rank's summaries."""
+        all_log_decays, incoming = saved
+        return _summary_grads(_gathered_walk, self.layout, self.group, self.reverse, all_log_decays,
+                              pending.wait(), incoming, all_log_decays[self.layout.rank], 2)
+
+
+@dataclass(frozen=True)
+class RingScan:
+    """LASP-1 exchange: the running state handed rank to rank along the chain (synchronous:
+    `start` only keeps the summaries, `finish` walks the ring)."""
+
+    layout: SequenceLayout
+    group: object = None
+    reverse: tuple = (False,)
+
+    def start(self, states, log_decays):
+        return states.contiguous(), log_decays
+
+    def finish(self, pending):
+        states, log_decays = pending
+        incoming = _incoming(_ring_walk, self.layout, self.group, self.reverse, log_decays, states, 1)
+        return incoming, (log_decays, incoming)
+
+    def start_backward(self, d_incoming):
+        return d_incoming.contiguous()
+
+    def finish_backward(self, pending, saved):
+        log_decays, incoming = saved
+        return _summary_grads(_ring_walk, self.layout, self.group, self.reverse, log_decays, pending,
+                              incoming, log_decays, 1)
+
+
+class _Exchange(torch.autograd.Function):
+    """An exchange's two halves back to back, differentiable in the states and log-decays."""
+
     @staticmethod
-    def forward(ctx, states, log_decays, layout, group, reverse, overlap):
-        n = states.numel()
-        gathered = _all_gather(torch.cat([states.flatten(), log_decays.flatten()]),
-                               group, overlap)
-        all_states = gathered[:, :n].view(-1, *states.shape)
-        all_log_decays = gathered[:, n:].view(-1, *log_decays.shape)
-        incoming = _incoming(_gathered_walk, layout, group, reverse, all_log_decays, all_states, 2)
-        ctx.save_for_backward(all_log_decays, incoming)
-        ctx.args = layout, group, reverse, overlap
+    def forward(ctx, states, log_decays, exchange):
+        incoming, saved = exchange.finish(exchange.start(states, log_decays))
+        ctx.save_for_backward(*saved)
+        ctx.exchange = exchange
         return incoming
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, d_incoming):
-        all_log_decays, incoming = ctx.saved_tensors
-        layout, group, reverse, overlap = ctx.args
-        all_d = _all_gather(d_incoming.contiguous(), group, overlap)
-        grads = _summary_grads(_gathered_walk, layout, group, reverse, all_log_decays, all_d, incoming,
-                               all_log_decays[layout.rank], 2)
-        return (*grads, None, None, None, None)
-
-
-class _RingScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, states, log_decays, layout, group, reverse):
-        states = states.contiguous()
-        incoming = _incoming(_ring_walk, layout, group, reverse, log_decays, states, 1)
-        ctx.save_for_backward(log_decays, incoming)
-        ctx.args = layout, group, reverse
-        return incoming
-
-    @staticmethod
-    def backward(ctx, d_incoming):
-        log_decays, incoming = ctx.saved_tensors
-        layout, group, reverse = ctx.args
-        grads = _summary_grads(_ring_walk, layout, group, reverse, log_decays, d_incoming.contiguous(),
-                               incoming, log_decays, 1)
-        return (*grads, None, None, None)
+        exchange = ctx.exchange
+        grads = exchange.finish_backward(exchange.start_backward(d_incoming), ctx.saved_tensors)
+        return (*grads, None)
 
 
 def all_gather_scan(states, log_decays, layout, group=None, reverse=(False,), overlap=True):
-    """LASP-2 exchange: one all-gather per direction, then a local fp32 scan."""
-    return _AllGatherScan.apply(states, log_decays, layout, group, tuple(reverse), overlap)
+    """LASP-2 exchange as one differentiable op: states [nseg, C, B, H, K, V] and log-decays
+    [nseg, C, B, H] of this rank's segments -> the value entering each, [nseg, C, B, H, K, V]."""
+    return _Exchange.apply(states, log_decays, AllGatherScan(layout, group, tuple(reverse), overlap))
 
 
 def ring_scan(states, log_decays, layout, group=None, reverse=(False,)):
-    """LASP-1 exchange: the running state handed rank to rank along the chain."""
-    return _RingScan.apply(states, log_decays, layout, group, tuple(reverse))
+    """LASP-1 exchange as one differentiable op (arguments as `all_gather_scan`)."""
+    return _Exchange.apply(states, log_decays, RingScan(layout, group, tuple(reverse)))

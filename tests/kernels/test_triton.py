@@ -5,6 +5,7 @@ CPU tier: the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py) in
 segments (2 chunks) keep the interpreter fast while exercising multi-chunk segments,
 multi-segment sequences and partial last chunks; the production chunk size and segment
 length run too. Every kernel output starts as NaN, so an element a kernel forgets fails.
+`linear_attention_phases` runs phase by phase, as LASP-2 calls it, on both backends.
 
 GPU tier (`gpu` marker): bf16 at real shapes against the fp32 oracle, relative error
 ≤ 3e-3 for outputs and ≤ 5e-3 for every gradient, and no host synchronisation.
@@ -15,7 +16,7 @@ import contextlib
 import pytest
 import torch
 
-from lasp.kernels import linear_attention, naive_linear_attention
+from lasp.kernels import linear_attention, linear_attention_phases, naive_linear_attention
 from lasp.kernels.reference import chunk_linear_attention
 from tests.utils import grads, random_cu_seqlens, random_inputs, rel_err
 
@@ -193,6 +194,45 @@ def test_strong_decay_does_not_overflow():
     o_ref, s_ref = naive_linear_attention(q.double(), k.double(), v.double(), g.double(), scale=0.25,
                                           output_final_state=True)
     assert rel_err(o, o_ref) < FP32_TOL and rel_err(s, s_ref) < FP32_TOL
+
+
+@cpu_only
+@pytest.mark.parametrize("backend, dtype, tol", [("triton", torch.float32, FP32_TOL),
+                                                 ("torch", torch.float64, 1e-12)])
+@pytest.mark.parametrize("decay, lengths", [(None, None), ("g", [1, 130, 0, 40, 129]), ("g_gamma", None)])
+def test_phases_one_by_one(backend, dtype, tol, decay, lengths):
+    """`linear_attention_phases` as LASP-2 calls it, d final_state given only after grad_q:
+    final states, outputs, and the gradients of q, k, v, g (or g_gamma) and the initial
+    state (chained through the phases' input conversions) against the naive oracle.
+    T = 300 spans three default (128-token) kernel segments."""
+    B, T, H, K, V = (1 if lengths else 2), 300, 1, 16, 32
+    cu = None if lengths is None else random_cu_seqlens(lengths)
+    n = B if cu is None else len(lengths)
+    q, k, v, g, g_gamma, h0 = random_inputs(B, T, H, K, V, decay=decay, dtype=dtype, n_states=n)
+    names = [name for name, x in zip(("q", "k", "v", "g", "g_gamma", "h0"), (q, k, v, g, g_gamma, h0))
+             if x is not None]
+    originals = [x for x in (q, k, v, g, g_gamma, h0) if x is not None]
+    phases, inputs = linear_attention_phases(q, k, v, g, g_gamma, initial_state=h0, cu_seqlens=cu,
+                                             backend=backend)
+    pq, pk, pv, pg, ph0 = inputs
+    final, saved = phases.summarize(pk, pv, pg, ph0)
+    o = phases.output(pq, pk, pv, pg, saved)
+    do = torch.randn(B, T, H, V, dtype=dtype)
+    dq, partial = phases.grad_q(pq, pk, pv, pg, saved, do)
+    d_final = torch.randn_like(final)
+    dk, dv, dg, dh0 = phases.grad_kvg(pq, pk, pv, pg, saved, partial, d_final)
+    got = torch.autograd.grad([x for x in inputs if x is not None], originals,
+                              [x for x in (dq, dk, dv, dg, dh0) if x is not None])
+
+    ref = dict(zip(names, (x.detach().double().requires_grad_() for x in originals)))
+    gate = ref["g_gamma"][None, None, :].expand(B, T, H) if decay == "g_gamma" else ref.get("g")
+    o_ref, final_ref = naive_linear_attention(ref["q"], ref["k"], ref["v"], gate, scale=K ** -0.5,
+                                              initial_state=ref["h0"], output_final_state=True,
+                                              cu_seqlens=cu)
+    want = torch.autograd.grad([o_ref, final_ref], list(ref.values()), [do.double(), d_final.double()])
+    errors = {"o": rel_err(o, o_ref), "final": rel_err(final, final_ref)}
+    errors.update({f"d{name}": rel_err(a, b) for name, a, b in zip(names, got, want)})
+    assert max(errors.values()) <= tol, errors
 
 
 # ------------------------------------------------------------------ GPU tier

@@ -37,8 +37,7 @@ def test_presets():
 
 def test_layer_patterns():
     assert parse_layer_pattern("LLN", 7) == list("LLNLLNL")
-    with pytest.raises(NotImplementedError, match="Mixture-of-Memories"):
-        parse_layer_pattern("LLM", 3)
+    assert parse_layer_pattern("LMN", 4) == list("LMNL")
     with pytest.raises(ValueError, match="unknown layer kind 'X'"):
         LinearLlamaConfig(layer_pattern="LXN")
     with pytest.raises(ValueError, match="non-empty"):

@@ -4,6 +4,9 @@ Every rank draws the same full inputs from a fixed seed, runs the oracle on the 
 sequence, shards the inputs with the layout, runs the parallel op on its shard, and
 checks its outputs and its gradients against the shard of the oracle's (g_gamma: the sum
 over ranks). One process group per world size runs every case, to keep spawning cheap.
+Also: the Triton phases through LASP-2 under the interpreter (fp32), the standalone
+exchanges against a sequential scan, and the order in which LASP-2 interleaves its
+collectives with the local phases.
 """
 
 import functools
@@ -13,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from lasp.kernels import linear_attention
-from lasp.parallel import SequenceLayout, lasp1_linear_attention, lasp2_linear_attention
+from lasp.parallel import SequenceLayout, lasp1_linear_attention, lasp2_linear_attention, scan
 from lasp.parallel.lasp2 import sequence_parallel_linear_attention
-from lasp.parallel.scan import all_gather_scan
+from lasp.parallel.scan import AllGatherScan, all_gather_scan, ring_scan
 from tests.distributed import run_distributed
 from tests.utils import grads, random_cu_seqlens, random_inputs, rel_err
 
@@ -24,7 +27,7 @@ METHODS = {
     "lasp2": lasp2_linear_attention,
     "lasp1": lasp1_linear_attention,
     "lasp2-sync": functools.partial(sequence_parallel_linear_attention,
-                                    exchange=functools.partial(all_gather_scan, overlap=False)),
+                                    exchange=functools.partial(AllGatherScan, overlap=False)),
 }
 
 
@@ -117,3 +120,121 @@ def _bad_input_body(rank, W):
 
 def test_bad_input_raises_on_every_rank():
     run_distributed(_bad_input_body, 2)
+
+
+def _triton_body(rank, W):
+    import lasp.kernels.triton_linear_attention as tla
+    tla.POISON_OUTPUTS = True                         # an element a kernel forgets fails
+    H, K, V, L = 2, 16, 32, 11
+    T = 2 * W * L
+    for decay, packed in ((None, False), ("g", True)):
+        B = 1 if packed else 2
+        gen = torch.Generator().manual_seed(7)
+        q, k, v, g, _, _ = random_inputs(B, T, H, K, V, decay=decay, generator=gen)
+        do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
+        cu = documents(T, L, W) if packed else None
+        inputs = [x for x in (q, k, v, g) if x is not None]
+        o, _ = linear_attention(*inputs[:3], *inputs[3:], cu_seqlens=cu, backend="torch")
+        want = [o, *grads([o], inputs, [do])]
+        for kind in ("contiguous", "zigzag"):
+            layout = SequenceLayout(T, W, rank, kind)
+            local = [layout.shard(x).detach().float().requires_grad_() for x in inputs]
+            o_local = sequence_parallel_linear_attention(*local[:3], *local[3:], layout=layout,
+                                                         cu_seqlens=cu, backend="triton")
+            got = [o_local, *grads([o_local], local, [layout.shard(do).float()])]
+            for name, mine, ref in zip(["o", "dq", "dk", "dv", "dg"], got, want):
+                err = rel_err(mine, layout.shard(ref))
+                assert err <= 2e-5, f"{kind} {decay} packed={packed}: {name} rel err {err:.1e}"
+
+
+def test_triton_phases_under_the_interpreter():
+    """LASP-2 on the Triton kernels (TRITON_INTERPRET=1, fp32, outputs poisoned with NaN):
+    plain B = 2 and decay with packed documents, both layouts, outputs and gradients."""
+    run_distributed(_triton_body, 2)
+
+
+def _chains(states, log_decays, reverse):
+    """The value entering each global segment, walking the chains one segment at a time."""
+    incoming = torch.zeros_like(states)
+    for c, rev in enumerate(reverse):
+        value = torch.zeros_like(states[0, c])
+        for s in (reversed if rev else list)(range(states.shape[0])):
+            incoming[s, c] = value
+            value = log_decays[s, c].exp()[..., None, None] * value + states[s, c]
+    return incoming
+
+
+def _exchange_body(rank, W):
+    B, H, K, V, reverse = 2, 2, 3, 4, (False, True)
+    for kind in ("contiguous", "zigzag"):
+        layout = SequenceLayout(4 * W, W, rank, kind)
+        gen = torch.Generator().manual_seed(3)
+        S = layout.num_segments
+        states = torch.randn(S, 2, B, H, K, V, dtype=torch.float64, generator=gen).requires_grad_()
+        log_decays = (-torch.rand(S, 2, B, H, dtype=torch.float64, generator=gen)).requires_grad_()
+        d_incoming = torch.randn(S, 2, B, H, K, V, dtype=torch.float64, generator=gen)
+        want = _chains(states, log_decays, reverse)
+        want_grads = torch.autograd.grad(want, [states, log_decays], d_incoming)
+        mine = list(layout.local_segments)
+        for name, exchange in (("all_gather_scan", all_gather_scan),
+                               ("sync", functools.partial(all_gather_scan, overlap=False)),
+                               ("ring_scan", ring_scan)):
+            local = [x[mine].detach().requires_grad_() for x in (states, log_decays)]
+            got = exchange(*local, layout, None, reverse)
+            assert rel_err(got, want[mine]) <= TOL, f"{name} {kind}"
+            for a, b in zip(torch.autograd.grad(got, local, d_incoming[mine]), want_grads):
+                assert rel_err(a, b[mine]) <= TOL, f"{name} {kind}: gradient"
+
+
+def test_exchanges_match_a_sequential_scan():
+    """The exchanges as standalone differentiable ops (MoM uses them): a forward and a
+    reverse chain, incoming values and the gradients of states and log-decays."""
+    run_distributed(_exchange_body, 3)
+
+
+def _order_body(rank, W):
+    """Record the local phases and the collectives as LASP-2 calls them."""
+    from lasp.kernels.reference import TorchPhases
+    log = []
+
+    def logged(name, fn):
+        def phase(*args, **kwargs):
+            log.append(name)
+            return fn(*args, **kwargs)
+        return phase
+    for name in ("summarize", "output", "grad_q", "grad_kvg"):
+        setattr(TorchPhases, name, logged(name, getattr(TorchPhases, name)))
+
+    class Handle:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self):
+            log.append("wait")
+            return self.work.wait()
+    gather_into = scan._gather_into
+
+    def gather(*args, async_op=False, **kwargs):
+        work = gather_into(*args, async_op=async_op, **kwargs)
+        log.append("issue" if async_op else "blocking gather")
+        return Handle(work) if async_op else work
+    scan._gather_into = gather
+
+    layout = SequenceLayout(4 * W * 3, W, rank, "zigzag")
+    q, k, v, g, _, _ = random_inputs(1, layout.local_len, 2, 4, 4, decay="g")
+    for method, forward, backward in (
+            ("lasp2", ["summarize", "issue", "output", "wait"], ["issue", "grad_q", "wait", "grad_kvg"]),
+            ("lasp2-sync", ["summarize", "blocking gather", "output"], ["blocking gather", "grad_q", "grad_kvg"])):
+        log.clear()
+        o = METHODS[method](q, k, v, g, layout=layout, cu_seqlens=torch.tensor([0, 5, 4 * W * 3]))
+        assert log == forward, f"{method} forward: {log}"
+        log.clear()
+        torch.autograd.grad(o, [q, k, v, g], torch.randn_like(o))
+        assert log == backward, f"{method} backward: {log}"
+
+
+def test_collectives_overlap_the_independent_phases():
+    """The gather is issued before the local work that does not need it and waited only
+    before its result is used: forward after the zero-state outputs, backward after the
+    dq phase. With overlap=False the gather blocks where it is issued."""
+    run_distributed(_order_body, 2)

@@ -1,4 +1,4 @@
-"""GPU tier of LASP-2 / LASP-1: 2 GPUs over NCCL, bf16, vs single-GPU `linear_attention` (Triton).
+"""GPU tier of LASP-2 / LASP-1: 2 GPUs over NCCL, bf16, vs the single-GPU fp32 oracle.
 
 Launch on a machine with 2 GPUs (each process runs every test; collectives pair up
 because both run them in the same order):
@@ -24,7 +24,8 @@ from tests.parallel.test_lasp2 import documents
 from tests.utils import grads, rel_err
 
 pytestmark = pytest.mark.gpu
-TOL = 3e-3
+# dg sums over the whole sequence: it inherits the kernel tier's gradient bound.
+TOL = dict(o=3e-3, dq=3e-3, dk=3e-3, dv=3e-3, dg=5e-3)
 W, L, H, D = 2, 1500, 4, 64                    # zigzag segments of L tokens; T = 2W·L = 6000
 METHODS = {"lasp2": lasp2_linear_attention, "lasp1": lasp1_linear_attention}
 
@@ -56,8 +57,11 @@ def test_matches_single_gpu(rank, method, kind, decay, packed):
     do = rand(B, T, H, D).bfloat16()
     cu = documents(T, L, W).cuda() if packed else None
     inputs = [x for x in (q, k, v, g) if x is not None]
-    o, _ = linear_attention(q, k, v, g, cu_seqlens=cu)
-    want = [o, *grads([o], inputs, [do])]
+    # The reference is the fp32 oracle on one GPU: the single-GPU bf16 kernel is itself
+    # ~2.4e-3 from it, so two bf16 results would differ by ~sqrt(2) of that.
+    full = [x.detach().float().requires_grad_() for x in inputs]
+    o, _ = linear_attention(*full[:3], *full[3:], cu_seqlens=cu, backend="torch")
+    want = [o, *grads([o], full, [do.float()])]
 
     layout = SequenceLayout(T, W, rank, kind)
     local = [layout.shard(x).detach().requires_grad_() for x in inputs]
@@ -65,4 +69,4 @@ def test_matches_single_gpu(rank, method, kind, decay, packed):
     got = [o_local, *grads([o_local], local, [layout.shard(do)])]
     for name, mine, ref in zip(["o", "dq", "dk", "dv", "dg"], got, want):
         err = rel_err(mine, layout.shard(ref))
-        assert err <= TOL, f"rank {rank}: {name} rel err {err:.1e}"
+        assert err <= TOL[name], f"rank {rank}: {name} rel err {err:.1e}"

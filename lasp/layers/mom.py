@@ -1,0 +1,119 @@
+"""Mixture-of-Memories layer: a router over M linear-attention memories plus a shared one.
+
+    weights, memories = top-k(softmax(router(x)))      (renormalised over the k chosen)
+    q = φ(q_proj(x))                                   (shared by every memory)
+    k_m, v_m = φ(x W^k_m), x W^v_m                     (only for the tokens routed to m)
+    o = Σ_j w_j · MoM_{m_j}(q, k, v) + LinearAttention(q, φ(k_shared), v_shared)
+    out = o_proj(gate(x) ⊙ RMSNorm_head(o))
+
+Each memory's recurrence runs over the tokens routed to it, in sequence order
+(`lasp.kernels.mom`); the shared memory sees every token. Decay as in `LinearAttention`:
+"none", "fixed" (RetNet's per-head constants, applied once per routed token of a
+memory) or "data" (per memory and head, logsigmoid(W_g x) / 16).
+
+Projections of the routed copies: on CUDA in bf16 (sm90/sm100) one grouped matmul per
+projection computes only the k routed copies of each token; elsewhere every memory's
+projection is computed and the routed rows selected (M/k times the key/value FLOPs,
+sync-free everywhere: `lasp.kernels.mom_projection`).
+
+The forward returns `(out, aux_loss)`: the Switch-style load-balancing loss of the
+routing, over the whole sequence under sequence parallelism (this rank's share).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lasp.kernels.mom import mixture_of_memories, mom_projection, mom_route
+from lasp.layers.linear_attention import (DATA_DECAY_NORMALIZER, DECAYS, FEATURE_MAPS, GATES, _choose,
+                                          retnet_log_decay)
+from lasp.layers.norm import RMSNorm
+from lasp.layers.ops import linear_attention_op
+from lasp.parallel.mom import lasp2_load_balancing_loss, lasp2_mixture_of_memories, local_plan
+
+
+class MemoryProjection(nn.Module):
+    """One bias-free linear map per memory, stacked: `weight` [M, out, in]."""
+
+    def __init__(self, num_memories: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_memories, out_features, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default initialisation, memory by memory."""
+        for weight in self.weight.data:
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+    def extra_repr(self) -> str:
+        M, out, inp = self.weight.shape
+        return f"num_memories={M}, in_features={inp}, out_features={out}"
+
+
+class MixtureOfMemories(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, *, num_memories: int = 4, top_k: int = 2,
+                 shared_memory: bool = True, feature_map: str = "identity", decay: str = "fixed",
+                 output_norm: bool = True, output_gate: str | None = "silu", norm_eps: float = 1e-6):
+        super().__init__()
+        if not isinstance(num_memories, int) or num_memories < 1:
+            raise ValueError(f"num_memories must be a positive int, got {num_memories!r}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_memories:
+            raise ValueError(f"top_k must be an int in [1, num_memories={num_memories}], got {top_k!r}")
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_memories, self.top_k, self.shared_memory = num_memories, top_k, shared_memory
+        self.feature_map = _choose("feature_map", feature_map, FEATURE_MAPS)
+        self.decay = _choose("decay", decay, DECAYS)
+        self.output_gate = _choose("output_gate", output_gate, GATES)
+        width = num_heads * head_dim
+        self.router = nn.Linear(hidden_size, num_memories, bias=False)
+        self.q_proj = nn.Linear(hidden_size, width, bias=False)
+        self.k_proj = MemoryProjection(num_memories, hidden_size, width)
+        self.v_proj = MemoryProjection(num_memories, hidden_size, width)
+        self.g_proj = nn.Linear(hidden_size, num_memories * num_heads, bias=True) if decay == "data" else None
+        if shared_memory:
+            self.shared_k_proj = nn.Linear(hidden_size, width, bias=False)
+            self.shared_v_proj = nn.Linear(hidden_size, width, bias=False)
+            self.shared_g_proj = nn.Linear(hidden_size, num_heads, bias=True) if decay == "data" else None
+        self.o_proj = nn.Linear(width, hidden_size, bias=False)
+        self.o_norm = RMSNorm(head_dim, norm_eps) if output_norm else None
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False) if output_gate else None
+
+    def forward(self, x: torch.Tensor, *, layout=None, group=None, cu_seqlens=None):
+        """x: [B, T, hidden] local tokens → (out [B, T, hidden], aux_loss: 0-d fp32)."""
+        B, T, _ = x.shape
+        H, D, M = self.num_heads, self.head_dim, self.num_memories
+        phi = FEATURE_MAPS[self.feature_map]
+        weights, indices, probs = mom_route(self.router(x), self.top_k)
+        plan = local_plan(indices, M, layout=layout, cu_seqlens=cu_seqlens)
+        q = phi(self.q_proj(x).view(B, T, H, D))
+        k = phi(mom_projection(x, self.k_proj.weight, plan)).view(-1, H, D)
+        v = mom_projection(x, self.v_proj.weight, plan).view(-1, H, D)
+        decay_dtype = torch.promote_types(x.dtype, torch.float32)   # log-decays are summed over time
+        g = g_gamma = None
+        if self.decay == "fixed":
+            g_gamma = retnet_log_decay(H, decay_dtype, x.device)
+        elif self.decay == "data":
+            g = F.logsigmoid(self.g_proj(x).to(decay_dtype)).view(B, T, M, H) / DATA_DECAY_NORMALIZER
+        if layout is None:
+            o = mixture_of_memories(q, k, v, weights, plan, g, g_gamma)[0]
+        else:
+            o = lasp2_mixture_of_memories(q, k, v, weights, plan, g, g_gamma, layout=layout, group=group,
+                                          cu_seqlens=cu_seqlens)
+        if self.shared_memory:
+            g_shared = None
+            if self.decay == "data":
+                g_shared = F.logsigmoid(self.shared_g_proj(x).to(decay_dtype)) / DATA_DECAY_NORMALIZER
+            k_shared = phi(self.shared_k_proj(x).view(B, T, H, D))
+            v_shared = self.shared_v_proj(x).view(B, T, H, D)
+            o = o + linear_attention_op(q, k_shared, v_shared, g_shared, g_gamma, layout=layout, group=group,
+                                        cu_seqlens=cu_seqlens)
+        if self.o_norm is not None:
+            o = self.o_norm(o)
+        if self.gate_proj is not None:
+            o = o * GATES[self.output_gate](self.gate_proj(x)).view(B, T, H, D)
+        out = self.o_proj(o.reshape(B, T, H * D))
+        return out, lasp2_load_balancing_loss(probs, indices, layout=layout, group=group)

@@ -1,0 +1,270 @@
+"""Mixture-of-Memories kernels against the loop-over-memories oracle, outputs and every gradient.
+
+The torch path (counting-sort dispatch, one varlen torch-backend call, torch combine) is
+checked in float64 to 1e-10; the Triton path (Triton linear attention and the fused
+Triton combine, under TRITON_INTERPRET=1 on CPU) in float32 at small shapes. Gradients
+cover q, k, v, g / g_gamma, initial states, final-state cotangents and the router logits
+(through the routing weights). Cases include memories that receive no token, k = 1,
+k = M and packed documents (with an empty one).
+"""
+
+import inspect
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lasp.kernels.mom as mom
+from lasp.kernels.mom import (load_balancing_loss, mixture_of_memories, mom_dispatch, mom_projection,
+                              mom_reference, mom_route, mom_state_output)
+from tests.utils import random_cu_seqlens, rel_err
+
+triton_mom = pytest.importorskip("lasp.kernels.triton_mom")
+tla = pytest.importorskip("lasp.kernels.triton_linear_attention")
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(tla, "POISON_OUTPUTS", True)
+
+
+def routing_logits(B, T, M, *, dtype, gen, empty=()):
+    """Random router logits; memories in `empty` receive no token."""
+    logits = torch.randn(B, T, M, dtype=dtype, generator=gen) * 2
+    for m in empty:
+        logits[..., m] = -50.0
+    return logits.requires_grad_()
+
+
+def mom_inputs(B, T, M, H, K, V, *, decay, dtype, gen, n_rows, with_h0=True):
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype, generator=gen)
+    q, k, v = rand(B, T, H, K), rand(B, T, M, H, K), rand(B, T, M, H, V)
+    g = F.logsigmoid(rand(B, T, M, H) + 2.0) if decay == "g" else None
+    g_gamma = F.logsigmoid(rand(H) + 3.0) if decay == "g_gamma" else None
+    h0 = rand(M, n_rows, H, K, V) if with_h0 else None
+    return [None if x is None else x.requires_grad_() for x in (q, k, v, g, g_gamma, h0)]
+
+
+def run_case(B, T, M, top_k, H, K, V, *, decay, lengths=None, empty=(), dtype, backend, seed=0):
+    """Fast path and oracle on the same inputs and cotangents: (name, fast, reference) pairs."""
+    gen = torch.Generator().manual_seed(seed)
+    cu = None if lengths is None else random_cu_seqlens(lengths)
+    n_rows = B if cu is None else len(lengths)
+    logits = routing_logits(B, T, M, dtype=dtype, gen=gen, empty=empty)
+    q, k, v, g, g_gamma, h0 = inputs = mom_inputs(B, T, M, H, K, V, decay=decay, dtype=dtype, gen=gen,
+                                                  n_rows=n_rows)
+    do = torch.randn(B, T, H, V, dtype=dtype, generator=gen)
+    d_final = torch.randn(M, n_rows, H, K, V, dtype=torch.float64, generator=gen)
+    leaves = [x for x in (*inputs, logits) if x is not None]
+    names = [n for n, x in zip("q k v g g_gamma h0 logits".split(), (*inputs, logits)) if x is not None]
+
+    weights, indices, _ = mom_route(logits, top_k)
+    plan = mom_dispatch(indices, M, cu)
+    o, final = mixture_of_memories(q, k, v, weights, plan, g, g_gamma, initial_state=h0,
+                                   output_final_state=True, backend=backend)
+    got = torch.autograd.grad([o, final], leaves, [do, d_final.to(final.dtype)], retain_graph=True)
+
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    rq, rk, rv, *rest = ref_leaves
+    ref = dict(zip(names, ref_leaves))
+    r_weights, r_indices, _ = mom_route(ref["logits"], top_k)
+    assert torch.equal(r_indices, indices)
+    o_ref, final_ref = mom_reference(rq, rk, rv, r_weights, r_indices, ref.get("g"), ref.get("g_gamma"),
+                                     initial_state=ref["h0"], output_final_state=True, cu_seqlens=cu)
+    want = torch.autograd.grad([o_ref, final_ref], ref_leaves, [do.double(), d_final])
+    pairs = [("o", o, o_ref), ("final", final, final_ref)]
+    pairs += [(f"d{n}", a, b) for n, a, b in zip(names, got, want)]
+    if top_k == 1:                  # one renormalised weight is exactly 1: no gradient to the router
+        name, d_logits, _ = pairs.pop()
+        assert d_logits.abs().max() <= 1e3 * torch.finfo(dtype).eps, name
+    return pairs, plan
+
+
+CASES = [
+    # B, T, M, top_k, decay, lengths, empty
+    (2, 37, 4, 2, "g", None, ()),
+    (2, 37, 4, 2, "g_gamma", None, (1,)),
+    (1, 40, 4, 1, None, [9, 0, 1, 30], ()),
+    (1, 40, 3, 3, "g", [17, 23], ()),
+    (1, 40, 4, 2, "g", [5, 0, 20, 15], (0, 3)),
+]
+IDS = ["g B=2", "g_gamma empty memory", "plain k=1 packed", "g k=M packed", "g packed two empty memories"]
+
+
+@pytest.mark.parametrize("B, T, M, top_k, decay, lengths, empty", CASES, ids=IDS)
+def test_torch_path_matches_oracle(B, T, M, top_k, decay, lengths, empty):
+    pairs, plan = run_case(B, T, M, top_k, 2, 6, 5, decay=decay, lengths=lengths, empty=empty,
+                           dtype=torch.float64, backend="torch")
+    for name, got, want in pairs:
+        assert rel_err(got, want) <= 1e-10, f"{name}: rel err {rel_err(got, want):.2e}"
+    R = plan.num_rows
+    counts = plan.cu_seqlens.diff().view(M, R).sum(1)
+    for m in empty:
+        assert counts[m] == 0                               # the forced memory really got nothing
+
+
+@pytest.mark.parametrize("B, T, M, top_k, decay, lengths, empty", [CASES[0], CASES[2], CASES[4]],
+                         ids=[IDS[0], IDS[2], IDS[4]])
+def test_triton_matches_oracle(B, T, M, top_k, decay, lengths, empty):
+    pairs, _ = run_case(B, T, M, top_k, 2, 16, 16, decay=decay, lengths=lengths, empty=empty,
+                        dtype=torch.float32, backend="triton")
+    for name, got, want in pairs:
+        assert rel_err(got, want) <= 2e-5, f"{name}: rel err {rel_err(got, want):.2e}"
+
+
+def test_dispatch_is_a_stable_counting_sort():
+    gen = torch.Generator().manual_seed(3)
+    B, T, M, top_k = 2, 50, 5, 2
+    _, indices, _ = mom_route(torch.randn(B, T, M, generator=gen), top_k)
+    for kwargs, bounds in ((dict(), [0, 50, 100]), (dict(segment_len=25), [0, 25, 50, 75, 100]),
+                           (dict(cu_seqlens=random_cu_seqlens([7, 0, 43])), None)):
+        idx = indices[:1] if "cu_seqlens" in kwargs else indices
+        plan = mom_dispatch(idx, M, **kwargs)
+        bounds = bounds or [0, 7, 7, 50]
+        R = len(bounds) - 1
+        assert plan.num_rows == R and plan.cu_seqlens.numel() == M * R + 1
+        assert torch.equal(plan.src[plan.dest], torch.arange(plan.num_copies))
+        token = plan.src // top_k
+        memory = idx.reshape(-1)[plan.src]
+        row = torch.searchsorted(torch.tensor(bounds[1:]), token, right=True)
+        stream = memory * R + row
+        # Sorted by (memory, row), each stream contiguous at its offsets, positions increasing.
+        assert torch.equal(stream, torch.repeat_interleave(torch.arange(M * R), plan.cu_seqlens.diff()))
+        same = stream[1:] == stream[:-1]
+        assert (token[1:][same] > token[:-1][same]).all()
+        assert torch.equal(plan.memory_ends.long(), plan.cu_seqlens[R::R])
+
+
+def test_combine_kernel_matches_torch():
+    gen = torch.Generator().manual_seed(4)
+    B, T, M, top_k, H, V = 2, 21, 4, 3, 3, 40            # F = 120: a partial feature block
+    logits = torch.randn(B, T, M, generator=gen, requires_grad=True)
+    weights, indices, _ = mom_route(logits, top_k)
+    plan = mom_dispatch(indices, M)
+    o = torch.randn(plan.num_copies, H, V, generator=gen, requires_grad=True)
+    do = torch.randn(B, T, H, V, generator=gen)
+    got = plan.combine(o, weights, backend="triton")
+    want = plan.combine(o.double(), weights.double(), backend="torch")
+    assert rel_err(got, want) < 1e-6
+    g_got = torch.autograd.grad(got, [o, logits], do, retain_graph=True)
+    g_want = torch.autograd.grad(want, [o, logits], do.double())
+    for a, b in zip(g_got, g_want):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_grouped_projection_matches_selected_projection():
+    """The grouped matmul (torch's CPU fallback here; CUTLASS on sm90) against every
+    memory's projection plus selection, outputs and gradients, with an empty memory."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, M, top_k, n_in, n_out = 2, 30, 4, 2, 32, 16
+    logits = routing_logits(B, T, M, dtype=torch.float32, gen=gen, empty=(2,))
+    _, indices, _ = mom_route(logits, top_k)
+    plan = mom_dispatch(indices, M)
+    x = torch.randn(B, T, n_in, generator=gen, requires_grad=True)
+    weight = torch.randn(M, n_out, n_in, generator=gen, requires_grad=True)
+    dy = torch.randn(plan.num_copies, n_out, generator=gen)
+    grouped = mom_projection(x, weight, plan, grouped=True)
+    selected = mom_projection(x, weight, plan, grouped=False)
+    assert rel_err(grouped, selected) < 1e-6
+    for a, b in zip(torch.autograd.grad(grouped, [x, weight], dy), torch.autograd.grad(selected, [x, weight], dy)):
+        assert rel_err(a, b) < 1e-6
+    x_rows = x.detach().reshape(B * T, n_in)[plan.src // top_k]
+    memory = indices.reshape(-1)[plan.src]
+    assert rel_err(selected, torch.einsum("pi,poi->po", x_rows, weight.detach()[memory])) < 1e-6
+
+
+@pytest.mark.parametrize("decay", [None, "g_gamma", "g"])
+def test_state_output_is_the_initial_state_part(decay):
+    """mom_state_output(q, S) = MoM(S) − MoM(0) on each row's tokens before `reach`."""
+    gen = torch.Generator().manual_seed(6)
+    B, T, M, top_k, H, K, V = 2, 19, 3, 2, 2, 4, 5
+    logits = routing_logits(B, T, M, dtype=torch.float64, gen=gen)
+    q, k, v, g, g_gamma, h0 = mom_inputs(B, T, M, H, K, V, decay=decay, dtype=torch.float64, gen=gen, n_rows=B)
+    weights, indices, _ = mom_route(logits, top_k)
+    reach = torch.tensor([T, 11])
+    with_state = mom_reference(q, k, v, weights, indices, g, g_gamma, initial_state=h0)[0]
+    without = mom_reference(q, k, v, weights, indices, g, g_gamma)[0]
+    want = with_state - without
+    want[1, 11:] = 0
+    got = mom_state_output(q, h0.transpose(0, 1), weights, indices, g, g_gamma, reach=reach)
+    assert rel_err(got, want) < 1e-12
+    leaves = [x for x in (q, h0, logits, g, g_gamma) if x is not None]
+    do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
+    got_grads = torch.autograd.grad(got, leaves, do, retain_graph=True)
+    for a, b in zip(got_grads, torch.autograd.grad(want, leaves, do)):
+        assert rel_err(a, b) < 1e-11
+
+
+def test_load_balancing_loss():
+    gen = torch.Generator().manual_seed(7)
+    B, T, M, top_k = 2, 30, 4, 2
+    logits = torch.randn(B, T, M, dtype=torch.float64, generator=gen, requires_grad=True)
+    _, indices, probs = mom_route(logits, top_k)
+    loss = load_balancing_loss(probs, indices)
+    fraction = F.one_hot(indices, M).sum((0, 1, 2)).double() / (B * T * top_k)
+    want = M * (fraction * probs.mean((0, 1))).sum()
+    assert rel_err(loss, want) < 1e-14
+    # Perfect balance (uniform probabilities, every memory equally used) gives exactly 1.
+    uniform = torch.full((1, 4, M), 1 / M, dtype=torch.float64)
+    assert load_balancing_loss(uniform, torch.arange(M).view(1, 4, 1)).item() == pytest.approx(1.0)
+    # Shares computed with the whole's totals sum to the whole (what sequence parallelism does).
+    counts = mom.routing_counts(indices, M)
+    halves = [load_balancing_loss(probs[:, s], indices[:, s], counts=counts, num_tokens=B * T)
+              for s in (slice(0, 13), slice(13, T))]
+    assert rel_err(sum(halves), loss) < 1e-14
+    # The fractions carry no gradient: d loss / d probs = M · f / N.
+    d_probs = torch.autograd.grad(loss, probs)[0]
+    assert rel_err(d_probs, (M * fraction / (B * T)).expand(B, T, M)) < 1e-14
+
+
+def test_bad_inputs_raise():
+    q = torch.randn(1, 8, 2, 4)
+    logits = torch.randn(1, 8, 4)
+    weights, indices, _ = mom_route(logits, 2)
+    plan = mom_dispatch(indices, 4)
+    kv = torch.randn(1, 8, 4, 2, 4)
+    with pytest.raises(ValueError, match="top_k must be an int in"):
+        mom_route(logits, 5)
+    with pytest.raises(TypeError, match="indices must be int64"):
+        mom_dispatch(indices.int(), 4)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 3\)"):
+        mom_dispatch(indices, 3)
+    with pytest.raises(ValueError, match="positive divisor"):
+        mom_dispatch(indices, 4, segment_len=3)
+    with pytest.raises(ValueError, match="end at T=8"):
+        mom_dispatch(indices, 4, torch.tensor([0, 3, 7]))
+    with pytest.raises(ValueError, match=r"k must be \[B, T, M, H, D\]"):
+        mixture_of_memories(q, kv[:, :, 0], kv, weights, plan)
+    with pytest.raises(ValueError, match="all 4 memories"):
+        mixture_of_memories(q, kv[:, :, :3], kv, weights, plan)
+    with pytest.raises(ValueError, match="weights must be"):
+        mixture_of_memories(q, kv, kv, weights[..., :1], plan)
+    with pytest.raises(ValueError, match="g must have 4 dimensions"):
+        mixture_of_memories(q, kv, kv, weights, plan, -torch.rand(1, 8, 2))
+    with pytest.raises(ValueError, match="log-decays and must be <= 0"):
+        mixture_of_memories(q, kv, kv, weights, plan, torch.rand(1, 8, 4, 2))
+    with pytest.raises(ValueError, match="initial_state must be"):
+        mixture_of_memories(q, kv, kv, weights, plan, initial_state=torch.zeros(4, 2, 2, 4, 4))
+    with pytest.raises(TypeError, match="plan must be a MoMPlan"):
+        mixture_of_memories(q, kv, kv, weights, indices)
+    with pytest.raises(ValueError, match="weight must be"):
+        mom_projection(torch.randn(1, 8, 6), torch.randn(3, 5, 6), plan)
+
+
+HOT_PATH = [mom.mom_route, mom.mom_dispatch, mom.MoMPlan, mom._Rows, mom._GroupedProjection,
+            mom.mom_projection, mom.mixture_of_memories, mom.routed_log_decay, mom.mom_state_output,
+            mom.routing_counts, mom.load_balancing_loss, triton_mom]
+
+
+def test_hot_path_has_no_host_sync():
+    """Structural check (a CPU run cannot catch a sync; the GPU tier runs under
+    `set_sync_debug_mode("error")`): no host reads of tensor values on the hot path."""
+    from lasp.parallel import mom as parallel_mom
+    pattern = re.compile(r"\.(item|tolist|cpu|numpy)\(|\bbincount\b|\bnonzero\b|\bint\(|\bbool\(")
+    for obj in HOT_PATH + [parallel_mom]:
+        source = inspect.getsource(obj)
+        if obj is parallel_mom:
+            source = source.split("def _check_inputs")[0]
+        assert not pattern.search(source), f"{obj.__name__}: {pattern.search(source).group(0)}"
