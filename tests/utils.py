@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -50,3 +52,14 @@ def grads(outputs, inputs, cotangents):
     live = [x for x in inputs if x is not None]
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None]
     return torch.autograd.grad([o for o, _ in pairs], live, [c for _, c in pairs])
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Fail on any host-device synchronisation inside (CUDA only)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -34,6 +34,18 @@ def _check_triton_head_dims(q, v) -> None:
             raise ValueError(f"backend='triton' supports head dims {lo}..{hi}; {name} is {dim}")
 
 
+def _checked(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, causal, backend):
+    """Validate the arguments of `linear_attention`; returns (per-token g or None, scale, backend)."""
+    check_qkv(q, k, v)
+    check_decay(g, g_gamma, q, causal)
+    B, T, H, K = q.shape
+    N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q)
+    check_state("initial_state", initial_state, (N, H, K, v.shape[-1]))
+    if g_gamma is not None:
+        g = g_gamma[None, None, :].expand(B, T, H)
+    return g, K ** -0.5 if scale is None else scale, _pick_backend(backend, q)
+
+
 def linear_attention(q, k, v, g=None, g_gamma=None, *, scale=None, initial_state=None,
                      output_final_state=False, cu_seqlens=None, causal=True, backend=None,
                      cu_seqlens_host=None):
@@ -58,16 +70,7 @@ def linear_attention(q, k, v, g=None, g_gamma=None, *, scale=None, initial_state
     Returns o: [B,T,H,V] in q's dtype; final_state: [N,H,K,V] fp32 (fp64 for fp64
     inputs), or None.
     """
-    check_qkv(q, k, v)
-    check_decay(g, g_gamma, q, causal)
-    B, T, H, K = q.shape
-    N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q)
-    check_state("initial_state", initial_state, (N, H, K, v.shape[-1]))
-    backend = _pick_backend(backend, q)
-    if scale is None:
-        scale = K ** -0.5
-    if g_gamma is not None:
-        g = g_gamma[None, None, :].expand(B, T, H)
+    g, scale, backend = _checked(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, causal, backend)
 
     if backend == "torch" or not causal:
         # Non-causal attention is two matmuls per sequence: no kernel of its own.
@@ -103,16 +106,7 @@ def linear_attention_phases(q, k, v, g=None, g_gamma=None, *, scale=None, initia
     differentiable: the caller's autograd.Function calls the backward ones, keeping the
     tensors of `saved` (save_for_backward) and `partial` between them.
     """
-    check_qkv(q, k, v)
-    check_decay(g, g_gamma, q, causal)
-    B, T, H, K = q.shape
-    N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q)
-    check_state("initial_state", initial_state, (N, H, K, v.shape[-1]))
-    backend = _pick_backend(backend, q)
-    if scale is None:
-        scale = K ** -0.5
-    if g_gamma is not None:
-        g = g_gamma[None, None, :].expand(B, T, H)
+    g, scale, backend = _checked(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, causal, backend)
     if backend == "torch" or not causal:
         return reference.TorchPhases(scale, causal, cu_seqlens), (q, k, v, g, initial_state)
     _check_triton_head_dims(q, v)

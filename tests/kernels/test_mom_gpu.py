@@ -14,7 +14,6 @@
   graph and replayed: the same losses and parameters as the same steps run eagerly.
 """
 
-import contextlib
 import copy
 
 import pytest
@@ -23,20 +22,11 @@ import torch.nn.functional as F
 
 from lasp.kernels import mixture_of_memories, mom_dispatch, mom_projection, mom_route
 from lasp.layers import MixtureOfMemories
-from tests.utils import random_cu_seqlens, rel_err
+from tests.utils import no_host_sync, random_cu_seqlens, rel_err
 
 pytestmark = pytest.mark.gpu
 TOL = dict(o=3e-3, dq=3e-3, dk=3e-3, dv=3e-3, dlogits=5e-3, dg=5e-3)
 
-
-@contextlib.contextmanager
-def no_host_sync():
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("decay", [None, "g_gamma", "g"])

@@ -18,7 +18,7 @@ import torch
 
 from lasp.kernels import linear_attention, linear_attention_phases, naive_linear_attention
 from lasp.kernels.reference import chunk_linear_attention
-from tests.utils import grads, random_cu_seqlens, random_inputs, rel_err
+from tests.utils import grads, no_host_sync, random_cu_seqlens, random_inputs, rel_err
 
 tla = pytest.importorskip("lasp.kernels.triton_linear_attention")
 
@@ -232,7 +232,10 @@ def test_phases_one_by_one(backend, dtype, tol, decay, lengths):
     want = torch.autograd.grad([o_ref, final_ref], list(ref.values()), [do.double(), d_final.double()])
     errors = {"o": rel_err(o, o_ref), "final": rel_err(final, final_ref)}
     errors.update({f"d{name}": rel_err(a, b) for name, a, b in zip(names, got, want)})
-    assert max(errors.values()) <= tol, errors
+    # d g_gamma is one number per head, a sum of ±terms over every token: in fp32 its
+    # relative error is that of the terms times the cancellation (seen up to 2e-4 here).
+    bounds = {name: (1e-3 if name == "dg_gamma" and dtype == torch.float32 else tol) for name in errors}
+    assert all(errors[name] <= bounds[name] for name in errors), errors
 
 
 # ------------------------------------------------------------------ GPU tier
@@ -252,15 +255,5 @@ def test_gpu_bf16(decay, B, T, H, D, lengths):
     torch.manual_seed(0)
     _check(B, T, H, D, D, decay, lengths=lengths, dtype=torch.bfloat16, tol=GPU_GRAD_TOL,
            out_tol=GPU_OUT_TOL, device="cuda", oracle_dtype=torch.float32,
-           triton_context=_no_host_sync)
+           triton_context=no_host_sync)
 
-
-@contextlib.contextmanager
-def _no_host_sync():
-    """Fail on any host-device synchronisation inside (forward and backward)."""
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
