@@ -95,9 +95,17 @@ def local_files(spec: str) -> list[str] | None:
 
 
 def check_dataset(config) -> None:
-    """Fail fast on a local data file that does not exist (hub names are checked when loaded)."""
-    if config.dataset not in ("stdlib", "synthetic"):
+    """Fail fast on a local data file that does not exist (hub names are checked when loaded)
+    or a missing `datasets` package."""
+    if config.dataset == "synthetic":
+        return
+    if config.dataset != "stdlib":
         local_files(config.dataset)
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise ValueError(f"--dataset {config.dataset}: reading data needs Hugging Face datasets: pip install "
+                         "'lasp[launch]' (or use --dataset synthetic)") from None
 
 
 def load_documents(config):

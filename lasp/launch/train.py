@@ -53,8 +53,10 @@ def train_step(engine, batch, dp_group) -> tuple[torch.Tensor, torch.Tensor | No
     out = engine.model(input_ids=batch.input_ids, shift_labels=batch.shift_labels, cu_seqlens=batch.cu_seqlens,
                        num_items_in_batch=num_tokens)
     loss = out.loss
-    aux_loss = getattr(out, "aux_loss", None)       # MoM load balancing: per sequence, so averaged over dp
+    aux_loss = getattr(out, "aux_loss", None)
     if aux_loss is not None and dist.get_world_size(dp_group) > 1:
+        # MoM load balancing: the model adds its sequence's share, and gradients are summed over
+        # dp; keep the mean over the dp ranks' sequences instead of their sum
         coef = engine.config.router_aux_loss_coef
         loss = loss - coef * aux_loss * (1 - 1 / dist.get_world_size(dp_group))
     engine.backward(loss)

@@ -22,6 +22,7 @@ from lasp.launch.data import ByteTokenizer, build_data
 from lasp.launch.mesh import FSDPEngine, init_distributed
 from lasp.launch.model import build_model
 from lasp.launch.train import adamw, lr_schedule, train_step
+from lasp.models.config import LAYER_KINDS
 from lasp.parallel.layout import SequenceLayout
 from tests.distributed import run_distributed
 from tests.launch.conftest import losses
@@ -36,9 +37,10 @@ class RecordingEngine(FSDPEngine):
         return super().step()
 
 
-def _step_body(rank, world_size, sp_size, kind, checkpointing, corpus):
+def _step_body(rank, world_size, sp_size, kind, pattern, checkpointing, corpus):
     config = Config()
-    config = replace(config, model=replace(config.model, activation_checkpointing=checkpointing),
+    config = replace(config, model=replace(config.model, layer_pattern=pattern,
+                                           activation_checkpointing=checkpointing),
                      data=replace(config.data, dataset=corpus, seq_len=96),
                      train=replace(config.train, lr=1e-2, grad_clip=0.5, warmup_steps=0, steps=3))
     d = init_distributed(sp_size, "cpu", 60)
@@ -61,8 +63,12 @@ def _step_body(rank, world_size, sp_size, kind, checkpointing, corpus):
 
         labels = [next_token_labels(t, c) for t, c in sequences]
         total = sum((lab != -100).sum() for lab in labels)
-        ref_loss = sum(F.cross_entropy(reference(t, cu_seqlens=c).logits[0], lab[0], reduction="sum")
-                       for (t, c), lab in zip(sequences, labels)) / total
+        outputs = [reference(t, cu_seqlens=c) for t, c in sequences]
+        ref_loss = sum(F.cross_entropy(out.logits[0], lab[0], reduction="sum")
+                       for out, lab in zip(outputs, labels)) / total
+        if "M" in pattern:  # + the mean over the sequences of their MoM load-balancing loss
+            ref_loss = ref_loss + reference.config.router_aux_loss_coef * sum(
+                out.aux_loss for out in outputs) / len(outputs)
         ref_loss.backward()
         ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
         ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), config.train.grad_clip)
@@ -80,11 +86,15 @@ def _step_body(rank, world_size, sp_size, kind, checkpointing, corpus):
             assert rel_err(dict(model.named_parameters())[name].full_tensor(), p.detach()) < 1e-10, name
 
 
-@pytest.mark.parametrize("world_size,sp_size,kind,checkpointing", [
-    (2, 2, "zigzag", False), (2, 1, "contiguous", False), (4, 2, "zigzag", True)])
-def test_step_matches_one_process(corpus, world_size, sp_size, kind, checkpointing):
-    """dp × sp = 1 × 2, 2 × 1 and 2 × 2 (with activation checkpointing inside FSDP2)."""
-    run_distributed(_step_body, world_size, sp_size, kind, checkpointing, corpus)
+HYBRID = "LMN" if "M" in LAYER_KINDS else "LLN"  # with a Mixture-of-Memories layer where lasp has them
+
+
+@pytest.mark.parametrize("world_size,sp_size,kind,pattern,checkpointing", [
+    (2, 2, "zigzag", "LLN", False), (2, 1, "contiguous", "LLN", False), (4, 2, "zigzag", HYBRID, True)])
+def test_step_matches_one_process(corpus, world_size, sp_size, kind, pattern, checkpointing):
+    """dp × sp = 1 × 2, 2 × 1 and 2 × 2 (with activation checkpointing inside FSDP2, and a MoM
+    layer whose load-balancing loss is averaged over the data-parallel sequences)."""
+    run_distributed(_step_body, world_size, sp_size, kind, pattern, checkpointing, corpus)
 
 
 def test_lr_schedule():
