@@ -119,3 +119,23 @@ def test_synthetic_documents():
     assert all(64 <= len(d) < 8192 and d.max() < tok.eos_id for d in first)
     assert np.array_equal(next(docs(0, 3)), first[3])  # any position at once
     assert not np.array_equal(next(SyntheticDocuments(tok, 0, 1)(0, 0)), first[0])  # per rank
+
+
+def test_hugging_face_tokenizer_from_a_path(tmp_path, corpus):
+    """--tokenizer PATH: a tokenizer saved with save_pretrained (trained here: no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lasp.launch.data import HFTokenizer, build_tokenizer
+    with open(corpus) as f:
+        texts = [json.loads(line)["text"] for line in f]
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="<unk>").save_pretrained(tmp_path)
+    tok = build_tokenizer(str(tmp_path))
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size == len(raw.get_vocab())
+    assert tok.eos_id == raw.token_to_id("</s>")
+    packed = build_data(DataConfig(dataset=corpus, tokenizer=str(tmp_path), seq_len=32), tok, 0, 0, 1)
+    tokens, cu = next(packed)
+    assert tokens.max() < tok.vocab_size and (tokens[0, cu[1:] - 1] == tok.eos_id).sum() >= 1
