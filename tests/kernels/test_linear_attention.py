@@ -92,3 +92,14 @@ def test_empty_packed_sequences_keep_their_initial_state():
     q, k, v, g, _, h0 = random_inputs(1, 12, 2, 8, 8, decay="g", n_states=4, requires_grad=False)
     _, s = linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
     assert torch.equal(s[1], h0[1]) and torch.equal(s[3], h0[3])
+
+
+def test_kernels_stay_single_device():
+    """`lasp.kernels` loads no torch.distributed module beyond those `import torch` loads."""
+    import subprocess
+    import sys
+    code = ("import sys, torch; before = {m for m in sys.modules if m.startswith('torch.distributed')}; "
+            "import lasp.kernels, lasp.kernels.mom, lasp.kernels.softmax_attention; "
+            "print(sorted({m for m in sys.modules if m.startswith('torch.distributed')} - before))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
