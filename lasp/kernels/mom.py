@@ -146,14 +146,12 @@ class MoMPlan:
             return out.index_copy_(0, rows, grad)
         return _Rows.apply(x.reshape(N * M, *rest), rows, adjoint)
 
-    def combine(self, o: torch.Tensor, weights: torch.Tensor, backend: str | None = None,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def combine(self, o: torch.Tensor, weights: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """Sorted copies' outputs [B·T·k, H, V] -> [B, T, H, V]: Σ_j w_tj · o_{copy (t, j)}.
 
-        fp32 accumulation, the result in `out_dtype` (default o's dtype). backend "triton"
-        fuses the gather, the weighting and the sum (and their backward) in one kernel each.
+        fp32 accumulation, the result in o's dtype. backend "triton" fuses the gather,
+        the weighting and the sum (and their backward) in one kernel each.
         """
-        out_dtype = o.dtype if out_dtype is None else out_dtype
         B, T, k = self.indices.shape
         if o.dim() < 2 or o.shape[0] != self.num_copies:
             raise ValueError(f"o must hold the {self.num_copies} sorted copies on dim 0, got {tuple(o.shape)}")
@@ -161,14 +159,14 @@ class MoMPlan:
             raise ValueError(f"weights must be [B, T, k] = {(B, T, k)}, got {tuple(weights.shape)}")
         if _pick_backend(backend, o) == "triton":
             from lasp.kernels.triton_mom import triton_mom_combine
-            out = triton_mom_combine(o.reshape(o.shape[0], -1), weights, self.dest, out_dtype)
+            out = triton_mom_combine(o.reshape(o.shape[0], -1), weights, self.dest)
             return out.view(B, T, *o.shape[1:])
         src = self.src
         per_copy = _Rows.apply(o, self.dest, lambda grad: grad.index_select(0, src))
         acc = accumulation_dtype(o.dtype)
         per_copy = per_copy.view(B, T, k, *o.shape[1:]).to(acc)
         w = weights.to(acc).reshape(B, T, k, *([1] * (o.dim() - 1)))
-        return (per_copy * w).sum(2).to(out_dtype)
+        return (per_copy * w).sum(2).to(o.dtype)
 
 
 def mom_dispatch(indices: torch.Tensor, num_memories: int, cu_seqlens: torch.Tensor | None = None, *,
@@ -364,33 +362,11 @@ def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *
         initial_state = initial_state.reshape(M * R, H, K, V)
     gs = None if g is None else plan.select(g)[None]
     backend = _pick_backend(backend, q)
-    if backend == "triton":
-        o, final = _triton_streams(plan.copies(q.float()), ks, vs, gs, g_gamma, scale, initial_state,
-                                   output_final_state, plan)
-    else:
-        o, final = linear_attention(plan.copies(q)[None], ks[None], vs[None], gs, g_gamma, scale=scale,
-                                    initial_state=initial_state, output_final_state=output_final_state,
-                                    cu_seqlens=plan.cu_seqlens, backend=backend)
-    out = plan.combine(o[0], weights, backend, out_dtype=q.dtype)
+    o, final = linear_attention(plan.copies(q)[None], ks[None], vs[None], gs, g_gamma, scale=scale,
+                                initial_state=initial_state, output_final_state=output_final_state,
+                                cu_seqlens=plan.cu_seqlens, backend=backend)
+    out = plan.combine(o[0], weights, backend)
     return out, None if final is None else final.view(M, R, *final.shape[1:])
-
-
-def _triton_streams(q_copies, ks, vs, gs, g_gamma, scale, initial_state, output_final_state,
-                    plan: MoMPlan):
-    """Every stream's linear attention in one Triton varlen call, the copies of q in fp32:
-    each copy's output and dq then leave the kernels unrounded, and the combine and the
-    sum over a token's copies round once (the kernels round q to k's dtype for the dots)."""
-    from lasp.kernels.linear_attention import _check_triton_head_dims
-    from lasp.kernels.triton_linear_attention import triton_linear_attention
-
-    _check_triton_head_dims(ks, vs)
-    P, H, K = ks.shape
-    if g_gamma is not None:
-        gs = g_gamma.float()[None, None, :].expand(1, P, H)
-    return triton_linear_attention(
-        q_copies[None], ks[None], vs[None], None if gs is None else gs.float().contiguous(),
-        float(K ** -0.5 if scale is None else scale), None if initial_state is None else initial_state.float(),
-        output_final_state, plan.cu_seqlens)
 
 
 def routed_log_decay(indices, num_memories: int, g=None, g_gamma=None, dtype=torch.float32):

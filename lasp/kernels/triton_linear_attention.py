@@ -42,8 +42,8 @@ Backward (three launches plus a small torch epilogue for dg):
 Here Γ is the chunk-local inclusive cumulative log-decay, γ = Γ at the chunk's last token
 and M_ts = exp(Γ_t − Γ_s) for s ≤ t, 0 otherwise (masked before the exp, so no overflow).
 With a decay, dg follows from `dB_t = q_t·dq_t − k_t·dk_t` (fp32, from the kernels'
-accumulators): dg_u is the reverse cumulative sum of dB within u's segment plus
-`<dH, H>` of the state leaving that segment (`_decay_grad`).
+accumulators): dg is the reverse cumulative sum of dB within each sequence plus
+`<d final_state, final_state>` of that sequence (the final state scales with every g).
 
 `TritonPhases` groups these launches at their data dependencies: summary + scan (reads
 k, v, g; gives the final states) | output | dq (needs no d final_state) | reverse scan +
@@ -53,10 +53,8 @@ dk/dv + dg epilogue, so that LASP-2 can run its collectives in between
 No host synchronisation: launch grids depend on shapes only (for packed input an upper
 bound on the number of segments, or the exact count from `cu_seqlens_host`); segment
 bounds are computed on the device and surplus programs find an empty segment.
-States, summaries and accumulators are fp32; `tl.dot` operands are in k's dtype (fp32
-inputs use the tensor cores' default TF32 on GPUs). q may be fp32 over bf16/fp16 k and v
-(then o, do and dq are fp32 too): the kernels round q and do to k's dtype on load, and
-o and dq leave them unrounded (MoM sums several streams' o and dq per token).
+States, summaries and accumulators are fp32; `tl.dot` operands are in the input dtype
+(fp32 inputs use the tensor cores' default TF32 on GPUs).
 """
 
 from __future__ import annotations
@@ -97,19 +95,14 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 CHUNK_SIZE = 64
 # Segment length: up to MAX_SEGMENT_CHUNKS chunks, shorter when that leaves fewer than
 # about SEGMENT_PROGRAMS (segment, head) pairs, so that small problems still fill the GPU.
-# 128 rather than 256 programs: 1.20 vs 1.28 ms fwd+bwd at B=1, T=32K, H=16 (H200).
 MAX_SEGMENT_CHUNKS = 64
-SEGMENT_PROGRAMS = 128
+SEGMENT_PROGRAMS = 256
 # The widest K×V state gradient one program keeps in registers for the fused dk/dv
-# launch; wider states take the split launch (dv over V-tiles, dk over K-tiles), which
-# reads q, k, v and do twice. At K = V = 128 the fused kernel spills a little (ptxas,
-# sm_90a) and still wins on an H200 (benchmarks/tune_triton.py).
+# launch; wider states take the split launch. With a decay the fused kernel spills a
+# little at K = V = 128 (ptxas, sm_90a), yet on an H200 it still beats the split launch,
+# which reads q, k, v and do twice: 3.27 vs 3.86 ms fwd+bwd at B=1, T=32K, H=16
+# (benchmarks/check_triton_gpu.py, 2026-12-02).
 FUSED_DKDV_MAX_ELEMENTS = 128 * 128
-# num_warps of each kernel, (plain, with a decay). At K = V = 128 four warps spill in
-# every kernel but the summary (ptxas, sm_90a), yet win for the output kernel (decay
-# forward 0.47 vs 0.73 ms at B=1, T=32K on an H200); dq and dk/dv spill far more with
-# four and lose. benchmarks/tune_triton.py times alternatives by editing this table.
-NUM_WARPS = {"summary": (4, 4), "output": (4, 4), "dq": (8, 8), "dkdv": (8, 8)}
 SCAN_BLOCK = 1024
 
 # Tests set this to fill every kernel output with NaN before the kernels run, so that an
@@ -183,8 +176,13 @@ def _state_ptrs(ptr, s, h, offs_k, offs_v, H: tl.constexpr, K: tl.constexpr, V: 
 
 @triton.jit
 def _decayed_outer_acc(a, weight, b, acc):
-    """acc + (a ⊙ weight)ᵀ b, the decay-weighted operand rounded to b's dtype for the dot."""
-    return tl.dot(tl.trans((a.to(tl.float32) * weight[:, None]).to(b.dtype)), b, acc)
+    """acc + (a ⊙ weight)ᵀ b with `a ⊙ weight` split into a rounded part and its rounding
+    residual, both in b's dtype: the decay-weighted operand is not exact in bf16, and the
+    states it builds feed the decay gradient, which sums over the whole sequence."""
+    scaled = a.to(tl.float32) * weight[:, None]
+    rounded = scaled.to(b.dtype)
+    acc = tl.dot(tl.trans(rounded), b, acc)
+    return tl.dot(tl.trans((scaled - rounded.to(tl.float32)).to(b.dtype)), b, acc)
 
 
 @triton.jit
@@ -284,7 +282,7 @@ def _fwd_output_kernel(q, k, v, g, seg_bounds, H_in, o, scale, T, SEG_TOKENS, SE
     for i in range(tl.cdiv(end - start, C)):
         offs_t = start + i * C + tl.arange(0, C)
         mask_t = offs_t < end
-        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(k.dtype.element_ty)
+        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H)
         b_k = _load_tile(k, offs_t, mask_t, h, offs_k, K, H)
         b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
         scores = tl.dot(b_q, tl.trans(b_k)) * scale
@@ -332,10 +330,10 @@ def _bwd_dq_kernel(q, k, v, g, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
     for i in range(tl.cdiv(end - start, C)):
         offs_t = start + i * C + tl.arange(0, C)
         mask_t = offs_t < end
-        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(k.dtype.element_ty)
+        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H)
         b_k = _load_tile(k, offs_t, mask_t, h, offs_k, K, H)
         b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
-        b_do = _load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(v.dtype.element_ty)
+        b_do = _load_tile(do, offs_t, mask_t, h, offs_v, V, H)
         dp = tl.dot(b_do, tl.trans(b_v)) * scale
         b_dq = tl.dot(b_do, tl.trans(state.to(b_do.dtype)))
         if USE_G:
@@ -348,6 +346,10 @@ def _bwd_dq_kernel(q, k, v, g, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
         b_dq = tl.dot(dp.to(b_k.dtype), b_k, b_dq)
         _store_tile(dq, b_dq, offs_t, mask_t, h, offs_k, K, H)
         if USE_G:
+            # dg sums q·dq over the whole sequence, where the state's rounding to the dot
+            # dtype (2^-9 in bf16) accumulates: add the rounding residual back for dB.
+            residual = (state - state.to(b_do.dtype).to(tl.float32)).to(b_do.dtype)
+            b_dq += tl.dot(b_do, tl.trans(residual)) * (tl.exp(gam) * scale)[:, None]
             tl.store(dB_q + (offs_t * H + h) * NK + kt, tl.sum(b_q.to(tl.float32) * b_dq, axis=1),
                      mask=mask_t)
             d_state = _decayed_outer_acc(b_q, tl.exp(gam + g_before), b_do, d_state)
@@ -359,22 +361,6 @@ def _bwd_dq_kernel(q, k, v, g, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
 
     ptrs, mask = _state_ptrs(dU, s, h, offs_k, offs_v, H, K, V)
     tl.store(ptrs, d_state * scale, mask=mask)
-
-
-@triton.jit
-def _backward_block(rows, cols, state_op, other, causal_t, decay_t, row_decay, scale,
-                    USE_G: tl.constexpr):
-    """scale((rows colsᵀ) ⊙ Mᵀ) other + (rows state_op) ⊙ e^{γ−Γ} of one chunk: dv with
-    (rows, cols, other) = (k, q, do) and state_op = dh; dk with (v, do, q) and dhᵀ.
-    decay_t = Mᵀ and row_decay = e^{γ−Γ} with a decay (else causal_t masks)."""
-    scores_t = tl.dot(rows, tl.trans(cols)) * scale
-    acc = tl.dot(rows, state_op)
-    if USE_G:
-        scores_t *= decay_t
-        acc *= row_decay[:, None]
-    else:
-        scores_t = tl.where(causal_t, scores_t, 0.0)
-    return tl.dot(scores_t.to(other.dtype), other, acc)
 
 
 @triton.jit
@@ -409,26 +395,37 @@ def _bwd_dkdv_kernel(q, k, v, g, do, seg_bounds, dH_out, dk, dv, dB_k, scale, T,
     for j in range(n_chunks):
         offs_t = start + (n_chunks - 1 - j) * C + tl.arange(0, C)
         mask_t = offs_t < end
-        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(k.dtype.element_ty)
+        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H)
         b_k = _load_tile(k, offs_t, mask_t, h, offs_k, K, H)
         b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
-        b_do = _load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(v.dtype.element_ty)
+        b_do = _load_tile(do, offs_t, mask_t, h, offs_v, V, H)
         if USE_G:
             gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
-            decay_t = tl.exp(tl.where(causal_t, gam[None, :] - gam[:, None], float("-inf")))
-            row_decay = tl.exp(g_last - gam)
-        else:
-            decay_t = scale  # placeholders: unused without a decay
-            row_decay = scale
         d_state_in = d_state.to(b_q.dtype)
         if DO_DV:
-            b_dv = _backward_block(b_k, b_q, d_state_in, b_do, causal_t, decay_t, row_decay, scale, USE_G)
+            scores_t = tl.dot(b_k, tl.trans(b_q)) * scale
+            b_dv = tl.dot(b_k, d_state_in)
+            if USE_G:
+                scores_t *= tl.exp(tl.where(causal_t, gam[None, :] - gam[:, None], float("-inf")))
+                b_dv *= tl.exp(g_last - gam)[:, None]
+            else:
+                scores_t = tl.where(causal_t, scores_t, 0.0)
+            b_dv = tl.dot(scores_t.to(b_do.dtype), b_do, b_dv)
             _store_tile(dv, b_dv, offs_t, mask_t, h, offs_v, V, H)
         if DO_DK:
-            b_dk = _backward_block(b_v, b_do, tl.trans(d_state_in), b_q, causal_t, decay_t, row_decay,
-                                   scale, USE_G)
+            dp_t = tl.dot(b_v, tl.trans(b_do)) * scale
+            b_dk = tl.dot(b_v, tl.trans(d_state_in))
+            if USE_G:
+                dp_t *= tl.exp(tl.where(causal_t, gam[None, :] - gam[:, None], float("-inf")))
+                b_dk *= tl.exp(g_last - gam)[:, None]
+            else:
+                dp_t = tl.where(causal_t, dp_t, 0.0)
+            b_dk = tl.dot(dp_t.to(b_q.dtype), b_q, b_dk)
             _store_tile(dk, b_dk, offs_t, mask_t, h, offs_k, K, H)
             if USE_G:
+                # As in the dq walk: the state gradient's rounding residual, for dB only.
+                residual = (d_state - d_state_in.to(tl.float32)).to(b_q.dtype)
+                b_dk += tl.dot(b_v, tl.trans(residual)) * tl.exp(g_last - gam)[:, None]
                 NK: tl.constexpr = triton.cdiv(K, BK)
                 tl.store(dB_k + (offs_t * H + h) * NK + kt,
                          tl.sum(b_k.to(tl.float32) * b_dk, axis=1), mask=mask_t)
@@ -553,7 +550,7 @@ def _forward_states(k, v, g, h0, plan: _Plan):
     _fwd_summary_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV) * NS, H)](
         k, v, g if use_g else k, seg_bounds, states, states if g_seg is None else g_seg, *sizes,
         H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, VARLEN=plan.varlen,
-        num_warps=NUM_WARPS["summary"][use_g], num_stages=2)
+        num_warps=4, num_stages=2)
 
     final = _new((plan.n_seqs, H, K, V), torch.float32, dev)
     _scan(states, g_seg, h0, final, plan, reverse=False)
@@ -571,7 +568,7 @@ def _forward_output(q, k, v, g, states, scale, plan: _Plan):
     _fwd_output_kernel[(triton.cdiv(V, BV) * NS, H)](
         q, k, v, g if use_g else q, seg_bounds, states, o, scale, *sizes,
         H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, VARLEN=plan.varlen,
-        num_warps=NUM_WARPS["output"][use_g], num_stages=2)
+        num_warps=8 if use_g or BK * BV > 128 * 64 else 4, num_stages=2)
     return o
 
 
@@ -590,12 +587,12 @@ def _backward_dq(q, k, v, g, do, states, scale, plan: _Plan):
         q, k, v, g if use_g else q, do, seg_bounds, states, dq, d_states,
         q if dB_q is None else dB_q, scale, *sizes,
         H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, VARLEN=plan.varlen,
-        num_warps=NUM_WARPS["dq"][use_g], num_stages=2)
+        num_warps=8, num_stages=2)
     return dq, d_states, dB_q
 
 
-def _backward_kvg(q, k, v, g, do, d_final, states, d_states, g_seg, final, dB_q, scale, want_dh0,
-                  want_dg, plan: _Plan):
+def _backward_kvg(q, k, v, g, do, d_final, d_states, g_seg, final, dB_q, scale, want_dh0, want_dg,
+                  plan: _Plan):
     """Reverse scan (from d final_state) and dk/dv launches, then the dg epilogue: returns
     dk, dv, dg (or None), d initial_state (or None). `d_states` is overwritten."""
     H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_segs, plan.tokens
@@ -613,67 +610,43 @@ def _backward_kvg(q, k, v, g, do, d_final, states, d_states, g_seg, final, dB_q,
     n_k_tiles = triton.cdiv(K, BK)
     dB_k = _new((TT, H, n_k_tiles), torch.float32, dev) if use_g else q
     args = (q, k, v, g if use_g else q, do, seg_bounds, d_states, dk, dv, dB_k, scale, *sizes)
-    warps = NUM_WARPS["dkdv"][use_g]
     if plan.fuse_dkdv:
         _bwd_dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common,
-                                     num_warps=warps, num_stages=2)
+                                     num_warps=8, num_stages=2)
     else:
         BV = min(64 if PK <= 128 else 32, PV)
-        _bwd_dkdv_kernel[(triton.cdiv(V, BV) * NS, H)](*args, BK=PK, BV=BV, DO_DK=False, DO_DV=True,
-                                                       **common, num_warps=warps, num_stages=2)
+        _bwd_dkdv_kernel[(triton.cdiv(V, BV) * NS, H)](*args, BK=PK, BV=BV, DO_DK=False,
+                                                       DO_DV=True, **common, num_warps=8, num_stages=2)
         _bwd_dkdv_kernel[(n_k_tiles * NS, H)](*args, BK=BK, BV=PV, DO_DK=True, DO_DV=False,
-                                              **common, num_warps=warps, num_stages=2)
+                                              **common, num_warps=8, num_stages=2)
 
-    dg = None
-    if use_g and want_dg:
-        dg = _decay_grad(dB_q.sum(-1) - dB_k.sum(-1), states, d_states, final, plan)
+    dg = _decay_grad(dB_q.sum(-1) - dB_k.sum(-1), final, d_final, plan) if use_g and want_dg else None
     return dk, dv, dg, dh0
 
 
-def _decay_grad(dB, states, d_out, final, plan: _Plan):
-    """dg_u = Σ_{t ≥ u in u's segment s} dB_t + <dH_s, H_s>.
+def _decay_grad(dB, final, d_final, plan: _Plan):
+    """dg_u = Σ_{t ≥ u in u's sequence} dB_t + <d final, final> of that sequence.
 
-    dB_t = q_t·dq_t − k_t·dk_t is the gradient w.r.t. the cumulative log-decay at t, and
-    g_u enters every cumulative decay from u to the end of its sequence. The part beyond
-    u's segment sums to <dH_s, H_s> exactly, with H_s the state leaving s (the next
-    segment's incoming state, or the final state) and dH_s its gradient (the reverse
-    scan's output): adding ε to the log-decay of the token after s scales H_s by e^ε.
-    So the sums of dB run within one segment, where the bf16 rounding inside dB cannot
-    pile up over a long sequence, and the rest comes from the fp32 states. Device ops
-    only (no host sync); the sums run in float64.
+    dB_t = q_t·dq_t − k_t·dk_t is the gradient w.r.t. the cumulative log-decay at t; g_u
+    enters every cumulative decay from u on, and the final state scales with each g_u.
+    The long suffix sums run in float64 (device ops only, no host sync).
     """
-    B, T, H, NS, TT = plan.B, plan.T, plan.H, plan.n_segs, plan.tokens
-    if TT == 0:
-        return dB.new_zeros(B, T, H)
-    seg_end, token_seg, last_seg = _segment_table(plan, dB.device)
-    leaving = dB.new_zeros(NS + 1, H, dtype=torch.float64)  # row NS: empty sequences
-    leaving[:NS - 1] = (d_out[:-1] * states[1:]).sum((-2, -1), dtype=torch.float64)
-    leaving[last_seg] = (d_out[last_seg.clamp(max=NS - 1)] * final).sum((-2, -1), dtype=torch.float64)
+    B, T, H = plan.B, plan.T, plan.H
+    dB = dB.double()
+    final_term = None if d_final is None else (d_final.double() * final.double()).sum((-2, -1))
     # Suffix sums along the innermost axis: a cumsum over a long strided axis runs one
     # sequential thread per column on the GPU, along the last axis it is a parallel scan.
-    suffix = torch.nn.functional.pad(_suffix_sum(dB.double().T), (0, 1))
-    within = suffix[:, :TT] - suffix[:, seg_end[token_seg]]
-    return (within.T + leaving[token_seg]).float().view(B, T, H)
-
-
-def _segment_table(plan: _Plan, device):
-    """Int64 device tensors (no host sync): the end token of every segment, the segment
-    of every token and the last segment of every sequence (n_segs for an empty one)."""
-    NS, TT = plan.n_segs, plan.tokens
-    if plan.varlen:
-        start, end = plan.seg_bounds.unbind(1)
-        # Surplus segments are empty; sorting them last keeps the ends ascending.
-        ends = torch.where(end > start, end, TT + 1)
-        token_seg = torch.searchsorted(ends, torch.arange(TT, device=device), right=True)
-        first, after = plan.seq_segs[:-1], plan.seq_segs[1:]
-        return end, token_seg, torch.where(after > first, after - 1, NS)
-    T, per_seq = plan.T, plan.segs_per_seq
-    s = torch.arange(NS, device=device)
-    row = s // per_seq
-    end = torch.minimum(row * T + (s % per_seq + 1) * plan.seg_tokens, (row + 1) * T)
-    u = torch.arange(TT, device=device)
-    token_seg = u // T * per_seq + u % T // plan.seg_tokens
-    return end, token_seg, torch.arange(1, plan.B + 1, device=device) * per_seq - 1
+    if not plan.varlen:
+        dg = _suffix_sum(dB.view(B, T, H).transpose(1, 2)).transpose(1, 2)
+        if final_term is not None:
+            dg = dg + final_term[:, None, :]
+        return dg.float().contiguous()
+    suffix = torch.cat([_suffix_sum(dB.T), dB.new_zeros(H, 1)], 1).T
+    seq = torch.searchsorted(plan.seq_ends, torch.arange(plan.tokens, device=dB.device), right=True)
+    dg = suffix[:-1] - suffix[plan.seq_ends[seq]]
+    if final_term is not None:
+        dg += final_term[seq]
+    return dg.float().view(B, T, H)
 
 
 def _suffix_sum(x):
@@ -709,10 +682,10 @@ class TritonPhases:
 
     def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True):
         """(dk, dv, dg or None, d initial_state or None)."""
-        states, g_seg, final = saved
+        _, g_seg, final = saved
         do, d_states, dB_q = partial
         d_final = None if d_final is None else d_final.float().contiguous()
-        return _backward_kvg(q, k, v, g, do, d_final, states, d_states, g_seg, final, dB_q, self.scale,
+        return _backward_kvg(q, k, v, g, do, d_final, d_states, g_seg, final, dB_q, self.scale,
                              want_dh0, want_dg and g is not None, self.plan)
 
 
@@ -762,9 +735,8 @@ def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state
     """Causal chunkwise linear attention on the Triton backend (inputs already validated).
 
     Args:
-        q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32), or q in fp32 over
-            bf16/fp16 k, v (o and dq then fp32, unrounded); CUDA tensors (or CPU under
-            TRITON_INTERPRET=1); K and V in 16..256.
+        q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32), CUDA tensors (or CPU
+            under TRITON_INTERPRET=1); K and V in 16..256.
         g: None or [B,T,H] float32 natural-log decay per token (≤ 0).
         scale: python float multiplying q.
         initial_state: None or [N,H,K,V] float32 (N = B, or len(cu_seqlens) - 1).

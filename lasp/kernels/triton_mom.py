@@ -62,10 +62,10 @@ def _grid(N, F):
 
 class _TritonCombine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, o, weights, dest, out_dtype):
+    def forward(ctx, o, weights, dest):
         N, k = weights.shape[0] * weights.shape[1], weights.shape[2]
         F = o.shape[1]
-        out = _new((N, F), out_dtype, o.device)
+        out = _new((N, F), o.dtype, o.device)
         w = weights.float().contiguous()
         _combine_fwd_kernel[_grid(N, F)](o, w, dest, out, N, F, TOPK=k, BT=BLOCK_TOKENS, BF=BLOCK_FEATURES)
         ctx.save_for_backward(o, w, dest)
@@ -84,13 +84,12 @@ class _TritonCombine(torch.autograd.Function):
         _combine_bwd_kernel[grid](o, w, dest, d_out.contiguous(), d_o, dw_part, N, F, TOPK=k,
                                   BT=BLOCK_TOKENS, BF=BLOCK_FEATURES)
         dw = dw_part.sum(0).view(w.shape).to(ctx.weights_dtype)
-        return d_o, dw, None, None
+        return d_o, dw, None
 
 
-def triton_mom_combine(o: torch.Tensor, weights: torch.Tensor, dest: torch.Tensor,
-                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def triton_mom_combine(o: torch.Tensor, weights: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
     """o: [P, F] sorted copies' outputs (bf16/fp16/fp32); weights: [B, T, k]; dest: [B·T·k]
-    int64 sorted position of each copy. Returns [B·T, F] in `out_dtype` (default o's)."""
+    int64 sorted position of each copy. Returns [B·T, F] in o's dtype."""
     if o.dtype == torch.float64:
         raise TypeError("the Triton combine takes bf16, fp16 or fp32; use backend='torch' for float64")
-    return _TritonCombine.apply(o.contiguous(), weights, dest.contiguous(), out_dtype or o.dtype)
+    return _TritonCombine.apply(o.contiguous(), weights, dest.contiguous())
