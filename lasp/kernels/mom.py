@@ -146,27 +146,32 @@ class MoMPlan:
             return out.index_copy_(0, rows, grad)
         return _Rows.apply(x.reshape(N * M, *rest), rows, adjoint)
 
-    def combine(self, o: torch.Tensor, weights: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    def combine(self, o: torch.Tensor, weights: torch.Tensor | None, backend: str | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Sorted copies' outputs [B·T·k, H, V] -> [B, T, H, V]: Σ_j w_tj · o_{copy (t, j)}.
 
-        fp32 accumulation, the result in o's dtype. backend "triton" fuses the gather,
-        the weighting and the sum (and their backward) in one kernel each.
+        weights None sums the copies (weights already applied). fp32 accumulation, the
+        result in `out_dtype` (default o's dtype). backend "triton" fuses the gather, the
+        weighting and the sum (and their backward) in one kernel each.
         """
+        out_dtype = o.dtype if out_dtype is None else out_dtype
         B, T, k = self.indices.shape
         if o.dim() < 2 or o.shape[0] != self.num_copies:
             raise ValueError(f"o must hold the {self.num_copies} sorted copies on dim 0, got {tuple(o.shape)}")
-        if tuple(weights.shape) != (B, T, k):
+        if weights is None:
+            weights = torch.ones(B, T, k, device=o.device)
+        elif tuple(weights.shape) != (B, T, k):
             raise ValueError(f"weights must be [B, T, k] = {(B, T, k)}, got {tuple(weights.shape)}")
         if _pick_backend(backend, o) == "triton":
             from lasp.kernels.triton_mom import triton_mom_combine
-            out = triton_mom_combine(o.reshape(o.shape[0], -1), weights, self.dest)
+            out = triton_mom_combine(o.reshape(o.shape[0], -1), weights, self.dest, out_dtype)
             return out.view(B, T, *o.shape[1:])
         src = self.src
         per_copy = _Rows.apply(o, self.dest, lambda grad: grad.index_select(0, src))
         acc = accumulation_dtype(o.dtype)
         per_copy = per_copy.view(B, T, k, *o.shape[1:]).to(acc)
         w = weights.to(acc).reshape(B, T, k, *([1] * (o.dim() - 1)))
-        return (per_copy * w).sum(2).to(o.dtype)
+        return (per_copy * w).sum(2).to(out_dtype)
 
 
 def mom_dispatch(indices: torch.Tensor, num_memories: int, cu_seqlens: torch.Tensor | None = None, *,
@@ -362,11 +367,37 @@ def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *
         initial_state = initial_state.reshape(M * R, H, K, V)
     gs = None if g is None else plan.select(g)[None]
     backend = _pick_backend(backend, q)
-    o, final = linear_attention(plan.copies(q)[None], ks[None], vs[None], gs, g_gamma, scale=scale,
-                                initial_state=initial_state, output_final_state=output_final_state,
-                                cu_seqlens=plan.cu_seqlens, backend=backend)
-    out = plan.combine(o[0], weights, backend)
+    if backend == "triton":
+        o, final = _triton_streams(q, ks, vs, gs, g_gamma, weights, scale, initial_state,
+                                   output_final_state, plan)
+        out = plan.combine(o[0], None, backend, out_dtype=q.dtype)
+    else:
+        o, final = linear_attention(plan.copies(q)[None], ks[None], vs[None], gs, g_gamma, scale=scale,
+                                    initial_state=initial_state, output_final_state=output_final_state,
+                                    cu_seqlens=plan.cu_seqlens, backend=backend)
+        out = plan.combine(o[0], weights, backend)
     return out, None if final is None else final.view(M, R, *final.shape[1:])
+
+
+def _triton_streams(q, ks, vs, gs, g_gamma, weights, scale, initial_state, output_final_state,
+                    plan: MoMPlan):
+    """Every stream's linear attention in one Triton varlen call, each copy's output
+    already weighted, in fp32. bf16 rounds once, in the sum of a token's copies: q's copies
+    go in as fp32 (so o and dq leave the kernels unrounded; the kernels round q for the
+    dots), and the routing weights as the kernels' row weight (so the backward gets the
+    unweighted, exact do and applies w in fp32, instead of w·do rounded to bf16)."""
+    from lasp.kernels.linear_attention import _check_triton_head_dims
+    from lasp.kernels.triton_linear_attention import triton_linear_attention
+
+    _check_triton_head_dims(ks, vs)
+    P, H, K = ks.shape
+    if g_gamma is not None:
+        gs = g_gamma.float()[None, None, :].expand(1, P, H)
+    copy_weights = weights.reshape(-1).index_select(0, plan.src)
+    return triton_linear_attention(
+        plan.copies(q.float())[None], ks[None], vs[None], None if gs is None else gs.float().contiguous(),
+        float(K ** -0.5 if scale is None else scale), None if initial_state is None else initial_state.float(),
+        output_final_state, plan.cu_seqlens, row_weight=copy_weights)
 
 
 def routed_log_decay(indices, num_memories: int, g=None, g_gamma=None, dtype=torch.float32):

@@ -96,7 +96,7 @@ CHUNK_SIZE = 64
 # Segment length: up to MAX_SEGMENT_CHUNKS chunks, shorter when that leaves fewer than
 # about SEGMENT_PROGRAMS (segment, head) pairs, so that small problems still fill the GPU.
 MAX_SEGMENT_CHUNKS = 64
-SEGMENT_PROGRAMS = 256
+SEGMENT_PROGRAMS = 128
 # The widest K×V state gradient one program keeps in registers for the fused dk/dv
 # launch; wider states take the split launch. With a decay the fused kernel spills a
 # little at K = V = 128 (ptxas, sm_90a), yet on an H200 it still beats the split launch,
@@ -264,11 +264,12 @@ def _scan_kernel(U, G_seg, init, out, seq_segs, SEGS_PER_SEQ,
 
 
 @triton.jit
-def _fwd_output_kernel(q, k, v, g, seg_bounds, H_in, o, scale, T, SEG_TOKENS, SEGS_PER_SEQ,
+def _fwd_output_kernel(q, k, v, g, w, seg_bounds, H_in, o, scale, T, SEG_TOKENS, SEGS_PER_SEQ,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr,
-                       USE_G: tl.constexpr, VARLEN: tl.constexpr):
-    """Outputs of segment s for one V-tile, carrying the state (all of K) chunk to chunk."""
+                       USE_G: tl.constexpr, ROW_WEIGHT: tl.constexpr, VARLEN: tl.constexpr):
+    """Outputs of segment s for one V-tile, carrying the state (all of K) chunk to chunk;
+    ROW_WEIGHT scales each token's output by w[token] (fp32) before it is stored."""
     NV: tl.constexpr = triton.cdiv(V, BV)
     s = tl.program_id(0) // NV
     h = tl.program_id(1)
@@ -282,7 +283,7 @@ def _fwd_output_kernel(q, k, v, g, seg_bounds, H_in, o, scale, T, SEG_TOKENS, SE
     for i in range(tl.cdiv(end - start, C)):
         offs_t = start + i * C + tl.arange(0, C)
         mask_t = offs_t < end
-        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H)
+        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(k.dtype.element_ty)
         b_k = _load_tile(k, offs_t, mask_t, h, offs_k, K, H)
         b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
         scores = tl.dot(b_q, tl.trans(b_k)) * scale
@@ -297,22 +298,27 @@ def _fwd_output_kernel(q, k, v, g, seg_bounds, H_in, o, scale, T, SEG_TOKENS, SE
             scores = tl.where(causal, scores, 0.0)
             b_o *= scale
         b_o = tl.dot(scores.to(b_v.dtype), b_v, b_o)
+        if ROW_WEIGHT:
+            b_o *= tl.load(w + offs_t, mask=mask_t, other=0.0)[:, None]
         _store_tile(o, b_o, offs_t, mask_t, h, offs_v, V, H)
         state = tl.dot(tl.trans(b_k), b_v, state)
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, g, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
+def _bwd_dq_kernel(q, k, v, g, w, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
                    SEG_TOKENS, SEGS_PER_SEQ,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr,
-                   USE_G: tl.constexpr, VARLEN: tl.constexpr):
+                   USE_G: tl.constexpr, ROW_WEIGHT: tl.constexpr, VARLEN: tl.constexpr):
     """dq of segment s for one K-tile (all of V), and the segment's local state gradient.
 
     Walks forward from the segment's incoming state h. dU_s = Σ_c e^{Σ_{c'<c} γ_c'} ·
     scale (q ⊙ e^Γ)ᵀ do over the segment's chunks c (the gradient of the segment's
-    outputs w.r.t. its incoming state). With a decay also writes this K-tile's share
-    of Σ_k q⊙dq per token to dB_q[token, head, K-tile].
+    outputs w.r.t. its incoming state). With a decay or a row weight also writes this
+    K-tile's share of Σ_k q⊙dq per token to dB_q[token, head, K-tile].
+
+    ROW_WEIGHT: the output was w ⊙ o, so the true cotangent of o is w_t·do_t. It enters
+    in fp32 (dq's rows, the decay weights of dU) instead of rounding w·do for the dots.
     """
     NK: tl.constexpr = triton.cdiv(K, BK)
     kt = tl.program_id(0) % NK
@@ -330,33 +336,47 @@ def _bwd_dq_kernel(q, k, v, g, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
     for i in range(tl.cdiv(end - start, C)):
         offs_t = start + i * C + tl.arange(0, C)
         mask_t = offs_t < end
-        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H)
+        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(k.dtype.element_ty)
         b_k = _load_tile(k, offs_t, mask_t, h, offs_k, K, H)
         b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
-        b_do = _load_tile(do, offs_t, mask_t, h, offs_v, V, H)
+        b_do = _load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(v.dtype.element_ty)
+        if ROW_WEIGHT:
+            b_w = tl.load(w + offs_t, mask=mask_t, other=0.0)
         dp = tl.dot(b_do, tl.trans(b_v)) * scale
-        b_dq = tl.dot(b_do, tl.trans(state.to(b_do.dtype)))
+        state_in = state.to(b_do.dtype)
+        b_dq = tl.dot(b_do, tl.trans(state_in))
         if USE_G:
+            # dg sums q·dq over the whole sequence, where the state's rounding to the dot
+            # dtype (2^-9 in bf16) would accumulate: the rounding residual goes in too.
+            b_dq = tl.dot(b_do, tl.trans((state - state_in.to(tl.float32)).to(b_do.dtype)), b_dq)
             gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
             dp *= tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
             b_dq *= (tl.exp(gam) * scale)[:, None]
         else:
             dp = tl.where(causal, dp, 0.0)
             b_dq *= scale
+        if ROW_WEIGHT:
+            # Before dp's rounding, as the dk walk weights its dpᵀ: dB's long sums cancel
+            # q·dq against k·dk pair by pair only when both round the same values.
+            dp *= b_w[:, None]
+            b_dq *= b_w[:, None]
         b_dq = tl.dot(dp.to(b_k.dtype), b_k, b_dq)
-        _store_tile(dq, b_dq, offs_t, mask_t, h, offs_k, K, H)
-        if USE_G:
-            # dg sums q·dq over the whole sequence, where the state's rounding to the dot
-            # dtype (2^-9 in bf16) accumulates: add the rounding residual back for dB.
-            residual = (state - state.to(b_do.dtype).to(tl.float32)).to(b_do.dtype)
-            b_dq += tl.dot(b_do, tl.trans(residual)) * (tl.exp(gam) * scale)[:, None]
+        if USE_G or ROW_WEIGHT:
             tl.store(dB_q + (offs_t * H + h) * NK + kt, tl.sum(b_q.to(tl.float32) * b_dq, axis=1),
                      mask=mask_t)
-            d_state = _decayed_outer_acc(b_q, tl.exp(gam + g_before), b_do, d_state)
+        _store_tile(dq, b_dq, offs_t, mask_t, h, offs_k, K, H)
+        if USE_G:
+            q_weight = tl.exp(gam + g_before)
+            if ROW_WEIGHT:
+                q_weight *= b_w
+            d_state = _decayed_outer_acc(b_q, q_weight, b_do, d_state)
             state = _decayed_outer_acc(b_k, tl.exp(g_last - gam), b_v, state * tl.exp(g_last))
             g_before += g_last
         else:
-            d_state = tl.dot(tl.trans(b_q), b_do, d_state)
+            if ROW_WEIGHT:
+                d_state = _decayed_outer_acc(b_q, b_w, b_do, d_state)
+            else:
+                d_state = tl.dot(tl.trans(b_q), b_do, d_state)
             state = tl.dot(tl.trans(b_k), b_v, state)
 
     ptrs, mask = _state_ptrs(dU, s, h, offs_k, offs_v, H, K, V)
@@ -364,18 +384,20 @@ def _bwd_dq_kernel(q, k, v, g, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q, k, v, g, do, seg_bounds, dH_out, dk, dv, dB_k, scale, T,
+def _bwd_dkdv_kernel(q, k, v, g, w, do, seg_bounds, dH_out, dk, dv, dB_k, scale, T,
                      SEG_TOKENS, SEGS_PER_SEQ,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, DO_DK: tl.constexpr,
-                     DO_DV: tl.constexpr, USE_G: tl.constexpr, VARLEN: tl.constexpr):
+                     DO_DV: tl.constexpr, USE_G: tl.constexpr, ROW_WEIGHT: tl.constexpr,
+                     VARLEN: tl.constexpr):
     """dk and/or dv of segment s, walking its chunks backwards from its outgoing gradient.
 
     The carried dh is the gradient w.r.t. the state leaving the current chunk:
     dh ← e^γ dh + scale (q ⊙ e^Γ)ᵀ do. dv needs all of K (BK ≥ K, tiles over V); dk
     needs all of V (BV ≥ V, tiles over K); both at once need the whole K×V tile. With a
     decay, DO_DK also writes this K-tile's share of Σ_k k⊙dk per token to
-    dB_k[token, head, K-tile].
+    dB_k[token, head, K-tile]. ROW_WEIGHT (as in the dq walk) scales the query-token
+    columns of the chunk's score matrices and the weights of dh by w, in fp32.
     """
     NV: tl.constexpr = triton.cdiv(V, BV)
     n_tiles: tl.constexpr = triton.cdiv(K, BK) * NV
@@ -395,12 +417,14 @@ def _bwd_dkdv_kernel(q, k, v, g, do, seg_bounds, dH_out, dk, dv, dB_k, scale, T,
     for j in range(n_chunks):
         offs_t = start + (n_chunks - 1 - j) * C + tl.arange(0, C)
         mask_t = offs_t < end
-        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H)
+        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(k.dtype.element_ty)
         b_k = _load_tile(k, offs_t, mask_t, h, offs_k, K, H)
         b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
-        b_do = _load_tile(do, offs_t, mask_t, h, offs_v, V, H)
+        b_do = _load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(v.dtype.element_ty)
         if USE_G:
             gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
+        if ROW_WEIGHT:
+            b_w = tl.load(w + offs_t, mask=mask_t, other=0.0)
         d_state_in = d_state.to(b_q.dtype)
         if DO_DV:
             scores_t = tl.dot(b_k, tl.trans(b_q)) * scale
@@ -410,27 +434,36 @@ def _bwd_dkdv_kernel(q, k, v, g, do, seg_bounds, dH_out, dk, dv, dB_k, scale, T,
                 b_dv *= tl.exp(g_last - gam)[:, None]
             else:
                 scores_t = tl.where(causal_t, scores_t, 0.0)
+            if ROW_WEIGHT:
+                scores_t *= b_w[None, :]
             b_dv = tl.dot(scores_t.to(b_do.dtype), b_do, b_dv)
             _store_tile(dv, b_dv, offs_t, mask_t, h, offs_v, V, H)
         if DO_DK:
             dp_t = tl.dot(b_v, tl.trans(b_do)) * scale
             b_dk = tl.dot(b_v, tl.trans(d_state_in))
             if USE_G:
+                # As in the dq walk: the state gradient's rounding residual, for dg.
+                residual = (d_state - d_state_in.to(tl.float32)).to(b_q.dtype)
+                b_dk = tl.dot(b_v, tl.trans(residual), b_dk)
                 dp_t *= tl.exp(tl.where(causal_t, gam[None, :] - gam[:, None], float("-inf")))
                 b_dk *= tl.exp(g_last - gam)[:, None]
             else:
                 dp_t = tl.where(causal_t, dp_t, 0.0)
+            if ROW_WEIGHT:
+                dp_t *= b_w[None, :]
             b_dk = tl.dot(dp_t.to(b_q.dtype), b_q, b_dk)
             _store_tile(dk, b_dk, offs_t, mask_t, h, offs_k, K, H)
             if USE_G:
-                # As in the dq walk: the state gradient's rounding residual, for dB only.
-                residual = (d_state - d_state_in.to(tl.float32)).to(b_q.dtype)
-                b_dk += tl.dot(b_v, tl.trans(residual)) * tl.exp(g_last - gam)[:, None]
                 NK: tl.constexpr = triton.cdiv(K, BK)
                 tl.store(dB_k + (offs_t * H + h) * NK + kt,
                          tl.sum(b_k.to(tl.float32) * b_dk, axis=1), mask=mask_t)
         if USE_G:
-            d_state = _decayed_outer_acc(b_q, tl.exp(gam) * scale, b_do, d_state * tl.exp(g_last))
+            q_weight = tl.exp(gam) * scale
+            if ROW_WEIGHT:
+                q_weight *= b_w
+            d_state = _decayed_outer_acc(b_q, q_weight, b_do, d_state * tl.exp(g_last))
+        elif ROW_WEIGHT:
+            d_state = _decayed_outer_acc(b_q, b_w * scale, b_do, d_state)
         else:
             d_state += tl.dot(tl.trans(b_q), b_do) * scale
 
@@ -557,8 +590,9 @@ def _forward_states(k, v, g, h0, plan: _Plan):
     return states, g_seg, final
 
 
-def _forward_output(q, k, v, g, states, scale, plan: _Plan):
-    """Output launch: every segment walked again from its incoming state."""
+def _forward_output(q, k, v, g, w, states, scale, plan: _Plan):
+    """Output launch: every segment walked again from its incoming state (rows scaled by
+    the row weight `w` when given)."""
     H, K, V, NS = plan.H, plan.K, plan.V, plan.n_segs
     use_g = g is not None
     seg_bounds, sizes = _geometry(plan, q)
@@ -566,14 +600,15 @@ def _forward_output(q, k, v, g, states, scale, plan: _Plan):
     BK = triton.next_power_of_2(K)
     BV = min(64 if BK <= 128 else 32, triton.next_power_of_2(V))
     _fwd_output_kernel[(triton.cdiv(V, BV) * NS, H)](
-        q, k, v, g if use_g else q, seg_bounds, states, o, scale, *sizes,
-        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, VARLEN=plan.varlen,
-        num_warps=8 if use_g or BK * BV > 128 * 64 else 4, num_stages=2)
+        q, k, v, g if use_g else q, q if w is None else w, seg_bounds, states, o, scale, *sizes,
+        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, ROW_WEIGHT=w is not None,
+        VARLEN=plan.varlen, num_warps=8 if BK * BV > 128 * 64 else 4, num_stages=2)
     return o
 
 
-def _backward_dq(q, k, v, g, do, states, scale, plan: _Plan):
-    """dq launch: dq, every segment's local state gradient dU_s, and dB_q (decay only)."""
+def _backward_dq(q, k, v, g, w, do, states, scale, plan: _Plan):
+    """dq launch: dq, every segment's local state gradient dU_s, and dB_q (with a decay or
+    a row weight `w`; None otherwise)."""
     H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_segs, plan.tokens
     dev, use_g = q.device, g is not None
     seg_bounds, sizes = _geometry(plan, q)
@@ -582,23 +617,23 @@ def _backward_dq(q, k, v, g, do, states, scale, plan: _Plan):
     n_k_tiles = triton.cdiv(K, BK)
     dq = _new(q.shape, q.dtype, dev)
     d_states = _new((NS, H, K, V), torch.float32, dev)
-    dB_q = _new((TT, H, n_k_tiles), torch.float32, dev) if use_g else None
+    dB_q = _new((TT, H, n_k_tiles), torch.float32, dev) if use_g or w is not None else None
     _bwd_dq_kernel[(n_k_tiles * NS, H)](
-        q, k, v, g if use_g else q, do, seg_bounds, states, dq, d_states,
+        q, k, v, g if use_g else q, q if w is None else w, do, seg_bounds, states, dq, d_states,
         q if dB_q is None else dB_q, scale, *sizes,
-        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, VARLEN=plan.varlen,
-        num_warps=8, num_stages=2)
+        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, ROW_WEIGHT=w is not None,
+        VARLEN=plan.varlen, num_warps=8, num_stages=2)
     return dq, d_states, dB_q
 
 
-def _backward_kvg(q, k, v, g, do, d_final, d_states, g_seg, final, dB_q, scale, want_dh0, want_dg,
+def _backward_kvg(q, k, v, g, w, do, d_final, d_states, g_seg, final, dB_q, scale, want_dh0, want_dg,
                   plan: _Plan):
     """Reverse scan (from d final_state) and dk/dv launches, then the dg epilogue: returns
     dk, dv, dg (or None), d initial_state (or None). `d_states` is overwritten."""
     H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_segs, plan.tokens
     dev, use_g = q.device, g is not None
     seg_bounds, sizes = _geometry(plan, q)
-    common = dict(H=H, K=K, V=V, C=plan.chunk, USE_G=use_g, VARLEN=plan.varlen)
+    common = dict(H=H, K=K, V=V, C=plan.chunk, USE_G=use_g, ROW_WEIGHT=w is not None, VARLEN=plan.varlen)
 
     dh0 = _new((plan.n_seqs, H, K, V), torch.float32, dev) if want_dh0 else None
     _scan(d_states, g_seg, d_final, dh0, plan, reverse=True)
@@ -609,7 +644,8 @@ def _backward_kvg(q, k, v, g, do, d_final, d_states, g_seg, final, dB_q, scale, 
     BK = PK if plan.fuse_dkdv else min(64 if PV <= 128 else 32, PK)
     n_k_tiles = triton.cdiv(K, BK)
     dB_k = _new((TT, H, n_k_tiles), torch.float32, dev) if use_g else q
-    args = (q, k, v, g if use_g else q, do, seg_bounds, d_states, dk, dv, dB_k, scale, *sizes)
+    args = (q, k, v, g if use_g else q, q if w is None else w, do, seg_bounds, d_states, dk, dv, dB_k,
+            scale, *sizes)
     if plan.fuse_dkdv:
         _bwd_dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common,
                                      num_warps=8, num_stages=2)
@@ -663,6 +699,10 @@ class TritonPhases:
     `saved` = (every segment's incoming state, the segments' log-transitions, the final
     states): small, one K×V state per segment and head; the backward recomputes every
     chunk state from those. `partial` = (do, the segments' local state gradients, dB_q).
+
+    `row_weight` (fp32 [B·T] or None, the same for every phase of a call): the output is
+    w_t · o_t. MoM passes its routing weights here, so that the backward applies them in
+    fp32 rather than receiving w·do rounded to the dot dtype.
     """
 
     plan: _Plan
@@ -672,32 +712,40 @@ class TritonPhases:
         states, g_seg, final = _forward_states(k, v, g, initial_state, self.plan)
         return final, (states, g_seg, final)
 
-    def output(self, q, k, v, g, saved):
-        return _forward_output(q, k, v, g, saved[0], self.scale, self.plan)
+    def output(self, q, k, v, g, saved, row_weight=None):
+        return _forward_output(q, k, v, g, row_weight, saved[0], self.scale, self.plan)
 
-    def grad_q(self, q, k, v, g, saved, do):
+    def grad_q(self, q, k, v, g, saved, do, row_weight=None):
         do = do.contiguous()
-        dq, d_states, dB_q = _backward_dq(q, k, v, g, do, saved[0], self.scale, self.plan)
+        dq, d_states, dB_q = _backward_dq(q, k, v, g, row_weight, do, saved[0], self.scale, self.plan)
         return dq, (do, d_states, dB_q)
 
-    def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True):
+    def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True,
+                 row_weight=None):
         """(dk, dv, dg or None, d initial_state or None)."""
         _, g_seg, final = saved
         do, d_states, dB_q = partial
         d_final = None if d_final is None else d_final.float().contiguous()
-        return _backward_kvg(q, k, v, g, do, d_final, d_states, g_seg, final, dB_q, self.scale,
-                             want_dh0, want_dg and g is not None, self.plan)
+        return _backward_kvg(q, k, v, g, row_weight, do, d_final, d_states, g_seg, final, dB_q,
+                             self.scale, want_dh0, want_dg and g is not None, self.plan)
+
+    @staticmethod
+    def grad_row_weight(partial, row_weight):
+        """d row_weight [B·T]: Σ over heads of do_t·o_t = q_t·dq_t / w_t, from the dq walk's
+        dB_q (0 where w_t = 0: a zero weight's gradient multiplies nothing upstream)."""
+        q_dq = partial[2].sum((1, 2))
+        return torch.where(row_weight != 0, q_dq / row_weight, 0.0)
 
 
 class _TritonLinearAttention(torch.autograd.Function):
-    """Differentiable in q, k, v, g and the initial state, and through the final state:
-    the phases run back to back."""
+    """Differentiable in q, k, v, g, the initial state and the row weight, and through the
+    final state: the phases run back to back."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, phases, output_final_state):
+    def forward(ctx, q, k, v, g, initial_state, row_weight, phases, output_final_state):
         final, saved = phases.summarize(k, v, g, initial_state)
-        o = phases.output(q, k, v, g, saved)
-        ctx.save_for_backward(q, k, v, g, *saved)
+        o = phases.output(q, k, v, g, saved, row_weight)
+        ctx.save_for_backward(q, k, v, g, row_weight, *saved)
         ctx.phases = phases
         ctx.has_initial_state = initial_state is not None
         ctx.set_materialize_grads(False)
@@ -706,14 +754,15 @@ class _TritonLinearAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, d_final):
-        q, k, v, g, *saved = ctx.saved_tensors
+        q, k, v, g, row_weight, *saved = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, partial = ctx.phases.grad_q(q, k, v, g, saved, do)
+        dq, partial = ctx.phases.grad_q(q, k, v, g, saved, do, row_weight)
         dk, dv, dg, dh0 = ctx.phases.grad_kvg(
             q, k, v, g, saved, partial, d_final, want_dg=ctx.needs_input_grad[3],
-            want_dh0=ctx.has_initial_state and ctx.needs_input_grad[4])
-        return dq, dk, dv, dg, dh0, None, None
+            want_dh0=ctx.has_initial_state and ctx.needs_input_grad[4], row_weight=row_weight)
+        dw = ctx.phases.grad_row_weight(partial, row_weight) if ctx.needs_input_grad[5] else None
+        return dq, dk, dv, dg, dh0, dw, None, None
 
 
 def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, cu_seqlens_host=None, *,
@@ -730,13 +779,14 @@ def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, cu_seqlens_host=
 
 
 def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
-                            cu_seqlens_host=None, *, chunk_size=CHUNK_SIZE,
+                            cu_seqlens_host=None, *, row_weight=None, chunk_size=CHUNK_SIZE,
                             segment_chunks=None, fuse_dkdv=None):
     """Causal chunkwise linear attention on the Triton backend (inputs already validated).
 
     Args:
-        q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32), CUDA tensors (or CPU
-            under TRITON_INTERPRET=1); K and V in 16..256.
+        q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32), or q in fp32 over
+            bf16/fp16 k, v (o and dq are then fp32, unrounded; the kernels round q for the
+            dots); CUDA tensors (or CPU under TRITON_INTERPRET=1); K and V in 16..256.
         g: None or [B,T,H] float32 natural-log decay per token (≤ 0).
         scale: python float multiplying q.
         initial_state: None or [N,H,K,V] float32 (N = B, or len(cu_seqlens) - 1).
@@ -744,15 +794,19 @@ def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state
         cu_seqlens: None or int32/int64 device tensor [N+1] of packed offsets (B == 1).
         cu_seqlens_host: optional host copy (list or CPU tensor) of `cu_seqlens`; it only
             tightens the launch grid, the kernels read the device tensor.
+        row_weight: None or fp32 [B·T]: returns w_t·o_t, with w's gradient, and its
+            backward applies w in fp32 (`TritonPhases`).
         chunk_size, segment_chunks: tokens per chunk (power of two ≥ 16) and chunks per
             segment (default from the shapes, `_default_segment_chunks`). fuse_dkdv: one
             backward launch for dk and dv (default when the K×V state gradient fits one
             program, `FUSED_DKDV_MAX_ELEMENTS`). Tuning and test knobs.
 
     Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] float32 or None), differentiable
-    in q, k, v, g and initial_state.
+    in q, k, v, g, initial_state and row_weight.
     """
     phases, inputs = triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, cu_seqlens_host,
                                    chunk_size=chunk_size, segment_chunks=segment_chunks,
                                    fuse_dkdv=fuse_dkdv)
-    return _TritonLinearAttention.apply(*inputs, phases, bool(output_final_state))
+    if row_weight is not None:
+        row_weight = row_weight.float().contiguous()
+    return _TritonLinearAttention.apply(*inputs, row_weight, phases, bool(output_final_state))

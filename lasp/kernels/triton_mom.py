@@ -39,7 +39,7 @@ def _combine_fwd_kernel(o, w, dest, out, N, F, TOPK: tl.constexpr, BT: tl.conste
 
 @triton.jit
 def _combine_bwd_kernel(o, w, dest, do, d_o, dw_part, N, F, TOPK: tl.constexpr, BT: tl.constexpr,
-                        BF: tl.constexpr):
+                        BF: tl.constexpr, WANT_DW: tl.constexpr):
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
     offs_f = tl.program_id(1) * BF + tl.arange(0, BF)
     mask_t, mask_f = offs_t < N, offs_f < F
@@ -50,10 +50,11 @@ def _combine_bwd_kernel(o, w, dest, do, d_o, dw_part, N, F, TOPK: tl.constexpr, 
         row = tl.load(dest + copy, mask=mask_t, other=0)
         weight = tl.load(w + copy, mask=mask_t, other=0.0).to(tl.float32)
         ptrs = row[:, None] * F + offs_f[None, :]
-        x = tl.load(o + ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(d_o + ptrs, (weight[:, None] * b_do).to(d_o.dtype.element_ty), mask=mask)
-        tl.store(dw_part + tl.program_id(1).to(tl.int64) * N * TOPK + copy, tl.sum(b_do * x, axis=1),
-                 mask=mask_t)
+        if WANT_DW:
+            x = tl.load(o + ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dw_part + tl.program_id(1).to(tl.int64) * N * TOPK + copy, tl.sum(b_do * x, axis=1),
+                     mask=mask_t)
 
 
 def _grid(N, F):
@@ -62,10 +63,10 @@ def _grid(N, F):
 
 class _TritonCombine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, o, weights, dest):
+    def forward(ctx, o, weights, dest, out_dtype):
         N, k = weights.shape[0] * weights.shape[1], weights.shape[2]
         F = o.shape[1]
-        out = _new((N, F), o.dtype, o.device)
+        out = _new((N, F), out_dtype, o.device)
         w = weights.float().contiguous()
         _combine_fwd_kernel[_grid(N, F)](o, w, dest, out, N, F, TOPK=k, BT=BLOCK_TOKENS, BF=BLOCK_FEATURES)
         ctx.save_for_backward(o, w, dest)
@@ -80,16 +81,18 @@ class _TritonCombine(torch.autograd.Function):
         F = o.shape[1]
         grid = _grid(N, F)
         d_o = _new(o.shape, o.dtype, o.device)
-        dw_part = _new((grid[1], N * k), torch.float32, o.device)
+        want_dw = ctx.needs_input_grad[1]
+        dw_part = _new((grid[1], N * k), torch.float32, o.device) if want_dw else w
         _combine_bwd_kernel[grid](o, w, dest, d_out.contiguous(), d_o, dw_part, N, F, TOPK=k,
-                                  BT=BLOCK_TOKENS, BF=BLOCK_FEATURES)
-        dw = dw_part.sum(0).view(w.shape).to(ctx.weights_dtype)
-        return d_o, dw, None
+                                  BT=BLOCK_TOKENS, BF=BLOCK_FEATURES, WANT_DW=want_dw)
+        dw = dw_part.sum(0).view(w.shape).to(ctx.weights_dtype) if want_dw else None
+        return d_o, dw, None, None
 
 
-def triton_mom_combine(o: torch.Tensor, weights: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+def triton_mom_combine(o: torch.Tensor, weights: torch.Tensor, dest: torch.Tensor,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """o: [P, F] sorted copies' outputs (bf16/fp16/fp32); weights: [B, T, k]; dest: [B·T·k]
-    int64 sorted position of each copy. Returns [B·T, F] in o's dtype."""
+    int64 sorted position of each copy. Returns [B·T, F] in `out_dtype` (default o's)."""
     if o.dtype == torch.float64:
         raise TypeError("the Triton combine takes bf16, fp16 or fp32; use backend='torch' for float64")
-    return _TritonCombine.apply(o.contiguous(), weights, dest.contiguous())
+    return _TritonCombine.apply(o.contiguous(), weights, dest.contiguous(), out_dtype or o.dtype)

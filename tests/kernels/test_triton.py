@@ -185,6 +185,36 @@ def test_no_tokens_pass_the_initial_state_through(lengths):
 
 
 @cpu_only
+@pytest.mark.parametrize("decay", [None, "g"])
+def test_row_weight(decay):
+    """o = w_t · o_t per token (MoM's routing weights), with w's gradient; a zero weight
+    gets gradient 0 by contract (what it multiplies upstream is zero too)."""
+    lengths = [20, 1, 39]
+    cu = random_cu_seqlens(lengths)
+    q, k, v, g, _, h0 = random_inputs(1, 60, 2, 16, 16, decay=decay, dtype=torch.float32, n_states=3)
+    g = None if g is None else g.detach().requires_grad_(True)
+    w = torch.rand(60).requires_grad_(True)
+    with torch.no_grad():
+        w[7] = 0.0
+    inputs = [x for x in (q, k, v, g, h0, w) if x is not None]
+    o, s = tla.triton_linear_attention(q, k, v, g, 0.25, h0, True, cu, row_weight=w, **SMALL)
+    ref = [x.detach().double().requires_grad_(True) for x in inputs]
+    rq, rk, rv, *rest = ref
+    rg = rest.pop(0) if g is not None else None
+    rh0, rw = rest
+    o_ref, s_ref = naive_linear_attention(rq, rk, rv, rg, scale=0.25, initial_state=rh0,
+                                          output_final_state=True, cu_seqlens=cu)
+    o_ref = o_ref * rw[None, :, None, None]
+    assert rel_err(o, o_ref) < FP32_TOL and rel_err(s, s_ref) < FP32_TOL
+    d_o, d_s = torch.randn_like(o_ref), torch.randn_like(s_ref)
+    got = grads([o, s], inputs, [d_o.float(), d_s.float()])
+    want = grads([o_ref, s_ref], ref, [d_o, d_s])
+    want[-1][7] = 0.0
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < FP32_TOL
+
+
+@cpu_only
 def test_strong_decay_does_not_overflow():
     """Log-decays near -30 per token: the masked exp must not produce inf or NaN."""
     q, k, v, _, _, _ = random_inputs(1, 64, 1, 16, 16, dtype=torch.float32, requires_grad=False)
@@ -257,3 +287,11 @@ def test_gpu_bf16(decay, B, T, H, D, lengths):
            out_tol=GPU_OUT_TOL, device="cuda", oracle_dtype=torch.float32,
            triton_context=no_host_sync)
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", [None, "g"])
+def test_gpu_bf16_long_segments(decay):
+    # 4096-token segments (the longest, the default at long T) and dg's sums over 32K tokens.
+    torch.manual_seed(0)
+    _check(1, 32768, 4, 128, 128, decay, dtype=torch.bfloat16, tol=GPU_GRAD_TOL, out_tol=GPU_OUT_TOL,
+           device="cuda", oracle_dtype=torch.float32, triton_context=no_host_sync, segment_chunks=64)
