@@ -45,6 +45,9 @@ With a decay, dg follows from `dB_t = q_t·dq_t − k_t·dk_t` (fp32, from the k
 accumulators): dg is the reverse cumulative sum of dB within each sequence plus
 `<d final_state, final_state>` of that sequence (the final state scales with every g).
 
+A row weight w (MoM's routing weights) makes the output w_t·o_t; the backward applies
+w in fp32 inside the kernels rather than receiving w·do rounded to bf16.
+
 `TritonPhases` groups these launches at their data dependencies: summary + scan (reads
 k, v, g; gives the final states) | output | dq (needs no d final_state) | reverse scan +
 dk/dv + dg epilogue, so that LASP-2 can run its collectives in between
