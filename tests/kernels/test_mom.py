@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import lasp.kernels.mom as mom
 from lasp.kernels.mom import (load_balancing_loss, mixture_of_memories, mom_dispatch, mom_projection,
                               mom_reference, mom_route, mom_state_output)
+from tests.bf16_interpreter import bf16_interpreter
+from tests.kernels.test_mom_gpu import check_bf16_against_fp32
 from tests.utils import random_cu_seqlens, rel_err
 
 triton_mom = pytest.importorskip("lasp.kernels.triton_mom")
@@ -121,6 +123,13 @@ def test_triton_half_precision():
     assert pairs[0][1].dtype == torch.float16
     for name, got, want in pairs:
         assert rel_err(got, want) <= 3e-3, f"{name}: rel err {rel_err(got, want):.2e}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tier (CPU)")
+@pytest.mark.parametrize("decay", [None, "g_gamma", "g"])
+def test_triton_bf16_as_on_the_gpu(decay):
+    """The GPU tier's bf16 bound at a small shape, the interpreter computing bf16 as a GPU."""
+    check_bf16_against_fp32(decay, 1, 2048, 4, 2, 2, 64, [500, 1, 1000, 547], "cpu", bf16_interpreter)
 
 
 def test_dispatch_is_a_stable_counting_sort():

@@ -36,11 +36,18 @@ TOL = dict(o=3e-3, dq=3e-3, dk=3e-3, dv=3e-3, dlogits=5e-3, dg=5e-3)
     (1, 4096, 8, 1, 2, 128, None),
 ])
 def test_bf16_matches_fp32(decay, B, T, M, top_k, H, D, lengths):
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    check_bf16_against_fp32(decay, B, T, M, top_k, H, D, lengths, "cuda", no_host_sync)
+
+
+def check_bf16_against_fp32(decay, B, T, M, top_k, H, D, lengths, device, context):
+    """The Triton path in bf16 against the torch path in fp32 on the same routing and the
+    same (rounded) inputs, within TOL; `context` wraps routing, dispatch, kernels and
+    combine (no host sync on the GPU, bf16 emulation in the CPU interpreter)."""
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape):
-        return torch.randn(*shape, device="cuda", generator=gen)
-    cu = None if lengths is None else random_cu_seqlens(lengths, "cuda")
+        return torch.randn(*shape, device=device, generator=gen)
+    cu = None if lengths is None else random_cu_seqlens(lengths, device)
     logits = (2 * rand(B, T, M)).requires_grad_()
     q, k, v = rand(B, T, H, D), rand(B, T, M, H, D), rand(B, T, M, H, D)
     g = F.logsigmoid(rand(B, T, M, H) + 4).requires_grad_() if decay == "g" else None
@@ -50,7 +57,7 @@ def test_bf16_matches_fp32(decay, B, T, M, top_k, H, D, lengths):
     leaves32 = [x.detach().float().requires_grad_() for x in leaves16]     # the same (rounded) values
     # With k = 1 the renormalised weight is exactly 1: the router gets no gradient to compare.
     extra = ([logits] if top_k > 1 else []) + ([g] if g is not None else [])
-    with no_host_sync():                                # routing, dispatch, kernels, combine
+    with context():
         weights, indices, _ = mom_route(logits, top_k)
         plan = mom_dispatch(indices, M, cu)
         o16, _ = mixture_of_memories(*leaves16, weights, plan, g, g_gamma, backend="triton")

@@ -18,6 +18,7 @@ import torch
 
 from lasp.kernels import linear_attention, linear_attention_phases, naive_linear_attention
 from lasp.kernels.reference import chunk_linear_attention
+from tests.bf16_interpreter import bf16_interpreter
 from tests.utils import grads, no_host_sync, random_cu_seqlens, random_inputs, rel_err
 
 tla = pytest.importorskip("lasp.kernels.triton_linear_attention")
@@ -25,6 +26,7 @@ tla = pytest.importorskip("lasp.kernels.triton_linear_attention")
 CPU = not torch.cuda.is_available()
 cpu_only = pytest.mark.skipif(not CPU, reason="interpreter tier (CPU)")
 FP32_TOL = 2e-5
+GPU_OUT_TOL, GPU_GRAD_TOL = 3e-3, 5e-3  # the GPU tier's bounds (bf16 against the fp32 oracle)
 
 
 @pytest.fixture(autouse=True)
@@ -157,6 +159,16 @@ def test_half_precision():
 
 
 @cpu_only
+@pytest.mark.parametrize("decay", [None, "g"])
+def test_bf16_as_on_the_gpu(decay):
+    """The GPU tier's bf16 bounds at a small shape, the interpreter computing bf16 as a
+    GPU does: dg's sequence-long sums need the kernels' rounding residuals here too."""
+    torch.manual_seed(0)
+    _check(1, 2048, 2, 64, 64, decay, lengths=[700, 1, 1347], dtype=torch.bfloat16, tol=GPU_GRAD_TOL,
+           out_tol=GPU_OUT_TOL, triton_context=bf16_interpreter)
+
+
+@cpu_only
 def test_public_api_dispatches_here_with_fixed_decay():
     q, k, v, _, g_gamma, h0 = random_inputs(2, 40, 2, 16, 16, decay="g_gamma", dtype=torch.float32,
                                             n_states=2)
@@ -270,7 +282,6 @@ def test_phases_one_by_one(backend, dtype, tol, decay, lengths):
 
 # ------------------------------------------------------------------ GPU tier
 
-GPU_OUT_TOL, GPU_GRAD_TOL = 3e-3, 5e-3
 
 
 @pytest.mark.gpu
