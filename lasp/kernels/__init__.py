@@ -2,7 +2,7 @@
 Mixture-of-Memories on top of it, and the local softmax-attention backends that LASP-2H
 runs on each rank.
 
-Never imports torch.distributed: `lasp.parallel` composes these ops across ranks.
+Single-device only: `lasp.parallel` composes these ops across ranks (no collectives here).
 """
 
 from lasp.kernels.linear_attention import linear_attention, linear_attention_phases
