@@ -19,7 +19,6 @@ Runs in well under three minutes on one H100 (most of it is Triton compilation).
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ import triton
 
 from lasp.kernels.reference import chunk_linear_attention
 from lasp.kernels.triton_linear_attention import triton_linear_attention
+from lasp.sync import no_host_sync
 
 OUT_TOL, GRAD_TOL = 3e-3, 5e-3
 
@@ -48,16 +48,6 @@ def make_inputs(B, T, H, K, V, decay, n_states, requires_grad=True, dtype=torch.
         if x is not None:
             x.requires_grad_(requires_grad)
     return tensors
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def check_accuracy(B, T, H, D, decay, lengths) -> bool:

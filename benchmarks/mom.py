@@ -1,7 +1,7 @@
 """Mixture-of-Memories layer, fwd+bwd on one GPU: lasp's MoM vs k runs of a plain
 linear-attention layer of the same width, vs fla's MoM layer, and a CUDA-graph step.
 
-    python benchmarks/mom.py [--tokens 8192,32768,131072] [--out DIR]
+    python benchmarks/mom.py [--tokens 8192,32768,131072] [--profile] [--out DIR]
 
 bf16, hidden 2048, 16 heads of 128, M = 4 memories, top k = 2, B = 1, fixed (RetNet)
 decay. Rows, per sequence length T (median ms of forward + backward of the layer, its
@@ -27,6 +27,9 @@ input and every parameter, after warm-up; peak memory above the inputs):
 - `lasp MoM train step eager` / `... CUDA graph`: forward, backward and an SGD step of
   the MoM layer, run eagerly and as one captured CUDA graph replayed (the sync-free
   path makes the capture possible); the graph's loss is checked against eager's.
+
+`--profile` also writes mom_profile_T.txt per T: the CUDA kernels of one step of the
+MoM op and of the layer, by total GPU time (where the overhead over k plain runs goes).
 
 Prints a table last; writes mom.json (device, versions, shapes, medians, ratios) to
 DIR (default $OUT, else benchmarks/results/).
@@ -64,6 +67,20 @@ def measure(step):
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 1e9
     return do_bench(step, warmup=25, rep=200, return_mode="median"), peak
+
+
+def profile_table(step, label, path):
+    """Append the GPU-time table of three runs of `step` (after warm-up) to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    with open(path, "a") as f:
+        f.write(f"== {label} (3 steps)\n{table}\n")
 
 
 def layer_step(layer, x, returns_aux):
@@ -152,6 +169,7 @@ def graph_steps(layer, x):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", default="8192,32768,131072")
+    parser.add_argument("--profile", action="store_true", help="also write per-kernel GPU-time tables")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
     results, notes = [], {}
@@ -213,6 +231,12 @@ def main():
         ops = record(f"linear_attention op x{TOP_K}", T, plain_ops)
         if op and ops:
             op["x_plain_k"] = op["ms"] / ops["ms"]
+        if args.profile:
+            profile_path = os.path.join(args.out, f"mom_profile_{T}.txt")
+            for label, step in (("lasp MoM op", mom_op), (f"linear_attention op x{TOP_K}", plain_ops),
+                                ("lasp MoM", layer_step(mom, x, True)),
+                                ("plain LinearAttention", layer_step(plain, x, False))):
+                profile_table(step, f"{label} T={T}", profile_path)
         if fla is not None:
             fla_row = record("fla MomAttention", T, layer_step(fla, x, False))
             if fla_row and rows[0]:

@@ -6,6 +6,7 @@
 - `lasp.parallelize(model, group)`, `lasp.shard_batch(...)`, `lasp.causal_lm_loss(...)`:
   make a model (lasp's or a transformers Llama-family one) sequence-parallel, shard its
   data, and compute its loss under the sharding contract.
+- `lasp.no_host_sync()`: check that a training step never waits for the GPU.
 
 The top-level names are imported on first use, so `import lasp` stays light (no transformers).
 """
@@ -19,6 +20,7 @@ _LAZY = {
     "causal_lm_loss": "lasp.loss",
     "chunked_cross_entropy": "lasp.loss",
     "sum_gradients": "lasp.loss",
+    "no_host_sync": "lasp.sync",
 }
 
 

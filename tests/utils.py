@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
+
+from lasp.sync import no_host_sync  # noqa: F401 - re-exported for the test modules
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,14 +52,3 @@ def grads(outputs, inputs, cotangents):
     live = [x for x in inputs if x is not None]
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None]
     return torch.autograd.grad([o for o, _ in pairs], live, [c for _, c in pairs])
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    """Fail on any host-device synchronisation inside (CUDA only)."""
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")

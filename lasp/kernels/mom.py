@@ -14,13 +14,17 @@ How it runs, with no host synchronisation and no loop over memories:
    counting sort (cumulative sums of the routing mask: stable, fixed shapes) and gives
    device-side offsets of the M·R *streams* (R rows: batch rows, or packed documents).
    Streams are memory-major: stream m·R + r is memory m on row r.
-2. The copies' queries, keys, values and decays are gathered into that order
-   (`MoMPlan.copies`, `MoMPlan.select`, or `mom_projection`, which projects only the
-   routed copies with a grouped matmul where torch has a sync-free one).
-3. ONE varlen `linear_attention` call runs every stream (B = 1, `cu_seqlens` = the
-   stream offsets); a fixed `g_gamma` decays once per routed token of the memory.
-4. `MoMPlan.combine` gathers each token's k outputs back and sums them with the routing
-   weights (fused in one Triton kernel on the Triton backend).
+2. The copies' keys, values and decays are gathered into that order (`MoMPlan.select`,
+   or `mom_projection`, which projects only the routed copies with a grouped matmul
+   where torch has a sync-free one).
+3. ONE varlen linear-attention call runs every stream (B = 1, `cu_seqlens` = the stream
+   offsets); a fixed `g_gamma` decays once per routed token of the memory.
+4. Each token's k outputs are gathered back and summed with the routing weights.
+
+On the Triton backend steps 3 and 4 are one autograd node (`triton_mom_streams`): the
+kernels read each copy's query and output gradient from its token's row, weight the
+outputs in fp32 and keep them fp32 until the sum. The torch backend materialises the
+query copies (`MoMPlan.copies`) and combines with `MoMPlan.combine`.
 
 Every step is differentiable (router weights included). `mom_reference` is the oracle:
 a Python loop over memories and sequences on the naive recurrence, any dtype.
@@ -146,32 +150,27 @@ class MoMPlan:
             return out.index_copy_(0, rows, grad)
         return _Rows.apply(x.reshape(N * M, *rest), rows, adjoint)
 
-    def combine(self, o: torch.Tensor, weights: torch.Tensor | None, backend: str | None = None,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def combine(self, o: torch.Tensor, weights: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """Sorted copies' outputs [B·T·k, H, V] -> [B, T, H, V]: Σ_j w_tj · o_{copy (t, j)}.
 
-        weights None sums the copies (weights already applied). fp32 accumulation, the
-        result in `out_dtype` (default o's dtype). backend "triton" fuses the gather, the
+        fp32 accumulation, the result in o's dtype. backend "triton" fuses the gather, the
         weighting and the sum (and their backward) in one kernel each.
         """
-        out_dtype = o.dtype if out_dtype is None else out_dtype
         B, T, k = self.indices.shape
         if o.dim() < 2 or o.shape[0] != self.num_copies:
             raise ValueError(f"o must hold the {self.num_copies} sorted copies on dim 0, got {tuple(o.shape)}")
-        if weights is None:
-            weights = torch.ones(B, T, k, device=o.device)
-        elif tuple(weights.shape) != (B, T, k):
+        if tuple(weights.shape) != (B, T, k):
             raise ValueError(f"weights must be [B, T, k] = {(B, T, k)}, got {tuple(weights.shape)}")
         if _pick_backend(backend, o) == "triton":
             from lasp.kernels.triton_mom import triton_mom_combine
-            out = triton_mom_combine(o.reshape(o.shape[0], -1), weights, self.dest, out_dtype)
+            out = triton_mom_combine(o.reshape(o.shape[0], -1), weights, self.dest)
             return out.view(B, T, *o.shape[1:])
         src = self.src
         per_copy = _Rows.apply(o, self.dest, lambda grad: grad.index_select(0, src))
         acc = accumulation_dtype(o.dtype)
         per_copy = per_copy.view(B, T, k, *o.shape[1:]).to(acc)
         w = weights.to(acc).reshape(B, T, k, *([1] * (o.dim() - 1)))
-        return (per_copy * w).sum(2).to(out_dtype)
+        return (per_copy * w).sum(2).to(o.dtype)
 
 
 def mom_dispatch(indices: torch.Tensor, num_memories: int, cu_seqlens: torch.Tensor | None = None, *,
@@ -252,25 +251,31 @@ class _GroupedProjection(torch.autograd.Function):
         return dx, torch.where(sizes[:, None, None] > 0, dw, torch.zeros_like(dw)), None
 
 
-def mom_projection(x: torch.Tensor, weight: torch.Tensor, plan: MoMPlan, *, grouped: bool | None = None):
+def mom_projection(x: torch.Tensor, weight, plan: MoMPlan, *, grouped: bool | None = None):
     """Each routed copy's projection by its memory's weight, in the plan's sorted order.
 
-    x: [B, T, in]; weight: [M, out, in] (one nn.Linear weight per memory). Returns
-    [B·T·k, out]. `grouped` (default: where it is sync-free, see `_grouped_mm_ok`)
-    projects only the k routed copies of each token with one grouped matmul; otherwise
-    every memory's projection of every token is computed (M/k times the FLOPs) and each
-    copy's row selected.
+    x: [B, T, in]; weight: [M, out, in] (one nn.Linear weight per memory), or a tuple of
+    such weights (e.g. keys and values: the copies of x are gathered once for all).
+    Returns [B·T·k, out] (a tuple for a tuple). `grouped` (default: where it is
+    sync-free, see `_grouped_mm_ok`) projects only the k routed copies of each token with
+    one grouped matmul per weight; otherwise every memory's projection of every token is
+    computed (M/k times the FLOPs) and each copy's row selected.
     """
     plan._token_shape("x", x, 1)
-    check_tensor("weight", weight, 3)
-    if weight.shape[0] != plan.num_memories or weight.shape[2] != x.shape[-1]:
-        raise ValueError(f"weight must be [M, out, in] with M={plan.num_memories}, in={x.shape[-1]}, "
-                         f"got {tuple(weight.shape)}")
+    weights = tuple(weight) if isinstance(weight, (tuple, list)) else (weight,)
+    for w in weights:
+        check_tensor("weight", w, 3)
+        if w.shape[0] != plan.num_memories or w.shape[2] != x.shape[-1]:
+            raise ValueError(f"weight must be [M, out, in] with M={plan.num_memories}, in={x.shape[-1]}, "
+                             f"got {tuple(w.shape)}")
     if grouped is None:
-        grouped = _grouped_mm_ok(x, weight)
+        grouped = all(_grouped_mm_ok(x, w) for w in weights)
     if grouped:
-        return _GroupedProjection.apply(plan.copies(x).contiguous(), weight.to(x.dtype), plan.memory_ends)
-    return plan.select(torch.einsum("bti,moi->btmo", x, weight.to(x.dtype)))
+        copies = plan.copies(x).contiguous()
+        out = tuple(_GroupedProjection.apply(copies, w.to(x.dtype), plan.memory_ends) for w in weights)
+    else:
+        out = tuple(plan.select(torch.einsum("bti,moi->btmo", x, w.to(x.dtype))) for w in weights)
+    return out if isinstance(weight, (tuple, list)) else out[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -368,9 +373,8 @@ def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *
     gs = None if g is None else plan.select(g)[None]
     backend = _pick_backend(backend, q)
     if backend == "triton":
-        o, final = _triton_streams(q, ks, vs, gs, g_gamma, weights, scale, initial_state,
-                                   output_final_state, plan)
-        out = plan.combine(o[0], None, backend, out_dtype=q.dtype)
+        out, final = _triton_streams(q, ks, vs, gs, g_gamma, weights, scale, initial_state,
+                                     output_final_state, plan)
     else:
         o, final = linear_attention(plan.copies(q)[None], ks[None], vs[None], gs, g_gamma, scale=scale,
                                     initial_state=initial_state, output_final_state=output_final_state,
@@ -381,23 +385,19 @@ def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *
 
 def _triton_streams(q, ks, vs, gs, g_gamma, weights, scale, initial_state, output_final_state,
                     plan: MoMPlan):
-    """Every stream's linear attention in one Triton varlen call, each copy's output
-    already weighted, in fp32. bf16 rounds once, in the sum of a token's copies: q's copies
-    go in as fp32 (so o and dq leave the kernels unrounded; the kernels round q for the
-    dots), and the routing weights as the kernels' row weight (so the backward gets the
-    unweighted, exact do and applies w in fp32, instead of w·do rounded to bf16)."""
+    """Every stream's linear attention in one Triton varlen call, combined
+    (`triton_mom_streams`: bf16 rounds once, in the sum of a token's copies)."""
     from lasp.kernels.linear_attention import _check_triton_head_dims
-    from lasp.kernels.triton_linear_attention import triton_linear_attention
+    from lasp.kernels.triton_mom import triton_mom_streams
 
     _check_triton_head_dims(ks, vs)
     P, H, K = ks.shape
     if g_gamma is not None:
         gs = g_gamma.float()[None, None, :].expand(1, P, H)
     copy_weights = weights.reshape(-1).index_select(0, plan.src)
-    return triton_linear_attention(
-        plan.copies(q.float())[None], ks[None], vs[None], None if gs is None else gs.float().contiguous(),
-        float(K ** -0.5 if scale is None else scale), None if initial_state is None else initial_state.float(),
-        output_final_state, plan.cu_seqlens, row_weight=copy_weights)
+    return triton_mom_streams(
+        q, ks, vs, None if gs is None else gs.float().contiguous(), float(K ** -0.5 if scale is None else scale),
+        None if initial_state is None else initial_state.float(), output_final_state, copy_weights, plan)
 
 
 def routed_log_decay(indices, num_memories: int, g=None, g_gamma=None, dtype=torch.float32):

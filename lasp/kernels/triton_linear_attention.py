@@ -44,6 +44,10 @@ and M_ts = exp(Γ_t − Γ_s) for s ≤ t, 0 otherwise (masked before the exp, s
 With a decay, dg follows from `dB_t = q_t·dq_t − k_t·dk_t` (fp32, from the kernels'
 accumulators): dg is the reverse cumulative sum of dB within each sequence plus
 `<d final_state, final_state>` of that sequence (the final state scales with every g).
+Those long sums cancel q·dq against k·dk, which amplifies any rounding inside dB, so when
+g requires grad (`_Plan.decay_grad`, the kernels' DG switch) the states and state
+gradients add back their bf16 rounding residuals in extra dots; a fixed decay (g_gamma
+as a buffer) skips them and dB.
 
 A row weight w (MoM's routing weights) makes the output w_t·o_t; the backward applies
 w in fp32 inside the kernels rather than receiving w·do rounded to bf16.
@@ -159,6 +163,14 @@ def _load_tile(ptr, offs_t, mask_t, h, offs_d, D: tl.constexpr, H: tl.constexpr)
 
 
 @triton.jit
+def _query_rows(rows, offs_t, mask_t, GATHER: tl.constexpr):
+    """Rows of q and do that positions `offs_t` read: rows[t] when GATHER, else t."""
+    if GATHER:
+        return tl.load(rows + offs_t, mask=mask_t, other=0)
+    return offs_t
+
+
+@triton.jit
 def _store_tile(ptr, value, offs_t, mask_t, h, offs_d, D: tl.constexpr, H: tl.constexpr):
     ptrs = ptr + (offs_t[:, None] * H + h) * D + offs_d[None, :]
     tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask_t[:, None] & (offs_d < D)[None, :])
@@ -178,22 +190,25 @@ def _state_ptrs(ptr, s, h, offs_k, offs_v, H: tl.constexpr, K: tl.constexpr, V: 
 
 
 @triton.jit
-def _decayed_outer_acc(a, weight, b, acc):
-    """acc + (a ⊙ weight)ᵀ b with `a ⊙ weight` split into a rounded part and its rounding
-    residual, both in b's dtype: the decay-weighted operand is not exact in bf16, and the
-    states it builds feed the decay gradient, which sums over the whole sequence."""
+def _decayed_outer_acc(a, weight, b, acc, EXACT: tl.constexpr):
+    """acc + (a ⊙ weight)ᵀ b, `a ⊙ weight` rounded to b's dtype for the dot. EXACT adds
+    its rounding residual in a second dot: the states built so feed the decay gradient,
+    whose sums over a whole sequence cancel q·dq against k·dk and would amplify it."""
     scaled = a.to(tl.float32) * weight[:, None]
     rounded = scaled.to(b.dtype)
     acc = tl.dot(tl.trans(rounded), b, acc)
-    return tl.dot(tl.trans((scaled - rounded.to(tl.float32)).to(b.dtype)), b, acc)
+    if EXACT:
+        acc = tl.dot(tl.trans((scaled - rounded.to(tl.float32)).to(b.dtype)), b, acc)
+    return acc
 
 
 @triton.jit
 def _fwd_summary_kernel(k, v, g, seg_bounds, U, G_seg, T, SEG_TOKENS, SEGS_PER_SEQ,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr,
-                        USE_G: tl.constexpr, VARLEN: tl.constexpr):
-    """U_s = Σ_chunks decayed kᵀv of segment s from a zero state; G_s = Σ g over s."""
+                        USE_G: tl.constexpr, DG: tl.constexpr, VARLEN: tl.constexpr):
+    """U_s = Σ_chunks decayed kᵀv of segment s from a zero state; G_s = Σ g over s. DG:
+    the decay's gradient will be wanted (states exact to fp32, `_decayed_outer_acc`)."""
     NV: tl.constexpr = triton.cdiv(V, BV)
     n_tiles: tl.constexpr = triton.cdiv(K, BK) * NV
     tile = tl.program_id(0) % n_tiles
@@ -212,7 +227,7 @@ def _fwd_summary_kernel(k, v, g, seg_bounds, U, G_seg, T, SEG_TOKENS, SEGS_PER_S
         b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
         if USE_G:
             gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
-            state = _decayed_outer_acc(b_k, tl.exp(g_last - gam), b_v, state * tl.exp(g_last))
+            state = _decayed_outer_acc(b_k, tl.exp(g_last - gam), b_v, state * tl.exp(g_last), DG)
             g_total += g_last
         else:
             state = tl.dot(tl.trans(b_k), b_v, state)
@@ -267,12 +282,13 @@ def _scan_kernel(U, G_seg, init, out, seq_segs, SEGS_PER_SEQ,
 
 
 @triton.jit
-def _fwd_output_kernel(q, k, v, g, w, seg_bounds, H_in, o, scale, T, SEG_TOKENS, SEGS_PER_SEQ,
+def _fwd_output_kernel(q, k, v, g, w, rows, seg_bounds, H_in, o, scale, T, SEG_TOKENS, SEGS_PER_SEQ,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr,
-                       USE_G: tl.constexpr, ROW_WEIGHT: tl.constexpr, VARLEN: tl.constexpr):
+                       BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                       ROW_WEIGHT: tl.constexpr, GATHER: tl.constexpr, VARLEN: tl.constexpr):
     """Outputs of segment s for one V-tile, carrying the state (all of K) chunk to chunk;
-    ROW_WEIGHT scales each token's output by w[token] (fp32) before it is stored."""
+    ROW_WEIGHT scales each token's output by w[token] (fp32) before it is stored; GATHER
+    reads position t's query from row rows[t] of q."""
     NV: tl.constexpr = triton.cdiv(V, BV)
     s = tl.program_id(0) // NV
     h = tl.program_id(1)
@@ -286,7 +302,7 @@ def _fwd_output_kernel(q, k, v, g, w, seg_bounds, H_in, o, scale, T, SEG_TOKENS,
     for i in range(tl.cdiv(end - start, C)):
         offs_t = start + i * C + tl.arange(0, C)
         mask_t = offs_t < end
-        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(k.dtype.element_ty)
+        b_q = _load_tile(q, _query_rows(rows, offs_t, mask_t, GATHER), mask_t, h, offs_k, K, H)
         b_k = _load_tile(k, offs_t, mask_t, h, offs_k, K, H)
         b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
         scores = tl.dot(b_q, tl.trans(b_k)) * scale
@@ -308,20 +324,22 @@ def _fwd_output_kernel(q, k, v, g, w, seg_bounds, H_in, o, scale, T, SEG_TOKENS,
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, g, w, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
+def _bwd_dq_kernel(q, k, v, g, w, rows, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
                    SEG_TOKENS, SEGS_PER_SEQ,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr,
-                   USE_G: tl.constexpr, ROW_WEIGHT: tl.constexpr, VARLEN: tl.constexpr):
+                   USE_G: tl.constexpr, DG: tl.constexpr, ROW_WEIGHT: tl.constexpr,
+                   GATHER: tl.constexpr, VARLEN: tl.constexpr):
     """dq of segment s for one K-tile (all of V), and the segment's local state gradient.
 
     Walks forward from the segment's incoming state h. dU_s = Σ_c e^{Σ_{c'<c} γ_c'} ·
     scale (q ⊙ e^Γ)ᵀ do over the segment's chunks c (the gradient of the segment's
-    outputs w.r.t. its incoming state). With a decay or a row weight also writes this
-    K-tile's share of Σ_k q⊙dq per token to dB_q[token, head, K-tile].
+    outputs w.r.t. its incoming state). With the decay's gradient (DG) or a row weight
+    also writes this K-tile's share of Σ_k q⊙dq per token to dB_q[token, head, K-tile].
 
     ROW_WEIGHT: the output was w ⊙ o, so the true cotangent of o is w_t·do_t. It enters
-    in fp32 (dq's rows, the decay weights of dU) instead of rounding w·do for the dots.
+    in fp32 (dq's rows, the weights of dU, exact as in `_decayed_outer_acc`) instead of
+    rounding w·do for the dots. GATHER: position t's q and do are row rows[t] of q, do.
     """
     NK: tl.constexpr = triton.cdiv(K, BK)
     kt = tl.program_id(0) % NK
@@ -339,19 +357,21 @@ def _bwd_dq_kernel(q, k, v, g, w, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
     for i in range(tl.cdiv(end - start, C)):
         offs_t = start + i * C + tl.arange(0, C)
         mask_t = offs_t < end
-        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(k.dtype.element_ty)
+        q_rows = _query_rows(rows, offs_t, mask_t, GATHER)
+        b_q = _load_tile(q, q_rows, mask_t, h, offs_k, K, H)
         b_k = _load_tile(k, offs_t, mask_t, h, offs_k, K, H)
         b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
-        b_do = _load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(v.dtype.element_ty)
+        b_do = _load_tile(do, q_rows, mask_t, h, offs_v, V, H).to(v.dtype.element_ty)
         if ROW_WEIGHT:
             b_w = tl.load(w + offs_t, mask=mask_t, other=0.0)
         dp = tl.dot(b_do, tl.trans(b_v)) * scale
         state_in = state.to(b_do.dtype)
         b_dq = tl.dot(b_do, tl.trans(state_in))
-        if USE_G:
+        if DG:
             # dg sums q·dq over the whole sequence, where the state's rounding to the dot
             # dtype (2^-9 in bf16) would accumulate: the rounding residual goes in too.
             b_dq = tl.dot(b_do, tl.trans((state - state_in.to(tl.float32)).to(b_do.dtype)), b_dq)
+        if USE_G:
             gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
             dp *= tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
             b_dq *= (tl.exp(gam) * scale)[:, None]
@@ -364,7 +384,7 @@ def _bwd_dq_kernel(q, k, v, g, w, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
             dp *= b_w[:, None]
             b_dq *= b_w[:, None]
         b_dq = tl.dot(dp.to(b_k.dtype), b_k, b_dq)
-        if USE_G or ROW_WEIGHT:
+        if DG or ROW_WEIGHT:
             tl.store(dB_q + (offs_t * H + h) * NK + kt, tl.sum(b_q.to(tl.float32) * b_dq, axis=1),
                      mask=mask_t)
         _store_tile(dq, b_dq, offs_t, mask_t, h, offs_k, K, H)
@@ -372,12 +392,12 @@ def _bwd_dq_kernel(q, k, v, g, w, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
             q_weight = tl.exp(gam + g_before)
             if ROW_WEIGHT:
                 q_weight *= b_w
-            d_state = _decayed_outer_acc(b_q, q_weight, b_do, d_state)
-            state = _decayed_outer_acc(b_k, tl.exp(g_last - gam), b_v, state * tl.exp(g_last))
+            d_state = _decayed_outer_acc(b_q, q_weight, b_do, d_state, DG or ROW_WEIGHT)
+            state = _decayed_outer_acc(b_k, tl.exp(g_last - gam), b_v, state * tl.exp(g_last), DG)
             g_before += g_last
         else:
             if ROW_WEIGHT:
-                d_state = _decayed_outer_acc(b_q, b_w, b_do, d_state)
+                d_state = _decayed_outer_acc(b_q, b_w, b_do, d_state, True)
             else:
                 d_state = tl.dot(tl.trans(b_q), b_do, d_state)
             state = tl.dot(tl.trans(b_k), b_v, state)
@@ -387,20 +407,21 @@ def _bwd_dq_kernel(q, k, v, g, w, do, seg_bounds, H_in, dq, dU, dB_q, scale, T,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q, k, v, g, w, do, seg_bounds, dH_out, dk, dv, dB_k, scale, T,
+def _bwd_dkdv_kernel(q, k, v, g, w, rows, do, seg_bounds, dH_out, dk, dv, dB_k, scale, T,
                      SEG_TOKENS, SEGS_PER_SEQ,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, DO_DK: tl.constexpr,
-                     DO_DV: tl.constexpr, USE_G: tl.constexpr, ROW_WEIGHT: tl.constexpr,
-                     VARLEN: tl.constexpr):
+                     DO_DV: tl.constexpr, USE_G: tl.constexpr, DG: tl.constexpr,
+                     ROW_WEIGHT: tl.constexpr, GATHER: tl.constexpr, VARLEN: tl.constexpr):
     """dk and/or dv of segment s, walking its chunks backwards from its outgoing gradient.
 
     The carried dh is the gradient w.r.t. the state leaving the current chunk:
     dh ← e^γ dh + scale (q ⊙ e^Γ)ᵀ do. dv needs all of K (BK ≥ K, tiles over V); dk
-    needs all of V (BV ≥ V, tiles over K); both at once need the whole K×V tile. With a
-    decay, DO_DK also writes this K-tile's share of Σ_k k⊙dk per token to
+    needs all of V (BV ≥ V, tiles over K); both at once need the whole K×V tile. With the
+    decay's gradient (DG), DO_DK also writes this K-tile's share of Σ_k k⊙dk per token to
     dB_k[token, head, K-tile]. ROW_WEIGHT (as in the dq walk) scales the query-token
-    columns of the chunk's score matrices and the weights of dh by w, in fp32.
+    columns of the chunk's score matrices and the weights of dh by w, in fp32. GATHER
+    reads q and do as the dq walk does.
     """
     NV: tl.constexpr = triton.cdiv(V, BV)
     n_tiles: tl.constexpr = triton.cdiv(K, BK) * NV
@@ -420,10 +441,11 @@ def _bwd_dkdv_kernel(q, k, v, g, w, do, seg_bounds, dH_out, dk, dv, dB_k, scale,
     for j in range(n_chunks):
         offs_t = start + (n_chunks - 1 - j) * C + tl.arange(0, C)
         mask_t = offs_t < end
-        b_q = _load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(k.dtype.element_ty)
+        q_rows = _query_rows(rows, offs_t, mask_t, GATHER)
+        b_q = _load_tile(q, q_rows, mask_t, h, offs_k, K, H)
         b_k = _load_tile(k, offs_t, mask_t, h, offs_k, K, H)
         b_v = _load_tile(v, offs_t, mask_t, h, offs_v, V, H)
-        b_do = _load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(v.dtype.element_ty)
+        b_do = _load_tile(do, q_rows, mask_t, h, offs_v, V, H).to(v.dtype.element_ty)
         if USE_G:
             gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
         if ROW_WEIGHT:
@@ -444,10 +466,11 @@ def _bwd_dkdv_kernel(q, k, v, g, w, do, seg_bounds, dH_out, dk, dv, dB_k, scale,
         if DO_DK:
             dp_t = tl.dot(b_v, tl.trans(b_do)) * scale
             b_dk = tl.dot(b_v, tl.trans(d_state_in))
-            if USE_G:
+            if DG:
                 # As in the dq walk: the state gradient's rounding residual, for dg.
                 residual = (d_state - d_state_in.to(tl.float32)).to(b_q.dtype)
                 b_dk = tl.dot(b_v, tl.trans(residual), b_dk)
+            if USE_G:
                 dp_t *= tl.exp(tl.where(causal_t, gam[None, :] - gam[:, None], float("-inf")))
                 b_dk *= tl.exp(g_last - gam)[:, None]
             else:
@@ -456,7 +479,7 @@ def _bwd_dkdv_kernel(q, k, v, g, w, do, seg_bounds, dH_out, dk, dv, dB_k, scale,
                 dp_t *= b_w[None, :]
             b_dk = tl.dot(dp_t.to(b_q.dtype), b_q, b_dk)
             _store_tile(dk, b_dk, offs_t, mask_t, h, offs_k, K, H)
-            if USE_G:
+            if DG:
                 NK: tl.constexpr = triton.cdiv(K, BK)
                 tl.store(dB_k + (offs_t * H + h) * NK + kt,
                          tl.sum(b_k.to(tl.float32) * b_dk, axis=1), mask=mask_t)
@@ -464,9 +487,9 @@ def _bwd_dkdv_kernel(q, k, v, g, w, do, seg_bounds, dH_out, dk, dv, dB_k, scale,
             q_weight = tl.exp(gam) * scale
             if ROW_WEIGHT:
                 q_weight *= b_w
-            d_state = _decayed_outer_acc(b_q, q_weight, b_do, d_state * tl.exp(g_last))
+            d_state = _decayed_outer_acc(b_q, q_weight, b_do, d_state * tl.exp(g_last), DG or ROW_WEIGHT)
         elif ROW_WEIGHT:
-            d_state = _decayed_outer_acc(b_q, b_w * scale, b_do, d_state)
+            d_state = _decayed_outer_acc(b_q, b_w * scale, b_do, d_state, True)
         else:
             d_state += tl.dot(tl.trans(b_q), b_do) * scale
 
@@ -484,7 +507,9 @@ class _Plan:
     otherwise the upper bound cdiv(T, segment tokens) + N (surplus segments are empty).
     For packed input `seg_bounds` (int64 [n_segs, 2]: token range of each segment) and
     `seq_segs` (int64 [N+1]: first segment of each sequence) and `seq_ends` (int64 [N]:
-    cu_seqlens[1:]) are device tensors.
+    cu_seqlens[1:]) are device tensors. `decay_grad`: the decay needs its gradient (it
+    requires grad), so the kernels keep the states exact for it (their DG switch); a
+    fixed decay (g_gamma as a buffer) skips that work.
     """
 
     B: int
@@ -498,6 +523,7 @@ class _Plan:
     segs_per_seq: int
     n_segs: int
     fuse_dkdv: bool
+    decay_grad: bool
     seg_bounds: torch.Tensor | None
     seq_segs: torch.Tensor | None
     seq_ends: torch.Tensor | None
@@ -518,8 +544,8 @@ def _default_segment_chunks(tokens: int, H: int, chunk: int) -> int:
     return max(2, min(MAX_SEGMENT_CHUNKS, 1 << max(wanted, 1).bit_length() - 1))
 
 
-def _make_plan(q, v, use_g, cu_seqlens, cu_seqlens_host, chunk, segment_chunks, fuse_dkdv) -> _Plan:
-    B, T, H, K = q.shape
+def _make_plan(k, v, decay_grad, cu_seqlens, cu_seqlens_host, chunk, segment_chunks, fuse_dkdv) -> _Plan:
+    B, T, H, K = k.shape
     V = v.shape[-1]
     if not (chunk >= 16 and chunk & (chunk - 1) == 0):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk}")
@@ -554,7 +580,7 @@ def _make_plan(q, v, use_g, cu_seqlens, cu_seqlens_host, chunk, segment_chunks, 
         seg_bounds = torch.stack([start * valid, end * valid], 1).contiguous()
         seq_ends = cu[1:]
     return _Plan(B, T, H, K, V, n_seqs, chunk, seg_tokens, segs_per_seq, n_segs,
-                 fuse_dkdv, seg_bounds, seq_segs, seq_ends)
+                 fuse_dkdv, decay_grad, seg_bounds, seq_segs, seq_ends)
 
 
 def _geometry(plan: _Plan, ref: torch.Tensor):
@@ -585,58 +611,61 @@ def _forward_states(k, v, g, h0, plan: _Plan):
     BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
     _fwd_summary_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV) * NS, H)](
         k, v, g if use_g else k, seg_bounds, states, states if g_seg is None else g_seg, *sizes,
-        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, VARLEN=plan.varlen,
-        num_warps=4, num_stages=2)
+        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, DG=plan.decay_grad,
+        VARLEN=plan.varlen, num_warps=4, num_stages=2)
 
     final = _new((plan.n_seqs, H, K, V), torch.float32, dev)
     _scan(states, g_seg, h0, final, plan, reverse=False)
     return states, g_seg, final
 
 
-def _forward_output(q, k, v, g, w, states, scale, plan: _Plan):
+def _forward_output(q, k, v, g, w, rows, states, scale, plan: _Plan):
     """Output launch: every segment walked again from its incoming state (rows scaled by
-    the row weight `w` when given)."""
+    the row weight `w` when given; queries gathered by `rows` when given, the output then
+    fp32)."""
     H, K, V, NS = plan.H, plan.K, plan.V, plan.n_segs
     use_g = g is not None
     seg_bounds, sizes = _geometry(plan, q)
-    o = _new((plan.B, plan.T, H, V), q.dtype, q.device)
+    o = _new((plan.B, plan.T, H, V), q.dtype if rows is None else torch.float32, q.device)
     BK = triton.next_power_of_2(K)
     BV = min(64 if BK <= 128 else 32, triton.next_power_of_2(V))
     _fwd_output_kernel[(triton.cdiv(V, BV) * NS, H)](
-        q, k, v, g if use_g else q, q if w is None else w, seg_bounds, states, o, scale, *sizes,
-        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, ROW_WEIGHT=w is not None,
-        VARLEN=plan.varlen, num_warps=8 if BK * BV > 128 * 64 else 4, num_stages=2)
+        q, k, v, g if use_g else q, q if w is None else w, q if rows is None else rows, seg_bounds, states,
+        o, scale, *sizes, H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g,
+        ROW_WEIGHT=w is not None, GATHER=rows is not None, VARLEN=plan.varlen,
+        num_warps=8 if BK * BV > 128 * 64 else 4, num_stages=2)
     return o
 
 
-def _backward_dq(q, k, v, g, w, do, states, scale, plan: _Plan):
-    """dq launch: dq, every segment's local state gradient dU_s, and dB_q (with a decay or
-    a row weight `w`; None otherwise)."""
+def _backward_dq(q, k, v, g, w, rows, do, states, scale, plan: _Plan):
+    """dq launch: dq, every segment's local state gradient dU_s, and dB_q (for the decay's
+    gradient or a row weight `w`; None otherwise). With `rows`, dq is per position, fp32."""
     H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_segs, plan.tokens
     dev, use_g = q.device, g is not None
     seg_bounds, sizes = _geometry(plan, q)
     BV = triton.next_power_of_2(V)
     BK = min(64 if BV <= 128 else 32, triton.next_power_of_2(K))
     n_k_tiles = triton.cdiv(K, BK)
-    dq = _new(q.shape, q.dtype, dev)
+    dq = _new(k.shape, q.dtype if rows is None else torch.float32, dev)
     d_states = _new((NS, H, K, V), torch.float32, dev)
-    dB_q = _new((TT, H, n_k_tiles), torch.float32, dev) if use_g or w is not None else None
+    dB_q = _new((TT, H, n_k_tiles), torch.float32, dev) if plan.decay_grad or w is not None else None
     _bwd_dq_kernel[(n_k_tiles * NS, H)](
-        q, k, v, g if use_g else q, q if w is None else w, do, seg_bounds, states, dq, d_states,
-        q if dB_q is None else dB_q, scale, *sizes,
-        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, ROW_WEIGHT=w is not None,
-        VARLEN=plan.varlen, num_warps=8, num_stages=2)
+        q, k, v, g if use_g else q, q if w is None else w, q if rows is None else rows, do, seg_bounds,
+        states, dq, d_states, q if dB_q is None else dB_q, scale, *sizes,
+        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, DG=plan.decay_grad,
+        ROW_WEIGHT=w is not None, GATHER=rows is not None, VARLEN=plan.varlen, num_warps=8, num_stages=2)
     return dq, d_states, dB_q
 
 
-def _backward_kvg(q, k, v, g, w, do, d_final, d_states, g_seg, final, dB_q, scale, want_dh0, want_dg,
+def _backward_kvg(q, k, v, g, w, rows, do, d_final, d_states, g_seg, final, dB_q, scale, want_dh0, want_dg,
                   plan: _Plan):
     """Reverse scan (from d final_state) and dk/dv launches, then the dg epilogue: returns
     dk, dv, dg (or None), d initial_state (or None). `d_states` is overwritten."""
     H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_segs, plan.tokens
     dev, use_g = q.device, g is not None
     seg_bounds, sizes = _geometry(plan, q)
-    common = dict(H=H, K=K, V=V, C=plan.chunk, USE_G=use_g, ROW_WEIGHT=w is not None, VARLEN=plan.varlen)
+    common = dict(H=H, K=K, V=V, C=plan.chunk, USE_G=use_g, DG=plan.decay_grad, ROW_WEIGHT=w is not None,
+                  GATHER=rows is not None, VARLEN=plan.varlen)
 
     dh0 = _new((plan.n_seqs, H, K, V), torch.float32, dev) if want_dh0 else None
     _scan(d_states, g_seg, d_final, dh0, plan, reverse=True)
@@ -646,9 +675,9 @@ def _backward_kvg(q, k, v, g, w, do, d_final, d_states, g_seg, final, dB_q, scal
     PK, PV = triton.next_power_of_2(K), triton.next_power_of_2(V)
     BK = PK if plan.fuse_dkdv else min(64 if PV <= 128 else 32, PK)
     n_k_tiles = triton.cdiv(K, BK)
-    dB_k = _new((TT, H, n_k_tiles), torch.float32, dev) if use_g else q
-    args = (q, k, v, g if use_g else q, q if w is None else w, do, seg_bounds, d_states, dk, dv, dB_k,
-            scale, *sizes)
+    dB_k = _new((TT, H, n_k_tiles), torch.float32, dev) if plan.decay_grad else q
+    args = (q, k, v, g if use_g else q, q if w is None else w, q if rows is None else rows, do, seg_bounds,
+            d_states, dk, dv, dB_k, scale, *sizes)
     if plan.fuse_dkdv:
         _bwd_dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common,
                                      num_warps=8, num_stages=2)
@@ -659,8 +688,11 @@ def _backward_kvg(q, k, v, g, w, do, d_final, d_states, g_seg, final, dB_q, scal
         _bwd_dkdv_kernel[(n_k_tiles * NS, H)](*args, BK=BK, BV=PV, DO_DK=True, DO_DV=False,
                                               **common, num_warps=8, num_stages=2)
 
-    dg = _decay_grad(dB_q.sum(-1) - dB_k.sum(-1), final, d_final, plan) if use_g and want_dg else None
-    return dk, dv, dg, dh0
+    if not want_dg:
+        return dk, dv, None, dh0
+    if not plan.decay_grad:
+        raise RuntimeError("dg was asked for, but g did not require grad when the call was planned")
+    return dk, dv, _decay_grad(dB_q.sum(-1) - dB_k.sum(-1), final, d_final, plan), dh0
 
 
 def _decay_grad(dB, final, d_final, plan: _Plan):
@@ -706,6 +738,11 @@ class TritonPhases:
     `row_weight` (fp32 [B·T] or None, the same for every phase of a call): the output is
     w_t · o_t. MoM passes its routing weights here, so that the backward applies them in
     fp32 rather than receiving w·do rounded to the dot dtype.
+
+    `rows` (int64 [B·T] or None, the same for every phase of a call): position t's query
+    and output gradient are row rows[t] of q and do, which may then have any number of
+    rows (MoM: its routed copies read their token's row, no copies are materialised).
+    The output and dq are per position and fp32, for the caller to sum and round once.
     """
 
     plan: _Plan
@@ -715,21 +752,21 @@ class TritonPhases:
         states, g_seg, final = _forward_states(k, v, g, initial_state, self.plan)
         return final, (states, g_seg, final)
 
-    def output(self, q, k, v, g, saved, row_weight=None):
-        return _forward_output(q, k, v, g, row_weight, saved[0], self.scale, self.plan)
+    def output(self, q, k, v, g, saved, row_weight=None, rows=None):
+        return _forward_output(q, k, v, g, row_weight, rows, saved[0], self.scale, self.plan)
 
-    def grad_q(self, q, k, v, g, saved, do, row_weight=None):
+    def grad_q(self, q, k, v, g, saved, do, row_weight=None, rows=None):
         do = do.contiguous()
-        dq, d_states, dB_q = _backward_dq(q, k, v, g, row_weight, do, saved[0], self.scale, self.plan)
+        dq, d_states, dB_q = _backward_dq(q, k, v, g, row_weight, rows, do, saved[0], self.scale, self.plan)
         return dq, (do, d_states, dB_q)
 
     def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True,
-                 row_weight=None):
+                 row_weight=None, rows=None):
         """(dk, dv, dg or None, d initial_state or None)."""
         _, g_seg, final = saved
         do, d_states, dB_q = partial
         d_final = None if d_final is None else d_final.float().contiguous()
-        return _backward_kvg(q, k, v, g, row_weight, do, d_final, d_states, g_seg, final, dB_q,
+        return _backward_kvg(q, k, v, g, row_weight, rows, do, d_final, d_states, g_seg, final, dB_q,
                              self.scale, want_dh0, want_dg and g is not None, self.plan)
 
     @staticmethod
@@ -773,8 +810,8 @@ def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, cu_seqlens_host=
     """`TritonPhases` for these inputs (arguments as in `triton_linear_attention`), and the
     inputs in the form its phases take: (q, k, v, g, initial_state), contiguous, the decay
     and the state in fp32 (differentiable conversions)."""
-    plan = _make_plan(q, v, g is not None, cu_seqlens, cu_seqlens_host, chunk_size, segment_chunks,
-                      fuse_dkdv)
+    plan = _make_plan(k, v, g is not None and g.requires_grad, cu_seqlens, cu_seqlens_host, chunk_size,
+                      segment_chunks, fuse_dkdv)
     inputs = (q.contiguous(), k.contiguous(), v.contiguous(),
               None if g is None else g.float().contiguous(),
               None if initial_state is None else initial_state.float().contiguous())
@@ -787,9 +824,8 @@ def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state
     """Causal chunkwise linear attention on the Triton backend (inputs already validated).
 
     Args:
-        q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32), or q in fp32 over
-            bf16/fp16 k, v (o and dq are then fp32, unrounded; the kernels round q for the
-            dots); CUDA tensors (or CPU under TRITON_INTERPRET=1); K and V in 16..256.
+        q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32); CUDA tensors (or CPU
+            under TRITON_INTERPRET=1); K and V in 16..256.
         g: None or [B,T,H] float32 natural-log decay per token (≤ 0).
         scale: python float multiplying q.
         initial_state: None or [N,H,K,V] float32 (N = B, or len(cu_seqlens) - 1).

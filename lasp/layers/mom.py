@@ -90,8 +90,8 @@ class MixtureOfMemories(nn.Module):
         weights, indices, probs = mom_route(self.router(x), self.top_k)
         plan = local_plan(indices, M, layout=layout, cu_seqlens=cu_seqlens)
         q = phi(self.q_proj(x).view(B, T, H, D))
-        k = phi(mom_projection(x, self.k_proj.weight, plan)).view(-1, H, D)
-        v = mom_projection(x, self.v_proj.weight, plan).view(-1, H, D)
+        k, v = mom_projection(x, (self.k_proj.weight, self.v_proj.weight), plan)
+        k, v = phi(k).view(-1, H, D), v.view(-1, H, D)
         decay_dtype = torch.promote_types(x.dtype, torch.float32)   # log-decays are summed over time
         g = g_gamma = None
         if self.decay == "fixed":

@@ -117,7 +117,7 @@ def test_triton_matches_oracle(B, T, M, top_k, decay, lengths, empty):
 
 
 def test_triton_half_precision():
-    # q's copies go to the kernels in fp32 over fp16 k, v; the output comes back in fp16.
+    # The copies' outputs and dq stay fp32 to the sum of a token's copies; the output is fp16.
     pairs, _ = run_case(1, 40, 4, 2, 2, 16, 16, decay="g", lengths=[17, 23], dtype=torch.float16,
                         backend="triton")
     assert pairs[0][1].dtype == torch.float16
@@ -191,6 +191,26 @@ def test_grouped_projection_matches_selected_projection():
     x_rows = x.detach().reshape(B * T, n_in)[plan.src // top_k]
     memory = indices.reshape(-1)[plan.src]
     assert rel_err(selected, torch.einsum("pi,poi->po", x_rows, weight.detach()[memory])) < 1e-6
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_projection_of_a_tuple_of_weights(grouped):
+    """A tuple of weights (keys and values) projects once-gathered copies: the same
+    outputs and gradients as one call per weight."""
+    gen = torch.Generator().manual_seed(8)
+    B, T, M, top_k, n_in = 1, 25, 3, 2, 16
+    _, indices, _ = mom_route(routing_logits(B, T, M, dtype=torch.float32, gen=gen), top_k)
+    plan = mom_dispatch(indices, M)
+    x = torch.randn(B, T, n_in, generator=gen, requires_grad=True)
+    wk, wv = (torch.randn(M, n, n_in, generator=gen, requires_grad=True) for n in (8, 12))
+    dk, dv = torch.randn(plan.num_copies, 8, generator=gen), torch.randn(plan.num_copies, 12, generator=gen)
+    k, v = mom_projection(x, (wk, wv), plan, grouped=grouped)
+    k1, v1 = mom_projection(x, wk, plan, grouped=grouped), mom_projection(x, wv, plan, grouped=grouped)
+    assert rel_err(k, k1) < 1e-6 and rel_err(v, v1) < 1e-6
+    got = torch.autograd.grad([k, v], [x, wk, wv], [dk, dv])
+    want = torch.autograd.grad([k1, v1], [x, wk, wv], [dk, dv])
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-6
 
 
 @pytest.mark.parametrize("decay", [None, "g_gamma", "g"])

@@ -36,10 +36,11 @@ def poison_outputs(monkeypatch):
 
 def _check(B, T, H, K, V, decay="g", lengths=None, with_h0=True, final=True, dtype=torch.float32,
            tol=FP32_TOL, use_host=False, loss_on_output=True, device="cpu", oracle_dtype=torch.float64,
-           out_tol=None, triton_context=contextlib.nullcontext, **kernel_kw):
+           out_tol=None, triton_context=contextlib.nullcontext, decay_grad=True, **kernel_kw):
     """Run triton and the oracle on the same fresh inputs; compare o, final state, grads.
 
     `triton_context` wraps the Triton forward and backward only (not the oracle).
+    decay_grad=False: g is a fixed decay (no grad), which the kernels plan without dg.
     """
     cu = None if lengths is None else random_cu_seqlens(lengths, device)
     n = B if cu is None else len(lengths)
@@ -47,12 +48,14 @@ def _check(B, T, H, K, V, decay="g", lengths=None, with_h0=True, final=True, dty
                                       n_states=n if with_h0 else None)
     # The contract's fp32 decay and state (random_inputs draws them in `dtype`).
     g, h0 = (None if x is None else x.detach().float().requires_grad_(True) for x in (g, h0))
+    if g is not None and not decay_grad:
+        g.requires_grad_(False)
     scale = K ** -0.5
     host = None if cu is None or not use_host else cu.cpu().tolist()
     # Drawn in the kernel's dtype so that both sides see the same cotangent values.
     d_o = torch.randn(B, T, H, V, dtype=dtype, device=device).to(oracle_dtype) if loss_on_output else None
     d_s = torch.randn(n, H, K, V, dtype=oracle_dtype, device=device) if final else None
-    inputs = [q, k, v, g, h0]
+    inputs = [q, k, v, g if decay_grad else None, h0]
     with triton_context():
         o, s = tla.triton_linear_attention(q, k, v, g, scale, h0, final, cu, host, **kernel_kw)
         got = _grads([o if loss_on_output else None, s], inputs,
@@ -62,6 +65,8 @@ def _check(B, T, H, K, V, decay="g", lengths=None, with_h0=True, final=True, dty
 
     ref_inputs = [None if x is None else x.detach().to(oracle_dtype).requires_grad_(True) for x in inputs]
     rq, rk, rv, rg, rh0 = ref_inputs
+    if g is not None and not decay_grad:
+        rg = g.to(oracle_dtype)
     o_ref, s_ref = naive_linear_attention(rq, rk, rv, rg, scale=scale, initial_state=rh0,
                                           output_final_state=final, cu_seqlens=cu) \
         if device == "cpu" else chunk_linear_attention(rq, rk, rv, rg, scale=scale, initial_state=rh0,
@@ -153,19 +158,33 @@ def test_gradient_only_through_final_state(decay):
 
 
 @cpu_only
+@pytest.mark.parametrize("lengths", [None, [30, 1, 39]])
+def test_fixed_decay_without_its_gradient(lengths):
+    """g that does not require grad: planned without dg (no residual dots, no dB)."""
+    _check(1 if lengths else 2, 70, 2, 32, 32, "g", lengths=lengths, decay_grad=False, **SMALL)
+    q, k, v, g, _, _ = random_inputs(1, 40, 1, 16, 16, decay="g", dtype=torch.float32)
+    phases, inputs = linear_attention_phases(q, k, v, g.detach(), backend="triton")
+    final, saved = phases.summarize(*inputs[1:4], inputs[4])
+    dq, partial = phases.grad_q(*inputs[:4], saved, torch.randn_like(v))
+    with pytest.raises(RuntimeError, match="dg was asked for"):
+        phases.grad_kvg(*inputs[:4], saved, partial, None, want_dg=True)
+
+
+@cpu_only
 def test_half_precision():
     """fp16 dot operands (bf16 dots are not emulated by the interpreter: GPU tier)."""
     _check(1, 100, 2, 32, 32, "g", dtype=torch.float16, tol=3e-3, **SMALL)
 
 
 @cpu_only
-@pytest.mark.parametrize("decay", [None, "g"])
+@pytest.mark.parametrize("decay", [None, "g", "fixed g"])
 def test_bf16_as_on_the_gpu(decay):
     """The GPU tier's bf16 bounds at a small shape, the interpreter computing bf16 as a
     GPU does: dg's sequence-long sums need the kernels' rounding residuals here too."""
     torch.manual_seed(0)
-    _check(1, 2048, 2, 64, 64, decay, lengths=[700, 1, 1347], dtype=torch.bfloat16, tol=GPU_GRAD_TOL,
-           out_tol=GPU_OUT_TOL, triton_context=bf16_interpreter)
+    _check(1, 2048, 2, 64, 64, decay and "g", lengths=[700, 1, 1347], dtype=torch.bfloat16,
+           tol=GPU_GRAD_TOL, out_tol=GPU_OUT_TOL, triton_context=bf16_interpreter,
+           decay_grad=decay != "fixed g")
 
 
 @cpu_only
@@ -285,7 +304,7 @@ def test_phases_one_by_one(backend, dtype, tol, decay, lengths):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("decay", [None, "g"])
+@pytest.mark.parametrize("decay", [None, "g", "fixed g"])
 @pytest.mark.parametrize("B, T, H, D, lengths", [
     (1, 4096, 4, 128, [1000, 1, 2047, 1048]),
     (2, 2048, 8, 128, None),
@@ -294,9 +313,9 @@ def test_phases_one_by_one(backend, dtype, tol, decay, lengths):
 ])
 def test_gpu_bf16(decay, B, T, H, D, lengths):
     torch.manual_seed(0)
-    _check(B, T, H, D, D, decay, lengths=lengths, dtype=torch.bfloat16, tol=GPU_GRAD_TOL,
+    _check(B, T, H, D, D, decay and "g", lengths=lengths, dtype=torch.bfloat16, tol=GPU_GRAD_TOL,
            out_tol=GPU_OUT_TOL, device="cuda", oracle_dtype=torch.float32,
-           triton_context=no_host_sync)
+           triton_context=no_host_sync, decay_grad=decay != "fixed g")
 
 
 @pytest.mark.gpu
