@@ -15,6 +15,10 @@ input and every parameter, after warm-up; peak memory above the inputs):
   tokens (one run). The baseline "k runs" is k times its time; the MoM rows report
   `x plain·k` = ms ÷ (k · plain ms) (target ≤ 1.25) and `x plain·(k+1)` (the shared
   memory is one more full recurrence: with it MoM runs k + 1 recurrences per token).
+- `... CUDA graph`: the plain and the MoM layer rows' fwd+bwd steps captured in one CUDA
+  graph each and replayed: the GPU time without the host's launch overhead, which
+  bounds an eager MoM layer at short T (MoM launches many more small kernels). Their
+  `x plain·k` compares the two graphed rows.
 - `lasp MoM op` and `linear_attention op ×k`: the same comparison without projections:
   route + dispatch + ONE varlen Triton call over all (memory) streams + fused combine,
   vs k calls of the kernel on T tokens.
@@ -134,6 +138,21 @@ def fla_layer():
                         shared_mem=True, use_short_conv=True), None
 
 
+def graphed(step):
+    """`step` captured in one CUDA graph after two warm-up runs on a side stream:
+    (the graph's replay, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph.replay, captured
+
+
 def graph_steps(layer, x):
     """(eager step, graph replay, max relative loss difference) for fwd + bwd + SGD."""
     eager_layer = copy.deepcopy(layer)
@@ -149,21 +168,14 @@ def graph_steps(layer, x):
         optimizer.step()
         return loss
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step(layer, opt, static_x)
-            step(eager_layer, eager_opt, x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = step(layer, opt, static_x)
-    graph.replay()
+    for _ in range(2):                  # the graphed layer gets two warm-up steps: so does eager
+        step(eager_layer, eager_opt, x)
+    replay, static_loss = graphed(lambda: step(layer, opt, static_x))
+    replay()
     eager_loss = step(eager_layer, eager_opt, x)
     torch.cuda.synchronize()
     diff = ((static_loss - eager_loss).abs() / eager_loss.abs()).item()
-    return (lambda: step(eager_layer, eager_opt, x)), graph.replay, diff
+    return (lambda: step(eager_layer, eager_opt, x)), replay, diff
 
 
 def main():
@@ -222,10 +234,19 @@ def main():
             rows.append(record("lasp MoM all-M projections", T, layer_step(mom, x, True)))
         finally:
             mom_kernels._grouped_mm_ok = grouped_ok
-        for row in rows:
-            if row and base:
-                row["x_plain_k"] = row["ms"] / (TOP_K * base["ms"])
-                row["x_plain_k1"] = row["ms"] / ((TOP_K + 1) * base["ms"])
+        # The same fwd+bwd steps replayed from CUDA graphs: GPU time without the host's
+        # launch overhead, which bounds the eager MoM step at short T.
+        graph_base = graph_row = None
+        try:
+            graph_base = record("plain LinearAttention CUDA graph", T, graphed(layer_step(plain, x, False))[0])
+            graph_row = record("lasp MoM CUDA graph", T, graphed(layer_step(mom, x, True))[0])
+        except Exception as e:                              # noqa: BLE001
+            notes[f"layer CUDA graph T={T}"] = f"capture failed: {type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+        for row, plain_row in [(r, base) for r in rows] + [(graph_row, graph_base)]:
+            if row and plain_row:
+                row["x_plain_k"] = row["ms"] / (TOP_K * plain_row["ms"])
+                row["x_plain_k1"] = row["ms"] / ((TOP_K + 1) * plain_row["ms"])
         mom_op, plain_ops = op_steps(T, gen)
         op = record("lasp MoM op", T, mom_op)
         ops = record(f"linear_attention op x{TOP_K}", T, plain_ops)
