@@ -20,7 +20,8 @@ Backends, chosen per call (`backend=None`):
   runs on its flash (FA2) kernel, while a square causal call may get cuDNN. No document
   masks, no log-sum-exp.
 - ``flex``: `torch.nn.attention.flex_attention` (compiled on CUDA, `dynamic=False`) with
-  a block mask built on the device; document masks and a differentiable log-sum-exp. Its
+  a block mask built on the device (`_block_mask`: no Tq×Tk mask, no compiled
+  `create_block_mask`); document masks and a differentiable log-sum-exp. Its
   backward needs CUDA. Each new (shape, mask kind) compiles once; past torch's recompile
   limit (`torch._dynamo.config.cache_size_limit`, 8) torch falls back to an unfused flex
   that materialises the scores, so a process that runs many shapes must raise it.
@@ -190,8 +191,70 @@ def _math(q, k, v, scale, mask):
     return o.permute(0, 3, 1, 2, 4).flatten(2, 3).to(q.dtype), lse.flatten(1, 2)
 
 
+FLEX_BLOCK = 128  # flex_attention's default block size (tokens per side of a block)
+
+
+def _visible_keys(mask, Tq, Tk, device):
+    """Each query's visible keys as one range [first, last] (last < first: none).
+
+    Both mask kinds give a range: a document's keys are contiguous, and the causal
+    bound cuts the range's end.
+    """
+    last, doc_q, doc_k = mask
+    if doc_q is None:
+        first = torch.zeros(Tq, dtype=torch.int64, device=device)
+        end = torch.full((Tq,), Tk - 1, dtype=torch.int64, device=device)
+    else:
+        first = torch.searchsorted(doc_k, doc_q)
+        end = torch.searchsorted(doc_k, doc_q, right=True) - 1
+    if last is not None:
+        end = torch.minimum(end, last)
+    return first, end
+
+
+def _block_mask(mask, mask_mod, Tq, Tk, device):
+    """The flex BlockMask of the mask, built on the device from the key ranges.
+
+    torch's `create_block_mask` evaluates the mask on every block and sorts the blocks;
+    compiled, its Triton sort takes minutes to compile at some lengths (32K tokens on
+    torch 2.11, pytorch#182060), and uncompiled it materialises the Tq×Tk mask. Here each
+    query block's keys span one range of key blocks: the blocks every query of the block
+    sees whole are *full* (no mask_mod), the rest of the range is partial (mask_mod).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B = FLEX_BLOCK
+    nq, nk, pad = -(-Tq // B), -(-Tk // B), -Tq % B
+    first, end = _visible_keys(mask, Tq, Tk, device)
+    sees = end >= first
+
+    def per_block(x, pad_value, reduce):
+        return reduce(F.pad(x, (0, pad), value=pad_value).view(nq, B), 1)
+
+    # Union of the block's ranges (queries that see nothing and padding left out) ...
+    lo = per_block(torch.where(sees, first, Tk), Tk, torch.amin) // B
+    hi = per_block(torch.where(sees, end, -1), -1, torch.amax) // B
+    hi = torch.maximum(hi, lo - 1)
+    # ... and the key blocks inside every query's range.
+    full_lo = (per_block(first, 0, torch.amax) + B - 1) // B
+    full_hi = (per_block(end, Tk, torch.amin) + 1) // B - 1
+    has_full = full_hi >= full_lo
+    full_lo, full_hi = torch.where(has_full, full_lo, hi + 1), torch.where(has_full, full_hi, hi)
+    before, after = full_lo - lo, hi - full_hi           # partial blocks on either side
+    t = torch.arange(nk, device=device)
+    partial = torch.where(t < before[:, None], lo[:, None] + t, full_hi[:, None] + 1 + t - before[:, None])
+    full = full_lo[:, None] + t
+
+    def blocks(x):
+        return x.to(torch.int32)[None, None]
+
+    return BlockMask.from_kv_blocks(
+        blocks(before + after), blocks(partial.clamp(0, nk - 1)), blocks(full_hi - full_lo + 1),
+        blocks(full.clamp(0, nk - 1)), BLOCK_SIZE=B, mask_mod=mask_mod, seq_lengths=(Tq, Tk))
+
+
 def _flex(q, k, v, scale, mask):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     Tq, Tk = q.shape[1], k.shape[1]
     last, doc_q, doc_k = mask
@@ -208,7 +271,7 @@ def _flex(q, k, v, scale, mask):
         else:
             def mask_mod(b, h, i, j):
                 return (j <= last[i]) & (doc_q[i] == doc_k[j])
-        block_mask = create_block_mask(mask_mod, None, None, Tq, Tk, device=q.device, _compile=cuda)
+        block_mask = _block_mask(mask, mask_mod, Tq, Tk, q.device)
     run = _compiled_flex() if cuda else flex_attention
     o, lse = run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
                  scale=scale, enable_gqa=q.shape[2] != k.shape[2], return_lse=True)

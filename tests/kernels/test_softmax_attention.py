@@ -107,6 +107,57 @@ def test_flex_forward_on_cpu_matches_naive(name, causal):
     assert rel_err(o, o_ref) < 1e-12 and rel_err(lse, lse_ref) < 1e-12
 
 
+# Longer than one 128-token flex block, lengths not multiples of it: (Tq, Tk, cu_q, cu_k).
+BLOCK_CASES = {
+    "square": (300, 300, None, None),
+    "offset": (200, 520, None, None),
+    "docs-square": (400, 400, [0, 5, 140, 140, 390, 400], [0, 5, 140, 140, 390, 400]),
+    "docs-suffix": (300, 700, [0, 0, 100, 290, 300], [0, 200, 450, 600, 700]),
+}
+
+
+def _block_sets(num, idx):
+    return {(i, int(idx[0, 0, i, t])) for i in range(num.shape[-1]) for t in range(int(num[0, 0, i]))}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name", list(BLOCK_CASES))
+def test_flex_block_mask_lists_every_visible_block(name, causal):
+    """`_block_mask` from the key ranges: full blocks exactly the all-visible ones, every
+    block with a visible pair listed once, and no extra block where the ranges leave no
+    gap (aligned documents); flex's forward with it equals the naive reference."""
+    from lasp.kernels.softmax_attention import FLEX_BLOCK, _block_mask, _dense_mask, _mask_spec
+    Tq, Tk, cu_q, cu_k = BLOCK_CASES[name]
+    to_cu = lambda c: None if c is None else torch.tensor(c, dtype=torch.int32)  # noqa: E731
+    cu_q, cu_k = to_cu(cu_q), to_cu(cu_k)
+    spec = _mask_spec(Tq, Tk, causal, cu_q, cu_k, "cpu")
+    if spec[0] is None and spec[1] is None:
+        pytest.skip("no mask: flex runs without a block mask")
+    bm = _block_mask(spec, lambda b, h, i, j: i >= 0, Tq, Tk, "cpu")
+    partial, full = _block_sets(bm.kv_num_blocks, bm.kv_indices), _block_sets(bm.full_kv_num_blocks,
+                                                                             bm.full_kv_indices)
+    dense = _dense_mask(spec, Tk)
+    nq, nk = -(-Tq // FLEX_BLOCK), -(-Tk // FLEX_BLOCK)
+    tiles = {(i, j): dense[i * FLEX_BLOCK:(i + 1) * FLEX_BLOCK, j * FLEX_BLOCK:(j + 1) * FLEX_BLOCK]
+             for i in range(nq) for j in range(nk)}
+    visible = {ij for ij, tile in tiles.items() if tile.any()}
+    whole = {(i, j) for (i, j), tile in tiles.items() if tile.all() and (j + 1) * FLEX_BLOCK <= Tk}
+    assert full == whole and not partial & full
+    assert visible <= partial | full
+    if name in ("square", "docs-square"):
+        assert partial | full == visible
+    q, k, v, _ = _inputs(1, Tq, Tk, 2, 1, 16)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex warns that it is unfused
+        o, lse = softmax_attention(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                   return_lse=True, backend="flex")
+    o_ref, lse_ref = naive_attention(q, k, v, q.shape[-1] ** -0.5, causal, cu_q, cu_k)
+    seen = lse_ref.isfinite()                           # "docs-suffix" has queries that see nothing
+    assert torch.equal(lse.isfinite(), seen) and rel_err(lse[seen], lse_ref[seen]) < 1e-12
+    assert rel_err(o, o_ref) < 1e-12
+
+
 def test_queries_that_see_no_key_give_zero_and_finite_gradients():
     q, k, v, do = _inputs(1, 6, 4, 2, 1, 8)       # causal with Tq > Tk: rows 0, 1 see nothing
     o, lse = softmax_attention(q, k, v, causal=True, return_lse=True, backend="math")
