@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lasp.sync import no_host_sync  # noqa: F401 - re-exported for the test modules
-
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64; NaN anywhere in `a` fails every tolerance."""

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from lasp.kernels import mixture_of_memories, mom_dispatch, mom_projection, mom_route
 from lasp.layers import MixtureOfMemories
-from tests.utils import no_host_sync, random_cu_seqlens, rel_err
+from lasp.sync import no_host_sync
+from tests.utils import random_cu_seqlens, rel_err
 
 pytestmark = pytest.mark.gpu
 TOL = dict(o=3e-3, dq=3e-3, dk=3e-3, dv=3e-3, dlogits=5e-3, dg=5e-3)

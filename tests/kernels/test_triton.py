@@ -18,8 +18,9 @@ import torch
 
 from lasp.kernels import linear_attention, linear_attention_phases, naive_linear_attention
 from lasp.kernels.reference import chunk_linear_attention
+from lasp.sync import no_host_sync
 from tests.bf16_interpreter import bf16_interpreter
-from tests.utils import grads, no_host_sync, random_cu_seqlens, random_inputs, rel_err
+from tests.utils import grads, random_cu_seqlens, random_inputs, rel_err
 
 tla = pytest.importorskip("lasp.kernels.triton_linear_attention")
 
