@@ -1,31 +1,35 @@
-"""GPU check of the Triton linear-attention backend: accuracy, host syncs, and speed.
+"""GPU check of the Triton linear-attention backend: accuracy, host syncs, speed, tuning.
 
-    python benchmarks/check_triton_gpu.py [--skip-accuracy] [--skip-timing] [--fla] [--profile]
+    python benchmarks/check_triton_gpu.py [--skip-accuracy] [--skip-timing] [--fla]
+        [--profile] [--tune plain,g_gamma,g [--tune-shape 1x32768]] [--out FILE.json]
 
 (a) bf16 Triton against the fp32 torch oracle (`chunk_linear_attention`) with initial and
     final states, packed and batched input, plain and scalar decay: relative errors
     ‖a−b‖/‖b‖ of o, the final state and every gradient, PASS when outputs ≤ 3e-3 and
-    gradients ≤ 5e-3. The Triton forward and backward run with
-    `torch.cuda.set_sync_debug_mode("error")`, so a host synchronisation fails the check.
-(b) `triton.testing.do_bench` medians (ms) of forward and forward+backward at
-    H=16, D=128, bf16, plain and decay, plus tuning variants at B=1, T=32768: fused or
-    split dk/dv launch (default at D=128: fused) and segment
-    length. `--fla` also times fla's chunk_simple_gla if installed.
-(c) `--profile`: CUDA time of each kernel in one fwd+bwd at B=1, T=32768, plain and decay
-    (torch.profiler), to see where the decay variant's extra time goes.
-Runs in well under three minutes on one H100 (most of it is Triton compilation).
+    gradients ≤ 5e-3. The Triton forward and backward run under `no_host_sync`, so a
+    host synchronisation fails the check.
+(b) `triton.testing.do_bench` medians (ms) of forward and forward+backward at H=16,
+    D=128, bf16, plain / fixed decay (g_gamma, no dg) / data-dependent decay (g, with
+    dg) at (8,4096), (1,32768), (1,131072). `--fla` adds fla's chunk_simple_gla.
+(c) `--profile`: CUDA time of each kernel in one fwd+bwd at B=1, T=32768 per variant.
+(d) `--tune`: fwd+bwd of one-change-at-a-time rows against the defaults: each kernel's
+    `LAUNCH` row (warps, stages, tile), the segment length, the split dk/dv launch.
+    Every row's output and gradients are checked against the fp32 oracle, so a launch
+    that miscompiles (triton 3.6 on Hopper does, for some gated backward kernels) shows
+    as FAIL ('!') instead of as a fast time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 import torch.nn.functional as F
 import triton
 
 from lasp.kernels.reference import chunk_linear_attention
-from lasp.kernels.triton_linear_attention import triton_linear_attention
+from lasp.kernels.triton_linear_attention import LAUNCH, Launch, triton_linear_attention
 from lasp.sync import no_host_sync
 
 OUT_TOL, GRAD_TOL = 3e-3, 5e-3
@@ -77,60 +81,142 @@ def check_accuracy(B, T, H, D, decay, lengths) -> bool:
     return ok
 
 
-def time_case(B, T, H, D, decay, **kernel_kw):
-    q, k, v, g, _ = make_inputs(B, T, H, D, D, decay, None)
-    inputs = [x for x in (q, k, v, g) if x is not None]
-    scale = D ** -0.5
-    d_o = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+VARIANTS = ("plain", "g_gamma", "g")
+
+
+def timing_inputs(B, T, variant, H=16, D=128):
+    """bf16 inputs of one variant: (q, k, v, g, g_gamma, the leaves that need grads, do)."""
+    q, k, v, g, _ = make_inputs(B, T, H, D, D, variant == "g", None)
+    g_gamma = -torch.rand(H, device="cuda") * 0.1 - 1e-3 if variant == "g_gamma" else None
+    leaves = [x for x in (q, k, v, g) if x is not None]
+    return q, k, v, g, g_gamma, leaves, torch.randn_like(v)
+
+
+def time_variant(B, T, variant, **kernel_kw):
+    """Median ms of fwd and fwd+bwd, and the fwd+bwd result (o, *grads) for a check."""
+    q, k, v, g, g_gamma, leaves, d_o = timing_inputs(B, T, variant)
+    if g_gamma is not None:
+        g = g_gamma[None, None, :].expand(B, T, -1).float().contiguous()
 
     def fwd():
-        return triton_linear_attention(q, k, v, g, scale, None, False, None, **kernel_kw)[0]
+        return triton_linear_attention(q, k, v, g, q.shape[-1] ** -0.5, None, False, None, **kernel_kw)[0]
 
     def fwd_bwd():
-        return torch.autograd.grad(fwd(), inputs, d_o)
+        o = fwd()
+        return (o, *torch.autograd.grad(o, leaves, d_o))
 
     with torch.no_grad():
         t_fwd = triton.testing.do_bench(fwd)
-    return t_fwd, triton.testing.do_bench(fwd_bwd)
+    return t_fwd, triton.testing.do_bench(fwd_bwd), fwd_bwd(), (q, k, v, g, leaves, d_o)
 
 
-def time_fla(B, T, H, D, decay):
+def oracle(inputs):
+    """fp32 torch reference (o, *grads) of `time_variant`'s inputs."""
+    q, k, v, g, leaves, d_o = inputs
+    ref = [x.detach().float().requires_grad_(x.requires_grad) for x in (q, k, v)]
+    rg = None if g is None else g.detach().float().requires_grad_(g.requires_grad)
+    o = chunk_linear_attention(*ref, rg, scale=q.shape[-1] ** -0.5)[0]
+    ref_leaves = [x for x in (*ref, rg) if x is not None and x.requires_grad]
+    return (o, *torch.autograd.grad(o, ref_leaves, d_o.float()))
+
+
+def result_ok(got, want) -> tuple[bool, float]:
+    """(within the GPU tolerances, worst relative error) of (o, *grads) against the oracle."""
+    errors = [rel_err(a, b) for a, b in zip(got, want)]
+    ok = errors[0] <= OUT_TOL and all(e <= GRAD_TOL for e in errors[1:])
+    return ok, max(errors)
+
+
+def time_fla(B, T, variant):
     from fla.ops.simple_gla import chunk_simple_gla
 
-    q, k, v, g, _ = make_inputs(B, T, H, D, D, decay, None)
-    inputs = [x for x in (q, k, v, g) if x is not None]
-    d_o = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v, g, g_gamma, leaves, d_o = timing_inputs(B, T, variant)
 
     def fwd():
-        return chunk_simple_gla(q, k, v, g=g, scale=D ** -0.5)[0]
+        return chunk_simple_gla(q, k, v, g=g, g_gamma=g_gamma, scale=q.shape[-1] ** -0.5)[0]
 
     with torch.no_grad():
         t_fwd = triton.testing.do_bench(fwd)
-    return t_fwd, triton.testing.do_bench(lambda: torch.autograd.grad(fwd(), inputs, d_o))
+    return t_fwd, triton.testing.do_bench(lambda: torch.autograd.grad(fwd(), leaves, d_o))
 
 
-def profile_kernels(B=1, T=32768, H=16, D=128):
-    """Per-kernel CUDA time (µs) of one fwd+bwd, plain and with a decay."""
+def profile_kernels(B=1, T=32768):
+    """Per-kernel CUDA time (µs) of one fwd+bwd of each variant."""
     from torch.profiler import ProfilerActivity, profile
 
-    for decay in (False, True):
-        q, k, v, g, _ = make_inputs(B, T, H, D, D, decay, None)
-        inputs = [x for x in (q, k, v, g) if x is not None]
-        d_o = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    table = {}
+    for variant in VARIANTS:
+        q, k, v, g, g_gamma, leaves, d_o = timing_inputs(B, T, variant)
+        if g_gamma is not None:
+            g = g_gamma[None, None, :].expand(B, T, -1).float().contiguous()
 
         def step():
-            o = triton_linear_attention(q, k, v, g, D ** -0.5, None, False, None)[0]
-            return torch.autograd.grad(o, inputs, d_o)
+            o = triton_linear_attention(q, k, v, g, q.shape[-1] ** -0.5, None, False, None)[0]
+            return torch.autograd.grad(o, leaves, d_o)
         step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
-        print(f"\n(c) {'decay' if decay else 'plain'} B={B} T={T}: CUDA time per fwd+bwd by kernel")
+        print(f"\n(c) {variant} B={B} T={T}: CUDA time per fwd+bwd by kernel")
         rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-        for e in rows[:12]:
-            print(f"  {e.device_time_total / 5:9.1f} us  x{e.count // 5:<3d} {e.key[:90]}")
+        table[variant] = {}
+        for e in rows[:10]:
+            if e.device_time_total > 0:
+                table[variant][e.key[:90]] = e.device_time_total / 5
+                print(f"  {e.device_time_total / 5:9.1f} us  x{e.count // 5:<3d} {e.key[:90]}")
+    return table
+
+
+def tune_rows():
+    """(label, LAUNCH overrides, kernel kwargs): each row changes one kernel's launch
+    (or the segment length) from the defaults."""
+    rows = [("warm-up (default)", {}, {}), ("default", {}, {})]
+    for kernel, launches in {
+        "summary": [(4, 3, 64), (4, 2, 128), (8, 2, 128)],
+        "output": [(4, 3, 64), (8, 2, 64)],
+        "dq": [(8, 2, 64), (4, 1, 64), (4, 3, 64), (4, 2, 32)],
+        "dkdv": [(8, 1, 64), (4, 1, 64)],
+        "dkdv_dg": [(8, 2, 64)],
+        "scan": [(4, 3, 256)],
+    }.items():
+        for warps, stages, block in launches:
+            rows.append((f"{kernel} w{warps} s{stages} b{block}", {kernel: Launch(warps, stages, block)}, {}))
+    rows += [(f"segment_chunks={n}", {}, dict(segment_chunks=n)) for n in (32, 128)]
+    rows.append(("split dk/dv", {}, dict(fuse_dkdv=False)))
+    return rows
+
+
+def tune(B, T, variants):
+    """fwd+bwd median of each `tune_rows` row and variant, each result checked against
+    the fp32 oracle (a launch that miscompiles shows as FAIL)."""
+    defaults = dict(LAUNCH)
+    results = []
+    print(f"\n(d) tuning B={B} T={T}: fwd+bwd ms (worst rel err)")
+    print(f"{'row':24s} " + " ".join(f"{v:>18}" for v in variants))
+    want = {}
+    for label, launch, kernel_kw in tune_rows():
+        LAUNCH.update(launch)
+        line = f"{label:24s} "
+        for variant in variants:
+            torch.manual_seed(1)
+            try:
+                _, ms, got, inputs = time_variant(B, T, variant, **kernel_kw)
+            except triton.runtime.errors.OutOfResources as err:
+                results.append(dict(row=label, variant=variant, B=B, T=T, error=str(err)))
+                line += f" {'out of resources':>18}"
+                continue
+            if variant not in want:
+                want[variant] = oracle(inputs)
+            ok, err = result_ok(got, want[variant])
+            results.append(dict(row=label, variant=variant, B=B, T=T, fwd_bwd_ms=ms, max_rel_err=err, ok=ok))
+            line += f" {ms:8.3f} ({err:.1e}){'' if ok else '!'}"
+            del got, inputs
+        LAUNCH.clear()
+        LAUNCH.update(defaults)
+        print(line, flush=True)
+    return results
 
 
 def main():
@@ -139,9 +225,13 @@ def main():
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--fla", action="store_true", help="also time fla's chunk_simple_gla")
     parser.add_argument("--profile", action="store_true", help="per-kernel CUDA times (c)")
+    parser.add_argument("--tune", default="", help="(d) for these variants, e.g. plain,g_gamma")
+    parser.add_argument("--tune-shape", default="1x32768", help="BxT of the tuning rows")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     torch.manual_seed(0)
+    report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
 
     ok = True
     if not args.skip_accuracy:
@@ -152,24 +242,32 @@ def main():
             ok &= check_accuracy(2, 2048, 16, 128, decay, None)
             ok &= check_accuracy(2, 2048, 8, 64, decay, None)
         print("ACCURACY:", "PASS" if ok else "FAIL")
+        report["accuracy_pass"] = bool(ok)
 
     if not args.skip_timing:
-        print("\n(b) median ms, H=16 D=128 bf16 (fwd / fwd+bwd)")
-        rows = [(8, 4096, {}), (1, 32768, {}), (1, 131072, {}),
-                (1, 32768, dict(fuse_dkdv=True)), (1, 32768, dict(fuse_dkdv=False)),
-                (1, 32768, dict(segment_chunks=8)), (1, 32768, dict(segment_chunks=32))]
-        header = ["plain fwd", "plain f+b", "g fwd", "g f+b"] + (["fla g f+b"] if args.fla else [])
-        print(f"{'B':>2} {'T':>7} {'variant':22s} " + " ".join(f"{h:>10}" for h in header))
-        for B, T, kw in rows:
-            plain = time_case(B, T, 16, 128, False, **kw)
-            gated = time_case(B, T, 16, 128, True, **kw)
-            line = (f"{B:>2} {T:>7} {str(kw or 'default'):22s} {plain[0]:10.3f} {plain[1]:10.3f}"
-                    f" {gated[0]:10.3f} {gated[1]:10.3f}")
-            if args.fla and not kw:
-                line += f" {time_fla(B, T, 16, 128, True)[1]:10.3f}"
+        print("\n(b) median ms, H=16 D=128 bf16, fwd / fwd+bwd" + (" (fla: fwd+bwd)" if args.fla else ""))
+        print(f"{'B':>2} {'T':>7} " + " ".join(f"{v + ' fwd':>11} {v + ' f+b':>11}" for v in VARIANTS))
+        report["timing"] = []
+        for B, T in ((8, 4096), (1, 32768), (1, 131072)):
+            line = f"{B:>2} {T:>7} "
+            for variant in VARIANTS:
+                t_fwd, t_fb, *_ = time_variant(B, T, variant)
+                report["timing"].append(dict(B=B, T=T, variant=variant, fwd_ms=t_fwd, fwd_bwd_ms=t_fb))
+                line += f" {t_fwd:11.3f} {t_fb:11.3f}"
+            if args.fla:
+                for variant in ("plain", "g_gamma"):
+                    t_fwd, t_fb = time_fla(B, T, variant)
+                    report["timing"].append(dict(B=B, T=T, variant="fla " + variant, fwd_ms=t_fwd, fwd_bwd_ms=t_fb))
+                    line += f"  fla {variant} {t_fb:.3f}"
             print(line, flush=True)
     if args.profile:
-        profile_kernels()
+        report["profile_us"] = profile_kernels()
+    if args.tune:
+        B, T = (int(x) for x in args.tune_shape.split("x"))
+        report["tune"] = tune(B, T, args.tune.split(","))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
     if not ok:
         raise SystemExit(1)
 

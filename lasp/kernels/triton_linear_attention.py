@@ -110,7 +110,43 @@ SEGMENT_PROGRAMS = 128
 # which reads q, k, v and do twice: 3.27 vs 3.86 ms fwd+bwd at B=1, T=32K, H=16
 # (benchmarks/check_triton_gpu.py, 2026-12-02).
 FUSED_DKDV_MAX_ELEMENTS = 128 * 128
-SCAN_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Launch parameters of one kernel: warps, software-pipeline stages and `block`, the
+    widest tile along the head dimension the kernel splits across programs (halved when
+    the dimension it keeps whole exceeds 128, to bound registers; the scan's block of
+    state elements)."""
+
+    num_warps: int
+    num_stages: int
+    block: int
+
+
+# One row per kernel, the only place launch parameters are set; chosen on an H200 at
+# H=16, D=128 by `benchmarks/check_triton_gpu.py --tune`.
+LAUNCH = {
+    "summary": Launch(num_warps=4, num_stages=2, block=64),
+    "output": Launch(num_warps=4, num_stages=2, block=64),
+    "dq": Launch(num_warps=4, num_stages=2, block=64),
+    "dkdv": Launch(num_warps=8, num_stages=2, block=64),
+    # The dk/dv walk with the decay's gradient (DG): more registers, no room to pipeline.
+    "dkdv_dg": Launch(num_warps=8, num_stages=1, block=64),
+    "scan": Launch(num_warps=4, num_stages=3, block=1024),
+}
+
+
+def _tile(kernel: str, split_dim: int, whole_dim: int) -> int:
+    """Tile along `split_dim` for `kernel` when the other head dim (`whole_dim`, padded
+    to a power of two) stays whole in each program."""
+    cap = LAUNCH[kernel].block if whole_dim <= 128 else LAUNCH[kernel].block // 2
+    return min(cap, triton.next_power_of_2(split_dim))
+
+
+def _launch_kw(kernel: str) -> dict:
+    row = LAUNCH[kernel]
+    return dict(num_warps=row.num_warps, num_stages=row.num_stages)
 
 # Tests set this to fill every kernel output with NaN before the kernels run, so that an
 # element a kernel forgets to write fails the comparison. Off in production (extra fills).
@@ -592,11 +628,12 @@ def _geometry(plan: _Plan, ref: torch.Tensor):
 def _scan(summaries, g_seg, init, out, plan: _Plan, reverse: bool):
     KV = plan.K * plan.V
     dummy = summaries
-    _scan_kernel[(plan.n_seqs, plan.H, triton.cdiv(KV, SCAN_BLOCK))](
+    block = LAUNCH["scan"].block
+    _scan_kernel[(plan.n_seqs, plan.H, triton.cdiv(KV, block))](
         summaries, dummy if g_seg is None else g_seg, dummy if init is None else init,
         dummy if out is None else out, plan.seq_segs if plan.varlen else dummy, plan.segs_per_seq,
-        H=plan.H, KV=KV, BLOCK=SCAN_BLOCK, USE_G=g_seg is not None, HAS_INIT=init is not None,
-        STORE_OUT=out is not None, REVERSE=reverse, VARLEN=plan.varlen, num_warps=4)
+        H=plan.H, KV=KV, BLOCK=block, USE_G=g_seg is not None, HAS_INIT=init is not None,
+        STORE_OUT=out is not None, REVERSE=reverse, VARLEN=plan.varlen, **_launch_kw("scan"))
 
 
 def _forward_states(k, v, g, h0, plan: _Plan):
@@ -608,11 +645,11 @@ def _forward_states(k, v, g, h0, plan: _Plan):
 
     states = _new((NS, H, K, V), torch.float32, dev)
     g_seg = _new((NS, H), torch.float32, dev) if use_g else None
-    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    BK, BV = (min(LAUNCH["summary"].block, triton.next_power_of_2(dim)) for dim in (K, V))
     _fwd_summary_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV) * NS, H)](
         k, v, g if use_g else k, seg_bounds, states, states if g_seg is None else g_seg, *sizes,
         H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, DG=plan.decay_grad,
-        VARLEN=plan.varlen, num_warps=4, num_stages=2)
+        VARLEN=plan.varlen, **_launch_kw("summary"))
 
     final = _new((plan.n_seqs, H, K, V), torch.float32, dev)
     _scan(states, g_seg, h0, final, plan, reverse=False)
@@ -627,13 +664,11 @@ def _forward_output(q, k, v, g, w, rows, states, scale, plan: _Plan):
     use_g = g is not None
     seg_bounds, sizes = _geometry(plan, q)
     o = _new((plan.B, plan.T, H, V), q.dtype if rows is None else torch.float32, q.device)
-    BK = triton.next_power_of_2(K)
-    BV = min(64 if BK <= 128 else 32, triton.next_power_of_2(V))
+    BK, BV = triton.next_power_of_2(K), _tile("output", V, K)
     _fwd_output_kernel[(triton.cdiv(V, BV) * NS, H)](
         q, k, v, g if use_g else q, q if w is None else w, q if rows is None else rows, seg_bounds, states,
         o, scale, *sizes, H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g,
-        ROW_WEIGHT=w is not None, GATHER=rows is not None, VARLEN=plan.varlen,
-        num_warps=8 if BK * BV > 128 * 64 else 4, num_stages=2)
+        ROW_WEIGHT=w is not None, GATHER=rows is not None, VARLEN=plan.varlen, **_launch_kw("output"))
     return o
 
 
@@ -643,8 +678,7 @@ def _backward_dq(q, k, v, g, w, rows, do, states, scale, plan: _Plan):
     H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_segs, plan.tokens
     dev, use_g = q.device, g is not None
     seg_bounds, sizes = _geometry(plan, q)
-    BV = triton.next_power_of_2(V)
-    BK = min(64 if BV <= 128 else 32, triton.next_power_of_2(K))
+    BK, BV = _tile("dq", K, V), triton.next_power_of_2(V)
     n_k_tiles = triton.cdiv(K, BK)
     dq = _new(k.shape, q.dtype if rows is None else torch.float32, dev)
     d_states = _new((NS, H, K, V), torch.float32, dev)
@@ -653,7 +687,7 @@ def _backward_dq(q, k, v, g, w, rows, do, states, scale, plan: _Plan):
         q, k, v, g if use_g else q, q if w is None else w, q if rows is None else rows, do, seg_bounds,
         states, dq, d_states, q if dB_q is None else dB_q, scale, *sizes,
         H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, DG=plan.decay_grad,
-        ROW_WEIGHT=w is not None, GATHER=rows is not None, VARLEN=plan.varlen, num_warps=8, num_stages=2)
+        ROW_WEIGHT=w is not None, GATHER=rows is not None, VARLEN=plan.varlen, **_launch_kw("dq"))
     return dq, d_states, dB_q
 
 
@@ -673,20 +707,18 @@ def _backward_kvg(q, k, v, g, w, rows, do, d_final, d_states, g_seg, final, dB_q
     dk = _new(k.shape, k.dtype, dev)
     dv = _new(v.shape, v.dtype, dev)
     PK, PV = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    BK = PK if plan.fuse_dkdv else min(64 if PV <= 128 else 32, PK)
+    BK = PK if plan.fuse_dkdv else _tile("dkdv", K, V)
     n_k_tiles = triton.cdiv(K, BK)
     dB_k = _new((TT, H, n_k_tiles), torch.float32, dev) if plan.decay_grad else q
     args = (q, k, v, g if use_g else q, q if w is None else w, q if rows is None else rows, do, seg_bounds,
             d_states, dk, dv, dB_k, scale, *sizes)
+    common.update(_launch_kw("dkdv_dg" if plan.decay_grad else "dkdv"))
     if plan.fuse_dkdv:
-        _bwd_dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common,
-                                     num_warps=8, num_stages=2)
+        _bwd_dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common)
     else:
-        BV = min(64 if PK <= 128 else 32, PV)
-        _bwd_dkdv_kernel[(triton.cdiv(V, BV) * NS, H)](*args, BK=PK, BV=BV, DO_DK=False,
-                                                       DO_DV=True, **common, num_warps=8, num_stages=2)
-        _bwd_dkdv_kernel[(n_k_tiles * NS, H)](*args, BK=BK, BV=PV, DO_DK=True, DO_DV=False,
-                                              **common, num_warps=8, num_stages=2)
+        BV = _tile("dkdv", V, K)
+        _bwd_dkdv_kernel[(triton.cdiv(V, BV) * NS, H)](*args, BK=PK, BV=BV, DO_DK=False, DO_DV=True, **common)
+        _bwd_dkdv_kernel[(n_k_tiles * NS, H)](*args, BK=BK, BV=PV, DO_DK=True, DO_DV=False, **common)
 
     if not want_dg:
         return dk, dv, None, dh0
