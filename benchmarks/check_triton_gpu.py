@@ -179,6 +179,7 @@ def tune_rows():
         "dq": [(8, 2, 64), (4, 1, 64), (4, 3, 64), (4, 2, 32)],
         "dkdv": [(8, 1, 64), (4, 1, 64)],
         "dkdv_dg": [(8, 2, 64)],
+        "summary_dg": [(4, 2, 64)],
         "scan": [(4, 3, 256)],
     }.items():
         for warps, stages, block in launches:

@@ -105,19 +105,19 @@ CHUNK_SIZE = 64
 MAX_SEGMENT_CHUNKS = 64
 SEGMENT_PROGRAMS = 128
 # The widest K×V state gradient one program keeps in registers for the fused dk/dv
-# launch; wider states take the split launch. With a decay the fused kernel spills a
-# little at K = V = 128 (ptxas, sm_90a), yet on an H200 it still beats the split launch,
-# which reads q, k, v and do twice: 3.27 vs 3.86 ms fwd+bwd at B=1, T=32K, H=16
-# (benchmarks/check_triton_gpu.py, 2026-12-02).
+# launch; wider states take the split launch (dv over V-tiles with all of K, dk over
+# K-tiles with all of V), which reads q, k, v and do twice: on an H200 at B=1, T=32K,
+# H=16, D=128 the split launch costs 1.24 / 1.81 / 2.77 ms fwd+bwd against the fused
+# one's 0.92 / 1.44 / 2.32 (plain / g_gamma / g; benchmarks/results/tune_launch_*-s4).
 FUSED_DKDV_MAX_ELEMENTS = 128 * 128
 
 
 @dataclass(frozen=True)
 class Launch:
     """Launch parameters of one kernel: warps, software-pipeline stages and `block`, the
-    widest tile along the head dimension the kernel splits across programs (halved when
-    the dimension it keeps whole exceeds 128, to bound registers; the scan's block of
-    state elements)."""
+    widest tile along each head dimension the kernel splits across programs (halved when
+    the dimension it keeps whole exceeds 128, to bound registers), or the scan's block of
+    state elements."""
 
     num_warps: int
     num_stages: int
@@ -128,6 +128,8 @@ class Launch:
 # H=16, D=128 by `benchmarks/check_triton_gpu.py --tune`.
 LAUNCH = {
     "summary": Launch(num_warps=4, num_stages=2, block=64),
+    # The summary walk with the decay's gradient (DG): twice the dots, wider tiles pay.
+    "summary_dg": Launch(num_warps=8, num_stages=2, block=128),
     "output": Launch(num_warps=4, num_stages=2, block=64),
     "dq": Launch(num_warps=4, num_stages=2, block=64),
     "dkdv": Launch(num_warps=8, num_stages=2, block=64),
@@ -147,6 +149,7 @@ def _tile(kernel: str, split_dim: int, whole_dim: int) -> int:
 def _launch_kw(kernel: str) -> dict:
     row = LAUNCH[kernel]
     return dict(num_warps=row.num_warps, num_stages=row.num_stages)
+
 
 # Tests set this to fill every kernel output with NaN before the kernels run, so that an
 # element a kernel forgets to write fails the comparison. Off in production (extra fills).
@@ -645,11 +648,12 @@ def _forward_states(k, v, g, h0, plan: _Plan):
 
     states = _new((NS, H, K, V), torch.float32, dev)
     g_seg = _new((NS, H), torch.float32, dev) if use_g else None
-    BK, BV = (min(LAUNCH["summary"].block, triton.next_power_of_2(dim)) for dim in (K, V))
+    row = "summary_dg" if plan.decay_grad else "summary"
+    BK, BV = (min(LAUNCH[row].block, triton.next_power_of_2(dim)) for dim in (K, V))
     _fwd_summary_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV) * NS, H)](
         k, v, g if use_g else k, seg_bounds, states, states if g_seg is None else g_seg, *sizes,
         H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, DG=plan.decay_grad,
-        VARLEN=plan.varlen, **_launch_kw("summary"))
+        VARLEN=plan.varlen, **_launch_kw(row))
 
     final = _new((plan.n_seqs, H, K, V), torch.float32, dev)
     _scan(states, g_seg, h0, final, plan, reverse=False)
