@@ -138,6 +138,19 @@ def test_fused_and_split_dkdv_launches(decay):
 
 
 @cpu_only
+@pytest.mark.parametrize("block", [32, 128])
+@pytest.mark.parametrize("decay", [None, "g"])
+def test_every_tile_the_launch_table_may_choose(monkeypatch, block, decay):
+    """Each kernel's `LAUNCH` row sets its tile: narrower and wider tiles than the defaults
+    (several K- and V-tiles per program, a partial last tile at 96) stay exact."""
+    table = {name: tla.Launch(4, 2, block) for name in tla.LAUNCH}
+    table["scan"] = tla.Launch(4, 2, block * 8)
+    monkeypatch.setattr(tla, "LAUNCH", table)
+    _check(1, 40, 1, 96, 96, decay, fuse_dkdv=False, **SMALL)
+    _check(1, 40, 1, 96, 80, decay, fuse_dkdv=True, **SMALL)
+
+
+@cpu_only
 @pytest.mark.parametrize("decay", [None, "g"])
 def test_production_chunk_size_and_segment_lengths(decay):
     """64-token chunks over several segments, the default configuration, long segments."""
