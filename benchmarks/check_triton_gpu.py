@@ -92,11 +92,18 @@ def timing_inputs(B, T, variant, H=16, D=128):
     return q, k, v, g, g_gamma, leaves, torch.randn_like(v)
 
 
+def kernel_decay(g, g_gamma, q):
+    """The Triton kernels' per-token decay: g, or g_gamma expanded as `linear_attention`
+    does (no grad, so the kernels plan without dg)."""
+    if g_gamma is None:
+        return g
+    return g_gamma[None, None, :].expand(*q.shape[:3]).float().contiguous()
+
+
 def time_variant(B, T, variant, **kernel_kw):
     """Median ms of fwd and fwd+bwd, and the fwd+bwd result (o, *grads) for a check."""
     q, k, v, g, g_gamma, leaves, d_o = timing_inputs(B, T, variant)
-    if g_gamma is not None:
-        g = g_gamma[None, None, :].expand(B, T, -1).float().contiguous()
+    g = kernel_decay(g, g_gamma, q)
 
     def fwd():
         return triton_linear_attention(q, k, v, g, q.shape[-1] ** -0.5, None, False, None, **kernel_kw)[0]
@@ -147,8 +154,7 @@ def profile_kernels(B=1, T=32768):
     table = {}
     for variant in VARIANTS:
         q, k, v, g, g_gamma, leaves, d_o = timing_inputs(B, T, variant)
-        if g_gamma is not None:
-            g = g_gamma[None, None, :].expand(B, T, -1).float().contiguous()
+        g = kernel_decay(g, g_gamma, q)
 
         def step():
             o = triton_linear_attention(q, k, v, g, q.shape[-1] ** -0.5, None, False, None)[0]

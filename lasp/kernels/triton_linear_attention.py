@@ -711,16 +711,17 @@ def _backward_kvg(q, k, v, g, w, rows, do, d_final, d_states, g_seg, final, dB_q
     dk = _new(k.shape, k.dtype, dev)
     dv = _new(v.shape, v.dtype, dev)
     PK, PV = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    BK = PK if plan.fuse_dkdv else _tile("dkdv", K, V)
+    row = "dkdv_dg" if plan.decay_grad else "dkdv"
+    BK = PK if plan.fuse_dkdv else _tile(row, K, V)
     n_k_tiles = triton.cdiv(K, BK)
     dB_k = _new((TT, H, n_k_tiles), torch.float32, dev) if plan.decay_grad else q
     args = (q, k, v, g if use_g else q, q if w is None else w, q if rows is None else rows, do, seg_bounds,
             d_states, dk, dv, dB_k, scale, *sizes)
-    common.update(_launch_kw("dkdv_dg" if plan.decay_grad else "dkdv"))
+    common.update(_launch_kw(row))
     if plan.fuse_dkdv:
         _bwd_dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common)
     else:
-        BV = _tile("dkdv", V, K)
+        BV = _tile(row, V, K)
         _bwd_dkdv_kernel[(triton.cdiv(V, BV) * NS, H)](*args, BK=PK, BV=BV, DO_DK=False, DO_DV=True, **common)
         _bwd_dkdv_kernel[(n_k_tiles * NS, H)](*args, BK=BK, BV=PV, DO_DK=True, DO_DV=False, **common)
 
