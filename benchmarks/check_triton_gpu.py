@@ -13,7 +13,7 @@
     dg) at (8,4096), (1,32768), (1,131072). `--fla` adds fla's chunk_simple_gla.
 (c) `--profile`: CUDA time of each kernel in one fwd+bwd at B=1, T=32768 per variant.
 (d) `--tune`: fwd+bwd of one-change-at-a-time rows against the defaults: each kernel's
-    `LAUNCH` row (warps, stages, tile), the segment length, the split dk/dv launch.
+    `LAUNCH` row (warps, stages, tile), the span length, the split dk/dv launch.
     Every row's output and gradients are checked against the fp32 oracle, so a launch
     that miscompiles (triton 3.6 on Hopper does, for some gated backward kernels) shows
     as FAIL ('!') instead of as a fast time.
@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from lasp.kernels.reference import chunk_linear_attention
-from lasp.kernels.triton_linear_attention import LAUNCH, Launch, triton_linear_attention
+from lasp.kernels.common.launch import LAUNCH, Launch
+from lasp.kernels.scalar.chunk import chunk_linear_attention
+from lasp.kernels.scalar.triton import triton_linear_attention
 from lasp.sync import no_host_sync
 
 OUT_TOL, GRAD_TOL = 3e-3, 5e-3
@@ -177,20 +178,20 @@ def profile_kernels(B=1, T=32768):
 
 def tune_rows():
     """(label, LAUNCH overrides, kernel kwargs): each row changes one kernel's launch
-    (or the segment length) from the defaults."""
+    (or the span length) from the defaults."""
     rows = [("warm-up (default)", {}, {}), ("default", {}, {})]
     for kernel, launches in {
-        "summary": [(4, 3, 64), (4, 2, 128), (8, 2, 128)],
-        "output": [(4, 3, 64), (8, 2, 64)],
-        "dq": [(8, 2, 64), (4, 1, 64), (4, 3, 64), (4, 2, 32)],
-        "dkdv": [(8, 1, 64), (4, 1, 64)],
-        "dkdv_dg": [(8, 2, 64)],
-        "summary_dg": [(4, 2, 64)],
+        "scalar.summary": [(4, 3, 64), (4, 2, 128), (8, 2, 128)],
+        "scalar.output": [(4, 3, 64), (8, 2, 64)],
+        "scalar.dq": [(8, 2, 64), (4, 1, 64), (4, 3, 64), (4, 2, 32)],
+        "scalar.dkdv": [(8, 1, 64), (4, 1, 64)],
+        "scalar.dkdv_dg": [(8, 2, 64)],
+        "scalar.summary_dg": [(4, 2, 64)],
         "scan": [(4, 3, 256)],
     }.items():
         for warps, stages, block in launches:
             rows.append((f"{kernel} w{warps} s{stages} b{block}", {kernel: Launch(warps, stages, block)}, {}))
-    rows += [(f"segment_chunks={n}", {}, dict(segment_chunks=n)) for n in (32, 128)]
+    rows += [(f"span_chunks={n}", {}, dict(span_chunks=n)) for n in (32, 128)]
     rows.append(("split dk/dv", {}, dict(fuse_dkdv=False)))
     return rows
 
@@ -201,11 +202,11 @@ def tune(B, T, variants):
     defaults = dict(LAUNCH)
     results = []
     print(f"\n(d) tuning B={B} T={T}: fwd+bwd ms (worst rel err)")
-    print(f"{'row':24s} " + " ".join(f"{v:>18}" for v in variants))
+    print(f"{'row':31s} " + " ".join(f"{v:>18}" for v in variants))
     want = {}
     for label, launch, kernel_kw in tune_rows():
         LAUNCH.update(launch)
-        line = f"{label:24s} "
+        line = f"{label:31s} "
         for variant in variants:
             torch.manual_seed(1)
             try:

@@ -2,11 +2,16 @@
 
     python benchmarks/kernels.py [--shapes 8x4096,1x32768,1x131072] [--out DIR]
 
-bf16, H=16, D=128. Rows: lasp-triton (plain, g_gamma, g), fla `chunk_linear_attn`
-(normalize=False) and `chunk_simple_gla` (g_gamma) when fla-core is importable, and
+bf16, H=16, D=128. Rows: lasp-triton (plain, g_gamma, g, gk), fla `chunk_linear_attn`
+(normalize=False), `chunk_simple_gla` (g_gamma) and `chunk_gla` (gk) when fla-core is importable, and
 lasp's torch backend (the oracle; only at the smallest shape, it is slow). fla's gated
 backward (`chunk_simple_gla` with per-token g) refuses to run on triton 3.6 / Hopper, so
-fla has no g row. Each row checks its forward against lasp-torch in fp32 first (rel err).
+fla has no g row. Each row checks its forward against lasp-torch in fp32 first (rel err;
+gk on the first two heads, where the torch oracle fits memory at every shape); a row off
+by more than 1e-2 is reported as FAIL instead of a time. `variant` is the transition kind
+(identity, scalar, diagonal), `decay` the argument (plain, g_gamma, g, gk). fla's
+`chunk_gla` autotunes on its first call (> 150 s at 8x4096 on an H100): `--fla-gla-shapes`
+says at which shapes it runs.
 
 Prints medians (ms), million tokens/s, peak memory, the ratio to fla's same variant, and
 the memory floor: bytes that must move (read q,k,v, write o; backward: read q,k,v,do,
@@ -39,32 +44,46 @@ def copy_bandwidth(nbytes=2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
+KIND = {"plain": "identity", "g_gamma": "scalar", "g": "scalar", "gk": "diagonal"}
+
+
 def methods():
-    """name -> (variant, fn(q, k, v, g, g_gamma) -> o)."""
+    """name -> (decay, fn(q, k, v, g, gg, gk) -> o)."""
     rows = {
-        "lasp-triton plain": ("plain", lambda q, k, v, g, gg: linear_attention(q, k, v, backend="triton")[0]),
-        "lasp-triton g_gamma": ("g_gamma", lambda q, k, v, g, gg: linear_attention(q, k, v, g_gamma=gg, backend="triton")[0]),
-        "lasp-triton g": ("g", lambda q, k, v, g, gg: linear_attention(q, k, v, g, backend="triton")[0]),
-        "lasp-torch plain": ("plain", lambda q, k, v, g, gg: linear_attention(q, k, v, backend="torch")[0]),
-        "lasp-torch g": ("g", lambda q, k, v, g, gg: linear_attention(q, k, v, g, backend="torch")[0]),
+        "lasp-triton plain": ("plain", lambda q, k, v, g, gg, gk: linear_attention(q, k, v, backend="triton")[0]),
+        "lasp-triton g_gamma": ("g_gamma", lambda q, k, v, g, gg, gk: linear_attention(q, k, v, g_gamma=gg, backend="triton")[0]),
+        "lasp-triton g": ("g", lambda q, k, v, g, gg, gk: linear_attention(q, k, v, g, backend="triton")[0]),
+        "lasp-triton gk": ("gk", lambda q, k, v, g, gg, gk: linear_attention(q, k, v, gk=gk, backend="triton")[0]),
+        "lasp-torch plain": ("plain", lambda q, k, v, g, gg, gk: linear_attention(q, k, v, backend="torch")[0]),
+        "lasp-torch g": ("g", lambda q, k, v, g, gg, gk: linear_attention(q, k, v, g, backend="torch")[0]),
     }
     try:
+        from fla.ops.gla import chunk_gla
         from fla.ops.linear_attn import chunk_linear_attn
         from fla.ops.simple_gla import chunk_simple_gla
     except ImportError:
         print("fla-core not importable: no fla rows")
         return rows
-    rows["fla plain"] = ("plain", lambda q, k, v, g, gg: chunk_linear_attn(q, k, v, normalize=False)[0])
-    rows["fla g_gamma"] = ("g_gamma", lambda q, k, v, g, gg: chunk_simple_gla(q, k, v, g_gamma=gg)[0])
+    rows["fla plain"] = ("plain", lambda q, k, v, g, gg, gk: chunk_linear_attn(q, k, v, normalize=False)[0])
+    rows["fla g_gamma"] = ("g_gamma", lambda q, k, v, g, gg, gk: chunk_simple_gla(q, k, v, g_gamma=gg)[0])
+    rows["fla gk"] = ("gk", lambda q, k, v, g, gg, gk: chunk_gla(q, k, v, gk)[0])
     return rows
 
 
-def measure(fn, inputs, do, backward, variant):
-    q, k, v, g, gg = inputs
-    leaves = [q, k, v] + ([g] if variant == "g" else [])
+def oracle(decay, q, k, v, g, gg, gk):
+    """lasp-torch in fp32 (gk: the first two heads)."""
+    if decay == "gk":
+        q, k, v, gk = (x[:, :, :2] for x in (q, k, v, gk))
+    kw = {"plain": {}, "g_gamma": dict(g_gamma=gg), "g": dict(g=g), "gk": dict(gk=gk)}[decay]
+    return linear_attention(q.float(), k.float(), v.float(), backend="torch", **kw)[0]
+
+
+def measure(fn, inputs, do, backward, decay):
+    q, k, v, g, gg, gk = inputs
+    leaves = [q, k, v] + ([g] if decay == "g" else []) + ([gk] if decay == "gk" else [])
 
     def step():
-        o = fn(q, k, v, g, gg)
+        o = fn(q, k, v, g, gg, gk)
         if backward:
             torch.autograd.grad(o, leaves, do)
     step()
@@ -79,12 +98,116 @@ def measure(fn, inputs, do, backward, variant):
 
 
 def _add_speedups(results):
-    """speedup_vs_fla: fla's time for the same variant, shape and mode ÷ this row's."""
+    """speedup_vs_fla: fla's time for the same decay, shape and mode ÷ this row's;
+    vs_plain: this row's time ÷ lasp-triton plain's (None for FAIL rows)."""
+    def same(x, r):
+        return (x["decay"], x["B"], x["T"], x["mode"]) == (r["decay"], r["B"], r["T"], r["mode"])
     for r in results:
-        fla = next((x for x in results if x["method"].startswith("fla") and
-                    (x["variant"], x["B"], x["T"], x["mode"]) == (r["variant"], r["B"], r["T"], r["mode"])),
-                   None)
-        r["speedup_vs_fla"] = fla["ms"] / r["ms"] if fla else None
+        fla = next((x for x in results if x["method"].startswith("fla") and same(x, r) and x["ms"]), None)
+        plain = next((x for x in results if x["method"] == "lasp-triton plain" and x["ms"] and
+                      (x["B"], x["T"], x["mode"]) == (r["B"], r["T"], r["mode"])), None)
+        r["speedup_vs_fla"] = fla["ms"] / r["ms"] if fla and r["ms"] else None
+        r["vs_plain"] = r["ms"] / plain["ms"] if plain and r["ms"] else None
+
+
+# -- The delta rule (beta): DeltaNet, Gated DeltaNet (g), KDA (gk) --------------------------------
+# Own rows, inputs and oracle: keys arrive L2-normalised (as the layers feed them), beta in (0, 1).
+
+DELTA_ARG = {"delta": None, "g+beta": "g", "gk+beta": "gk"}
+
+
+def delta_methods():
+    """name -> (decay, fn(q, k, v, beta, g, gk) -> o) for the delta rule."""
+    from lasp.kernels.delta import triton as delta_triton
+
+    def lasp_row(decay):
+        def fn(q, k, v, beta, g, gk):
+            gate = {"delta": None, "g+beta": g, "gk+beta": gk}[decay]
+            return delta_triton.triton_linear_attention(q, k, v, gate, beta, scale=D ** -0.5)[0]
+        return decay, fn
+    rows = {f"lasp-triton {decay}": lasp_row(decay) for decay in DELTA_ARG}
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.kda import chunk_kda
+    except ImportError:
+        print("fla-core not importable: no fla delta rows")
+        return rows
+    rows["fla delta"] = ("delta", lambda q, k, v, beta, g, gk: chunk_delta_rule(q, k, v, beta.to(q.dtype))[0])
+    rows["fla g+beta"] = ("g+beta",
+                          lambda q, k, v, beta, g, gk: chunk_gated_delta_rule(q, k, v, g, beta.to(q.dtype))[0])
+    rows["fla gk+beta"] = ("gk+beta", lambda q, k, v, beta, g, gk: chunk_kda(q, k, v, gk, beta.to(q.dtype))[0])
+    return rows
+
+
+def delta_oracle(decay, q, k, v, beta, g, gk):
+    """lasp's torch chunk form in fp32 on the first two heads."""
+    from lasp.kernels.delta import chunk_linear_attention as delta_chunk
+
+    gate = {"delta": None, "g+beta": g, "gk+beta": gk}[decay]
+    q, k, v, beta = (x[:, :, :2].float() for x in (q, k, v, beta))
+    return delta_chunk(q, k, v, None if gate is None else gate[:, :, :2], beta, scale=D ** -0.5)[0]
+
+
+def run_delta_rows(B, T, rows, results, meta, path, bandwidth):
+    """Time the delta rows at one shape (same run, same GPU); a row that misses the oracle
+    by > 1e-2, runs out of memory or refuses (fla's gated backward on triton 3.6 /
+    Hopper) is recorded with ms None and its reason in `note`."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen)
+    q, v = (rand(B, T, H, D).bfloat16().requires_grad_() for _ in range(2))
+    k = F.normalize(rand(B, T, H, D), dim=-1).bfloat16().requires_grad_()
+    beta = torch.sigmoid(rand(B, T, H)).requires_grad_()
+    g = F.logsigmoid(rand(B, T, H) + 4).requires_grad_()
+    gk = F.logsigmoid(rand(B, T, H, D) + 4).requires_grad_()
+    do = rand(B, T, H, D).bfloat16()
+    inputs = (q, k, v, beta, g, gk)
+    unit = B * T * H * D * 2
+    floor_ms = {"fwd": 4 * unit / bandwidth * 1e3, "fwd+bwd": 11 * unit / bandwidth * 1e3}
+    refs = {}
+    for name, (decay, fn) in rows.items():
+        leaves = [q, k, v, beta] + ([g] if decay == "g+beta" else []) + ([gk] if decay == "gk+beta" else [])
+        err, note = None, None
+        try:
+            with torch.no_grad():
+                if decay not in refs:
+                    refs[decay] = delta_oracle(decay, *inputs)
+                o = fn(*inputs)[:, :, :2].float()
+                err = ((o - refs[decay]).norm() / refs[decay].norm()).item()
+        except Exception as e:          # noqa: BLE001 - recorded, the run goes on
+            note = f"{type(e).__name__}: {e}"[:200]
+        if err is not None and not err <= 1e-2:
+            note = "forward off the oracle by more than 1e-2"
+        for mode in ("fwd", "fwd+bwd"):
+            ms = peak = None
+            if err is not None and err <= 1e-2:
+                def step():
+                    o = fn(*inputs)
+                    if mode == "fwd+bwd":
+                        torch.autograd.grad(o, leaves, do)
+                try:
+                    step()
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    step()
+                    torch.cuda.synchronize()
+                    peak = torch.cuda.max_memory_allocated() - base
+                    ms = do_bench(step, warmup=10, rep=50, return_mode="median")
+                except Exception as e:  # noqa: BLE001
+                    note = f"{type(e).__name__}: {e}"[:200]
+                    torch.cuda.empty_cache()
+            results.append(dict(method=name, variant="dense", decay=decay, B=B, T=T, mode=mode, ms=ms,
+                                mtok_s=ms and B * T / ms / 1e3, peak_gb=peak and peak / 1e9,
+                                rel_err=float("nan") if err is None else err, floor_ms=floor_ms[mode],
+                                note=None if ms else note))
+            shown = f"{ms:8.3f} ms" if ms else f"FAIL ({note})"
+            print(f"{name:22s} B={B} T={T:6d} {mode:7s} {shown}  err={err}", flush=True)
+            _add_speedups(results)
+            with open(path, "w") as f:
+                json.dump(meta, f, indent=1)
 
 
 def main():
@@ -93,12 +216,24 @@ def main():
     parser.add_argument("--torch-max-tokens", type=int, default=32768,
                         help="skip the slow torch backend above this many tokens")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--only", default=None,
+                        help="comma-separated method names to run (default: all)")
+    parser.add_argument("--fla-gla-shapes", default="1x32768,1x131072",
+                        help="shapes BxT at which fla chunk_gla runs (its autotune is long)")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     bandwidth = copy_bandwidth()
     rows = methods()
+    if args.only:
+        rows = {name: row for name, row in rows.items() if name in args.only.split(",")}
+    fla_gla_shapes = {tuple(int(x) for x in s.split("x")) for s in args.fla_gla_shapes.split(",") if s}
     results = []
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+    try:
+        import fla
+        fla_version = fla.__version__
+    except ImportError:
+        fla_version = None
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, fla=fla_version,
                 python=platform.python_version(), H=H, D=D, dtype="bf16",
                 copy_bandwidth_gb_s=bandwidth / 1e9, results=results)
     os.makedirs(args.out, exist_ok=True)
@@ -110,38 +245,52 @@ def main():
             return torch.randn(*shape, device="cuda", generator=gen)
         q, k, v = (rand(B, T, H, D).bfloat16().requires_grad_() for _ in range(3))
         g = F.logsigmoid(rand(B, T, H) + 4).requires_grad_()
+        gk = F.logsigmoid(rand(B, T, H, D) + 4).requires_grad_()
         gg = F.logsigmoid(torch.linspace(3, 7, H, device="cuda"))
         do = rand(B, T, H, D).bfloat16()
         unit = B * T * H * D * 2                      # one bf16 [B,T,H,D] tensor
         floor_ms = {"fwd": 4 * unit / bandwidth * 1e3, "fwd+bwd": 11 * unit / bandwidth * 1e3}
         refs = {}
-        for name, (variant, fn) in rows.items():
+        inputs = (q, k, v, g, gg, gk)
+        for name, (decay, fn) in rows.items():
             if name.startswith("lasp-torch") and B * T > args.torch_max_tokens:
                 continue
+            if name == "fla gk" and (B, T) not in fla_gla_shapes:
+                print(f"{name:22s} B={B} T={T:6d} skipped (--fla-gla-shapes)", flush=True)
+                continue
             with torch.no_grad():
-                if variant not in refs:
-                    refs[variant] = linear_attention(
-                        q.float(), k.float(), v.float(), g if variant == "g" else None,
-                        gg if variant == "g_gamma" else None, backend="torch")[0]
-                o = fn(q, k, v, g, gg).float()
-                err = ((o - refs[variant]).norm() / refs[variant].norm()).item()
+                if decay not in refs:
+                    refs[decay] = oracle(decay, *inputs)
+                o = fn(*inputs).float()
+                if decay == "gk":
+                    o = o[:, :, :2]
+                err = ((o - refs[decay]).norm() / refs[decay].norm()).item()
             for mode in ("fwd", "fwd+bwd"):
-                ms, peak = measure(fn, (q, k, v, g, gg), do, mode == "fwd+bwd", variant)
-                results.append(dict(method=name, variant=variant, B=B, T=T, mode=mode, ms=ms,
-                                    mtok_s=B * T / ms / 1e3, peak_gb=peak / 1e9, rel_err=err,
+                ms, peak = (None, None) if not err <= 1e-2 else measure(fn, inputs, do, mode == "fwd+bwd", decay)
+                results.append(dict(method=name, variant=KIND[decay], decay=decay, B=B, T=T, mode=mode, ms=ms,
+                                    mtok_s=ms and B * T / ms / 1e3, peak_gb=peak and peak / 1e9, rel_err=err,
                                     floor_ms=floor_ms[mode]))
-                print(f"{name:22s} B={B} T={T:6d} {mode:7s} {ms:8.3f} ms  err={err:.1e}", flush=True)
+                shown = "FAIL" if ms is None else f"{ms:8.3f} ms"
+                print(f"{name:22s} B={B} T={T:6d} {mode:7s} {shown}  err={err:.1e}", flush=True)
                 _add_speedups(results)
                 with open(path, "w") as f:      # after every row: a run cut short keeps its rows
                     json.dump(meta, f, indent=1)
+    delta_rows = {name: row for name, row in delta_methods().items() if not args.only or name in args.only.split(",")}
+    for B, T in shapes:
+        run_delta_rows(B, T, delta_rows, results, meta, path, bandwidth)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
           f"copy {bandwidth / 1e9:.0f} GB/s -> {path}")
     print(f"{'method':22s} {'B x T':>10s} {'mode':7s} {'ms':>8s} {'Mtok/s':>7s} {'peakGB':>7s} "
-          f"{'x fla':>6s} {'floor':>6s} {'err':>8s}")
+          f"{'x fla':>6s} {'/plain':>6s} {'floor':>6s} {'err':>8s}")
     for r in results:
         sp = f"{r['speedup_vs_fla']:.2f}" if r["speedup_vs_fla"] else "-"
+        vp = f"{r['vs_plain']:.2f}" if r["vs_plain"] else "-"
+        if r["ms"] is None:
+            print(f"{r['method']:22s} {r['B']:>2d}x{r['T']:<7d} {r['mode']:7s} {'FAIL':>8s} "
+                  f"{'-':>7s} {'-':>7s} {sp:>6s} {vp:>6s} {r['floor_ms']:6.3f} {r['rel_err']:8.1e}")
+            continue
         print(f"{r['method']:22s} {r['B']:>2d}x{r['T']:<7d} {r['mode']:7s} {r['ms']:8.3f} "
-              f"{r['mtok_s']:7.1f} {r['peak_gb']:7.2f} {sp:>6s} {r['floor_ms']:6.3f} {r['rel_err']:8.1e}")
+              f"{r['mtok_s']:7.1f} {r['peak_gb']:7.2f} {sp:>6s} {vp:>6s} {r['floor_ms']:6.3f} {r['rel_err']:8.1e}")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,17 @@ def measure(step, args):
     return worst[0].item() * 1e3, int(worst[1].item())
 
 
+def lasp2_bytes_per_layer(W: int, H: int, D: int, segments: int) -> dict:
+    """What one rank sends per layer and step in LASP-2 (B = 1, causal): forward its segments'
+    fp32 summaries (a K×V state and a log-decay per head), backward their fp32 state
+    gradients; the all-gathers bring in W times that. Nothing at W = 1."""
+    if W == 1:
+        return dict(forward=0, backward=0, gathered=0)
+    forward = segments * H * (D * D + 1) * 4
+    backward = segments * H * D * D * 4
+    return dict(forward=forward, backward=backward, gathered=W * (forward + backward))
+
+
 def concurrency(kernels):
     """(NCCL kernel µs, of which µs ran while another kernel ran) from (name, start, end)
     intervals of the device's kernels."""
@@ -209,7 +220,9 @@ def run(args):
                     backend=dist.get_backend(), H=args.heads, D=args.dim, B=1, variant=args.variant,
                     dtype="bf16" if args.device == "cuda" else "fp32",
                     warmup=args.warmup, iters=args.iters, results=results, overlap=gains,
-                    profile=profiles)
+                    profile=profiles,
+                    lasp2_bytes_per_layer={kind: lasp2_bytes_per_layer(W, args.heads, args.dim, segments)
+                                           for kind, segments in (("contiguous", 1), ("zigzag", 2))})
         path = os.path.join(args.out, f"sp_w{W}.json")
         with open(path, "w") as f:
             json.dump(meta, f, indent=1)
@@ -224,6 +237,18 @@ def run(args):
             print(f"{r['method']:22s} {r['tokens_per_gpu']:8d} {r['ms']:9.3f} "
                   f"{r['tokens_per_s_per_gpu'] / 1e6:10.3f} {r['bytes_sent']:11d} {ring['ms'] / r['ms']:8.3f} "
                   + (f"{gain:7.3f}" if gain else f"{'':7s}"))
+        print(f"\nLASP-2 bytes per layer and step, one rank (the op is one layer; measured from "
+              f"lasp.parallel.scan.bytes_sent in the table's 'bytes sent'):")
+        for kind, segments in (("contiguous", 1), ("zigzag", 2)):
+            model = lasp2_bytes_per_layer(W, args.heads, args.dim, segments)
+            measured = next(r["bytes_sent"] for r in results if r["method"] == f"lasp2 {kind}")
+            print(f"  {kind:10s} sent {measured:,} B (expected {model['forward'] + model['backward']:,}: forward "
+                  f"{model['forward']:,} + backward {model['backward']:,}); all-gathers receive {model['gathered']:,} B"
+                  + ("  (W = 1: no exchange)" if W == 1 else ""))
+            if W == 1:
+                any_w = lasp2_bytes_per_layer(2, args.heads, args.dim, segments)
+                print(f"  {'':10s} at any W >= 2 it sends {any_w['forward']:,} + {any_w['backward']:,} B "
+                      f"and receives W times that")
         for p in profiles:
             fraction = "n/a" if p["concurrent_fraction"] is None else f"{p['concurrent_fraction']:.0%}"
             print(f"profile {p['method']:22s} N={p['tokens_per_gpu']}: NCCL {p['nccl_us_per_step']:.1f} us/step, "

@@ -18,12 +18,18 @@ from lasp.parallel.layout import SequenceLayout
 def next_token_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """targets[t] = labels[t+1]; `ignore_index` at the last token and at each packed document's
-    last token (no token predicts across a document boundary). labels: [B, T]."""
+    last token (no token predicts across a document boundary). labels: [B, T].
+
+    Empty documents (equal offsets) have no last token: they mark nothing (their entry points
+    at the sequence's last token, ignored anyway), computed on the device without a host sync.
+    """
     targets = torch.full_like(labels, ignore_index)
     targets[:, :-1] = labels[:, 1:]
     if cu_seqlens is not None:
-        ends = cu_seqlens[1:].to(device=labels.device, dtype=torch.int64) - 1
-        targets[:, ends.clamp_min(0)] = ignore_index
+        cu = cu_seqlens.to(device=labels.device, dtype=torch.int64)
+        last_tokens = torch.where(cu[1:] > cu[:-1], cu[1:] - 1, labels.shape[1] - 1)
+        # scatter_, not `targets[:, last_tokens] = ...`: index_put with a CUDA index syncs.
+        targets.scatter_(1, last_tokens[None].expand(targets.shape[0], -1), ignore_index)
     return targets
 
 

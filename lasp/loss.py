@@ -7,9 +7,11 @@ under activation checkpointing (its logits are recomputed in the backward, never
 Contract under sequence parallelism (torchtitan's): each rank's loss is the SUM of its
 local token losses divided by the number of valid tokens of the WHOLE sequence (counted
 before sharding: `ShardedBatch.num_tokens`), and parameter gradients are SUMMED across
-the SP group. FSDP/DDP over a dp×sp mesh reduce gradients for you but AVERAGE them:
-multiply the loss by the number of ranks they average over (or set their divide factor
-to 1). Without a wrapper, call `sum_gradients(model, group)` after `backward()`.
+the SP group. FSDP/DDP over a dp×sp mesh reduce gradients for you but AVERAGE them: set
+their divide factor to 1 (FSDP2: `set_gradient_divide_factor(1.0)` on every `fully_shard`
+unit, as `lasp-train` does) and divide by the valid tokens of the whole global batch, or
+multiply the loss by the number of ranks they average over. Without a wrapper, call
+`sum_gradients(model, group)` after `backward()`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from lasp.parallel.comm import all_reduce
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 4096
@@ -57,7 +61,7 @@ def sum_gradients(model: torch.nn.Module, group=None) -> None:
         return
     for p in model.parameters():
         if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
+            all_reduce(p.grad, group)
 
 
 def causal_lm_loss(model, batch, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
@@ -68,7 +72,9 @@ def causal_lm_loss(model, batch, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tor
     A transformers model must have been parallelized (W = 1 is fine) for packed documents
     to be masked: its own attention ignores `cu_seqlens`. A model whose decoder reports an
     `aux_loss` (lasp's Mixture-of-Memories layers: this rank's share of the whole sequence's
-    load-balancing loss) adds `config.router_aux_loss_coef` times it.
+    load-balancing loss) adds `config.router_aux_loss_coef` times it. (Summed over dp data-parallel
+    sequences, that is the sum of their aux losses, not their mean: `lasp-train`'s
+    `train_step` composes its loss itself, weighing the aux loss by 1/dp.)
     """
     out = model.base_model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens)
     weight = model.get_output_embeddings().weight

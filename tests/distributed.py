@@ -1,15 +1,24 @@
-"""Run a test body on W CPU processes joined by a gloo process group.
+"""Run a test body on W processes joined by a process group.
 
     def body(rank, world_size, *args): ...      # a module-level function (picklable)
-    run_distributed(body, world_size, *args)
+    run_distributed(body, world_size, *args)              # W CPU ranks over gloo
+    run_distributed(body, world_size, *args, cuda=True)   # W ranks on CUDA (below)
 
 Each process calls `body` with the group initialised; a failure on any rank (assertion
 or exception) fails the calling test with that rank's traceback. A rank that hangs is
 killed after `timeout` seconds and fails the test.
+
+GPU runs (`cuda=True`, the multi-rank GPU tests): by default rank r runs on GPU r over
+NCCL, which needs W GPUs. With the environment variable **`LASP_SHARED_GPU=1`** the W
+ranks share GPU 0 over gloo instead: NCCL refuses two ranks on one device, while gloo
+moves CUDA tensors through host memory (`lasp.parallel.comm`). That checks correctness
+and stream ordering across ranks on a one-GPU machine, not NCCL's speed. `gpu_skip_reason`
+says why a GPU run cannot happen here, for `pytest.skip`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import traceback
@@ -18,6 +27,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+SHARED_GPU = os.environ.get("LASP_SHARED_GPU") == "1"
+
+
+def gpu_skip_reason(world_size: int) -> str | None:
+    """Why `run_distributed(..., cuda=True)` cannot run `world_size` ranks here (None: it can)."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if not SHARED_GPU and torch.cuda.device_count() < world_size:
+        return f"needs {world_size} GPUs, or LASP_SHARED_GPU=1 to run {world_size} ranks on one GPU over gloo"
+    return None
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -25,12 +45,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, body, args, errors):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
+def _init_group(rank: int, world_size: int, cuda: bool) -> None:
+    if not cuda:
+        torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    elif SHARED_GPU:
+        torch.cuda.set_device(0)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    else:
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")    # no NVLink multicast
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", rank))
+
+
+def _worker(rank, world_size, port, cuda, body, args, errors):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        _init_group(rank, world_size, cuda)
         body(rank, world_size, *args)
+        dist.barrier()      # no rank tears the group down while a peer still uses it
     except BaseException:  # report every failure, including assertion errors
         errors.put((rank, traceback.format_exc()))
     finally:
@@ -38,11 +71,11 @@ def _worker(rank, world_size, port, body, args, errors):
             dist.destroy_process_group()
 
 
-def run_distributed(body, world_size: int, *args, timeout: float = 300.0) -> None:
+def run_distributed(body, world_size: int, *args, timeout: float = 300.0, cuda: bool = False) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, body, args, errors))
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, cuda, body, args, errors))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -63,3 +96,58 @@ def run_distributed(body, world_size: int, *args, timeout: float = 300.0) -> Non
     bad = [r for r, p in enumerate(procs) if p.exitcode != 0]
     if bad:
         raise AssertionError(f"ranks {bad} of {world_size} exited abnormally")
+
+
+def global_rel_err(a_local: torch.Tensor, b_local: torch.Tensor, group=None) -> float:
+    """‖a − b‖ / ‖b‖ over the whole sequence, from each rank's shards (a collective, float64)."""
+    a, b = a_local.double(), b_local.double()
+    squares = torch.stack([(a - b).square().sum(), b.square().sum()])
+    dist.all_reduce(squares, group=group)
+    return (squares[0] / squares[1]).sqrt().item()
+
+
+def report(name: str, rows: list[dict]) -> None:
+    """Print `rows` (one dict per case) as a table and, when $OUT is set, write them with the
+    device and versions to $OUT/<name>.json. Rank 0 calls it."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    print(f"\n{name} (LASP_SHARED_GPU={int(SHARED_GPU)})")
+    print("  ".join(keys))
+    for row in rows:
+        print("  ".join(f"{row[k]:.2e}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys))
+    if os.environ.get("OUT"):
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        record = {"device": device, "torch": torch.__version__, "shared_gpu": SHARED_GPU, "rows": rows}
+        with open(os.path.join(os.environ["OUT"], f"{name}.json"), "w") as f:
+            json.dump(record, f, indent=1)
+
+
+def record_overlap(phases_class) -> list:
+    """Log, in the returned list, the phases of `phases_class` (summarize, output, grad_q,
+    grad_kvg) and LASP-2's all-gathers ("issue" / "wait", or "blocking gather") as they are
+    called in this process: the overlap-order tests compare the log with the intended order."""
+    from lasp.parallel import scan
+    log = []
+
+    def logged(name, fn):
+        def phase(*args, **kwargs):
+            log.append(name)
+            return fn(*args, **kwargs)
+        return phase
+    for name in ("summarize", "output", "grad_q", "grad_kvg"):
+        setattr(phases_class, name, logged(name, getattr(phases_class, name)))
+
+    class Handle:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self):
+            log.append("wait")
+            return self.work.wait()
+    gather_into = scan._gather_into
+
+    def gather(*args, async_op=False, **kwargs):
+        work = gather_into(*args, async_op=async_op, **kwargs)
+        log.append("issue" if async_op else "blocking gather")
+        return Handle(work) if async_op else work
+    scan._gather_into = gather
+    return log

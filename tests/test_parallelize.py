@@ -61,6 +61,21 @@ def test_labels_are_shifted_before_sharding():
         assert torch.equal(seen, targets)  # no label lost at a shard boundary
 
 
+@pytest.mark.parametrize("lengths", [[0, 7, 5], [7, 0, 5], [7, 5, 0], [0, 0, 3, 0, 9, 0]],
+                         ids=["leading", "inner", "trailing", "several"])
+def test_empty_documents_drop_no_label(lengths):
+    ids = torch.arange(100, 112)[None]
+    targets = next_token_labels(ids, random_cu_seqlens(lengths))
+    nonempty = [n for n in lengths if n]
+    assert torch.equal(targets, next_token_labels(ids, random_cu_seqlens(nonempty)))
+    # Each document on its own: the next token inside it, nothing at its last token.
+    start = 0
+    for n in nonempty:
+        assert targets[0, start:start + n - 1].tolist() == list(range(101 + start, 100 + start + n))
+        assert targets[0, start + n - 1] == -100
+        start += n
+
+
 def test_given_labels_keep_their_ignored_tokens():
     ids = torch.arange(8)[None]
     labels = ids.clone()
@@ -166,5 +181,37 @@ def _equivalence_body(rank, W):
 
 @pytest.mark.parametrize("W", [2, 3])
 def test_parallelized_models_match_one_process(W):
-    pytest.importorskip("lasp.parallel.lasp2")
     run_distributed(_equivalence_body, W)
+
+
+def _hf_labels_body(rank, W):
+    """transformers would shift `labels` inside each shard: refused on every rank, before any
+    collective; with `shift_labels` from shard_batch the model's own loss is the right one."""
+    torch.manual_seed(0)
+    model = hf_llama().double()
+    T = 4 * W
+    ids = torch.randint(0, VOCAB, (1, T))
+    lasp.parallelize(model, kind="zigzag")
+    batch = lasp.shard_batch(ids, layout=SequenceLayout(T, W, rank, "zigzag"))
+    for kwargs in (dict(labels=batch.input_ids), dict(labels=batch.input_ids, num_items_in_batch=batch.num_tokens)):
+        with pytest.raises(ValueError, match=r"shards.*lasp\.causal_lm_loss"):
+            model(input_ids=batch.input_ids, **kwargs)
+    with pytest.raises(ValueError, match="causal_lm_loss"):
+        model(batch.input_ids, None, None, None, None, batch.input_ids)          # labels given by position
+    own = model(input_ids=batch.input_ids, labels=batch.shift_labels, shift_labels=batch.shift_labels,
+                num_items_in_batch=batch.num_tokens).loss
+    assert rel_err(own, lasp.causal_lm_loss(model, batch)) < 1e-6   # transformers' loss runs in fp32
+
+
+def test_hf_model_refuses_labels_it_would_shift_inside_a_shard():
+    run_distributed(_hf_labels_body, 2)
+
+
+def test_hf_model_refuses_labels_across_packed_documents():
+    torch.manual_seed(0)
+    model = lasp.parallelize(hf_llama().double())
+    ids = torch.randint(0, VOCAB, (1, 12))
+    cu = random_cu_seqlens([5, 7])
+    with pytest.raises(ValueError, match="across packed document boundaries.*causal_lm_loss"):
+        model(input_ids=ids, labels=ids, cu_seqlens=cu)
+    model(input_ids=ids, labels=ids)                  # one rank, one document: transformers' own loss is right

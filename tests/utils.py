@@ -50,3 +50,18 @@ def grads(outputs, inputs, cotangents):
     live = [x for x in inputs if x is not None]
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None]
     return torch.autograd.grad([o for o, _ in pairs], live, [c for _, c in pairs])
+
+
+# The decay arguments every family test runs over (ids are the public argument names).
+DECAYS = (None, "g_gamma", "g", "gk")
+
+
+def random_decay(decay, B, T, H, K, *, dtype=torch.float64, device="cpu", generator=None,
+                 requires_grad=True) -> dict:
+    """Fresh log-decays as the keyword of `linear_attention` that `decay` names (or {})."""
+    shapes = {"g_gamma": (H,), "g": (B, T, H), "gk": (B, T, H, K)}
+    if decay is None:
+        return {}
+    x = torch.randn(*shapes[decay], dtype=dtype, device=device, generator=generator)
+    x = F.logsigmoid(x + (3.0 if decay == "g_gamma" else 2.0))
+    return {decay: x.requires_grad_(requires_grad)}

@@ -12,9 +12,17 @@ Nothing of the model's code is copied or replaced; two extension points do the w
 
 Packed documents: pass ``cu_seqlens=`` (offsets of the WHOLE sequence) to the model's
 forward; transformers hands extra keywords through to the attention function.
+
+Loss: transformers shifts ``labels`` inside the tensor it is given, which under sequence
+parallelism is this rank's shard (every shard loses the label of its last token) and with
+packed documents predicts across document boundaries. So a parallelized model refuses
+``labels`` in those cases unless ``shift_labels`` (targets shifted before sharding, from
+`lasp.shard_batch`) come with them; `lasp.causal_lm_loss(model, batch)` is the simple way.
 """
 
 from __future__ import annotations
+
+import inspect
 
 from transformers import AttentionInterface
 
@@ -60,6 +68,23 @@ def _global_positions_hook(sp: SPContext):
     return hook
 
 
+def _labels_hook(sp: SPContext):
+    """Refuse `labels` that transformers would shift wrongly (module docstring), on every rank
+    before any collective, as lasp's own models do."""
+    def hook(module, args, kwargs):
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        if bound.get("labels") is None or kwargs.get("shift_labels") is not None:
+            return None
+        if sp.world_size > 1 or kwargs.get("cu_seqlens") is not None:
+            where = (f"inside each of the {sp.world_size} sequence-parallel shards (losing the label at "
+                     "every shard boundary)" if sp.world_size > 1 else "across packed document boundaries")
+            raise ValueError(f"{type(module).__name__} would shift labels {where}: compute the loss with "
+                             "lasp.causal_lm_loss(model, lasp.shard_batch(...)), or pass shift_labels= and "
+                             "num_items_in_batch= from lasp.shard_batch along with labels")
+        return None
+    return hook
+
+
 def parallelize_hf(model, sp: SPContext):
     """Route `model`'s attention through LASP-2H and its RoPE through global positions."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -77,4 +102,8 @@ def parallelize_hf(model, sp: SPContext):
     if previous is not None:
         previous.remove()
     decoder._lasp_positions_hook = decoder.register_forward_pre_hook(_global_positions_hook(sp), with_kwargs=True)
+    previous = getattr(model, "_lasp_labels_hook", None)
+    if previous is not None:
+        previous.remove()
+    model._lasp_labels_hook = model.register_forward_pre_hook(_labels_hook(sp), with_kwargs=True)
     return model

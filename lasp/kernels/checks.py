@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from lasp.kernels.transition import Transition, token_transitions
+
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
@@ -47,14 +49,21 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
-def check_decay(g, g_gamma, q, causal: bool) -> None:
-    """g: [B,T,H] per-token log-decay; g_gamma: [H] per-head log-decay; at most one, ≤ 0."""
-    if g is not None and g_gamma is not None:
-        raise ValueError("pass at most one of g (data-dependent decay) and g_gamma (fixed decay)")
-    if not causal and (g is not None or g_gamma is not None):
-        raise ValueError("causal=False supports plain linear attention only: g and g_gamma must be None")
-    B, T, H, _ = q.shape
-    for name, x, shape in (("g", g, (B, T, H)), ("g_gamma", g_gamma, (H,))):
+def check_decay(q, *, g=None, g_gamma=None, gk=None, causal: bool = True) -> Transition:
+    """The decay arguments of `linear_attention` as per-token transitions.
+
+    g: [B,T,H] per-token log-decay; g_gamma: [H] per-head log-decay (returned expanded
+    to [B,T,H]); gk: [B,T,H,K] per-key log-decay. At most one; natural logs, finite and
+    ≤ 0 (checked on the device without a host sync on CUDA). Parameters keep their dtype.
+    """
+    given = [name for name, x in (("g", g), ("g_gamma", g_gamma), ("gk", gk)) if x is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass at most one of g (per-token decay), g_gamma (fixed decay) and gk "
+                         f"(per-key decay), got {' and '.join(given)}")
+    if not causal and given:
+        raise ValueError(f"causal=False supports plain linear attention only: {given[0]} must be None")
+    B, T, H, K = q.shape
+    for name, x, shape in (("g", g, (B, T, H)), ("g_gamma", g_gamma, (H,)), ("gk", gk, (B, T, H, K))):
         if x is None:
             continue
         check_tensor(name, x, len(shape))
@@ -64,7 +73,28 @@ def check_decay(g, g_gamma, q, causal: bool) -> None:
             raise TypeError(f"{name} must be a floating tensor of natural-log decays, got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name} must be on {q.device}, got {x.device}")
-        check_value(x <= 0, f"{name} holds log-decays and must be <= 0 everywhere")
+        check_value((x <= 0) & (x > float("-inf")),
+                    f"{name} holds log-decays and must be finite and <= 0 everywhere (no -inf: "
+                    f"to reset the state, start a new document with cu_seqlens)")
+    if g_gamma is not None:
+        g = g_gamma[None, None, :].expand(B, T, H)
+    return token_transitions(g, gk)
+
+
+def check_beta(beta, q, causal: bool) -> None:
+    """beta: [B,T,H] write strength of the delta rule (causal only); finite."""
+    if beta is None:
+        return
+    if not causal:
+        raise ValueError("causal=False supports plain linear attention only: beta must be None")
+    check_tensor("beta", beta, 3)
+    if tuple(beta.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"beta must have shape {tuple(q.shape[:3])} [B,T,H], got {tuple(beta.shape)}")
+    if not beta.is_floating_point():
+        raise TypeError(f"beta must be a floating tensor, got {beta.dtype}")
+    if beta.device != q.device:
+        raise ValueError(f"beta must be on {q.device}, got {beta.device}")
+    check_value(torch.isfinite(beta), "beta must be finite everywhere")
 
 
 def check_cu_seqlens(cu_seqlens, q) -> int:

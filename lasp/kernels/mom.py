@@ -29,20 +29,25 @@ query copies (`MoMPlan.copies`) and combines with `MoMPlan.combine`.
 Every step is differentiable (router weights included). `mom_reference` is the oracle:
 a Python loop over memories and sequences on the naive recurrence, any dtype.
 `mom_state_output` is how incoming per-memory states enter the routed tokens (used by
-sequence parallelism), and `load_balancing_loss` is the Switch-style auxiliary loss.
+sequence parallelism; it saves only its inputs), `mom_phases` splits the op into the
+phases of `lasp.kernels.linear_attention_phases` (the routing weights an extra input) so
+that LASP-2 overlaps MoM's exchange like linear attention's, and `load_balancing_loss` is
+the Switch-style auxiliary loss. Decays: per-memory `g`, fixed `g_gamma`, or per-key `gk`
+(torch backend).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from lasp.kernels.checks import FLOAT_DTYPES, check_cu_seqlens, check_tensor, check_value
-from lasp.kernels.linear_attention import linear_attention
-from lasp.kernels.reference import accumulation_dtype, naive_linear_attention
+from lasp.kernels.common.documents import accumulation_dtype
+from lasp.kernels.linear_attention import check_call, linear_attention, pick_backend, plan_phases
+from lasp.kernels.naive import naive_linear_attention
+from lasp.kernels.state import cumsum_over_time
 
 
 # --------------------------------------------------------------------------------------
@@ -161,7 +166,7 @@ class MoMPlan:
             raise ValueError(f"o must hold the {self.num_copies} sorted copies on dim 0, got {tuple(o.shape)}")
         if tuple(weights.shape) != (B, T, k):
             raise ValueError(f"weights must be [B, T, k] = {(B, T, k)}, got {tuple(weights.shape)}")
-        if _pick_backend(backend, o) == "triton":
+        if pick_backend(backend, o) == "triton":
             from lasp.kernels.triton_mom import triton_mom_combine
             out = triton_mom_combine(o.reshape(o.shape[0], -1), weights, self.dest)
             return out.view(B, T, *o.shape[1:])
@@ -283,21 +288,13 @@ def mom_projection(x: torch.Tensor, weight, plan: MoMPlan, *, grouped: bool | No
 # --------------------------------------------------------------------------------------
 
 
-def _pick_backend(backend, x) -> str:
-    if backend is None:
-        return "triton" if x.is_cuda else "torch"
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
-    if backend == "triton" and not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    return backend
-
-
-def _check_memory_decay(g, g_gamma, plan: MoMPlan, H: int, device) -> None:
+def _check_memory_decay(g, g_gamma, plan: MoMPlan, H: int, device, gk=None, K=None) -> None:
     B, T, _ = plan.indices.shape
-    if g is not None and g_gamma is not None:
-        raise ValueError("pass at most one of g (data-dependent decay) and g_gamma (fixed decay)")
-    for name, x, shape in (("g", g, (B, T, plan.num_memories, H)), ("g_gamma", g_gamma, (H,))):
+    if sum(x is not None for x in (g, g_gamma, gk)) > 1:
+        raise ValueError("pass at most one of g (data-dependent decay), g_gamma (fixed decay) and gk "
+                         "(per-key decay)")
+    for name, x, shape in (("g", g, (B, T, plan.num_memories, H)), ("g_gamma", g_gamma, (H,)),
+                           ("gk", gk, (B, T, plan.num_memories, H, K))):
         if x is None:
             continue
         check_tensor(name, x, len(shape))
@@ -329,7 +326,7 @@ def _sorted(name, x, plan: MoMPlan, H: int):
                      f"[{plan.num_copies}, {H}, D] (routed copies in the plan's order), got {tuple(x.shape)}")
 
 
-def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, scale=None,
+def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None, scale=None,
                         initial_state=None, output_final_state=False, backend=None):
     """MoM linear attention of the routed memories; returns `(o, final_state)`.
 
@@ -340,13 +337,298 @@ def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *
         weights: [B, T, k] routing weights of the plan's choices (`mom_route`).
         plan: `mom_dispatch` of the routing indices (its rows are the sequences).
         g: [B, T, M, H] per-memory data-dependent log-decay (≤ 0), applied on the tokens
-            routed to that memory; or g_gamma: [H] fixed log-decay per routed token.
+            routed to that memory; or g_gamma: [H] fixed log-decay per routed token; or
+            gk: [B, T, M, H, K] per-key log-decay (GLA) per memory (torch backend).
         initial_state: [M, R, H, K, V] state of each memory entering each sequence (fp32).
         output_final_state: also return each memory's state after each sequence,
             [M, R, H, K, V]; a memory that gets no token passes its state through.
         backend: "triton" | "torch" | None, as in `linear_attention` (also picks the combine).
     Returns o: [B, T, H, V] in q's dtype, final_state or None.
     """
+    ks, vs, backend = _check_streams(q, k, v, weights, plan, g, g_gamma, gk, backend)
+    B, T, H, K = q.shape
+    M, R = plan.num_memories, plan.num_rows
+    V = vs.shape[-1]
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, 5)
+        if tuple(initial_state.shape) != (M, R, H, K, V):
+            raise ValueError(f"initial_state must be [M, R, H, K, V]={(M, R, H, K, V)}, "
+                             f"got {tuple(initial_state.shape)}")
+        initial_state = initial_state.reshape(M * R, H, K, V)
+    gs = None if g is None else plan.select(g)[None]
+    if backend == "triton":
+        out, final = _triton_streams(q, ks, vs, gs, g_gamma, weights, scale, initial_state,
+                                     output_final_state, plan)
+    else:
+        gks = None if gk is None else plan.select(gk)[None]
+        o, final = linear_attention(plan.copies(q)[None], ks[None], vs[None], gs, g_gamma, gk=gks, scale=scale,
+                                    initial_state=initial_state, output_final_state=output_final_state,
+                                    cu_seqlens=plan.cu_seqlens, backend=backend)
+        out = plan.combine(o[0], weights, backend)
+    return out, None if final is None else final.view(M, R, *final.shape[1:])
+
+
+def _triton_streams(q, ks, vs, gs, g_gamma, weights, scale, initial_state, output_final_state,
+                    plan: MoMPlan):
+    """Every stream's linear attention in one Triton varlen call, combined
+    (`triton_mom_streams`: bf16 rounds once, in the sum of a token's copies)."""
+    from lasp.kernels.common.launch import check_triton_head_dims
+    from lasp.kernels.triton_mom import triton_mom_streams
+
+    check_triton_head_dims(ks, vs)
+    P, H, K = ks.shape
+    if g_gamma is not None:
+        gs = g_gamma.float()[None, None, :].expand(1, P, H)
+    copy_weights = weights.reshape(-1).index_select(0, plan.src)
+    return triton_mom_streams(
+        q, ks, vs, None if gs is None else gs.float().contiguous(), float(K ** -0.5 if scale is None else scale),
+        None if initial_state is None else initial_state.float(), output_final_state, copy_weights, plan)
+
+
+def routed_log_decay(indices, num_memories: int, g=None, g_gamma=None, dtype=torch.float32, *, gk=None):
+    """Per-token, per-memory log-decay [B, T, M, H] (g, g_gamma) or [B, T, M, H, K] (gk):
+    the memory's decay where the token is routed to it, 0 (no decay) elsewhere; None for
+    plain attention.
+
+    Its cumulative sum over a row is the decay a memory's state accumulates along the
+    row: only routed tokens advance a memory's recurrence.
+    """
+    if g is None and g_gamma is None and gk is None:
+        return None
+    B, T, _ = indices.shape
+    routed = torch.zeros(B, T, num_memories, dtype=dtype, device=indices.device).scatter_(-1, indices, 1.0)
+    if gk is not None:
+        return gk.to(dtype) * routed[..., None, None]
+    decay = g.to(dtype) if g is not None else g_gamma.to(dtype)[None, None, None, :]
+    return decay * routed[..., None]
+
+
+def _state_output_dtypes(dtype):
+    """(accumulation, matmul) dtypes: 16-bit queries multiply on the tensor cores with no
+    fp32 copy; fp32/64 stay exact."""
+    acc = accumulation_dtype(dtype)
+    return acc, dtype if dtype in (torch.bfloat16, torch.float16) else acc
+
+
+def _routed_coefficients(weights, indices, num_memories, decay, reach, scale, dtype):
+    """The two factors of each token's coefficient on each memory's state, in `dtype`:
+    the routing weight w_tm [B, T, M, 1, 1] (0 where t is not routed to m) and
+    f_tm = scale · exp(Γ_tm) · [t < reach], [B, T, M, H|1, K|1] (per head with g / g_gamma,
+    per key with gk, neither without decay). `decay`: `routed_log_decay` in float64, or
+    None; its cumulative sum runs in float64 (over long rows a float32 running sum loses
+    the small differences)."""
+    B, T, _ = indices.shape
+    routed_weight = torch.zeros(B, T, num_memories, dtype=dtype, device=indices.device).scatter(
+        -1, indices, weights.to(dtype))
+    if decay is None:
+        factor = torch.full((B, T, num_memories, 1, 1), scale, dtype=torch.float64, device=indices.device)
+    else:
+        factor = scale * cumsum_over_time(decay).exp()
+        factor = factor[..., None] if decay.dim() == 4 else factor
+    if reach is not None:
+        inside = torch.arange(T, device=indices.device)[None, :] < reach.to(indices.device)[:, None]
+        factor = factor * inside[:, :, None, None, None]
+    return routed_weight[..., None, None], factor.to(dtype)
+
+
+class _MoMStateOutput(torch.autograd.Function):
+    """o_t = Σ_m (c_tm ⊙ q_t)ᵀ S_m with c_tm = w_tm · f_tm (`_routed_coefficients`): one
+    matmul over (memory, key). Saves only its inputs and recomputes the coefficients in
+    the backward, so the correction keeps no activation of its own (issue 22)."""
+
+    @staticmethod
+    def forward(ctx, q, state, weights, indices, g, g_gamma, gk, reach, scale):
+        acc, mm = _state_output_dtypes(q.dtype)
+        M = state.shape[1]
+        decay = routed_log_decay(indices, M, g, g_gamma, torch.float64, gk=gk)
+        routed_weight, factor = _routed_coefficients(weights, indices, M, decay, reach, scale, acc)
+        scaled_q = q.to(acc)[:, :, None] * (routed_weight * factor)                    # [B,T,M,H,K]
+        out = torch.einsum("btmhk,bmhkv->bthv", scaled_q.to(mm), state.to(mm))
+        ctx.save_for_backward(q, state, weights, indices, g, g_gamma, gk, reach)
+        ctx.scale = scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, state, weights, indices, g, g_gamma, gk, reach = ctx.saved_tensors
+        acc, mm = _state_output_dtypes(q.dtype)
+        M = state.shape[1]
+        decay = routed_log_decay(indices, M, g, g_gamma, torch.float64, gk=gk)
+        routed_weight, factor = _routed_coefficients(weights, indices, M, decay, reach, ctx.scale, acc)
+        coef = routed_weight * factor                                                   # [B,T,M,H|1,K|1]
+        d_scaled_q = torch.einsum("bthv,bmhkv->btmhk", do.to(mm), state.to(mm)).to(acc)
+        dq = (d_scaled_q * coef).sum(2).to(q.dtype) if ctx.needs_input_grad[0] else None
+        d_state = None
+        if ctx.needs_input_grad[1]:
+            scaled_q = q.to(acc)[:, :, None] * coef
+            d_state = torch.einsum("btmhk,bthv->bmhkv", scaled_q.to(mm), do.to(mm)).to(state.dtype)
+        d_coef = q.to(acc)[:, :, None] * d_scaled_q                                     # [B,T,M,H,K]
+        d_weights = dg = dg_gamma = dgk = None
+        if ctx.needs_input_grad[2]:
+            d_weights = (d_coef * factor).sum((-1, -2)).gather(-1, indices).to(weights.dtype)
+        if decay is not None and any(ctx.needs_input_grad[4:7]):
+            # Γ_tm = Σ_{u ≤ t} a_um over routed u: d a_um = Σ_{t ≥ u} dΓ_tm, dΓ_tm = c_tm ⊙ d c_tm.
+            d_cum = d_coef.double() * coef.double()
+            if decay.dim() == 4:
+                d_cum = d_cum.sum(-1)
+            routed = torch.zeros(*indices.shape[:2], M, dtype=torch.float64, device=q.device).scatter_(
+                -1, indices, 1.0)
+            d_decay = cumsum_over_time(d_cum, reverse=True) * routed.view(*routed.shape, *[1] * (decay.dim() - 3))
+            if g is not None:
+                dg = d_decay.to(g.dtype)
+            elif gk is not None:
+                dgk = d_decay.to(gk.dtype)
+            else:
+                dg_gamma = d_decay.sum((0, 1, 2)).to(g_gamma.dtype)
+        return dq, d_state, d_weights, None, dg, dg_gamma, dgk, None, None
+
+
+def mom_state_output(q, state, weights, indices, g=None, g_gamma=None, *, gk=None, scale=None, reach=None):
+    """What incoming memory states add to each token's MoM output (the inter-segment part).
+
+    o_t += Σ_j w_tj · scale · (exp(Γ_{t, m_tj}) ⊙ q_t)ᵀ S_{m_tj}, where Γ_{t,m} is memory m's
+    cumulative log-decay over the row's tokens routed to it, through t.
+
+    Args:
+        q: [B, T, H, K]; state: [B, M, H, K, V] each memory's state entering each row;
+        weights, indices: [B, T, k] routing; g: [B, T, M, H], g_gamma: [H] or gk:
+        [B, T, M, H, K] (as in `mixture_of_memories`); reach: optional int [B]: the states
+        reach only tokens t < reach[b] (the row's first packed document). Device tensors,
+        no sync.
+    Returns [B, T, H, V] in q's dtype; differentiable in q, state, weights and the decay.
+    Saves only its inputs for the backward (`_MoMStateOutput`).
+    """
+    K = q.shape[-1]
+    return _MoMStateOutput.apply(q, state, weights, indices, g, g_gamma, gk, reach,
+                                 float(K ** -0.5 if scale is None else scale))
+
+
+@dataclass(frozen=True)
+class MoMPhases:
+    """`mixture_of_memories` from zero states in the phases of
+    `lasp.kernels.linear_attention_phases`, with the routing weights as one more input
+    after the phase's own arguments (`mom_phases`)::
+
+        final, saved = phases.summarize(k, v, decay, None)         # every stream's final state
+        o = phases.output(q, k, v, decay, saved, weights)          # [B, T, H, V], combined
+        dq, partial = phases.grad_q(q, k, v, decay, saved, do, weights)
+        dk, dv, d_decay, dh0, d_weights = phases.grad_kvg(q, k, v, decay, saved, partial, d_final,
+                                                          weights, want_dg=..., want_dh0=...)
+
+    q: [B, T, H, K] per token; k, v: [1, B·T·k, H, K|V] the sorted copies; decay: the
+    streams' per-copy decay (or None); `streams`: the phases of the ONE varlen call over
+    every (memory, row) stream. `fused` (Triton): the kernels read each copy's query and
+    output gradient from its token's row and apply the weights in fp32
+    (`lasp.kernels.triton_mom`); otherwise (torch) the query copies are gathered and the
+    copies' outputs combined by `MoMPlan.combine`'s formula.
+    """
+
+    streams: object
+    plan: MoMPlan
+    fused: bool
+
+    @property
+    def _query_rows(self):
+        return self.plan.src // self.plan.top_k          # sorted copy -> its token's row
+
+    def _copy_weights(self, weights):
+        """Each sorted copy's routing weight [B·T·k] (fp32 for the kernels)."""
+        w = weights.reshape(-1).index_select(0, self.plan.src)
+        return w.float().contiguous() if self.fused else w
+
+    def _sum_copies(self, x, dtype, shape):
+        """[1, P, H, D] per sorted copy -> [B, T, H, D]: each token's k copies summed in fp32."""
+        if self.fused:
+            from lasp.kernels.triton_mom import _sum_copies
+            return _sum_copies(x.view(x.shape[1], -1), self.plan.dest, self.plan.top_k, dtype).view(shape)
+        per_token = x[0].index_select(0, self.plan.dest).view(*shape[:2], self.plan.top_k, *shape[2:])
+        return per_token.sum(2, dtype=accumulation_dtype(x.dtype)).to(dtype)
+
+    def summarize(self, k, v, decay, initial_state):
+        return self.streams.summarize(k, v, decay, initial_state)
+
+    def output(self, q, k, v, decay, saved, weights):
+        B, T, H, _ = q.shape
+        shape = (B, T, H, v.shape[-1])
+        if self.fused:
+            o = self.streams.output(q.reshape(1, B * T, *q.shape[2:]), k, v, decay, saved,
+                                    self._copy_weights(weights), self._query_rows)      # weighted, fp32
+            return self._sum_copies(o, q.dtype, shape)
+        o = self.streams.output(self._query_copies(q), k, v, decay, saved)
+        acc = accumulation_dtype(q.dtype)
+        weighted = o.to(acc) * self._copy_weights(weights).to(acc)[None, :, None, None]
+        return self._sum_copies(weighted, q.dtype, shape)
+
+    def _query_copies(self, x):
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self._query_rows)[None]
+
+    def grad_q(self, q, k, v, decay, saved, do, weights):
+        w = self._copy_weights(weights)
+        if self.fused:
+            dq, partial = self.streams.grad_q(q.reshape(1, -1, *q.shape[2:]), k, v, decay, saved,
+                                              do.reshape(1, -1, *do.shape[2:]), w, self._query_rows)
+            return self._sum_copies(dq, q.dtype, q.shape), (partial, do)
+        acc = accumulation_dtype(do.dtype)
+        do_copies = (self._query_copies(do).to(acc) * w.to(acc)[None, :, None, None]).to(do.dtype)
+        dq, partial = self.streams.grad_q(self._query_copies(q), k, v, decay, saved, do_copies)
+        return self._sum_copies(dq, q.dtype, q.shape), (partial, do)
+
+    def grad_kvg(self, q, k, v, decay, saved, partial, d_final, weights, want_dg=True, want_dh0=True):
+        """(dk, dv, d decay or None, d initial state or None, d weights [B, T, k])."""
+        partial, do = partial
+        w = self._copy_weights(weights)
+        if self.fused:
+            grads = self.streams.grad_kvg(q.reshape(1, -1, *q.shape[2:]), k, v, decay, saved, partial, d_final,
+                                          want_dg, want_dh0, w, self._query_rows)
+            d_copy_weights = self.streams.grad_row_weight(partial, w)
+        else:
+            q_copies = self._query_copies(q)
+            grads = self.streams.grad_kvg(q_copies, k, v, decay, saved, partial, d_final, want_dg, want_dh0)
+            # <do_t, o_copy>: the copies' zero-state outputs, recomputed (the torch path saves none).
+            o = self.streams.output(q_copies, k, v, decay, saved)
+            acc = accumulation_dtype(do.dtype)
+            d_copy_weights = (o[0].to(acc) * self._query_copies(do)[0].to(acc)).sum((1, 2))
+        d_weights = d_copy_weights.index_select(0, self.plan.dest).view(weights.shape).to(weights.dtype)
+        return (*grads, d_weights)
+
+
+def mom_phases(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None, scale=None, backend=None):
+    """`mixture_of_memories` from zero states, split into the phases of
+    `lasp.kernels.linear_attention_phases` with the combine inside (`MoMPhases`), for a
+    caller that runs other work in between (sequence parallelism overlaps its summary
+    exchange with them). Arguments as in `mixture_of_memories` (no initial state).
+
+    Returns `(phases, (q, k, v, decay, weights))`: the inputs in the form the phases take
+    them (k, v as sorted copies [1, B·T·k, H, K|V], decay per copy, fp32 on Triton, or
+    None), converted differentiably. `phases.summarize` gives every stream's final state
+    [M·R, H, K, V] (stream m·R + r: memory m on row r).
+    """
+    ks, vs, backend = _check_streams(q, k, v, weights, plan, g, g_gamma, gk, backend)
+    gs, gks = (None if x is None else plan.select(x)[None] for x in (g, gk))
+    fused = backend == "triton"
+    if fused:
+        from lasp.kernels.common.launch import check_triton_head_dims
+        from lasp.kernels.scalar.triton import triton_phases
+        check_triton_head_dims(ks, vs)
+        if g_gamma is not None:
+            gs = g_gamma.float()[None, None, :].expand(1, ks.shape[0], ks.shape[1])
+        K = q.shape[-1]
+        streams, (_, ks, vs, decay, _) = triton_phases(
+            q.reshape(1, -1, *q.shape[2:]), ks[None], vs[None], None if gs is None else gs.float().contiguous(),
+            float(K ** -0.5 if scale is None else scale), None, plan.cu_seqlens)
+    else:
+        q_copies = q.detach()[:1, :1].expand(1, plan.num_copies, *q.shape[2:])     # shapes only: no copy
+        call = check_call(q_copies, ks[None], vs[None], g=gs, g_gamma=g_gamma, gk=gks, scale=scale,
+                          cu_seqlens=plan.cu_seqlens, backend=backend)
+        streams, (_, ks, vs, decay, _) = plan_phases(q_copies, ks[None], vs[None], call,
+                                                     cu_seqlens=plan.cu_seqlens)
+    return MoMPhases(streams, plan, fused), (q, ks, vs, decay, weights)
+
+
+def _check_streams(q, k, v, weights, plan: MoMPlan, g, g_gamma, gk, backend):
+    """The checks of `mixture_of_memories` but the initial state's; returns k and v as
+    sorted copies [B·T·k, H, K|V] and the backend."""
     check_tensor("q", q, 4)
     B, T, H, K = q.shape
     if not isinstance(plan, MoMPlan):
@@ -361,91 +643,12 @@ def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *
     if not (ks.dtype == vs.dtype == q.dtype) or not (ks.device == vs.device == q.device):
         raise TypeError(f"q, k, v must share one dtype and device, got {q.dtype}, {ks.dtype}, {vs.dtype}")
     check_weights(weights, plan)
-    _check_memory_decay(g, g_gamma, plan, H, q.device)
-    M, R = plan.num_memories, plan.num_rows
-    V = vs.shape[-1]
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, 5)
-        if tuple(initial_state.shape) != (M, R, H, K, V):
-            raise ValueError(f"initial_state must be [M, R, H, K, V]={(M, R, H, K, V)}, "
-                             f"got {tuple(initial_state.shape)}")
-        initial_state = initial_state.reshape(M * R, H, K, V)
-    gs = None if g is None else plan.select(g)[None]
-    backend = _pick_backend(backend, q)
-    if backend == "triton":
-        out, final = _triton_streams(q, ks, vs, gs, g_gamma, weights, scale, initial_state,
-                                     output_final_state, plan)
-    else:
-        o, final = linear_attention(plan.copies(q)[None], ks[None], vs[None], gs, g_gamma, scale=scale,
-                                    initial_state=initial_state, output_final_state=output_final_state,
-                                    cu_seqlens=plan.cu_seqlens, backend=backend)
-        out = plan.combine(o[0], weights, backend)
-    return out, None if final is None else final.view(M, R, *final.shape[1:])
-
-
-def _triton_streams(q, ks, vs, gs, g_gamma, weights, scale, initial_state, output_final_state,
-                    plan: MoMPlan):
-    """Every stream's linear attention in one Triton varlen call, combined
-    (`triton_mom_streams`: bf16 rounds once, in the sum of a token's copies)."""
-    from lasp.kernels.linear_attention import _check_triton_head_dims
-    from lasp.kernels.triton_mom import triton_mom_streams
-
-    _check_triton_head_dims(ks, vs)
-    P, H, K = ks.shape
-    if g_gamma is not None:
-        gs = g_gamma.float()[None, None, :].expand(1, P, H)
-    copy_weights = weights.reshape(-1).index_select(0, plan.src)
-    return triton_mom_streams(
-        q, ks, vs, None if gs is None else gs.float().contiguous(), float(K ** -0.5 if scale is None else scale),
-        None if initial_state is None else initial_state.float(), output_final_state, copy_weights, plan)
-
-
-def routed_log_decay(indices, num_memories: int, g=None, g_gamma=None, dtype=torch.float32):
-    """Per-token, per-memory log-decay [B, T, M, H]: the memory's decay where the token is
-    routed to it, 0 (no decay) elsewhere; None for plain attention.
-
-    Its cumulative sum over a row is the decay a memory's state accumulates along the
-    row: only routed tokens advance a memory's recurrence.
-    """
-    if g is None and g_gamma is None:
-        return None
-    B, T, _ = indices.shape
-    routed = torch.zeros(B, T, num_memories, dtype=dtype, device=indices.device).scatter_(-1, indices, 1.0)
-    decay = g.to(dtype) if g is not None else g_gamma.to(dtype)[None, None, None, :]
-    return decay * routed[..., None]
-
-
-def mom_state_output(q, state, weights, indices, g=None, g_gamma=None, *, scale=None, reach=None):
-    """What incoming memory states add to each token's MoM output (the inter-segment part).
-
-    o_t += Σ_j w_tj · scale · exp(Γ_{t, m_tj}) · q_tᵀ S_{m_tj}, where Γ_{t,m} is memory m's
-    cumulative log-decay over the row's tokens routed to it, through t.
-
-    Args:
-        q: [B, T, H, K]; state: [B, M, H, K, V] each memory's state entering each row;
-        weights, indices: [B, T, k] routing; g: [B, T, M, H] or g_gamma: [H] (as in
-        `mixture_of_memories`); reach: optional int [B]: the states reach only tokens
-        t < reach[b] (the row's first packed document). Device tensors, no sync.
-    Returns [B, T, H, V] in q's dtype; differentiable in q, state, weights and g.
-    """
-    B, T, H, K = q.shape
-    M = state.shape[1]
-    if scale is None:
-        scale = K ** -0.5
-    acc = accumulation_dtype(q.dtype)
-    mm = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else acc
-    # coefficient of memory m at token t: scale · w_tm · exp(Γ_tm) (0 where not routed)
-    coef = torch.zeros(B, T, M, dtype=acc, device=q.device).scatter(-1, indices, weights.to(acc)) * scale
-    coef = coef[..., None].expand(B, T, M, H)
-    decay = routed_log_decay(indices, M, g, g_gamma, torch.float64)
-    if decay is not None:
-        # float64 cumsum: over long rows a float32 running sum loses the small differences.
-        coef = coef * decay.cumsum(1).exp().to(acc)
-    if reach is not None:
-        inside = torch.arange(T, device=q.device)[None, :] < reach.to(q.device)[:, None]
-        coef = coef * inside[:, :, None, None]
-    per_memory = torch.einsum("bthk,bmhkv->btmhv", q.to(mm), state.to(mm))
-    return torch.einsum("btmhv,btmh->bthv", per_memory.to(acc), coef).to(q.dtype)
+    _check_memory_decay(g, g_gamma, plan, H, q.device, gk, K)
+    backend = pick_backend(backend, q)
+    if backend == "triton" and gk is not None:
+        raise ValueError("gk (per-key decay) runs on backend='torch' only: the diagonal Triton kernels do not "
+                         "gather MoM's queries by token")
+    return ks, vs, backend
 
 
 # --------------------------------------------------------------------------------------
@@ -486,7 +689,7 @@ def _rows(B, T, cu_seqlens):
     return [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
 
 
-def mom_reference(q, k, v, weights, indices, g=None, g_gamma=None, *, scale=None, initial_state=None,
+def mom_reference(q, k, v, weights, indices, g=None, g_gamma=None, *, gk=None, scale=None, initial_state=None,
                   output_final_state=False, cu_seqlens=None):
     """The oracle: a loop over memories and sequences on `naive_linear_attention`.
 
@@ -512,8 +715,10 @@ def mom_reference(q, k, v, weights, indices, g=None, g_gamma=None, *, scale=None
             elif g_gamma is not None:
                 gate = g_gamma[None, None, :].expand(1, pos.numel(), H)
             h0 = None if initial_state is None else initial_state[m, n][None]
+            key_gate = None if gk is None else gk[b, pos, m][None]
             o, state = naive_linear_attention(q[b, pos][None], k[b, pos, m][None], v[b, pos, m][None], gate,
-                                              scale=scale, initial_state=h0, output_final_state=True)
+                                              gk=key_gate, scale=scale, initial_state=h0,
+                                              output_final_state=True)
             out = out.index_put((torch.full_like(pos, b), pos), weight[b, pos, None, None] * o[0].to(acc),
                                 accumulate=True)
             finals.append(state[0])

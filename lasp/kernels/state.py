@@ -1,12 +1,18 @@
-"""How an incoming state enters a segment: the inter-segment half of linear attention.
+"""How an incoming state enters a run of tokens: the inter-segment half of linear attention.
 
-Linear attention is linear in its initial state::
+For the decay families (identity, scalar, diagonal transitions) linear attention is
+linear in its initial state, and the state reaches token t through the transitions
+before it::
 
-    o(q, k, v; S_in) = o(q, k, v; 0) + state_output(q, S_in)
-    S_out(S_in)      = S_out(0)      + exp(segment_log_decay) · S_in
+    o(q, k, v; S_in) = o(q, k, v; 0) + scale · (q_t ⊙ exp(Γ_t))ᵀ S_in
+    S_out(S_in)      = S_out(0)      + A_run(S_in)
 
-so a segment can be computed from a zero state first and corrected once the incoming
-state is known (LASP-2 overlaps the state exchange with the zero-state part).
+(Γ_t: the cumulative log-decay from the run's first token through t, a scalar or a
+K-vector per head), so a segment can be computed from a zero state first and corrected
+once the incoming state is known: LASP-2 overlaps the state exchange with the
+zero-state part. `state_output` is that correction. It saves nothing for its backward
+beyond its inputs (it recomputes the decays), so the correction costs no activation
+memory of its own.
 """
 
 from __future__ import annotations
@@ -14,62 +20,105 @@ from __future__ import annotations
 import torch
 
 from lasp.kernels.checks import check_decay, check_state, check_tensor
-from lasp.kernels.reference import accumulation_dtype
+from lasp.kernels.common.documents import accumulation_dtype
+from lasp.kernels.transition import Transition
+
+ADDITIVE_KINDS = ("identity", "scalar", "diagonal")
 
 
-def _log_decay(g, g_gamma, q):
-    """Per-token log-decay [B,T,H] in the accumulation dtype, or None for plain attention."""
-    B, T, H, _ = q.shape
-    acc = accumulation_dtype(q.dtype)
-    if g_gamma is not None:
-        return g_gamma.to(acc)[None, None, :].expand(B, T, H)
-    return None if g is None else g.to(acc)
+def cumsum_over_time(x, reverse=False):
+    """Cumulative sum along dim 1 (time) of [R, T, H, ...], computed along the innermost
+    axis: on a GPU a cumsum over a long strided axis runs one sequential thread per
+    column (200 ms at 512K tokens), along the last axis it is a parallel scan."""
+    moved = x.movedim(1, -1).contiguous()
+    if reverse:
+        moved = moved.flip(-1)
+    out = moved.cumsum(-1)
+    return (out.flip(-1) if reverse else out).movedim(-1, 1)
 
 
-def segment_log_decay(q, g=None, g_gamma=None):
-    """Log of each row's whole-segment transition, [B,H] (zeros for plain attention).
+def _query_weights(tokens: Transition, reach, scale, shape, device):
+    """scale · exp(Γ_t) · [t < reach] per token: [R, T, H, 1] or [R, T, H, K], float64
+    (a float32 running sum over a long run loses the small differences)."""
+    R, T, H, _ = shape
+    if tokens.kind == "identity":
+        weight = torch.full((R, T, H, 1), scale, dtype=torch.float64, device=device)
+    else:
+        cum = cumsum_over_time(tokens.param.double()).exp()
+        weight = scale * (cum[..., None] if tokens.kind == "scalar" else cum)
+    if reach is not None:
+        inside = torch.arange(T, device=device)[None, :] < reach.to(device)[:, None]
+        weight = weight * inside[..., None, None]
+    return weight
 
-    `q` supplies only the shape, dtype and device.
-    """
-    check_decay(g, g_gamma, q, causal=True)
-    decay = _log_decay(g, g_gamma, q)
-    if decay is None:
-        B, _, H, _ = q.shape
-        return q.new_zeros(B, H, dtype=accumulation_dtype(q.dtype))
-    return decay.sum(1)
+
+def _matmul_dtype(dtype):
+    """16-bit inputs multiply on the tensor cores (as the kernels' q·h products) with no
+    fp32 copy of q; fp32/64 stay exact."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else accumulation_dtype(dtype)
 
 
-def state_output(q, state, g=None, g_gamma=None, *, scale=None, reach=None):
-    """What an incoming state adds to each row's outputs: scale · exp(Γ_t) · q_tᵀ S.
+class _StateOutput(torch.autograd.Function):
+    """o_t = (w_t ⊙ q_t)ᵀ S with w_t = scale · exp(Γ_t) · [t < reach] (`_query_weights`).
+    A per-head weight scales the product's rows (exact); a per-key one scales q first."""
+
+    @staticmethod
+    def forward(ctx, q, state, param, kind, reach, scale):
+        tokens = Transition(kind, param)
+        acc, mm = accumulation_dtype(q.dtype), _matmul_dtype(q.dtype)
+        weight = _query_weights(tokens, reach, scale, q.shape, q.device).to(acc)
+        if weight.shape[-1] == 1:
+            out = torch.einsum("bthk,bhkv->bthv", q.to(mm), state.to(mm)).to(acc) * weight
+        else:
+            out = torch.einsum("bthk,bhkv->bthv", (q.to(acc) * weight).to(mm), state.to(mm))
+        ctx.save_for_backward(q, state, param, reach)
+        ctx.kind, ctx.scale = kind, scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, state, param, reach = ctx.saved_tensors
+        tokens = Transition(ctx.kind, param)
+        acc, mm = accumulation_dtype(q.dtype), _matmul_dtype(q.dtype)
+        weight = _query_weights(tokens, reach, ctx.scale, q.shape, q.device)
+        q_weighted = q.to(acc) * weight.to(acc)                                  # [R,T,H,K]
+        d_q_weighted = torch.einsum("bthv,bhkv->bthk", do.to(mm), state.to(mm)).to(acc)
+        dq = (d_q_weighted * weight.to(acc)).to(q.dtype)
+        d_state = torch.einsum("bthk,bthv->bhkv", q_weighted.to(mm), do.to(mm)).to(state.dtype)
+        d_param = None
+        if param is not None and ctx.needs_input_grad[2]:
+            # Γ_t = Σ_{u ≤ t} a_u: d a_u = Σ_{t ≥ u} dΓ_t, dΓ_t = (w_t ⊙ q_t) ⊙ dq̃_t.
+            d_cum = q_weighted.double() * d_q_weighted.double()
+            if ctx.kind == "scalar":
+                d_cum = d_cum.sum(-1)
+            d_param = cumsum_over_time(d_cum, reverse=True).to(param.dtype)
+        return dq, d_state, d_param, None, None, None
+
+
+def apply_state_output(q, state, tokens: Transition, *, scale, reach=None):
+    """`state_output` on validated inputs; `tokens` is the per-token `Transition`
+    (parameter [R, T, H] or [R, T, H, K])."""
+    if tokens.kind not in ADDITIVE_KINDS:
+        raise ValueError(f"a {tokens.kind} transition has no additive state correction")
+    return _StateOutput.apply(q, state, tokens.param, tokens.kind, reach, float(scale))
+
+
+def state_output(q, state, g=None, g_gamma=None, *, gk=None, scale=None, reach=None):
+    """What an incoming state adds to each row's outputs: scale · (q_t ⊙ exp(Γ_t))ᵀ S.
 
     Args:
         q: [B,T,H,K]; state: [B,H,K,V] (one incoming state per row);
-        g / g_gamma: the decay of `linear_attention` (Γ_t is the cumulative log-decay
-            from the row's first token through t);
+        g / g_gamma / gk: the decay of `linear_attention` (at most one; Γ_t is the
+            cumulative log-decay from the row's first token through t);
+        scale: default K**-0.5;
         reach: optional int tensor [B]: the state reaches only tokens t < reach[b]
             (the row's first packed document), default every token. Device tensor, no sync.
-    Returns [B,T,H,V] in q's dtype; differentiable in q, state and g.
+    Returns [B,T,H,V] in q's dtype; differentiable in q, state and the decay.
     """
     check_tensor("q", q, 4)
     check_tensor("state", state, 4)
-    check_decay(g, g_gamma, q, causal=True)
+    tokens = check_decay(q, g=g, g_gamma=g_gamma, gk=gk)
     B, T, H, K = q.shape
     check_state("state", state, (B, H, K, state.shape[-1]))
-    if scale is None:
-        scale = K ** -0.5
-    acc = accumulation_dtype(q.dtype)
-    # 16-bit inputs multiply on the tensor cores (like the kernels' q·h products) with no
-    # fp32 copy of q; fp32/64 stay exact. Per-token weights scale the output rows after.
-    mm = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else acc
-    decay = _log_decay(g, g_gamma, q)
-    if decay is None and reach is None:
-        return torch.einsum("bthk,bhkv->bthv", q.to(mm), (state.to(acc) * scale).to(mm)).to(q.dtype)
-    out = torch.einsum("bthk,bhkv->bthv", q.to(mm), state.to(mm))
-    weight = torch.full((B, T, H), scale, dtype=acc, device=q.device)
-    if decay is not None:
-        # float64 cumsum: over long rows a float32 running sum loses the small differences.
-        weight = weight * decay.double().cumsum(1).exp().to(acc)
-    if reach is not None:
-        inside = torch.arange(T, device=q.device)[None, :] < reach.to(q.device)[:, None]
-        weight = weight * inside[..., None]
-    return (out.to(acc) * weight[..., None]).to(q.dtype)
+    return apply_state_output(q, state, tokens, scale=K ** -0.5 if scale is None else scale, reach=reach)

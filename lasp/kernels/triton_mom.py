@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lasp.kernels.triton_linear_attention import _new, triton_phases
+from lasp.kernels.common import launch
+from lasp.kernels.scalar.triton import triton_phases
 
 BLOCK_TOKENS = 16
 BLOCK_FEATURES = 256
@@ -74,7 +75,7 @@ class _TritonCombine(torch.autograd.Function):
     def forward(ctx, o, weights, dest):
         N, k = weights.shape[0] * weights.shape[1], weights.shape[2]
         F = o.shape[1]
-        out = _new((N, F), o.dtype, o.device)
+        out = launch.new_tensor((N, F), o.dtype, o.device)
         w = weights.float().contiguous()
         _combine_fwd_kernel[_grid(N, F)](o, w, dest, out, N, F, TOPK=k, BT=BLOCK_TOKENS, BF=BLOCK_FEATURES)
         ctx.save_for_backward(o, w, dest)
@@ -88,9 +89,9 @@ class _TritonCombine(torch.autograd.Function):
         N, k = w.shape[0] * w.shape[1], w.shape[2]
         F = o.shape[1]
         grid = _grid(N, F)
-        d_o = _new(o.shape, o.dtype, o.device)
+        d_o = launch.new_tensor(o.shape, o.dtype, o.device)
         want_dw = ctx.needs_input_grad[1]
-        dw_part = _new((grid[1], N * k), torch.float32, o.device) if want_dw else w
+        dw_part = launch.new_tensor((grid[1], N * k), torch.float32, o.device) if want_dw else w
         _combine_bwd_kernel[grid](o, w, dest, d_out.contiguous(), d_o, dw_part, N, F, TOPK=k,
                                   BT=BLOCK_TOKENS, BF=BLOCK_FEATURES, WANT_DW=want_dw)
         dw = dw_part.sum(0).view(w.shape).to(ctx.weights_dtype) if want_dw else None
@@ -109,7 +110,7 @@ def _sum_copies(x, dest, top_k, out_dtype):
     """[P, F] per sorted copy -> [P / k, F]: each token's k copies summed in fp32, then
     rounded once to `out_dtype` (the combine kernel with unit weights)."""
     N, F = x.shape[0] // top_k, x.shape[1]
-    out = _new((N, F), out_dtype, x.device)
+    out = launch.new_tensor((N, F), out_dtype, x.device)
     ones = torch.ones(N * top_k, device=x.device)
     _combine_fwd_kernel[_grid(N, F)](x, ones, dest, out, N, F, TOPK=top_k, BT=BLOCK_TOKENS, BF=BLOCK_FEATURES)
     return out

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -60,8 +62,11 @@ class ParallelConfig:
     layout: str = option("zigzag", "how a sequence is split over the SP group: zigzag | contiguous")
     engine: str = option("fsdp", "fsdp (FSDP2, parameters and optimizer state sharded over all ranks) | "
                                  "deepspeed (ZeRO; pip install 'lasp[deepspeed]')")
-    zero_stage: int = option(2, "DeepSpeed ZeRO stage (with --engine deepspeed)")
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3 (with --engine deepspeed)")
     device: str = option("auto", "auto (CUDA if available) | cuda | cpu")
+    dist_backend: str = option("auto", "process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo; "
+                                       "gloo on CUDA lets several processes share a GPU (local rank r uses GPU "
+                                       "r mod the GPUs of the node): slow, for tests on one GPU")
     dtype: str = option("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; parameters, "
                                 "optimizer state and gradient reduction stay fp32")
     timeout: float = option(600.0, "collective timeout in seconds (NCCL watchdog)")
@@ -70,21 +75,26 @@ class ParallelConfig:
 @dataclass
 class TrainConfig:
     steps: int = option(100, "optimizer steps (one packed sequence per data-parallel rank each)")
-    lr: float = option(3e-3, "peak learning rate (AdamW)")
+    lr: float = option(3e-3, "peak learning rate (AdamW), > 0")
     warmup_steps: int = option(5, "linear warm-up steps, then cosine decay")
-    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of --lr")
-    weight_decay: float = option(0.1, "AdamW weight decay")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of --lr, in [0, 1]")
+    weight_decay: float = option(0.1, "AdamW weight decay, >= 0")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
-    seed: int = option(0, "seed of the model initialisation and the data order")
+    seed: int = option(0, "seed of the model initialisation and the data order, >= 0")
 
 
 @dataclass
 class CheckpointConfig:
-    output_dir: str = option("lasp-run", "where metrics and checkpoints go (shared by all nodes)")
-    checkpoint_every: int = option(0, "save a checkpoint every N steps and at the end (0: never)")
+    output_dir: str = option("lasp-run", "where metrics and checkpoints go (shared by all nodes); one job at a "
+                                         "time: the job holds <output-dir>/.lock while it runs")
+    checkpoint_every: int = option(0, "save a checkpoint every N steps and at the end (0: never; a stop by "
+                                      "SIGTERM / SIGINT always saves one)")
     keep_last: int = option(2, "keep the last N checkpoints")
-    resume: str = option("auto", "auto (the latest checkpoint in --output-dir, if any) | none | a "
-                                 "checkpoint directory")
+    resume: str = option("auto", "auto (the newest checkpoint in --output-dir that loads; a damaged one is "
+                                 "renamed step_N.damaged) | none | a checkpoint directory. A resumed run "
+                                 "takes --steps, --lr, --warmup-steps, --min-lr-ratio, --weight-decay and "
+                                 "--grad-clip from this command, not from the checkpoint, and says which "
+                                 "changed")
 
 
 @dataclass
@@ -161,21 +171,35 @@ def _coerce(flag: str, value, kind):
 
 
 def read_config_file(path: str) -> dict:
-    """The sections of a YAML (.yaml/.yml) or TOML (.toml) config file."""
+    """The sections of a YAML (.yaml/.yml) or TOML (.toml) config file (ValueError, in one line,
+    for a file that does not parse)."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--config: no such file: {path}")
+    if p.suffix not in (".toml", ".yaml", ".yml"):
+        raise ValueError(f"--config {path}: use a .yaml, .yml or .toml file")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--config {path}: cannot read it: {error}") from None
     if p.suffix == ".toml":
         if sys.version_info >= (3, 11):
             import tomllib
         else:
             import tomli as tomllib
-        data = tomllib.loads(p.read_text())
-    elif p.suffix in (".yaml", ".yml"):
-        import yaml
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"--config {path}: not valid TOML: {error}") from None
     else:
-        raise ValueError(f"--config {path}: use a .yaml, .yml or .toml file")
+        import yaml
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or " ".join(str(error).split())
+            raise ValueError(f"--config {path}: not valid YAML: {problem}{where}") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of sections {sorted(SECTIONS)}")
     return data
@@ -192,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "2 processes, SP = 2, a few minutes on a CPU. Runs under torchrun, or launches its\n"
                     "own processes (--nproc-per-node, --nnodes, --rdzv-endpoint, --max-restarts).",
         epilog="Every option can also be set in the --config file, under its section, by its field name\n"
-               "(e.g. parallel: {sp_size: 4}). Command-line options override the file.")
+               "(e.g. parallel: {sp_size: 4}). Command-line options override the file.\n\n"
+               "SIGTERM or Ctrl-C: every rank finishes its step (or the next), writes a checkpoint, and the\n"
+               "job exits with 128 + the signal number; the same command resumes. A second one stops at once.")
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML file with the sections below")
     for section in SECTIONS:
         group = parser.add_argument_group(section)
@@ -252,6 +278,17 @@ def resolve_device(config: Config) -> str:
     return config.parallel.device
 
 
+def resolve_backend(config: Config) -> str:
+    """'nccl' or 'gloo' for --dist-backend (auto: nccl on CUDA, gloo on CPU)."""
+    _check_choice("--dist-backend", config.parallel.dist_backend, ("auto", "nccl", "gloo"))
+    device = resolve_device(config)
+    if config.parallel.dist_backend == "auto":
+        return "nccl" if device == "cuda" else "gloo"
+    if config.parallel.dist_backend == "nccl" and device != "cuda":
+        raise ValueError("--dist-backend nccl needs CUDA GPUs; use gloo (or auto) with --device cpu")
+    return config.parallel.dist_backend
+
+
 def resolve_nproc_per_node(config: Config) -> int:
     """--nproc-per-node, or the node's GPUs (CUDA), or --sp-size processes (CPU)."""
     if config.launch.nproc_per_node is not None:
@@ -276,33 +313,64 @@ def _check_choice(flag, value, choices):
         raise ValueError(f"{flag} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _check_at_least(flag, value, low):
-    if value < low:
-        raise ValueError(f"{flag} must be >= {low}, got {value}")
+def _check_range(flag, value, low, high=None, *, above=False):
+    """`value` >= `low` (> with `above`), <= `high` if given, and finite; NaN fails."""
+    in_range = (value > low if above else value >= low) and (high is None or value <= high)
+    if not (in_range and math.isfinite(value)):
+        bound = f"in [{low}, {high}]" if high is not None else f"{'>' if above else '>='} {low}"
+        raise ValueError(f"{flag} must be {'a finite number ' if isinstance(value, float) else ''}{bound}, "
+                         f"got {value}")
+
+
+NNODES = re.compile(r"(\d+)(?::(\d+))?")  # N or MIN:MAX
+ENDPOINT = re.compile(r"([^\s:\[\]]+|\[[0-9a-fA-F:.]+\])(:\d+)?")  # HOST, HOST:PORT, [IPv6]:PORT
+
+
+def _check_nodes(launch: LaunchConfig) -> None:
+    match = NNODES.fullmatch(launch.nnodes)
+    low, high = (int(match[1]), int(match[2] or match[1])) if match else (0, 0)
+    if not 1 <= low <= high:
+        raise ValueError(f"--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got {launch.nnodes!r}")
+    if launch.nnodes != "1" and not launch.rdzv_endpoint and not under_torchrun():
+        raise ValueError(f"--nnodes {launch.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    if launch.rdzv_endpoint and not ENDPOINT.fullmatch(launch.rdzv_endpoint):
+        raise ValueError(f"--rdzv-endpoint must be HOST or HOST:PORT, got {launch.rdzv_endpoint!r}")
+
+
+def _check_gpus_per_process(config: Config, backend: str) -> None:
+    """NCCL needs a GPU of its own for each process of a node."""
+    if resolve_device(config) != "cuda" or backend != "nccl":
+        return
+    import torch
+    local = int(os.environ["LOCAL_WORLD_SIZE"]) if under_torchrun() else resolve_nproc_per_node(config)
+    gpus = torch.cuda.device_count()
+    if local > gpus:
+        raise ValueError(f"--nproc-per-node {local} > the {gpus} GPU(s) of this node: NCCL needs one GPU per "
+                         "process (--dist-backend gloo lets processes share a GPU: slow, for tests)")
 
 
 def validate(config: Config, world_size: int | None) -> None:
     """Raise a ValueError naming the option for a configuration that cannot run.
 
-    Runs before any process is spawned (and again in each worker): everything checkable
-    without the data or the process group is checked here.
+    Runs before any process is spawned (and again in each worker): every option is checked
+    here, except what needs the data or the process group (a hub dataset or tokenizer name).
     """
     from lasp.launch.data import check_dataset
-    from lasp.launch.model import build_model_config
+    from lasp.launch.model import check_model
     from lasp.parallel.layout import KINDS
 
     p, d, t, c, m, launch = (config.parallel, config.data, config.train, config.checkpoint, config.metrics,
                              config.launch)
-    build_model_config(config.model, vocab_size=None)
+    check_model(config.model)
     _check_choice("--layout", p.layout, KINDS)
     _check_choice("--engine", p.engine, ("fsdp", "deepspeed"))
     _check_choice("--dtype", p.dtype, ("auto", "bf16", "fp32"))
-    resolve_device(config)
-    _check_at_least("--sp-size", p.sp_size, 1)
+    _check_range("--zero-stage", p.zero_stage, 0, 3)
+    _check_gpus_per_process(config, resolve_backend(config))
+    _check_range("--sp-size", p.sp_size, 1)
     if launch.nproc_per_node is not None:
-        _check_at_least("--nproc-per-node", launch.nproc_per_node, 1)
-    if launch.nnodes != "1" and not launch.rdzv_endpoint and not under_torchrun():
-        raise ValueError(f"--nnodes {launch.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        _check_range("--nproc-per-node", launch.nproc_per_node, 1)
+    _check_nodes(launch)
     if world_size is not None and world_size % p.sp_size:
         raise ValueError(f"--sp-size {p.sp_size} does not divide the world size {world_size} "
                          "(processes per node × nodes)")
@@ -311,12 +379,27 @@ def validate(config: Config, world_size: int | None) -> None:
         raise ValueError(f"--seq-len {d.seq_len} must be a positive multiple of {segments} (the {p.layout} "
                          f"layout cuts a sequence into {'2 × ' if p.layout == 'zigzag' else ''}sp-size "
                          "equal segments)")
-    check_dataset(d)
+    check_dataset(d, dp_size=None if world_size is None else world_size // p.sp_size)
+    if d.tokenizer != "byte":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ValueError(f"--tokenizer {d.tokenizer}: needs Hugging Face transformers (or use byte)") from None
+    for flag, value in (("--split", d.split), ("--text-field", d.text_field), ("--output-dir", c.output_dir)):
+        if not value.strip():
+            raise ValueError(f"{flag} must not be empty")
     for flag, value, low in (("--steps", t.steps, 1), ("--warmup-steps", t.warmup_steps, 0),
-                             ("--checkpoint-every", c.checkpoint_every, 0), ("--keep-last", c.keep_last, 1),
-                             ("--log-every", m.log_every, 1), ("--max-restarts", launch.max_restarts, 0),
-                             ("--timeout", p.timeout, 1)):
-        _check_at_least(flag, value, low)
+                             ("--weight-decay", t.weight_decay, 0), ("--grad-clip", t.grad_clip, 0),
+                             ("--seed", t.seed, 0), ("--checkpoint-every", c.checkpoint_every, 0),
+                             ("--keep-last", c.keep_last, 1), ("--log-every", m.log_every, 1),
+                             ("--max-restarts", launch.max_restarts, 0), ("--timeout", p.timeout, 1)):
+        _check_range(flag, value, low)
+    _check_range("--lr", t.lr, 0, above=True)
+    _check_range("--min-lr-ratio", t.min_lr_ratio, 0, 1)
+    if m.peak_tflops is not None:
+        _check_range("--peak-tflops", m.peak_tflops, 0, above=True)
+    if Path(c.output_dir).exists() and not Path(c.output_dir).is_dir():
+        raise ValueError(f"--output-dir {c.output_dir}: a file, not a directory")
     if c.resume not in ("auto", "none") and not Path(c.resume).is_dir():
         raise ValueError(f"--resume {c.resume!r}: not a checkpoint directory (or use auto | none)")
     if p.engine == "deepspeed":

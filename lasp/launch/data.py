@@ -94,13 +94,21 @@ def local_files(spec: str) -> list[str] | None:
     return files
 
 
-def check_dataset(config) -> None:
-    """Fail fast on a local data file that does not exist (hub names are checked when loaded)
-    or a missing `datasets` package."""
+def too_few_documents(spec: str, n_docs: int, dp_size: int) -> ValueError:
+    return ValueError(f"--dataset {spec}: {n_docs} document(s) for {dp_size} data-parallel ranks (each "
+                      ".txt/.py/.md file is one document, each line of a .jsonl file one): every rank needs "
+                      f"at least one, so give at least {dp_size} text files, or JSON lines")
+
+
+def check_dataset(config, dp_size: int | None = None) -> None:
+    """Fail fast on a local data file that does not exist (hub names are checked when loaded),
+    on fewer text files (documents) than data-parallel ranks, or a missing `datasets` package."""
     if config.dataset == "synthetic":
         return
     if config.dataset != "stdlib":
-        local_files(config.dataset)
+        files = local_files(config.dataset)
+        if files and dp_size and DATA_SUFFIXES[Path(files[0]).suffix] == "text" and len(files) < dp_size:
+            raise too_few_documents(config.dataset, len(files), dp_size)
     try:
         import datasets  # noqa: F401
     except ImportError:
@@ -135,7 +143,10 @@ class DatasetDocuments:
     """This data-parallel rank's documents of an epoch, from a document index, as token ids."""
 
     def __init__(self, config, tokenizer, seed: int, dp_rank: int, dp_size: int):
+        import datasets
         self.dataset = load_documents(config)
+        if not isinstance(self.dataset, datasets.IterableDataset) and len(self.dataset) < dp_size:
+            raise too_few_documents(config.dataset, len(self.dataset), dp_size)  # (the same on every rank)
         self.tokenizer, self.shuffle, self.seed = tokenizer, config.shuffle, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
 

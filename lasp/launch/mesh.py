@@ -1,14 +1,15 @@
 """Processes, the data-parallel × sequence-parallel mesh, and the engine that shards the model.
 
-Ranks form a (dp, sp) mesh, row-major: the SP group of a rank is `sp` consecutive ranks
-(one node's fast links), and each SP group reads one data-parallel shard. Parameters,
-gradients and optimizer state are sharded over ALL ranks (FSDP2 over the flattened mesh,
-or DeepSpeed ZeRO): the SP ranks of a group hold the same model, so for the optimizer
-they are data-parallel ranks like any other.
+Ranks form the (dp, sp) mesh of `lasp.parallel.mesh.ParallelDims`, row-major: the SP group
+of a rank is `sp` consecutive ranks (one node's fast links), and each SP group reads one
+data-parallel shard. Parameters, gradients and optimizer state are sharded over ALL ranks
+(FSDP2 over the flattened `dp_sp` mesh, or DeepSpeed ZeRO): the SP ranks of a group hold the
+same model, so for the optimizer they are data-parallel ranks like any other.
 
 Gradients: each rank's loss is its local token-loss sum ÷ the valid tokens of the whole
 global batch, so the gradient of the global mean loss is the SUM of the ranks' gradients.
-FSDP and DeepSpeed AVERAGE over their ranks; both engines therefore back-propagate the
+FSDP2 sums them (its gradient divide factor is set to 1, torchtitan's way). DeepSpeed has
+no such switch and always averages over its ranks, so its engine back-propagates the
 loss × world size.
 """
 
@@ -21,6 +22,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from lasp.parallel.mesh import ParallelDims, ParallelMesh
 
 
 def set_communication_defaults() -> None:
@@ -41,20 +44,35 @@ def _free_port() -> int:
 
 @dataclass
 class Distributed:
-    """This process's place in the job."""
+    """This process's place in the job: its rank, device and the job's (dp, sp) mesh."""
 
     rank: int
-    world_size: int
     device: torch.device
-    dp_size: int
-    dp_rank: int
-    sp_size: int
-    sp_rank: int
-    mesh: object  # DeviceMesh ("dp", "sp")
+    mesh: ParallelMesh
+
+    @property
+    def world_size(self) -> int:
+        return self.mesh.dims.world_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.mesh.dims.dp
+
+    @property
+    def sp_size(self) -> int:
+        return self.mesh.dims.sp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.local_rank("dp")
+
+    @property
+    def sp_rank(self) -> int:
+        return self.mesh.local_rank("sp")
 
     @property
     def dp_group(self):
-        return self.mesh.get_group("dp")
+        return self.mesh.group("dp")
 
     @property
     def sp_mesh(self):
@@ -65,33 +83,37 @@ class Distributed:
         return self.rank == 0
 
 
-def init_distributed(sp_size: int, device_type: str, timeout: float) -> Distributed:
-    """Join the job's process group (NCCL on GPUs, gloo on CPU) and build the (dp, sp) mesh.
+def init_distributed(sp_size: int, device_type: str, timeout: float, backend: str | None = None) -> Distributed:
+    """Join the job's process group and build the (dp, sp) mesh.
 
-    A process started outside torchrun is a job of one (rank 0 of 1); a process group that
-    is already initialised is used as it is.
+    `backend`: nccl (default on CUDA) or gloo (default on CPU). Gloo on CUDA lets several
+    processes of a node share a GPU: local rank r uses GPU r mod the node's GPUs (for tests
+    on one GPU). A process started outside torchrun is a job of one (rank 0 of 1); a
+    process group that is already initialised is used as it is.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-
     set_communication_defaults()
     if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    backend = backend or ("nccl" if device_type == "cuda" else "gloo")
     device = torch.device("cpu")
     if device_type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if backend == "nccl" and local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} GPUs): "
+                             "NCCL needs one GPU per process (--dist-backend gloo lets processes share one)")
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
+        torch.cuda.init()  # initialised, so DeviceMesh keeps this device rather than GPU LOCAL_RANK
     if not dist.is_initialized():  # (tests join their own group first)
-        backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout),
-                                device_id=device if device_type == "cuda" else None)
+                                device_id=device if backend == "nccl" else None)
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    if world_size % sp_size:
-        raise ValueError(f"--sp-size {sp_size} does not divide the world size {world_size}")
-    mesh = init_device_mesh(device_type, (world_size // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
-    return Distributed(rank=rank, world_size=world_size, device=device, dp_size=world_size // sp_size,
-                       dp_rank=mesh.get_local_rank("dp"), sp_size=sp_size, sp_rank=mesh.get_local_rank("sp"),
-                       mesh=mesh)
+    try:
+        dims = ParallelDims.for_world(world_size, sp_size)
+    except ValueError as error:
+        raise ValueError(f"--sp-size: {error}") from None
+    return Distributed(rank=rank, device=device, mesh=dims.build_mesh(device_type))
 
 
 def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -101,25 +123,40 @@ def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
 
 
+def sum_gradients_in(module) -> None:
+    """Make the FSDP2 units of `module` SUM gradients over their ranks instead of averaging them:
+    divide factor 1, reduced as plain SUMs (torch >= 2.8) rather than NCCL's PreMulSum, which gloo
+    lacks and which has had bugs (pytorch#155903, #155904); SUM is also NCCL's zero-copy path."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)
+
+
 class FSDPEngine:
-    """FSDP2: each block and then the whole model sharded over all ranks; compute in `dtype`
-    (bf16 on GPU) with the model's own parameter dtype (fp32) kept for the optimizer, and
-    gradients reduced in fp32 (or wider); checkpoints through torch.distributed.checkpoint."""
+    """FSDP2: each block (`model_blocks`) and then the whole model sharded over all ranks (the
+    flattened `dp_sp` mesh), gradients summed (module docstring); compute in `dtype` (bf16 on
+    GPU) with the model's own parameter dtype (fp32) kept for the optimizer, and gradients
+    reduced in fp32 (or wider); checkpoints through torch.distributed.checkpoint."""
 
     def __init__(self, model, optimizer_fn, dist_state: Distributed, dtype: torch.dtype, grad_clip: float):
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        world = init_device_mesh(dist_state.device.type, (dist_state.world_size,), mesh_dim_names=("dp_sp",))
+        from lasp.launch.model import model_blocks
+
+        mesh = dist_state.mesh["dp_sp"]
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.promote_types(dtype, torch.float32))
-        for block in model.model.layers:
-            fully_shard(block, mesh=world, mp_policy=policy)
-        fully_shard(model, mesh=world, mp_policy=policy)
+        for block in model_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        sum_gradients_in(model)
         self.model, self.optimizer, self.config = model, optimizer_fn(model.parameters()), model.config
-        self.world_size, self.grad_clip = dist_state.world_size, grad_clip
+        self.grad_clip = grad_clip
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss * self.world_size).backward()
+        loss.backward()
 
     def step(self) -> torch.Tensor | None:
         """Clip, update, zero the gradients; returns the global gradient norm (a tensor, no sync)."""
@@ -162,7 +199,7 @@ class DeepSpeedEngine:
         self.world_size, self.config = dist_state.world_size, model.config
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.model.backward(loss * self.world_size)
+        self.model.backward(loss * self.world_size)  # DeepSpeed averages over its ranks; the loss wants the sum
 
     def step(self) -> torch.Tensor | None:
         self.model.step()

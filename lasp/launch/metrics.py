@@ -3,14 +3,17 @@
 The bar shows the mean loss since the last update (one packed sequence is a noisy sample).
 
 Losses stay on the device until a log step (every --log-every steps), so the loop waits
-for the GPU only there. Throughput is tokens/s/GPU (the tokens of the global batch ÷
-time ÷ ranks); MFU is that × training FLOPs per token ÷ the device's peak dense FLOP/s.
+for the GPU only there. Throughput is per process (the tokens of the global batch ÷ time ÷
+ranks): shown as tok/s/GPU when each process has a GPU of its own, else tok/s/proc (CPU,
+or processes sharing a GPU); the JSON key stays `tokens_per_s_per_gpu`. MFU is that ×
+training FLOPs per token ÷ the device's peak dense FLOP/s. Memory is the process's peak:
+`mem` is GPU memory allocated by torch, `rss` (CPU runs) the peak resident host memory.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
 import resource
 import sys
 import time
@@ -18,33 +21,41 @@ from pathlib import Path
 
 import torch
 
+from lasp.kernels.common.launch import CHUNK_SIZE
+from lasp.layers.delta_rule import DeltaRuleAttention
+from lasp.layers.linear_attention import LinearAttention
+
 # peak dense bf16 TFLOP/s by device name (first match wins)
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
                ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
                ("A10G", 70.0), ("L4", 121.0))
 
 
-def flops_per_token(model, seq_len: int, chunk_size: int = 64) -> float:
+def flops_per_token(model, seq_len: int, chunk_size: int = CHUNK_SIZE) -> float:
     """Training FLOPs (forward + backward = 3 × forward) per token of a `seq_len` sequence.
 
-    6 × the parameters of every matmul (all but the input embedding; the output projection
-    counted once, tied or not), plus per layer and head (head dim D, causal):
-    softmax attention 6·D·T (each token sees T/2 keys on average), linear attention
-    6·D·C + 12·D² (the intra-chunk part over C/2 tokens, the state's read and update);
-    Mixture-of-Memories that for each memory a token reaches (top-k + the shared one).
+    6 × the parameters of every matmul (the matrices but the input embedding; the output
+    projection counted once, tied or not; norm weights and decays multiply nothing), plus
+    per layer and head (head dim D, causal): softmax attention 6·D·T (each token sees T/2
+    keys on average), linear attention as each linear layer counts it
+    (`LinearAttention.attention_flops_per_token`: 6·D·C + 12·D² when the key and value
+    dims are both D), Mixture-of-Memories 6·D·C + 12·D² for each memory a token reaches
+    (top-k + the shared one).
     Recomputation under activation checkpointing is not counted (the MFU convention).
     """
     config = model.config
-    params = {id(p): p for p in model.parameters()}
     embedding = model.get_input_embeddings().weight
-    matmul_params = sum(p.numel() for p in params.values()) - embedding.numel()
+    matmul_params = sum(p.numel() for p in model.parameters() if p.dim() >= 2) - embedding.numel()
     if model.get_output_embeddings().weight is embedding:
         matmul_params += embedding.numel()
     H, D = config.num_attention_heads, config.head_dim
     linear = H * (6 * D * chunk_size + 12 * D * D)
     memories = getattr(config, "mom_top_k", 0) + int(getattr(config, "mom_shared_memory", False))
-    per_kind = {"N": 6 * H * D * seq_len, "L": linear, "M": memories * linear}
-    return 6.0 * matmul_params + sum(per_kind[kind] for kind in config.layer_kinds)
+    softmax = {"N": 6 * H * D * seq_len, "M": memories * linear}
+    # Linear layers (L, G, D, K) answer for their own dims (feature maps may widen the keys).
+    linear_layers = [m for m in model.modules() if isinstance(m, (LinearAttention, DeltaRuleAttention))]
+    return (6.0 * matmul_params + sum(softmax.get(kind, 0) for kind in config.layer_kinds)
+            + sum(layer.attention_flops_per_token(chunk_size) for layer in linear_layers))
 
 
 def peak_flops(device: torch.device, peak_tflops: float | None) -> float | None:
@@ -55,6 +66,14 @@ def peak_flops(device: torch.device, peak_tflops: float | None) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS if key in name), None)
+
+
+def units(device: torch.device) -> tuple[str, str]:
+    """What the progress line shows: (the throughput unit, the memory label)."""
+    if device.type != "cuda":
+        return "tok/s/proc", "rss"
+    shared = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > torch.cuda.device_count()  # gloo: ranks share GPUs
+    return ("tok/s/proc" if shared else "tok/s/GPU"), "mem"
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -96,6 +115,7 @@ class Metrics:
         self.history: list[dict] = []
         self.intervals: list[tuple[int, float]] = []  # (steps, seconds) between log steps
         self.main = dist_state.is_main
+        self.rate_unit, self.memory_label = units(dist_state.device)
         self.jsonl = Path(output_dir) / "metrics.jsonl"
         self.file = self.writer = self.bar = None
         if self.main:
@@ -147,8 +167,8 @@ class Metrics:
             self.file.flush()
             if self.writer is not None:
                 self.writer.add_scalar("tokens_per_s_per_gpu", rate, step)
-            text = (f"loss {sum(losses) / len(losses):.4f} | {rate:,.0f} tok/s/GPU | MFU "
-                    f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | mem {memory:.2f} GB")
+            text = (f"loss {sum(losses) / len(losses):.4f} | {rate:,.0f} {self.rate_unit} | MFU "
+                    f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {self.memory_label} {memory:.2f} GB")
             if self.bar is not None:
                 self.bar.update(n_steps)
                 self.bar.set_postfix_str(text)
@@ -156,22 +176,25 @@ class Metrics:
                 print(f"step {step}/{self.steps} | {text}", flush=True)
         self.pending, self.last_log, self.last_log_step = [], now, step
 
-    def summary(self) -> dict:
-        """The run's summary (printed by rank 0): losses, throughput after the first log
-        interval (warm-up), MFU, peak memory."""
+    def summary(self, announce: bool = True) -> dict:
+        """The run's summary: losses, throughput after the first log interval (warm-up), MFU,
+        peak memory (None where nothing was timed: never NaN, the JSON stays valid). Rank 0
+        prints it in one line if `announce`."""
         if self.pending:
             self._log(self.pending[-1][0])
         timed = self.intervals[1:] or self.intervals
         steps, seconds = sum(n for n, _ in timed), sum(s for _, s in timed)
-        rate = steps * self.tokens_per_step / seconds / self.dist.world_size if seconds else math.nan
+        rate = steps * self.tokens_per_step / seconds / self.dist.world_size if seconds else None
         losses = [r["loss"] for r in self.history]
         result = {
             "steps": self.steps, "resumed_from": self.start_step, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None,
             "last_10_mean_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-            "tokens_per_s_per_gpu": rate, "mfu": None if self.peak is None else rate * self.flops_per_token / self.peak,
-            "peak_memory_gb": peak_memory_gb(self.dist.device), "wall_s": time.perf_counter() - self.started,
-            "flops_per_token": self.flops_per_token,
+            "tokens_per_s_per_gpu": rate, "throughput_unit": self.rate_unit,
+            "mfu": None if self.peak is None or rate is None else rate * self.flops_per_token / self.peak,
+            "peak_memory_gb": peak_memory_gb(self.dist.device),
+            "peak_memory": "GPU memory allocated" if self.memory_label == "mem" else "host resident set (RSS)",
+            "wall_s": time.perf_counter() - self.started, "flops_per_token": self.flops_per_token,
         }
         if self.main:
             if self.bar is not None:
@@ -179,14 +202,11 @@ class Metrics:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
-            mfu = "n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
-            if losses:
+            if announce and losses:
+                mfu = "n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
+                speed = "n/a" if rate is None else f"{rate:,.0f}"
                 print(f"lasp-train: steps {self.start_step + 1}-{self.steps}: loss {losses[0]:.4f} -> "
-                      f"{losses[-1]:.4f} (last 10 steps: {result['last_10_mean_loss']:.4f}) | {rate:,.0f} "
-                      f"tok/s/GPU | MFU {mfu} | peak memory "
-                      f"{result['peak_memory_gb']:.2f} GB | {result['wall_s']:.1f} s | metrics: {self.jsonl}",
-                      flush=True)
-            else:
-                print(f"lasp-train: nothing to do: the checkpoint is at step {self.start_step} of {self.steps}",
-                      flush=True)
+                      f"{losses[-1]:.4f} (last 10 steps: {result['last_10_mean_loss']:.4f}) | {speed} "
+                      f"{self.rate_unit} | MFU {mfu} | peak {self.memory_label} {result['peak_memory_gb']:.2f} GB | "
+                      f"{result['wall_s']:.1f} s | metrics: {self.jsonl}", flush=True)
         return result

@@ -1,8 +1,9 @@
-"""The model a run trains: a lasp preset with the run's layer pattern and overrides."""
+"""The model a run trains: a lasp preset with the run's layer pattern and overrides, and its blocks."""
 
 from __future__ import annotations
 
 import inspect
+import json
 
 import torch
 
@@ -29,8 +30,22 @@ def build_model_config(config, vocab_size: int | None):
     try:
         return linear_llama_config(config.name, layer_pattern=config.layer_pattern,
                                    activation_checkpointing=config.activation_checkpointing, **overrides)
-    except (ValueError, NotImplementedError) as error:
+    except (ValueError, TypeError, NotImplementedError) as error:
         raise ValueError(f"--model {config.name} --layer-pattern {config.layer_pattern}: {error}") from None
+
+
+def check_model(config) -> None:
+    """Build the model on the meta device (no memory, no time): an override of a wrong type or
+    size fails here, before any process starts, with a ValueError naming the options."""
+    from lasp.models import LinearLlamaForCausalLM
+
+    model_config = build_model_config(config, vocab_size=None)
+    try:
+        with torch.device("meta"):
+            LinearLlamaForCausalLM(model_config)
+    except Exception as error:  # whatever the model's constructor raises for such a config
+        raise ValueError(f"--model {config.name} --layer-pattern {config.layer_pattern} --model-overrides "
+                         f"{json.dumps(config.model_overrides)}: {type(error).__name__}: {error}") from None
 
 
 def build_model(config, vocab_size: int, device: torch.device, seed: int):
@@ -40,3 +55,18 @@ def build_model(config, vocab_size: int, device: torch.device, seed: int):
     torch.manual_seed(seed)
     with torch.device(device):
         return LinearLlamaForCausalLM(build_model_config(config, vocab_size))
+
+
+def model_blocks(model) -> list[torch.nn.Module]:
+    """The blocks that the engine shards one by one: the model's own `blocks()` (lasp's models);
+    for a Hugging Face model without it (one wrapped by `lasp.parallelize`), the modules of the
+    classes it names in `_no_split_modules` (its decoder layers). TypeError if it has neither."""
+    if callable(getattr(model, "blocks", None)):
+        return list(model.blocks())
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [module for module in model.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise TypeError(f"{type(model).__name__} has no blocks() and no _no_split_modules that name its blocks: "
+                        "give it a blocks() method returning its repeated blocks in order, as "
+                        "LinearLlamaForCausalLM.blocks does")
+    return blocks

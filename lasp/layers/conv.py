@@ -14,32 +14,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from lasp.layers.sequence import document_starts, local_segments, token_positions
-
-# torch >= 2.13 renames all_gather_into_tensor (deprecated there) to all_gather_single.
-_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-class _AllGather(torch.autograd.Function):
-    """Stack every rank's `x` ([W, *x.shape]); the backward sums each slice's gradient to its owner."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        W = dist.get_world_size(group)
-        out = x.new_empty(W * x.shape[0], *x.shape[1:])
-        _gather_into(out, x.contiguous(), group=group)
-        return out.view(W, *x.shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)  # tails are tiny: an all-reduce works on gloo and NCCL
-        return grad[dist.get_rank(ctx.group)], None
+from lasp.parallel.comm import all_gather
 
 
 def left_context(x, layout, group, width: int) -> list[torch.Tensor]:
@@ -58,16 +37,18 @@ def left_context(x, layout, group, width: int) -> list[torch.Tensor]:
     tails = torch.stack([x[:, start + n - width:start + n] for start, n in segments])
     if layout.world_size > 1:
         layout.check_group(group)
-        gathered = _AllGather.apply(tails, group)               # [W, segments per rank, B, width, C]
+        # [W, segments per rank, B, width, C]; the backward sums each tail's gradient to its owner
+        gathered = all_gather(tails, group).unflatten(0, (layout.world_size, len(segments)))
     else:
         gathered = tails[None]
-    # table[s] = context of global segment s: zeros, then the tail of segment s−1. Every rank
-    # indexes the gathered tails (even rank 0 of a contiguous layout, which only needs zeros),
-    # so every rank runs the gather's backward collective.
-    slots = [layout.segments_of(layout.owner(s)).index(s) for s in range(layout.num_segments - 1)]
-    previous = gathered[[layout.owner(s) for s in range(layout.num_segments - 1)], slots]
-    table = torch.cat([zeros[None], previous])
-    return list(table[list(layout.local_segments)].unbind(0))
+    # table[s] = context of global segment s: zeros, then the tail of segment s−1, picked with
+    # Python ints (views: no index tensor goes to the device). Every rank's output depends on
+    # the whole table (even rank 0 of a contiguous layout, which only needs zeros), so every
+    # rank runs the gather's backward collective.
+    previous = [gathered[layout.owner(s), layout.segments_of(layout.owner(s)).index(s)]
+                for s in range(layout.num_segments - 1)]
+    table = torch.stack([zeros, *previous])
+    return [table[s] for s in layout.local_segments]
 
 
 class ShortConv(nn.Module):

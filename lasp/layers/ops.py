@@ -11,13 +11,15 @@ from lasp.kernels import linear_attention
 from lasp.kernels.softmax_attention import softmax_attention
 
 
-def linear_attention_op(q, k, v, g=None, g_gamma=None, *, scale=None, layout=None, group=None,
-                        cu_seqlens=None):
-    """Causal linear attention of the local tokens (LASP-2 across the group under a layout)."""
+def linear_attention_op(q, k, v, g=None, g_gamma=None, *, gk=None, beta=None, scale=None, layout=None,
+                        group=None, cu_seqlens=None):
+    """Causal linear attention of the local tokens (LASP-2 across the group under a layout).
+    At most one decay: `g_gamma` [H], `g` [B, T, H] or `gk` [B, T, H, K] (log-decays ≤ 0);
+    `beta` [B, T, H] selects the delta rule (keys normalised by the caller)."""
     if layout is None:
-        return linear_attention(q, k, v, g, g_gamma, scale=scale, cu_seqlens=cu_seqlens)[0]
+        return linear_attention(q, k, v, g, g_gamma, gk=gk, beta=beta, scale=scale, cu_seqlens=cu_seqlens)[0]
     from lasp.parallel.lasp2 import lasp2_linear_attention
-    return lasp2_linear_attention(q, k, v, g, g_gamma, layout=layout, group=group, scale=scale,
+    return lasp2_linear_attention(q, k, v, g, g_gamma, gk=gk, beta=beta, layout=layout, group=group, scale=scale,
                                   cu_seqlens=cu_seqlens)
 
 

@@ -6,7 +6,7 @@ Importing this package registers them with transformers' Auto classes, so that
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from lasp.models.config import PRESETS, LinearLlamaConfig, linear_llama_config, parse_layer_pattern
+from lasp.models.config import PRESETS, VARIANTS, LinearLlamaConfig, linear_llama_config, parse_layer_pattern
 from lasp.models.linear_llama import LinearLlamaForCausalLM, LinearLlamaModel
 
 AutoConfig.register(LinearLlamaConfig.model_type, LinearLlamaConfig, exist_ok=True)
@@ -14,4 +14,4 @@ AutoModel.register(LinearLlamaConfig, LinearLlamaModel, exist_ok=True)
 AutoModelForCausalLM.register(LinearLlamaConfig, LinearLlamaForCausalLM, exist_ok=True)
 
 __all__ = ["LinearLlamaConfig", "LinearLlamaModel", "LinearLlamaForCausalLM", "linear_llama_config",
-           "parse_layer_pattern", "PRESETS"]
+           "parse_layer_pattern", "PRESETS", "VARIANTS"]

@@ -1,7 +1,7 @@
 """Linear-Llama: the Llama-3 architecture with linear attention, and its hybrids.
 
-Each block is pre-norm attention (linear or softmax, by the config's layer pattern) and
-a SwiGLU MLP, with Hugging Face Llama's parameter names. The models are
+Each block is pre-norm attention (linear, GLA, MoM, Gated DeltaNet, KDA or softmax, by the config's
+layer pattern) and a SwiGLU MLP, with Hugging Face Llama's parameter names. The models are
 `transformers.PreTrainedModel`s (save_pretrained / from_pretrained with safetensors).
 
 Sequence parallelism: `lasp.parallelize(model, group)` sets `model.model.lasp_sp`; each
@@ -25,10 +25,18 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from lasp.batch import next_token_labels
-from lasp.layers import LinearAttention, MixtureOfMemories, RMSNorm, ShortConv, SoftmaxAttention, SwiGLU
+from lasp.layers import (GatedDeltaNet, GatedLinearAttention, KimiDeltaAttention, LinearAttention,
+                         MixtureOfMemories, RMSNorm, ShortConv, SoftmaxAttention, SwiGLU)
+from lasp.layers.delta_rule import DeltaRuleAttention
+from lasp.layers.feature_maps import ReBasedMap
+from lasp.layers.linear_attention import decay_kind
 from lasp.layers.mom import MemoryProjection
 from lasp.loss import IGNORE_INDEX, chunked_cross_entropy
 from lasp.models.config import LinearLlamaConfig
+
+
+# MixtureOfMemories takes the decays under their earlier names.
+_MOM_DECAYS = {"identity": "none", "fixed": "fixed", "scalar": "data"}
 
 
 def _attention(config: LinearLlamaConfig, kind: str) -> nn.Module:
@@ -36,14 +44,26 @@ def _attention(config: LinearLlamaConfig, kind: str) -> nn.Module:
                  head_dim=config.head_dim, num_kv_heads=config.num_key_value_heads)
     if kind == "N":
         return SoftmaxAttention(**heads, rope_theta=config.rope_theta)
-    linear = dict(feature_map=config.linear_feature_map, decay=config.linear_decay,
-                  output_norm=config.linear_output_norm, output_gate=config.linear_output_gate,
-                  norm_eps=config.rms_norm_eps)
+    if kind in ("D", "K"):
+        delta = dict(hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+                     head_dim=config.head_dim, num_v_heads=config.delta_num_v_heads,
+                     conv_size=config.delta_conv_size, norm_eps=config.rms_norm_eps)
+        if kind == "D":
+            return GatedDeltaNet(**delta)
+        return KimiDeltaAttention(**delta, decay_rank=config.kda_decay_rank)
+    if kind == "G":
+        return GatedLinearAttention(**heads, key_dim=config.gla_key_dim, decay_rank=config.linear_decay_rank,
+                                    conv_size=config.linear_conv_size, norm_eps=config.rms_norm_eps)
+    linear = dict(feature_map=config.linear_feature_map, output_norm=config.linear_output_norm,
+                  output_gate=config.linear_output_gate, norm_eps=config.rms_norm_eps)
     if kind == "M":
         return MixtureOfMemories(config.hidden_size, config.num_attention_heads, config.head_dim,
                                  num_memories=config.mom_num_memories, top_k=config.mom_top_k,
-                                 shared_memory=config.mom_shared_memory, **linear)
-    return LinearAttention(**heads, conv_size=config.linear_conv_size, **linear)
+                                 shared_memory=config.mom_shared_memory,
+                                 decay=_MOM_DECAYS[decay_kind(config.linear_decay)], **linear)
+    return LinearAttention(**heads, key_dim=config.linear_key_dim, decay=config.linear_decay,
+                           fixed_decays=config.linear_fixed_decays, decay_rank=config.linear_decay_rank,
+                           conv_size=config.linear_conv_size, **linear)
 
 
 @dataclass
@@ -55,8 +75,10 @@ class LinearLlamaModelOutput(BaseModelOutput):
 
 @dataclass
 class LinearLlamaCausalLMOutput(CausalLMOutput):
-    """`loss` includes `router_aux_loss_coef · aux_loss`; `aux_loss` is reported on its own too."""
+    """`loss` = `lm_loss` + `router_aux_loss_coef · aux_loss` (Hugging Face's convention); the two
+    parts come on their own too, so that a training loop can weigh them itself."""
 
+    lm_loss: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
 
 
@@ -82,10 +104,17 @@ class LinearLlamaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LinearLlamaBlock"]
 
     def _init_weights(self, module):
-        """Hugging Face's defaults (MoM's per-memory projections like nn.Linear), and
-        nn.Conv1d's for the short convolution."""
+        """Hugging Face's defaults (MoM's per-memory projections like nn.Linear), nn.Conv1d's
+        for the short convolution, the identity affine of ReBased's feature map, and the
+        delta-rule layers' decay parameters as their reference models draw them."""
         if isinstance(module, ShortConv):
             init.uniform_(module.weight, -module.init_bound, module.init_bound)
+        elif isinstance(module, DeltaRuleAttention):  # A_log, dt_bias; its Linears are visited on their own
+            for name, value in module.initial_decay_parameters().items():
+                init.copy_(getattr(module, name), value)
+        elif isinstance(module, ReBasedMap):
+            init.ones_(module.gamma)
+            init.zeros_(module.beta)
         elif isinstance(module, MemoryProjection):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         else:
@@ -108,6 +137,10 @@ class LinearLlamaModel(LinearLlamaPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in order: the units that FSDP shards and checkpointing wraps."""
+        return list(self.layers)
 
     def forward(self, input_ids=None, inputs_embeds=None, cu_seqlens=None) -> LinearLlamaModelOutput:
         """input_ids [B, T_local] (or inputs_embeds [B, T_local, hidden]); cu_seqlens: packed
@@ -153,6 +186,10 @@ class LinearLlamaForCausalLM(LinearLlamaPreTrainedModel):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def blocks(self) -> list[nn.Module]:
+        """The decoder's blocks (`LinearLlamaModel.blocks`)."""
+        return self.model.blocks()
+
     def set_output_embeddings(self, value):
         self.lm_head = value
 
@@ -163,7 +200,7 @@ class LinearLlamaForCausalLM(LinearLlamaPreTrainedModel):
 
         The loss is the sum of token losses ÷ `num_items_in_batch` (the number of valid
         targets of the whole batch: under sequence parallelism `ShardedBatch.num_tokens`),
-        or the mean over the local valid targets if it is not given; plus
+        or the mean over the local valid targets if it is not given (`lm_loss`); plus
         `router_aux_loss_coef · aux_loss` with MoM layers.
         """
         sp = self.model.lasp_sp
@@ -180,7 +217,6 @@ class LinearLlamaForCausalLM(LinearLlamaPreTrainedModel):
                                       chunk_size=self.config.loss_chunk_size)
         if num_items_in_batch is None:
             num_items_in_batch = (shift_labels != IGNORE_INDEX).sum()
-        loss = total / num_items_in_batch
-        if aux_loss is not None:
-            loss = loss + self.config.router_aux_loss_coef * aux_loss
-        return LinearLlamaCausalLMOutput(loss=loss, aux_loss=aux_loss)
+        lm_loss = total / num_items_in_batch
+        loss = lm_loss if aux_loss is None else lm_loss + self.config.router_aux_loss_coef * aux_loss
+        return LinearLlamaCausalLMOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss)

@@ -3,24 +3,26 @@
 Each rank holds the tokens of its segments (`SequenceLayout`). Linear attention is
 linear in its initial state (`lasp.kernels.state`), so each rank runs its segments as
 independent sequences from a zero state and corrects them once the incoming states are
-known. The local kernel comes split at its data dependencies
-(`lasp.kernels.linear_attention_phases`) and `_Overlapped` interleaves it with the
+known (for the decay families: identity, scalar and diagonal transitions). The local
+kernel comes split at its data dependencies
+(`lasp.kernels.linear_attention_phases`) and `Overlapped` interleaves it with the
 summary exchange (`lasp.parallel.scan`: one all-gather for LASP-2, a point-to-point ring
 for LASP-1) so that each collective is in flight while local work that does not need
 its result runs:
 
-    forward:  summarize (each local sequence's final state)  -> issue the gather of the
+    forward:  summarize (each local document's final state)  -> issue the gather of the
               segment summaries -> output (the zero-state outputs o0, the bulk of the
               kernel) -> wait, scan -> each local segment's incoming state
     backward: issue the gather of the incoming-state gradients -> grad_q (the dq pass)
-              -> wait, suffix scan -> the summaries' gradients -> grad_kvg (dk, dv, dg)
+              -> wait, suffix scan -> the summaries' gradients -> grad_kvg (dk, dv, d decay)
 
-Around it, in autograd: a segment's summary is `U` = the final state of the local
-sequence holding its last token and `a` = its log-transition (`segment_log_decay`, or
--inf when a packed document starts inside the segment: the chain stops there); the
-correction `state_output(q, S_in, reach=...)` is added to o0 (the incoming state reaches
+Around it, in autograd: a segment's summary is `(A, U)`: `U` = the final state of the
+local document holding its last token and `A` = the composition of its tokens'
+transitions (`lasp.kernels.run_transition`), cut to the zero map when a packed document
+starts inside the segment (the chain stops there); the correction
+`apply_state_output(q, S_in, reach=...)` is added to o0 (the incoming state reaches
 only the tokens before the segment's first document start), and its backward gives the
-incoming-state gradients before `_Overlapped`'s backward starts.
+incoming-state gradients before `Overlapped`'s backward starts.
 
 Bidirectional attention (`causal=False`, plain) is the same with two chains: every
 token of a document reads the document's whole state, i.e. its own segment's part
@@ -30,70 +32,82 @@ segment's first document, entering the segment's last document from the end).
 
 Packed documents (`cu_seqlens` of the WHOLE sequence, the same on every rank, B = 1) go
 to the kernel as `layout.local_cu_seqlens`, whose size does not depend on the values;
-every per-segment index (which local sequence holds a segment's first/last token, how
+every per-segment index (which local document holds a segment's first/last token, how
 far the incoming state reaches) comes from `searchsorted` on the device: no host sync.
 Without packing, B >= 1 rows are reshaped to B·nseg independent rows.
+
+The delta rule (`beta`) has dense transitions and no additive correction
+(`_dense_transitions`): each segment's summary is its dense K×K transition and its
+zero-start state, one exchange gives the incoming states, and the local outputs are
+computed from them as initial states.
 
 All math is `lasp.kernels`; this module only reshapes, indexes, orders and exchanges.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from lasp.kernels import linear_attention, linear_attention_phases, segment_log_decay, state_output
-from lasp.kernels.checks import check_cu_seqlens, check_decay, check_qkv
+from lasp.kernels.checks import check_cu_seqlens, check_qkv
+from lasp.kernels.linear_attention import Call, check_call, family_module, plan_phases, run_linear_attention
+from lasp.kernels.common.documents import accumulation_dtype
+from lasp.kernels.state import apply_state_output
+from lasp.kernels.transition import Transition, run_transition
 from lasp.parallel.layout import SequenceLayout
-from lasp.parallel.scan import AllGatherScan, RingScan
+from lasp.parallel.scan import AllGatherScan, AutoExchange, RingScan, exchange_summaries
 
 
-def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, *, layout, group=None, scale=None,
-                           causal=True, cu_seqlens=None):
+def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, *, gk=None, beta=None, layout, group=None,
+                           scale=None, causal=True, cu_seqlens=None):
     """Sequence-parallel `linear_attention` with LASP-2: one all-gather of fixed-size
-    segment summaries per forward and one per backward.
+    segment summaries per forward and one per backward (from 32 ranks, or 16 with large
+    states, a log-depth prefix scan instead: `lasp.parallel.scan.default_exchange`).
 
     Args:
         q, k: [B, layout.local_len, H, K]; v: [B, layout.local_len, H, V]: this rank's
             tokens in local order (`layout.shard`).
-        g: [B, local_len, H] log-decays of the local tokens, or g_gamma: [H]; at most one.
+        g: [B, local_len, H] per-token log-decays of the local tokens, or g_gamma: [H],
+            or gk: [B, local_len, H, K] per-key log-decays; at most one.
+        beta: [B, local_len, H]: the delta rule (with none, g or gk), causal only.
         layout: the `SequenceLayout` of this rank in `group` (default: the world group).
         scale, causal: as in `lasp.kernels.linear_attention` (causal=False: plain only).
         cu_seqlens: int [N+1] packed documents of the WHOLE sequence (B must be 1), the
             same tensor on every rank.
-    Returns o: [B, local_len, H, V], this rank's outputs, differentiable in q, k, v, g,
-    g_gamma (whose gradient is this rank's share: sum it over the group).
+    Returns o: [B, local_len, H, V], this rank's outputs, differentiable in q, k, v and
+    the decay (g_gamma's gradient is this rank's share: sum it over the group).
 
     Bad input raises on every rank before any collective.
     """
-    return sequence_parallel_linear_attention(q, k, v, g, g_gamma, layout=layout, group=group,
-                                              scale=scale, causal=causal, cu_seqlens=cu_seqlens,
-                                              exchange=AllGatherScan)
+    return sequence_parallel_linear_attention(q, k, v, g, g_gamma, gk=gk, beta=beta, layout=layout,
+                                              group=group, scale=scale, causal=causal, cu_seqlens=cu_seqlens,
+                                              exchange=AutoExchange)
 
 
-def lasp1_linear_attention(q, k, v, g=None, g_gamma=None, *, layout, group=None, scale=None,
-                           causal=True, cu_seqlens=None):
+def lasp1_linear_attention(q, k, v, g=None, g_gamma=None, *, gk=None, beta=None, layout, group=None,
+                           scale=None, causal=True, cu_seqlens=None):
     """`lasp2_linear_attention` with the LASP-1 ring exchange (the benchmarks' baseline):
     the running state goes point-to-point from each segment's owner to the next one's,
     and the state gradients go back the same way. Same arguments and results."""
-    return sequence_parallel_linear_attention(q, k, v, g, g_gamma, layout=layout, group=group,
-                                              scale=scale, causal=causal, cu_seqlens=cu_seqlens,
+    return sequence_parallel_linear_attention(q, k, v, g, g_gamma, gk=gk, beta=beta, layout=layout,
+                                              group=group, scale=scale, causal=causal, cu_seqlens=cu_seqlens,
                                               exchange=RingScan)
 
 
-def sequence_parallel_linear_attention(q, k, v, g=None, g_gamma=None, *, layout, group=None,
-                                       scale=None, causal=True, cu_seqlens=None,
+def sequence_parallel_linear_attention(q, k, v, g=None, g_gamma=None, *, gk=None, beta=None, layout,
+                                       group=None, scale=None, causal=True, cu_seqlens=None,
                                        exchange=AllGatherScan, backend=None):
     """The local work shared by LASP-2 and LASP-1 around `exchange`, an exchange class of
     `lasp.parallel.scan` built as `exchange(layout, group, reverse)`: `AllGatherScan`,
     `functools.partial(AllGatherScan, overlap=False)` (the gather forced synchronous, for
     benchmarks) or `RingScan`. `backend`: the local kernel's, as in `linear_attention`
     (the CPU tests run the Triton kernels under the interpreter)."""
-    _check_inputs(q, k, v, g, g_gamma, layout, group, causal, cu_seqlens)
+    call = _check_inputs(q, k, v, g, g_gamma, gk, beta, layout, group, scale, causal, cu_seqlens, backend)
     if layout.world_size == 1:      # the local tokens are the whole sequence, in order
-        return linear_attention(q, k, v, g, g_gamma, scale=scale, causal=causal,
-                                cu_seqlens=cu_seqlens, backend=backend)[0]
+        return run_linear_attention(q, k, v, call, causal=causal, cu_seqlens=cu_seqlens)[0]
+    if call.beta is not None:
+        return _dense_transitions(q, k, v, call, layout, group, cu_seqlens, exchange)
     B, _, H, _ = q.shape
     nseg, L = len(layout.local_segments), layout.segment_len
     R = B * nseg                    # independent rows: (batch row, local segment)
@@ -101,55 +115,57 @@ def sequence_parallel_linear_attention(q, k, v, g=None, g_gamma=None, *, layout,
     def rows(x):
         return None if x is None else x.reshape(R, L, *x.shape[2:])
 
+    tokens = call.tokens if call.tokens.param is None else Transition(call.tokens.kind, rows(call.tokens.param))
     reverse = (False,) if causal else (False, True)
     if cu_seqlens is None:
-        phases, (q_, k_, v_, g_, _) = linear_attention_phases(
-            rows(q), rows(k), rows(v), rows(g), g_gamma, scale=scale, causal=causal, backend=backend)
-        summaries = _Summaries(B, nseg, (None,) * len(reverse))
+        row_call = replace(call, tokens=tokens)
+        phases, (q_, k_, v_, decay_, _) = plan_phases(rows(q), rows(k), rows(v), row_call, causal=causal)
+        summaries = Summaries(B, nseg, (None,) * len(reverse))
         reach = tail = None
     else:
-        phases, (q_, k_, v_, g_, _) = linear_attention_phases(
-            q, k, v, g, g_gamma, scale=scale, causal=causal, backend=backend,
-            cu_seqlens=layout.local_cu_seqlens(cu_seqlens))
-        first_seq, last_seq, reach, tail = _document_edges(layout, cu_seqlens)
-        summaries = _Summaries(B, nseg, (last_seq, first_seq)[:len(reverse)])
+        phases, (q_, k_, v_, decay_, _) = plan_phases(q, k, v, call, causal=causal,
+                                                      cu_seqlens=layout.local_cu_seqlens(cu_seqlens))
+        first_doc, last_doc, reach, tail = document_edges(layout, cu_seqlens)
+        summaries = Summaries(B, nseg, (last_doc, first_doc)[:len(reverse)])
 
-    def passes(edge, log_decay):
-        """The segment's log-transition, or -inf where a document boundary stops the chain."""
-        return log_decay if edge is None else log_decay.masked_fill((edge != L)[:, None], float("-inf"))
+    acc = accumulation_dtype(q.dtype)
 
-    q_rows = rows(q)
+    def passes(edge, transition):
+        """The segment's transition, or the zero map where a document boundary stops the chain."""
+        return transition if edge is None else transition.cut(edge != L, heads=H, dtype=acc)
+
     if causal:
-        log_decays = [passes(reach, segment_log_decay(q_rows, rows(g), g_gamma))]
+        chains = [passes(reach, run_transition(tokens, dim=1, dtype=acc))]
     else:
-        zero = segment_log_decay(q_rows)
-        log_decays = [passes(reach, zero), passes(tail, zero)]
-    o0, incoming = _Overlapped.apply(q_, k_, v_, g_, summaries.to_exchange(log_decays), phases,
+        chains = [passes(reach, tokens), passes(tail, tokens)]
+    transitions = summaries.transitions(chains)
+    o0, incoming = Overlapped.apply(q_, k_, v_, decay_, transitions.param, transitions.kind, phases,
                                      exchange(layout, group, reverse), summaries)
     from_left, *from_right = summaries.from_exchange(incoming)
 
+    q_rows, scale = rows(q), call.scale
     if causal:
-        extra = state_output(q_rows, from_left, rows(g), g_gamma, scale=scale, reach=reach)
+        extra = apply_state_output(q_rows, from_left, tokens, scale=scale, reach=reach)
     elif reach is None:
-        extra = state_output(q_rows, from_left + from_right[0], scale=scale)
+        extra = apply_state_output(q_rows, from_left + from_right[0], tokens, scale=scale)
     else:                           # the state from the right enters the last document, from the end
-        extra = (state_output(q_rows, from_left, scale=scale, reach=reach)
-                 + state_output(q_rows.flip(1), from_right[0], scale=scale, reach=tail).flip(1))
+        extra = (apply_state_output(q_rows, from_left, tokens, scale=scale, reach=reach)
+                 + apply_state_output(q_rows.flip(1), from_right[0], tokens, scale=scale, reach=tail).flip(1))
     return (o0.reshape(extra.shape) + extra).reshape(B, nseg * L, *extra.shape[2:])
 
 
 @dataclass(frozen=True)
-class _Summaries:
+class Summaries:
     """Where each chain's segment summaries come from and the exchange's order.
 
-    `sequences[c]`: per row (batch row, local segment), the index of the local sequence
-    whose final state is the row's summary in chain c, or None: the row's own sequence
-    (unpacked input). The exchange orders rows as [nseg, C, B, ...].
+    `documents[c]`: per local row (batch row, local segment), the index of the local
+    document whose final state is the row's summary in chain c, or None: the row's own
+    document (unpacked input). The exchange orders rows as [nseg, C, B, ...].
     """
 
     B: int
     nseg: int
-    sequences: tuple
+    documents: tuple
 
     def to_exchange(self, per_chain):
         """[R, ...] per chain -> [nseg, C, B, ...]."""
@@ -161,68 +177,123 @@ class _Summaries:
         return [x[:, c].transpose(0, 1).reshape(self.B * self.nseg, *x.shape[3:])
                 for c in range(x.shape[1])]
 
+    def transitions(self, per_chain):
+        """The segments' transitions of every chain ([R, H, ...] each) in exchange order."""
+        kind = per_chain[0].kind
+        if kind == "identity":
+            return per_chain[0]
+        return Transition(kind, self.to_exchange([t.param for t in per_chain]))
+
     def select(self, final):
         """The summaries [nseg, C, B, H, K, V] from the local final states."""
-        return self.to_exchange([final if seq is None else final.index_select(0, seq)
-                                 for seq in self.sequences])
+        return self.to_exchange([final if doc is None else final.index_select(0, doc)
+                                 for doc in self.documents])
 
     def select_backward(self, d_summaries, n_final):
         """The final states' gradient [n_final, H, K, V] from the summaries'."""
         total = None
-        for seq, d in zip(self.sequences, self.from_exchange(d_summaries)):
-            if seq is not None:
-                d = d.new_zeros(n_final, *d.shape[1:]).index_add_(0, seq, d)
+        for doc, d in zip(self.documents, self.from_exchange(d_summaries)):
+            if doc is not None:
+                d = d.new_zeros(n_final, *d.shape[1:]).index_add_(0, doc, d)
             total = d if total is None else total + d
         return total
 
 
-class _Overlapped(torch.autograd.Function):
+class Overlapped(torch.autograd.Function):
     """The zero-state local kernel (`phases`) and the summary exchange, in the order of the
-    module docstring: (q, k, v, g, log_decays) -> (o0, incoming states [nseg, C, B, H, K, V]).
+    module docstring: (q, k, v, decay, segment transitions, *extra) -> (o0, incoming
+    states [nseg, C, B, H, K, V]).
+
+    `extra`: further differentiable inputs of the phases (MoM's routing weights,
+    `lasp.kernels.mom_phases`), passed after `saved` / `do` / `d_final` to output, grad_q
+    and grad_kvg; grad_kvg then returns their gradients after (dk, dv, d decay, dh0).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, g, log_decays, phases, exchange, summaries):
-        final, saved = phases.summarize(k, v, g, None)
-        pending = exchange.start(summaries.select(final), log_decays)
-        o0 = phases.output(q, k, v, g, saved)
-        incoming, exchange_saved = exchange.finish(pending)
-        ctx.save_for_backward(q, k, v, g, *saved, *exchange_saved)
-        ctx.n_saved, ctx.n_final = len(saved), final.shape[0]
+    def forward(ctx, q, k, v, decay, param, kind, phases, exchange, summaries, *extra):
+        final, saved = phases.summarize(k, v, decay, None)
+        pending = exchange.start(summaries.select(final), Transition(kind, param))
+        o0 = phases.output(q, k, v, decay, saved, *extra)
+        incoming, ctx.exchange_saved = exchange.finish(pending)
+        ctx.save_for_backward(q, k, v, decay, *extra, *saved)
+        ctx.n_final, ctx.n_extra = final.shape[0], len(extra)
         ctx.phases, ctx.exchange, ctx.summaries = phases, exchange, summaries
         return o0, incoming
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, d_incoming):
-        q, k, v, g, *rest = ctx.saved_tensors
-        saved, exchange_saved = rest[:ctx.n_saved], rest[ctx.n_saved:]
+        q, k, v, decay, *saved = ctx.saved_tensors
+        extra, saved = saved[:ctx.n_extra], saved[ctx.n_extra:]
         pending = ctx.exchange.start_backward(d_incoming)
-        dq, partial = ctx.phases.grad_q(q, k, v, g, saved, do)
-        d_summaries, d_log_decays = ctx.exchange.finish_backward(pending, exchange_saved)
+        dq, partial = ctx.phases.grad_q(q, k, v, decay, saved, do, *extra)
+        d_summaries, d_param = ctx.exchange.finish_backward(pending, ctx.exchange_saved)
         d_final = ctx.summaries.select_backward(d_summaries, ctx.n_final)
-        dk, dv, dg, _ = ctx.phases.grad_kvg(q, k, v, g, saved, partial, d_final,
-                                            want_dg=ctx.needs_input_grad[3], want_dh0=False)
-        return dq, dk, dv, dg, d_log_decays, None, None, None
+        dk, dv, d_decay, _, *d_extra = ctx.phases.grad_kvg(q, k, v, decay, saved, partial, d_final, *extra,
+                                                           want_dg=ctx.needs_input_grad[3], want_dh0=False)
+        return dq, dk, dv, d_decay, d_param, None, None, None, None, *d_extra
 
 
-def _check_inputs(q, k, v, g, g_gamma, layout, group, causal, cu_seqlens) -> None:
-    """Shape, dtype and group checks: every rank raises the same error before any collective."""
+def _dense_transitions(q, k, v, call, layout, group, cu_seqlens, exchange):
+    """LASP-2 for the delta rule, whose transitions are dense K×K matrices: no additive
+    correction exists, so the local outputs are computed once the incoming states are
+    known, from them as initial states (not yet overlapped with the exchange).
+
+    A segment's summary is (M, U): M its dense transition (`run_transitions`), U its
+    zero-start final state; M is cut to zero where a document starts inside the segment,
+    and the incoming state enters only a document that started before the segment.
+    Gradients flow by autograd through the family's ops and the exchange.
+    """
+    B = q.shape[0]
+    nseg, L = len(layout.local_segments), layout.segment_len
+    R = B * nseg
+    family = family_module(call)
+
+    def rows(x):
+        return None if x is None else x.reshape(R, L, *x.shape[2:])
+
+    if cu_seqlens is None:
+        inputs, local_cu = [rows(x) for x in (q, k, v, *call.gates)], None
+        summaries, first_doc, reach = Summaries(B, nseg, (None,)), None, None
+    else:
+        inputs, local_cu = [q, k, v, *call.gates], layout.local_cu_seqlens(cu_seqlens)
+        first_doc, last_doc, reach, _ = document_edges(layout, cu_seqlens)
+        summaries = Summaries(B, nseg, (last_doc,))
+    q_, k_, v_, *gates = inputs
+    _, final = family.linear_attention(None, k_, v_, *gates, scale=call.scale, output_final_state=True,
+                                       cu_seqlens=local_cu)           # q None: the final states alone
+    matrices = family.run_transitions(k_, *gates, cu_seqlens=local_cu)
+    transitions = Transition.dense(summaries.select(matrices.to(final.dtype)))
+    if reach is not None:           # a document starts inside the segment: the chain stops there
+        transitions = transitions.cut(summaries.to_exchange([reach != L]))
+    incoming, = summaries.from_exchange(exchange_summaries(summaries.select(final), transitions,
+                                                           exchange(layout, group, (False,))))
+    if first_doc is None:
+        initial = incoming
+    else:                           # the state enters the local document holding the segment's first token
+        initial = final.new_zeros(final.shape).index_copy(0, first_doc, incoming * (reach > 0)[:, None, None, None])
+    return family.linear_attention(q_, k_, v_, *gates, scale=call.scale, initial_state=initial,
+                                   cu_seqlens=local_cu)[0].reshape(B, nseg * L, *v.shape[2:])
+
+
+def _check_inputs(q, k, v, g, g_gamma, gk, beta, layout, group, scale, causal, cu_seqlens, backend) -> Call:
+    """All checks, once: every rank raises the same error before any collective."""
     if not isinstance(layout, SequenceLayout):
         raise TypeError(f"layout must be a SequenceLayout, got {type(layout).__name__}")
     layout.check_group(group)
     check_qkv(q, k, v)
     layout.check_input("q", q)
-    check_decay(g, g_gamma, q, causal)
     if cu_seqlens is not None:
         # cu_seqlens spans the whole sequence: check it against the global shape [B, seq_len].
         check_cu_seqlens(cu_seqlens, q.new_empty(q.shape[0], layout.seq_len, 0))
+    return check_call(q, k, v, g=g, g_gamma=g_gamma, gk=gk, beta=beta, scale=scale, causal=causal,
+                      backend=backend)
 
 
-def _document_edges(layout, cu_seqlens):
+def document_edges(layout, cu_seqlens):
     """Per local segment, from the global document offsets (device ops, no sync):
 
-    - first_seq / last_seq: index of the local sequence (of `layout.local_cu_seqlens`,
+    - first_doc / last_doc: index of the local document (of `layout.local_cu_seqlens`,
       N+1 entries per segment) holding the segment's first / last token;
     - reach: how many leading tokens belong to a document that started before the
       segment (0 when a document starts at its first token; L when none starts in it);
@@ -235,8 +306,8 @@ def _document_edges(layout, cu_seqlens):
     starts = torch.cat([torch.arange(s * L, s * L + 1, device=cu.device) for s in layout.local_segments])
     ends = starts + L
     base = torch.arange(len(layout.local_segments), device=cu.device) * cu.numel()
-    first_seq = base + torch.searchsorted(cu, starts, right=True) - 1
-    last_seq = base + torch.searchsorted(cu, ends - 1, right=True) - 1
+    first_doc = base + torch.searchsorted(cu, starts, right=True) - 1
+    last_doc = base + torch.searchsorted(cu, ends - 1, right=True) - 1
     reach = cu[torch.searchsorted(cu, starts)].clamp(max=ends) - starts
     tail = ends - cu[torch.searchsorted(cu, ends, right=True) - 1].clamp(min=starts)
-    return first_seq, last_seq, reach, tail
+    return first_doc, last_doc, reach, tail

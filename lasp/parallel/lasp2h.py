@@ -6,8 +6,10 @@ to the key prefix its global positions may see: segment [s, e) against keys [0, 
 a lower-right-aligned causal mask (keys [0, T) without `causal`). Under the zigzag
 layout each rank's two segments then cost the same in total on every rank. Packed
 documents (`cu_seqlens` of the whole sequence) become per-segment document offsets,
-computed on the device. The backward reduce-scatters the key/value gradients to their
-owners.
+computed on the device. The backward sums the key/value gradients of the local query
+segments and reduce-scatters them to their owners, both in fp32 (`KV_GRAD_ACCUMULATION`),
+and rounds once to the input dtype: a bf16 sum rounds at every addition, and its error
+grows with W (benchmarks/lasp2h_grad_precision.py measures both).
 
 The gather goes one group of `heads_per_gather` key/value heads at a time: the next
 group's all-gather is in flight (async collective: on NCCL it runs on the communicator's
@@ -24,17 +26,17 @@ context parallelism.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from lasp.kernels.checks import check_cu_seqlens
 from lasp.kernels.softmax_attention import check_attention_inputs, pick_backend, softmax_attention
+from lasp.parallel import comm
 from lasp.parallel.layout import SequenceLayout
 
 # Default head grouping: gather as many key/value heads at once as fit this many bytes.
 GATHER_BUDGET_BYTES = 1 << 30
-
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# The dtype in which key/value gradients are summed (over the local query segments, then over
+# the ranks) before their one rounding to the input dtype (never below it: fp64 stays fp64).
+KV_GRAD_ACCUMULATION = torch.float32
 
 
 def lasp2h_attention(q, k, v, *, layout, group=None, scale=None, causal=True, cu_seqlens=None,
@@ -59,14 +61,16 @@ def lasp2h_attention(q, k, v, *, layout, group=None, scale=None, causal=True, cu
     step = _heads_per_gather(heads_per_gather, k, layout)
     k_groups, v_groups = k.split(step, 2), v.split(step, 2)
     q_groups = q.split(step * (q.shape[2] // k.shape[2]), 2)  # query heads follow their key head
+    key_ends = _key_ends(layout, causal)
     gathers = [_KVGather(k_groups[0], v_groups[0], layout, group)]
     outputs = []
     for i in range(len(k_groups)):
         if i + 1 < len(k_groups):  # prefetch: in flight while group i attends
             gathers.append(_KVGather(k_groups[i + 1], v_groups[i + 1], layout, group))
-        k_full, v_full = _GatheredKV.apply(k_groups[i], v_groups[i], gathers[i])
-        outputs.append(local_attention(q_groups[i], k_full, v_full, layout=layout, scale=scale,
-                                       causal=causal, cu_seqlens=cu_seqlens, backend=backend))
+        prefixes = _GatheredKV.apply(k_groups[i], v_groups[i], gathers[i], key_ends)
+        outputs.append(_attend_segments(q_groups[i], prefixes[:len(key_ends)], prefixes[len(key_ends):],
+                                        layout=layout, scale=scale, causal=causal, cu_seqlens=cu_seqlens,
+                                        backend=backend))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, 2)
 
 
@@ -78,17 +82,28 @@ def local_attention(q, k_full, v_full, *, layout, scale=None, causal=True, cu_se
     Each causal segment [s, e) sees only the key prefix [0, e): no work on blocks that
     are masked out entirely. Public so that benchmarks can time each rank's compute alone.
     """
+    key_ends = _key_ends(layout, causal)
+    return _attend_segments(q, [k_full.narrow(1, 0, e) for e in key_ends],
+                            [v_full.narrow(1, 0, e) for e in key_ends], layout=layout, scale=scale,
+                            causal=causal, cu_seqlens=cu_seqlens, backend=backend)
+
+
+def _key_ends(layout, causal) -> list[int]:
+    """For each local query segment, the end of the key prefix it may see (global positions)."""
+    return [end if causal else layout.seq_len for _, end in layout.segment_bounds()]
+
+
+def _attend_segments(q, keys, values, *, layout, scale, causal, cu_seqlens, backend):
+    """Local query segment i against key/value prefix i ([B, key_ends[i], H_kv, D])."""
     L = layout.segment_len
     outputs = []
-    for i, (start, end) in enumerate(layout.segment_bounds()):
-        k_end = end if causal else layout.seq_len
+    for i, ((start, end), k, v) in enumerate(zip(layout.segment_bounds(), keys, values)):
         documents = {}
         if cu_seqlens is not None:
             documents = dict(cu_seqlens_q=cu_seqlens.clamp(start, end) - start,
-                             cu_seqlens_k=cu_seqlens.clamp(0, k_end))
-        outputs.append(softmax_attention(
-            q.narrow(1, i * L, L), k_full.narrow(1, 0, k_end), v_full.narrow(1, 0, k_end),
-            scale=scale, causal=causal, backend=backend, **documents))
+                             cu_seqlens_k=cu_seqlens.clamp(0, k.shape[1]))
+        outputs.append(softmax_attention(q.narrow(1, i * L, L), k, v, scale=scale, causal=causal,
+                                         backend=backend, **documents))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
 
 
@@ -143,12 +158,15 @@ def _rank_to_global(x, layout):
     return torch.cat([x.narrow(0, order.index(s) * L, L) for s in range(len(order))])
 
 
-def _global_to_rank(x, layout):
-    """Inverse of `_rank_to_global`."""
+def _add_in_rank_order(total, grad, layout):
+    """total [W·local_len, ...] (rank order) += grad [B, end, ...] (global positions 0..end)."""
     order, L = _rank_order(layout), layout.segment_len
+    grad = grad.transpose(0, 1)
     if order == sorted(order):
-        return x
-    return torch.cat([x.narrow(0, s * L, L) for s in order])
+        total.narrow(0, 0, grad.shape[0]).add_(grad)
+        return
+    for segment in range(grad.shape[0] // L):
+        total.narrow(0, order.index(segment) * L, L).add_(grad.narrow(0, segment * L, L))
 
 
 class _KVGather:
@@ -160,12 +178,13 @@ class _KVGather:
 
     def __init__(self, k, v, layout, group):
         self.layout, self.group = layout, group
+        self.shape, self.dtype, self.device = k.shape, k.dtype, k.device
         self.inputs = [x.detach().transpose(0, 1).contiguous() for x in (k, v)]
         if layout.world_size == 1:
             self.outputs, self.works = self.inputs, []
             return
         self.outputs = [x.new_empty(layout.world_size * x.shape[0], *x.shape[1:]) for x in self.inputs]
-        self.works = [_all_gather(out, x, group=group, async_op=True)
+        self.works = [comm.all_gather_into_tensor(out, x, group, async_op=True)
                       for out, x in zip(self.outputs, self.inputs)]
 
     def wait(self):
@@ -176,45 +195,47 @@ class _KVGather:
         self.inputs = self.outputs = self.works = None  # the consumers hold what they need
         return result
 
-    def reduce_scatter(self, dk_full, dv_full):
-        """Sum the full-length gradients over the group and return this rank's part of each.
+    def reduce_scatter(self, dk_prefixes, dv_prefixes):
+        """Sum the key (value) prefix gradients over the local query segments and over the
+        group in `KV_GRAD_ACCUMULATION`; this rank's part of each, [B, local_len, H, D], in
+        the dtype of the keys.
 
-        16-bit gradients are summed in fp32 and rounded once: a bf16 reduction would round
-        at every hop of the collective.
+        dk_prefixes, dv_prefixes: per local segment [B, key_end, H, D], or None where unused.
         """
-        if self.layout.world_size == 1:
-            return dk_full, dv_full
-        dtype = dk_full.dtype
-        fulls = [_global_to_rank(g.transpose(0, 1), self.layout).to(torch.promote_types(dtype, torch.float32))
-                 .contiguous() for g in (dk_full, dv_full)]
-        outs = [g.new_empty(self.layout.local_len, *g.shape[1:]) for g in fulls]
-        works = [_reduce_scatter(out, g, group=self.group, async_op=True) for out, g in zip(outs, fulls)]
-        for work in works:
-            work.wait()
-        return tuple(out.transpose(0, 1).to(dtype) for out in outs)
+        layout, (B, _, H, D) = self.layout, self.shape
+        accumulation = torch.promote_types(self.dtype, KV_GRAD_ACCUMULATION)
+        totals = []
+        for prefixes in (dk_prefixes, dv_prefixes):
+            total = torch.zeros(layout.seq_len, B, H, D, dtype=accumulation, device=self.device)
+            for grad in prefixes:
+                if grad is not None:
+                    _add_in_rank_order(total, grad, layout)
+            totals.append(total)
+        if layout.world_size > 1:
+            parts = [t.new_empty(layout.local_len, *t.shape[1:]) for t in totals]
+            works = [comm.reduce_scatter_tensor(part, t, self.group, async_op=True) for part, t in zip(parts, totals)]
+            for work in works:
+                work.wait()
+            totals = parts
+        return tuple(t.transpose(0, 1).to(self.dtype) for t in totals)
 
 
 class _GatheredKV(torch.autograd.Function):
-    """Autograd edge of a `_KVGather` started ahead: forward waits for it, backward reduce-scatters."""
+    """Autograd edge of a `_KVGather` started ahead: the forward waits for it and returns each
+    local query segment's key prefixes, then its value prefixes ([B, key_end, H, D] views of the
+    gathered keys/values); the backward sums their gradients and reduce-scatters them."""
 
     @staticmethod
-    def forward(ctx, k, v, gather):
+    def forward(ctx, k, v, gather, key_ends):
+        ctx.set_materialize_grads(False)
         ctx.gather = gather
-        return gather.wait()
+        k_full, v_full = gather.wait()
+        return (*(k_full.narrow(1, 0, e) for e in key_ends), *(v_full.narrow(1, 0, e) for e in key_ends))
 
     @staticmethod
-    def backward(ctx, dk_full, dv_full):
-        return (*ctx.gather.reduce_scatter(dk_full, dv_full), None)
-
-
-def _ring_shift(x, layout, group):
-    """Start sending `x` to the next rank and receiving the previous rank's; (buffer, works)."""
-    W, r = layout.world_size, layout.rank
-    peer = (lambda i: i) if group is None else (lambda i: dist.get_global_rank(group, i))
-    received = torch.empty_like(x)
-    works = dist.batch_isend_irecv([dist.P2POp(dist.isend, x, peer((r + 1) % W), group),
-                                    dist.P2POp(dist.irecv, received, peer((r - 1) % W), group)])
-    return received, works
+    def backward(ctx, *grads):
+        n = len(grads) // 2
+        return (*ctx.gather.reduce_scatter(grads[:n], grads[n:]), None, None)
 
 
 def _finish(pending):
@@ -236,7 +257,7 @@ class _Ring(torch.autograd.Function):
         kv = torch.stack([k, v]).detach()
         for t in range(W):
             src = (r - t) % W
-            pending = _ring_shift(kv, layout, group) if t + 1 < W else None
+            pending = comm.shift(kv, group) if t + 1 < W else None
             kv_leaf = kv.requires_grad_()
             blocks = []
             with torch.enable_grad():
@@ -283,7 +304,7 @@ class _Ring(torch.autograd.Function):
                 part = grads[-1]
             dkv = part if pending is None else _finish(pending) + part
             if j + 1 < W:
-                pending = _ring_shift(dkv, layout, ctx.group)
+                pending = comm.shift(dkv, ctx.group)
         ctx.steps = ctx.q_leaves = None
         return torch.cat(dq, 1), dkv[0], dkv[1], None, None, None, None, None
 

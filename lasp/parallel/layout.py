@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lasp.parallel.comm import all_gather
+
 KINDS = ("contiguous", "zigzag")
 
 
@@ -103,20 +105,23 @@ class SequenceLayout:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
     def unshard(self, x_local: torch.Tensor, dim: int = 1, group=None) -> torch.Tensor:
-        """All ranks' local tokens back in global order (a collective over `group`)."""
+        """All ranks' local tokens back in global order (a collective over `group`).
+
+        Differentiable: the gradient of `x_local` is the gradient of its tokens SUMMED over
+        the ranks (`lasp.parallel.comm.all_gather`), as lasp's SP loss contract wants (the
+        ranks' losses add up). If every rank computes one and the same loss from the result,
+        that is W times its gradient.
+        """
         self.check_input("x_local", x_local, dim)
         if self.world_size == 1:
             return x_local
         self.check_group(group)
-        moved = x_local.movedim(dim, 0).contiguous()
-        gathered = moved.new_empty(self.world_size * moved.shape[0], *moved.shape[1:])
-        dist.all_gather_into_tensor(gathered, moved, group=group)
+        gathered = all_gather(x_local.movedim(dim, 0), group)    # [W · local_len, ...] in rank order
         L = self.segment_len
         by_segment = [None] * self.num_segments
         for rank in range(self.world_size):
             for i, segment in enumerate(self.segments_of(rank)):
-                offset = rank * self.local_len + i * L
-                by_segment[segment] = gathered[offset:offset + L]
+                by_segment[segment] = gathered.narrow(0, rank * self.local_len + i * L, L)
         return torch.cat(by_segment, 0).movedim(0, dim)
 
     def positions(self, device=None) -> torch.Tensor:

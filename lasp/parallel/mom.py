@@ -6,18 +6,23 @@ memory's incoming state affinely (DESIGN.md §1)::
 
     S_out = exp(a) · S_in + U       U: the memory's state after the segment's routed tokens
                                         from a zero state; a: Σ of its log-decays over them
+                                        (per head, or per key with gk)
 
 A memory that receives no token in a segment has U = 0, a = 0: it passes its state
-through unchanged. Each rank
+through unchanged. Each rank runs the same overlapped path as `lasp2_linear_attention`
+(`lasp.parallel.lasp2.Overlapped`), over its MoM streams:
 
 1. routes and dispatches its tokens with every local segment as its own row
-   (`local_plan`) and runs ONE local `mixture_of_memories` call from zero states:
-   the zero-state output and every (memory, row) stream's final state;
+   (`local_plan`); `mom_phases` splits the ONE varlen call over every (memory, row)
+   stream into the linear-attention phases;
 2. summarises each (memory, segment, batch row) - with packed documents, U is the
    stream of the segment's last document and a = -inf where a document starts inside
-   the segment (`lasp.parallel.lasp2._document_edges`);
-3. exchanges ALL memories' summaries in ONE all-gather (`all_gather_scan`, the
-   memories folded into its batch dimension) and gets each memory's incoming state;
+   the segment (`lasp.parallel.lasp2.document_edges`) - and issues ONE all-gather of
+   ALL memories' summaries (the memories folded into the exchange's batch dimension);
+3. while it is in flight, computes the streams' zero-state outputs, combined with the
+   routing weights (`MoMPhases.output`); then waits and scans: each memory's incoming
+   state. The backward mirrors it: the gather of the state gradients is in flight
+   during the dq phase;
 4. adds `mom_state_output`: the incoming states enter the routed tokens of the
    segment's first document.
 
@@ -29,15 +34,16 @@ sum to the single-process loss. All math is `lasp.kernels`.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from lasp.kernels.checks import check_cu_seqlens, check_tensor
-from lasp.kernels.mom import (MoMPlan, load_balancing_loss, mixture_of_memories, mom_dispatch,
+from lasp.kernels.common.documents import accumulation_dtype
+from lasp.kernels.mom import (MoMPlan, load_balancing_loss, mixture_of_memories, mom_dispatch, mom_phases,
                               mom_state_output, routed_log_decay, routing_counts)
-from lasp.kernels.reference import accumulation_dtype
-from lasp.parallel.lasp2 import _document_edges
+from lasp.kernels.transition import Transition
+from lasp.parallel import comm
+from lasp.parallel.lasp2 import Overlapped, Summaries, document_edges
 from lasp.parallel.layout import SequenceLayout
-from lasp.parallel.scan import all_gather_scan
+from lasp.parallel.scan import AutoExchange
 
 
 def local_plan(indices, num_memories: int, *, layout: SequenceLayout | None, cu_seqlens=None) -> MoMPlan:
@@ -55,19 +61,24 @@ def local_plan(indices, num_memories: int, *, layout: SequenceLayout | None, cu_
     return mom_dispatch(indices, num_memories, layout.local_cu_seqlens(cu_seqlens))
 
 
-def lasp2_mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, layout, group=None,
-                              scale=None, cu_seqlens=None):
+def lasp2_mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None, layout,
+                              group=None, scale=None, cu_seqlens=None, backend=None):
     """Sequence-parallel `mixture_of_memories` with LASP-2: one all-gather of every
-    memory's segment summaries per forward and one per backward.
+    memory's segment summaries per forward and one per backward, each in flight while
+    the local streams' zero-state work that does not need it runs (`Overlapped`; at
+    large world sizes a prefix scan instead, as `lasp2_linear_attention`:
+    `lasp.parallel.scan.default_exchange`).
 
     Args:
-        q, k, v, weights, g, g_gamma, scale: this rank's tokens, as in
+        q, k, v, weights, g, g_gamma, gk, scale: this rank's tokens, as in
             `lasp.kernels.mixture_of_memories` (k, v: every memory [B, local_len, M, H, D]
             or sorted routed copies).
         plan: `local_plan(indices, M, layout=layout, cu_seqlens=cu_seqlens)`.
         layout: this rank's `SequenceLayout` in `group` (default: the world group).
         cu_seqlens: int [N+1] packed documents of the WHOLE sequence (B = 1), the same
             tensor on every rank.
+        backend: the local kernels', as in `mixture_of_memories` (the CPU tests run the
+            Triton kernels under the interpreter).
     Returns o: [B, local_len, H, V], differentiable in every input (g_gamma's gradient
     is this rank's share: sum it over the group).
 
@@ -75,31 +86,35 @@ def lasp2_mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=N
     """
     _check_inputs(q, plan, layout, group, cu_seqlens)
     if layout.world_size == 1:
-        return mixture_of_memories(q, k, v, weights, plan, g, g_gamma, scale=scale)[0]
-    o0, final = mixture_of_memories(q, k, v, weights, plan, g, g_gamma, scale=scale, output_final_state=True)
+        return mixture_of_memories(q, k, v, weights, plan, g, g_gamma, gk=gk, scale=scale, backend=backend)[0]
+    phases, (q_, k_, v_, decay_, weights_) = mom_phases(q, k, v, weights, plan, g, g_gamma, gk=gk, scale=scale,
+                                                        backend=backend)
     B, _, H, _ = q.shape
     M, nseg, L = plan.num_memories, len(layout.local_segments), layout.segment_len
-    R = B * nseg                    # rows of the exchange: (batch row, local segment)
-    reach = None
-    last = final                    # [M, R, H, K, V]
-    if cu_seqlens is not None:
-        _, last_seq, reach, _ = _document_edges(layout, cu_seqlens)
-        last = final.index_select(1, last_seq)
+    R = B * nseg                    # rows: (batch row, local segment)
+    acc = accumulation_dtype(q.dtype)
 
     def rows(x):
         return None if x is None else x.reshape(R, L, *x.shape[2:])
 
-    decay = routed_log_decay(plan.indices, M, g, g_gamma, accumulation_dtype(q.dtype))
-    log_a = final.new_zeros(R, M, H) if decay is None else rows(decay).sum(1)
+    # The exchange's batch dim holds (memory, batch row): every memory is its own chain.
+    if cu_seqlens is None:          # stream m·R + b·nseg + s: memory m on batch row b, segment s
+        summaries, reach = Summaries(M * B, nseg, (None,)), None
+    else:                           # the stream of the segment's last document, per memory
+        _, last_doc, reach, _ = document_edges(layout, cu_seqlens)
+        streams = torch.arange(M, device=last_doc.device)[:, None] * plan.num_rows + last_doc
+        summaries = Summaries(M, nseg, (streams.flatten(),))
+    decay = routed_log_decay(plan.indices, M, g, g_gamma, acc, gk=gk)                    # [B, T, M, H(, K)]
+    transition = Transition.identity() if decay is None else Transition(
+        "scalar" if gk is None else "diagonal", rows(decay).sum(1).movedim(1, 0).flatten(0, 1))   # [M·R, H(, K)]
     if reach is not None:           # a document starts inside the segment: the chain stops there
-        log_a = log_a.masked_fill((reach != L)[:, None, None], float("-inf"))
-    # One chain whose batch dimension holds (memory, batch row): [nseg, 1, M·B, ...].
-    states = last.unflatten(1, (B, nseg)).movedim(2, 0).flatten(1, 2)[:, None]
-    log_a = log_a.unflatten(0, (B, nseg)).permute(1, 2, 0, 3).flatten(1, 2)[:, None]
-    incoming = all_gather_scan(states, log_a, layout, group)
-    incoming = incoming[:, 0].unflatten(1, (M, B)).permute(2, 0, 1, 3, 4, 5).flatten(0, 1)   # [R, M, ...]
+        transition = transition.cut((reach != L).repeat(M), heads=H, dtype=acc)
+    transitions = summaries.transitions([transition])
+    o0, incoming = Overlapped.apply(q_, k_, v_, decay_, transitions.param, transitions.kind, phases,
+                                     AutoExchange(layout, group), summaries, weights_)
+    incoming = summaries.from_exchange(incoming)[0].unflatten(0, (M, R)).transpose(0, 1)   # [R, M, ...]
     extra = mom_state_output(rows(q), incoming, rows(weights), rows(plan.indices), rows(g), g_gamma,
-                             scale=scale, reach=reach)
+                             gk=rows(gk), scale=scale, reach=reach)
     return o0 + extra.reshape(o0.shape)
 
 
@@ -118,7 +133,7 @@ def lasp2_load_balancing_loss(probs, indices, *, layout=None, group=None):
     M = probs.shape[-1]
     tokens = torch.full((1,), probs.shape[0] * probs.shape[1], dtype=torch.float64, device=probs.device)
     totals = torch.cat([routing_counts(indices, M), tokens])
-    dist.all_reduce(totals, group=group)
+    comm.all_reduce(totals, group=group)
     return load_balancing_loss(probs, indices, counts=totals[:M], num_tokens=totals[M])
 
 

@@ -16,19 +16,13 @@ import torch
 import torch.nn.functional as F
 
 import lasp.kernels.mom as mom
+import lasp.kernels.triton_mom as triton_mom
 from lasp.kernels.mom import (load_balancing_loss, mixture_of_memories, mom_dispatch, mom_projection,
                               mom_reference, mom_route, mom_state_output)
 from tests.bf16_interpreter import bf16_interpreter
 from tests.kernels.test_mom_gpu import check_bf16_against_fp32
 from tests.utils import random_cu_seqlens, rel_err
 
-triton_mom = pytest.importorskip("lasp.kernels.triton_mom")
-tla = pytest.importorskip("lasp.kernels.triton_linear_attention")
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(tla, "POISON_OUTPUTS", True)
 
 
 def routing_logits(B, T, M, *, dtype, gen, empty=()):
@@ -235,6 +229,140 @@ def test_state_output_is_the_initial_state_part(decay):
         assert rel_err(a, b) < 1e-11
 
 
+def _state_output_by_autograd(q, state, weights, indices, g, g_gamma, *, reach):
+    """The formula mom_state_output replaced, differentiated by autograd: every
+    per-memory product [B, T, M, H, V] materialised."""
+    B, T, H, K = q.shape
+    M = state.shape[1]
+    coef = torch.zeros(B, T, M, dtype=q.dtype).scatter(-1, indices, weights) * K ** -0.5
+    coef = coef[..., None].expand(B, T, M, H)
+    decay = mom.routed_log_decay(indices, M, g, g_gamma, torch.float64)
+    if decay is not None:
+        coef = coef * decay.cumsum(1).exp()
+    coef = coef * (torch.arange(T)[None, :] < reach[:, None])[:, :, None, None]
+    per_memory = torch.einsum("bthk,bmhkv->btmhv", q, state)
+    return torch.einsum("btmhv,btmh->bthv", per_memory, coef)
+
+
+@pytest.mark.parametrize("decay", [None, "g_gamma", "g"])
+def test_state_output_gradients_match_autograd_of_the_formula(decay):
+    """The recomputing backward gives autograd's gradients of q, state, weights and the decay."""
+    gen = torch.Generator().manual_seed(7)
+    B, T, M, top_k, H, K, V = 2, 13, 3, 2, 2, 4, 5
+    logits = routing_logits(B, T, M, dtype=torch.float64, gen=gen)
+    q, _, _, g, g_gamma, h0 = mom_inputs(B, T, M, H, K, V, decay=decay, dtype=torch.float64, gen=gen, n_rows=B)
+    weights, indices, _ = mom_route(logits, top_k)
+    weights = weights.detach().requires_grad_()
+    state, reach = h0.transpose(0, 1), torch.tensor([T, 8])
+    leaves = [x for x in (q, h0, weights, g, g_gamma) if x is not None]
+    do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
+    got = mom_state_output(q, state, weights, indices, g, g_gamma, reach=reach)
+    want = _state_output_by_autograd(q, state, weights, indices, g, g_gamma, reach=reach)
+    assert rel_err(got, want) < 1e-13
+    for name, a, b in zip(["q", "state", "weights", "g"], torch.autograd.grad(got, leaves, do),
+                          torch.autograd.grad(want, leaves, do)):
+        assert rel_err(a, b) < 1e-13, name
+
+
+def test_state_output_saves_only_its_inputs():
+    """Issue 22: the correction keeps only its inputs (and tiny tensors) for the backward,
+    no [B, T, M, H, V] product or [B, T, M, H] coefficient."""
+    gen = torch.Generator().manual_seed(8)
+    B, T, M, top_k, H, K, V = 1, 32, 4, 2, 2, 8, 16
+    q, _, _, g, _, h0 = mom_inputs(B, T, M, H, K, V, decay="g", dtype=torch.float32, gen=gen, n_rows=B)
+    weights, indices, _ = mom_route(routing_logits(B, T, M, dtype=torch.float32, gen=gen), top_k)
+    state, reach = h0.transpose(0, 1), torch.tensor([20])
+    inputs = {x.data_ptr() for x in (q, state, weights, indices, g, reach)}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mom_state_output(q, state, weights, indices, g, reach=reach)
+    assert saved and all(t.data_ptr() in inputs or t.numel() <= B for t in saved)
+
+
+def _per_key_decay(B, T, M, H, K, gen):
+    return F.logsigmoid(torch.randn(B, T, M, H, K, dtype=torch.float64, generator=gen) + 2.0).requires_grad_()
+
+
+def test_per_key_decay_matches_oracle():
+    """gk (per memory, per key) on the torch backend: outputs, final states and every
+    gradient vs the loop over memories; the Triton backend refuses it by name."""
+    gen = torch.Generator().manual_seed(9)
+    B, T, M, top_k, H, K, V, lengths = 1, 23, 3, 2, 2, 4, 5, [9, 0, 14]
+    cu = random_cu_seqlens(lengths)
+    logits = routing_logits(B, T, M, dtype=torch.float64, gen=gen)
+    q, k, v, _, _, h0 = mom_inputs(B, T, M, H, K, V, decay=None, dtype=torch.float64, gen=gen, n_rows=3)
+    gk = _per_key_decay(B, T, M, H, K, gen)
+    weights, indices, _ = mom_route(logits, top_k)
+    plan = mom_dispatch(indices, M, cu)
+    o, final = mixture_of_memories(q, k, v, weights, plan, gk=gk, initial_state=h0, output_final_state=True,
+                                   backend="torch")
+    o_ref, final_ref = mom_reference(q, k, v, weights, indices, gk=gk, initial_state=h0,
+                                     output_final_state=True, cu_seqlens=cu)
+    assert rel_err(o, o_ref) < 1e-12 and rel_err(final, final_ref) < 1e-12
+    leaves = [q, k, v, gk, h0, logits]
+    do = torch.randn_like(o)
+    d_final = torch.randn_like(final)
+    got = torch.autograd.grad([o, final], leaves, [do, d_final], retain_graph=True)
+    want = torch.autograd.grad([o_ref, final_ref], leaves, [do, d_final])
+    for name, a, b in zip("q k v gk h0 logits".split(), got, want):
+        assert rel_err(a, b) < 1e-11, name
+    with pytest.raises(ValueError, match="gk .*backend='torch'"):
+        mixture_of_memories(q.float(), k.float(), v.float(), weights, plan, gk=gk.float(), backend="triton")
+    with pytest.raises(ValueError, match="at most one of g"):
+        mixture_of_memories(q, k, v, weights, plan, gk[..., 0], gk=gk)
+
+
+def test_state_output_per_key_decay_is_the_initial_state_part():
+    """mom_state_output with gk = MoM(S) − MoM(0) before `reach`, and its gradients."""
+    gen = torch.Generator().manual_seed(10)
+    B, T, M, top_k, H, K, V = 2, 11, 3, 2, 2, 4, 5
+    logits = routing_logits(B, T, M, dtype=torch.float64, gen=gen)
+    q, k, v, _, _, h0 = mom_inputs(B, T, M, H, K, V, decay=None, dtype=torch.float64, gen=gen, n_rows=B)
+    gk = _per_key_decay(B, T, M, H, K, gen)
+    weights, indices, _ = mom_route(logits, top_k)
+    want = (mom_reference(q, k, v, weights, indices, gk=gk, initial_state=h0)[0]
+            - mom_reference(q, k, v, weights, indices, gk=gk)[0])
+    want[1, 6:] = 0
+    got = mom_state_output(q, h0.transpose(0, 1), weights, indices, gk=gk, reach=torch.tensor([T, 6]))
+    assert rel_err(got, want) < 1e-12
+    leaves, do = [q, h0, logits, gk], torch.randn_like(got)
+    for name, a, b in zip("q h0 logits gk".split(), torch.autograd.grad(got, leaves, do, retain_graph=True),
+                          torch.autograd.grad(want, leaves, do)):
+        assert rel_err(a, b) < 1e-11, name
+
+
+@pytest.mark.parametrize("backend, dtype, tol", [("torch", torch.float64, 1e-12), ("triton", torch.float32, 1e-5)])
+def test_phases_match_the_op(backend, dtype, tol):
+    """`mom_phases` run back to back (summarize, output, grad_q, grad_kvg with the routing
+    weights as the extra input) gives `mixture_of_memories`' outputs, final states and
+    gradients of q, k, v, g and the router logits (Triton: the fused query gather)."""
+    gen = torch.Generator().manual_seed(12)
+    B, T, M, top_k, H, K, V = 1, 21, 3, 2, 1, 16, 16
+    cu = random_cu_seqlens([8, 13])
+    logits = routing_logits(B, T, M, dtype=dtype, gen=gen)
+    q, k, v, g, _, _ = mom_inputs(B, T, M, H, K, V, decay="g", dtype=dtype, gen=gen, n_rows=2, with_h0=False)
+    weights, indices, _ = mom_route(logits, top_k)
+    plan = mom_dispatch(indices, M, cu)
+    do = torch.randn(B, T, H, V, dtype=dtype, generator=gen)
+    d_final = torch.randn(M, 2, H, K, V, dtype=torch.promote_types(dtype, torch.float32), generator=gen)
+    o, final = mixture_of_memories(q, k, v, weights, plan, g, output_final_state=True, backend=backend)
+    leaves = [q, k, v, g, logits]
+    want = torch.autograd.grad([o, final], leaves, [do, d_final], retain_graph=True)
+
+    phases, (q_, k_, v_, decay_, w_) = mom.mom_phases(q, k, v, weights, plan, g, backend=backend)
+    with torch.no_grad():
+        final_p, saved = phases.summarize(k_, v_, decay_, None)
+        o_p = phases.output(q_, k_, v_, decay_, saved, w_)
+        dq, partial = phases.grad_q(q_, k_, v_, decay_, saved, do, w_)
+        dk, dv, d_decay, _, d_w = phases.grad_kvg(q_, k_, v_, decay_, saved, partial, d_final.view(M * 2, H, K, V),
+                                                  w_, want_dh0=False)
+    assert rel_err(o_p, o) < tol and rel_err(final_p.view_as(final), final) < tol
+    got = [dq, *torch.autograd.grad([k_, v_, decay_], [k, v, g], [dk, dv, d_decay], retain_graph=True),
+           *torch.autograd.grad(w_, logits, d_w)]
+    for name, a, b in zip("q k v g logits".split(), got, want):
+        assert rel_err(a, b) < tol, f"d{name} {rel_err(a, b):.1e}"
+
+
 def test_load_balancing_loss():
     gen = torch.Generator().manual_seed(7)
     B, T, M, top_k = 2, 30, 4, 2
@@ -293,6 +421,7 @@ def test_bad_inputs_raise():
 
 HOT_PATH = [mom.mom_route, mom.mom_dispatch, mom.MoMPlan, mom._Rows, mom._GroupedProjection,
             mom.mom_projection, mom.mixture_of_memories, mom.routed_log_decay, mom.mom_state_output,
+            mom._MoMStateOutput, mom.MoMPhases, mom.mom_phases,
             mom.routing_counts, mom.load_balancing_loss, triton_mom]
 
 

@@ -29,22 +29,31 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl")
 
 
-def run_train(output_dir, *args, env=None, timeout=180):
-    """`python -m lasp.launch.train --output-dir OUTPUT_DIR ARGS...` (offline), as a user runs it."""
+def start_train(output_dir, *args, env=None) -> subprocess.Popen:
+    """Start `python -m lasp.launch.train --output-dir OUTPUT_DIR ARGS...` (offline), as a user runs it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     env.pop("LOCAL_RANK", None)
     env.pop("WORLD_SIZE", None)
     command = [sys.executable, "-m", "lasp.launch.train", "--output-dir", str(output_dir), *map(str, args)]
     # its own session, so that a run that hangs is ended with all its workers
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               cwd=REPO, start_new_session=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=REPO, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout=180) -> subprocess.CompletedProcess:
+    """Wait for a `start_train` process (killed with its workers after `timeout` seconds)."""
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         raise AssertionError(f"lasp-train did not finish within {timeout}s:\n{stdout}{stderr}") from None
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_train(output_dir, *args, env=None, timeout=180) -> subprocess.CompletedProcess:
+    """`python -m lasp.launch.train --output-dir OUTPUT_DIR ARGS...` (offline), to its end."""
+    return finish(start_train(output_dir, *args, env=env), timeout)
 
 
 def losses(output_dir) -> dict:

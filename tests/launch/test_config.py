@@ -62,6 +62,13 @@ def test_bad_values(tmp_path):
         load_config(["--config", str(path)])
     with pytest.raises(ValueError, match="--config: no such file"):
         load_config(["--config", str(tmp_path / "missing.yaml")])
+    path.write_text("train:\n  steps: 3\n lr: [1\n")  # malformed: one line that says where
+    with pytest.raises(ValueError, match=r"^--config .*bad.yaml: not valid YAML: .* at line 3, column 2$"):
+        load_config(["--config", str(path)])
+    toml = tmp_path / "bad.toml"
+    toml.write_text("[train]\nsteps = \n")
+    with pytest.raises(ValueError, match=r"^--config .*bad.toml: not valid TOML: .*line 2"):
+        load_config(["--config", str(toml)])
 
 
 @pytest.mark.parametrize("args,world_size,message", [
@@ -75,10 +82,50 @@ def test_bad_values(tmp_path):
     (["--layout", "ring"], 2, r"--layout must be one of contiguous, zigzag"),
     (["--nnodes", "2"], 4, r"--nnodes 2 needs --rdzv-endpoint"),
     (["--resume", "/no/such/checkpoint"], 2, r"--resume '/no/such/checkpoint': not a checkpoint directory"),
+    (["--lr", "-0.1"], 2, r"^--lr must be a finite number > 0, got -0.1$"),
+    (["--lr", "nan"], 2, r"^--lr must be a finite number > 0, got nan$"),
+    (["--weight-decay", "-0.01"], 2, r"^--weight-decay must be a finite number >= 0, got -0.01$"),
+    (["--min-lr-ratio", "5"], 2, r"^--min-lr-ratio must be a finite number in \[0, 1\], got 5.0$"),
+    (["--grad-clip", "-1"], 2, r"^--grad-clip must be a finite number >= 0, got -1.0$"),
+    (["--seed", "-1"], 2, r"^--seed must be >= 0, got -1$"),
+    (["--zero-stage", "4"], 2, r"^--zero-stage must be in \[0, 3\], got 4$"),
+    (["--peak-tflops", "0"], 2, r"^--peak-tflops must be a finite number > 0, got 0.0$"),
+    (["--nnodes", "0"], 2, r"^--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got '0'$"),
+    (["--nnodes", "2:1", "--rdzv-endpoint", "h:1"], 2, r"^--nnodes must be N or MIN:MAX"),
+    (["--nnodes", "2", "--rdzv-endpoint", "host:port"], 4, r"^--rdzv-endpoint must be HOST or HOST:PORT"),
+    (["--split", " "], 2, r"^--split must not be empty$"),
+    (["--dist-backend", "mpi"], 2, r"^--dist-backend must be one of auto, nccl, gloo; got 'mpi'$"),
+    (["--dist-backend", "nccl", "--device", "cpu"], 2, r"^--dist-backend nccl needs CUDA GPUs"),
+    (["--model-overrides", '{"hidden_size": "big"}'], 2, r"^--model tiny --layer-pattern LLN --model-overrides "
+                                                                 r"\{\"hidden_size\": \"big\"\}: TypeError"),
 ])
 def test_bad_configurations(args, world_size, message):
     with pytest.raises(ValueError, match=message):
         validate(load_config(args), world_size)
+
+
+def test_dist_backend():
+    """auto is gloo on CPU (nccl on CUDA); gloo is accepted anywhere (on CUDA, processes share GPUs)."""
+    from lasp.launch.config import resolve_backend
+    assert resolve_backend(load_config(["--device", "cpu"])) == "gloo"
+    config = load_config(["--device", "cpu", "--dist-backend", "gloo"])
+    validate(config, world_size=2)
+    assert resolve_backend(config) == "gloo"
+
+
+def test_text_files_are_documents(tmp_path):
+    """Each .txt file is one document: fewer files than data-parallel ranks is an error that says so
+    (before spawning; and in each worker, where the world size is elastic)."""
+    from lasp.launch.config import DataConfig
+    from lasp.launch.data import ByteTokenizer, build_data
+    (tmp_path / "book.txt").write_text("one long document\n" * 20)
+    message = (rf"--dataset {tmp_path}/book.txt: 1 document\(s\) for 2 data-parallel ranks \(each "
+               r".txt/.py/.md file is one document, each line of a .jsonl file one\)")
+    with pytest.raises(ValueError, match=message):
+        validate(load_config(["--dataset", str(tmp_path / "book.txt"), "--sp-size", "1"]), world_size=2)
+    validate(load_config(["--dataset", str(tmp_path / "book.txt"), "--sp-size", "2"]), world_size=2)  # dp = 1
+    with pytest.raises(ValueError, match=message):
+        build_data(DataConfig(dataset=str(tmp_path / "book.txt"), seq_len=16), ByteTokenizer(), 0, 1, 2)
 
 
 def test_command_fails_fast_before_spawning(capsys):
@@ -88,3 +135,7 @@ def test_command_fails_fast_before_spawning(capsys):
     assert err.strip() == "lasp-train: error: --sp-size 2 does not divide the world size 3 (processes per node × nodes)"
     assert main(["--seq-len", "1004", "--sp-size", "4", "--nproc-per-node", "4"]) == 2
     assert "--seq-len 1004 must be a positive multiple of 8" in capsys.readouterr().err
+    for args in (["--lr", "-0.1"], ["--weight-decay", "-1"], ["--min-lr-ratio", "5"], ["--grad-clip", "-1"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lasp-train: error: {args[0]} must be") and err.count("\n") == 1, err

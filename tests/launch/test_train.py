@@ -7,6 +7,7 @@ cross-entropy of ALL data-parallel ranks' sequences: float64, three steps (Adam'
 steps are nearly lr·sign(g), which would amplify float32 rounding into the parameters).
 """
 
+import dataclasses
 import json
 from dataclasses import replace
 from functools import partial
@@ -21,7 +22,7 @@ from lasp.launch.config import Config
 from lasp.launch.data import ByteTokenizer, build_data
 from lasp.launch.mesh import FSDPEngine, init_distributed
 from lasp.launch.model import build_model
-from lasp.launch.train import adamw, lr_schedule, train_step
+from lasp.launch.train import adamw, continue_schedule, lr_schedule, train_step
 from lasp.models.config import LAYER_KINDS
 from lasp.parallel.layout import SequenceLayout
 from tests.distributed import run_distributed
@@ -58,7 +59,7 @@ def _step_body(rank, world_size, sp_size, kind, pattern, checkpointing, corpus):
         sequences = [next(data) for data in datas]  # every data-parallel rank's sequence
         tokens, cu = sequences[d.dp_rank]
         assert cu.numel() > 2  # several documents per sequence
-        loss, norm = train_step(engine, lasp.shard_batch(tokens, layout=layout, cu_seqlens=cu), d.dp_group)
+        loss, norm = train_step(engine, lasp.shard_batch(tokens, layout=layout, cu_seqlens=cu), d.mesh)
         schedule.step()
 
         labels = [next_token_labels(t, c) for t, c in sequences]
@@ -110,6 +111,46 @@ def test_lr_schedule():
     assert schedule.get_last_lr()[0] == pytest.approx(0.1)
 
 
+def test_resume_applies_this_commands_schedule():
+    """A resumed run takes --lr, --weight-decay and the schedule of its own command (the checkpoint
+    holds the old ones), says which changed, and changes nothing when none did."""
+    old = replace(Config().train, lr=1.0, weight_decay=0.1, warmup_steps=0, steps=10)
+    optimizer = adamw(old, [torch.zeros(1, requires_grad=True)])
+    schedule = lr_schedule(optimizer, old)
+    for _ in range(4):
+        optimizer.step()
+        schedule.step()
+    saved = {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict()}
+
+    def resume(train):
+        optimizer = adamw(train, [torch.zeros(1, requires_grad=True)])
+        schedule = lr_schedule(optimizer, train)
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["scheduler"])
+        return schedule, continue_schedule(schedule, train, dataclasses.asdict(old))
+
+    schedule, changed = resume(old)
+    assert changed == [] and schedule.get_last_lr() == lr_schedule_at(old, 4)
+    new = replace(old, lr=0.5, steps=20, weight_decay=0.0)
+    schedule, changed = resume(new)
+    assert changed == ["--steps 20 (was 10)", "--lr 0.5 (was 1.0)", "--weight-decay 0.0 (was 0.1)"]
+    assert schedule.get_last_lr() == lr_schedule_at(new, 4)
+    assert schedule.optimizer.param_groups[0]["lr"] == lr_schedule_at(new, 4)[0]
+    assert schedule.optimizer.param_groups[0]["weight_decay"] == 0.0
+    schedule.optimizer.step()
+    schedule.step()
+    assert schedule.get_last_lr() == lr_schedule_at(new, 5)
+
+
+def lr_schedule_at(train, done: int) -> list[float]:
+    """The learning rate of a fresh run of `train` after `done` steps."""
+    schedule = lr_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train.lr), train)
+    for _ in range(done):
+        schedule.optimizer.step()
+        schedule.step()
+    return schedule.get_last_lr()
+
+
 def test_default_run_end_to_end(baseline):
     """The embedded default (2 processes, SP = 2, tiny hybrid, stdlib, byte tokenizer) for 6 steps."""
     output_dir, result = baseline
@@ -123,4 +164,6 @@ def test_default_run_end_to_end(baseline):
     assert summary["first_loss"] == run[1] and summary["last_loss"] == run[6]
     assert summary["tokens_per_s_per_gpu"] > 0 and summary["mfu"] is None  # no MFU on CPU
     assert "loss" in result.stdout.splitlines()[-1]
+    progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(progress) == 6 and all("tok/s/proc" in line and "| rss " in line for line in progress)  # on CPU
 

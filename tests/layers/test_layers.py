@@ -1,5 +1,7 @@
 """Single-device layers: shapes, options, and each piece against a plain formula."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,9 +97,35 @@ def test_rope_is_relative():
     assert rel_err(shifted, dots) < 1e-12
 
 
-def test_rmsnorm_and_swiglu():
+def test_rmsnorm_matches_torch():
     x = torch.randn(3, 5, 8, dtype=torch.float64)
     norm = RMSNorm(8).double()
-    assert rel_err(norm(x), x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()) < 1e-14
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    assert rel_err(norm(x), F.rms_norm(x, (8,), norm.weight, eps=1e-6)) < 1e-14
+    half = x.bfloat16()
+    assert norm.bfloat16()(half).dtype == torch.bfloat16
+
+
+def test_swiglu_by_hand():
+    """Identity projections leave silu(x)·x = x²/(1 + e^−x), here from the formula in Python floats."""
+    mlp = SwiGLU(2, 2).double()
+    with torch.no_grad():
+        for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            proj.weight.copy_(torch.eye(2))
+    x = [1.5, -2.0]
+    expected = torch.tensor([t * t / (1 + math.exp(-t)) for t in x], dtype=torch.float64)
+    assert rel_err(mlp(torch.tensor(x, dtype=torch.float64)), expected) < 1e-15
+
+
+def test_swiglu_is_hugging_face_llamas_mlp():
+    """Same parameter names and the same function as transformers' LlamaMLP."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    torch.manual_seed(0)
     mlp = SwiGLU(8, 16).double()
-    assert rel_err(mlp(x), mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))) < 1e-15
+    config = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, hidden_act="silu")
+    theirs = LlamaMLP(config).double()
+    theirs.load_state_dict(mlp.state_dict())              # strict: the names match one to one
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    assert rel_err(mlp(x), theirs(x)) < 1e-15

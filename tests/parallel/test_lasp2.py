@@ -16,11 +16,12 @@ import torch
 import torch.distributed as dist
 
 from lasp.kernels import linear_attention
-from lasp.parallel import SequenceLayout, lasp1_linear_attention, lasp2_linear_attention, scan
+from lasp.kernels.transition import Transition
+from lasp.parallel import SequenceLayout, lasp1_linear_attention, lasp2_linear_attention
 from lasp.parallel.lasp2 import sequence_parallel_linear_attention
 from lasp.parallel.scan import AllGatherScan, all_gather_scan, ring_scan
-from tests.distributed import run_distributed
-from tests.utils import grads, random_cu_seqlens, random_inputs, rel_err
+from tests.distributed import record_overlap, run_distributed
+from tests.utils import DECAYS, grads, random_cu_seqlens, random_decay, random_inputs, rel_err
 
 TOL = 1e-10
 METHODS = {
@@ -45,7 +46,7 @@ def documents(T, L, W):
 def cases(W):
     """(name, B, L, decay, packed, causal) for one world size; L odd so T = 2W·L is no power of 2."""
     out = []
-    for decay in (None, "g_gamma", "g"):
+    for decay in DECAYS:
         out.append((f"{decay} B=2", 2, 7, decay, False, True))
         out.append((f"{decay} packed", 1, 7, decay, True, True))
     out.append(("g B=1 L=13", 1, 13, "g", False, True))
@@ -59,23 +60,25 @@ def _check_all_body(rank, W, methods):
     for name, B, L, decay, packed, causal in cases(W):
         T = 2 * W * L
         gen = torch.Generator().manual_seed(1000 * W + len(name))
-        q, k, v, g, g_gamma, _ = random_inputs(B, T, H, K, V, decay=decay, generator=gen)
+        q, k, v, _, _, _ = random_inputs(B, T, H, K, V, generator=gen)
+        gate = random_decay(decay, B, T, H, K, generator=gen)
         do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
         cu = documents(T, L, W) if packed else None
-        inputs = [q, k, v, g, g_gamma]
-        o, _ = linear_attention(q, k, v, g, g_gamma, cu_seqlens=cu, causal=causal, backend="torch")
+        o, _ = linear_attention(q, k, v, **gate, cu_seqlens=cu, causal=causal, backend="torch")
+        names = ["q", "k", "v", *gate]
+        inputs = [q, k, v, *gate.values()]
         want = grads([o], inputs, [do])
         for kind in ("contiguous", "zigzag"):
             layout = SequenceLayout(T, W, rank, kind)
-            local = [None if x is None else (x if x is g_gamma else layout.shard(x)).detach().requires_grad_()
-                     for x in inputs]
+            local = [(x if n == "g_gamma" else layout.shard(x)).detach().requires_grad_()
+                     for n, x in zip(names, inputs)]
             for method in methods:
                 where = f"{method} {kind} W={W} {name}"
-                o_local = METHODS[method](*local, layout=layout, cu_seqlens=cu, causal=causal)
+                o_local = METHODS[method](*local[:3], **dict(zip(names[3:], local[3:])), layout=layout,
+                                          cu_seqlens=cu, causal=causal)
                 got = grads([o_local], local, [layout.shard(do)])
                 assert rel_err(o_local, layout.shard(o)) <= TOL, where
-                live = [(n, x) for n, x in zip("q k v g g_gamma".split(), inputs) if x is not None]
-                for (arg, _), mine, ref in zip(live, got, want):
+                for arg, mine, ref in zip(names, got, want):
                     if arg == "g_gamma":
                         dist.all_reduce(mine)
                     else:
@@ -85,7 +88,7 @@ def _check_all_body(rank, W, methods):
 
 @pytest.mark.parametrize("W", [1, 2, 3, 4])
 def test_matches_single_process_oracle(W):
-    """Outputs and gradients of q, k, v, g, g_gamma: plain, g_gamma, g; B = 2, packed,
+    """Outputs and gradients of q, k, v and the decay: plain, g_gamma, g, gk; B = 2, packed,
     bidirectional; both layouts; LASP-2 (overlapped and synchronous gather) and LASP-1."""
     run_distributed(_check_all_body, W, list(METHODS))
 
@@ -123,102 +126,96 @@ def test_bad_input_raises_on_every_rank():
 
 
 def _triton_body(rank, W):
-    import lasp.kernels.triton_linear_attention as tla
-    tla.POISON_OUTPUTS = True                         # an element a kernel forgets fails
+    from tests.conftest import install_kernel_test_hooks
+    install_kernel_test_hooks()                       # NaN-poisoned outputs, interpreter fix
     H, K, V, L = 2, 16, 32, 11
     T = 2 * W * L
-    for decay, packed in ((None, False), ("g", True)):
+    for decay, packed in ((None, False), ("g", True), ("gk", True)):
         B = 1 if packed else 2
         gen = torch.Generator().manual_seed(7)
-        q, k, v, g, _, _ = random_inputs(B, T, H, K, V, decay=decay, generator=gen)
+        q, k, v, _, _, _ = random_inputs(B, T, H, K, V, generator=gen)
+        gate = random_decay(decay, B, T, H, K, generator=gen)
         do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
         cu = documents(T, L, W) if packed else None
-        inputs = [x for x in (q, k, v, g) if x is not None]
-        o, _ = linear_attention(*inputs[:3], *inputs[3:], cu_seqlens=cu, backend="torch")
+        inputs = [q, k, v, *gate.values()]
+        o, _ = linear_attention(q, k, v, **gate, cu_seqlens=cu, backend="torch")
         want = [o, *grads([o], inputs, [do])]
         for kind in ("contiguous", "zigzag"):
             layout = SequenceLayout(T, W, rank, kind)
             local = [layout.shard(x).detach().float().requires_grad_() for x in inputs]
-            o_local = sequence_parallel_linear_attention(*local[:3], *local[3:], layout=layout,
+            o_local = sequence_parallel_linear_attention(*local[:3], **dict(zip(gate, local[3:])), layout=layout,
                                                          cu_seqlens=cu, backend="triton")
             got = [o_local, *grads([o_local], local, [layout.shard(do).float()])]
-            for name, mine, ref in zip(["o", "dq", "dk", "dv", "dg"], got, want):
+            for name, mine, ref in zip(["o", "dq", "dk", "dv", f"d{decay}"], got, want):
                 err = rel_err(mine, layout.shard(ref))
                 assert err <= 2e-5, f"{kind} {decay} packed={packed}: {name} rel err {err:.1e}"
 
 
 def test_triton_phases_under_the_interpreter():
     """LASP-2 on the Triton kernels (TRITON_INTERPRET=1, fp32, outputs poisoned with NaN):
-    plain B = 2 and decay with packed documents, both layouts, outputs and gradients."""
+    plain B = 2, g and gk with packed documents, both layouts, outputs and gradients."""
     run_distributed(_triton_body, 2)
 
 
-def _chains(states, log_decays, reverse):
+def _chains(states, transitions, reverse):
     """The value entering each global segment, walking the chains one segment at a time."""
     incoming = torch.zeros_like(states)
     for c, rev in enumerate(reverse):
         value = torch.zeros_like(states[0, c])
         for s in (reversed if rev else list)(range(states.shape[0])):
             incoming[s, c] = value
-            value = log_decays[s, c].exp()[..., None, None] * value + states[s, c]
+            value = transitions.select((s, c)).apply(value) + states[s, c]
     return incoming
+
+
+def _random_transitions(kind, shape, K, gen):
+    """Transitions of every segment and chain, [S, C, B, H, ...], as leaves."""
+    extra = {"identity": None, "scalar": (), "diagonal": (K,), "dense": (K, K)}[kind]
+    if extra is None:
+        return Transition.identity()
+    param = torch.randn(*shape, *extra, dtype=torch.float64, generator=gen)
+    param = param / K if kind == "dense" else -param.abs()
+    return Transition(kind, param.requires_grad_())
 
 
 def _exchange_body(rank, W):
     B, H, K, V, reverse = 2, 2, 3, 4, (False, True)
     for kind in ("contiguous", "zigzag"):
         layout = SequenceLayout(4 * W, W, rank, kind)
-        gen = torch.Generator().manual_seed(3)
         S = layout.num_segments
-        states = torch.randn(S, 2, B, H, K, V, dtype=torch.float64, generator=gen).requires_grad_()
-        log_decays = (-torch.rand(S, 2, B, H, dtype=torch.float64, generator=gen)).requires_grad_()
-        d_incoming = torch.randn(S, 2, B, H, K, V, dtype=torch.float64, generator=gen)
-        want = _chains(states, log_decays, reverse)
-        want_grads = torch.autograd.grad(want, [states, log_decays], d_incoming)
         mine = list(layout.local_segments)
-        for name, exchange in (("all_gather_scan", all_gather_scan),
-                               ("sync", functools.partial(all_gather_scan, overlap=False)),
-                               ("ring_scan", ring_scan)):
-            local = [x[mine].detach().requires_grad_() for x in (states, log_decays)]
-            got = exchange(*local, layout, None, reverse)
-            assert rel_err(got, want[mine]) <= TOL, f"{name} {kind}"
-            for a, b in zip(torch.autograd.grad(got, local, d_incoming[mine]), want_grads):
-                assert rel_err(a, b[mine]) <= TOL, f"{name} {kind}: gradient"
+        for transition_kind in ("identity", "scalar", "diagonal", "dense"):
+            gen = torch.Generator().manual_seed(3)
+            states = torch.randn(S, 2, B, H, K, V, dtype=torch.float64, generator=gen).requires_grad_()
+            transitions = _random_transitions(transition_kind, (S, 2, B, H), K, gen)
+            d_incoming = torch.randn(S, 2, B, H, K, V, dtype=torch.float64, generator=gen)
+            leaves = [x for x in (states, transitions.param) if x is not None]
+            want = _chains(states, transitions, reverse)
+            want_grads = torch.autograd.grad(want, leaves, d_incoming)
+            for name, exchange in (("all_gather_scan", all_gather_scan),
+                                   ("sync", functools.partial(all_gather_scan, overlap=False)),
+                                   ("ring_scan", ring_scan)):
+                local = [x[mine].detach().requires_grad_() for x in leaves]
+                local_transitions = (transitions if transitions.param is None
+                                     else Transition(transition_kind, local[1]))
+                got = exchange(local[0], local_transitions, layout, None, reverse)
+                where = f"{name} {kind} {transition_kind}"
+                assert rel_err(got, want[mine]) <= TOL, where
+                for a, b in zip(torch.autograd.grad(got, local, d_incoming[mine]), want_grads):
+                    assert rel_err(a, b[mine]) <= TOL, f"{where}: gradient"
 
 
 def test_exchanges_match_a_sequential_scan():
-    """The exchanges as standalone differentiable ops (MoM uses them): a forward and a
-    reverse chain, incoming values and the gradients of states and log-decays."""
+    """The exchanges as standalone differentiable ops (MoM uses them) for every kind of
+    transition, dense included: a forward and a reverse chain, incoming values and the
+    gradients of the states and the transitions' parameters."""
     run_distributed(_exchange_body, 3)
 
 
 def _order_body(rank, W):
     """Record the local phases and the collectives as LASP-2 calls them."""
-    from lasp.kernels.reference import TorchPhases
-    log = []
-
-    def logged(name, fn):
-        def phase(*args, **kwargs):
-            log.append(name)
-            return fn(*args, **kwargs)
-        return phase
-    for name in ("summarize", "output", "grad_q", "grad_kvg"):
-        setattr(TorchPhases, name, logged(name, getattr(TorchPhases, name)))
-
-    class Handle:
-        def __init__(self, work):
-            self.work = work
-
-        def wait(self):
-            log.append("wait")
-            return self.work.wait()
-    gather_into = scan._gather_into
-
-    def gather(*args, async_op=False, **kwargs):
-        work = gather_into(*args, async_op=async_op, **kwargs)
-        log.append("issue" if async_op else "blocking gather")
-        return Handle(work) if async_op else work
-    scan._gather_into = gather
+    from lasp.kernels.common.documents import TorchPhases
+    log = record_overlap(TorchPhases)
 
     layout = SequenceLayout(4 * W * 3, W, rank, "zigzag")
     q, k, v, g, _, _ = random_inputs(1, layout.local_len, 2, 4, 4, decay="g")

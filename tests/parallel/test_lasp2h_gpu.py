@@ -1,19 +1,25 @@
-"""LASP-2H and the ring baseline on 2 GPUs over NCCL, bf16, against single-GPU attention.
+"""LASP-2H and the ring baseline on W = 2 and 4 ranks, bf16, against fp32 single-GPU attention.
 
-Run on a machine with 2 GPUs (the test spawns its 2 ranks itself):
+    python -m pytest tests/parallel/test_lasp2h_gpu.py -q -s                     # W GPUs, NCCL
+    LASP_SHARED_GPU=1 python -m pytest tests/parallel/test_lasp2h_gpu.py -q -s   # W ranks on ONE GPU, gloo
 
-    python -m pytest tests/parallel/test_lasp2h_gpu.py -q
+The test spawns its ranks (tests/distributed.py); with `LASP_SHARED_GPU=1` they share GPU 0
+over gloo (correctness and stream ordering, not NCCL's speed), otherwise a W the machine has
+no GPUs for skips. Every collective runs on a subgroup, which also exercises a non-default
+process group. Both layouts; causal; GQA (H_q=8, H_kv=2, D=128); packed documents crossing
+ranks and not; at W = 2 also the head-group gather path and the ring (flex backend) under
+zigzag (each new shape compiles flex once per rank: W = 4 keeps to the main path).
+Reference: the `math` backend in fp32 on the whole sequence (the bf16 inputs upcast); the
+single-GPU bf16 result is reported beside it as the floor that one GPU reaches.
 
-Each rank joins a gloo group (tests/distributed.py) and runs every collective on an NCCL
-subgroup, which also exercises a non-default process group. Both layouts; causal; GQA
-(H_q=8, H_kv=2, D=128); packed documents crossing ranks and not; the head-group gather
-path; the ring (flex backend). Reference: `softmax_attention` on the full sequence on one
-GPU, bf16, same backend choice.
-
-Tolerances (‖a−b‖/‖b‖): outputs and dq ≤ 3e-3. dk and dv ≤ 5e-3: each rank's kernel
-rounds its partial key/value gradient to bf16 before the reduce-scatter sums them (in
-fp32), one rounding more than the single-GPU kernel makes; on CPU the same bf16 flow
-measures ≈3e-3 against a bf16 reference and ≈2.5e-3 against fp32.
+Tolerance: ‖a−b‖/‖b‖ <= 3e-3 for o, dq, dk and dv, or 1.2× what one GPU in bf16 reaches
+on the same inputs where that floor is itself near 3e-3. LASP-2H sums the key/value
+gradients of its query segments and ranks in fp32 and rounds once (`KV_GRAD_ACCUMULATION`),
+but each rank's local attention kernel returns its partial dk/dv in bf16 before that sum.
+Measured on an H100 (W ranks sharing it over gloo, 2026-12-06, benchmarks/results/
+*shared_gpu*): unpacked, dk 3.41e-3 / dv 3.33e-3 at W = 2 and 4 against the single GPU's
+2.95e-3 / 2.87e-3 (1.16×); packed, 2.62e-3 / 2.51e-3 against 2.45e-3 / 2.31e-3. Rank 0
+prints one row per case; with $OUT set it writes them to $OUT/lasp2h_gpu_W<W>.json.
 """
 
 import pytest
@@ -23,47 +29,59 @@ import torch.distributed as dist
 from lasp.kernels.softmax_attention import softmax_attention
 from lasp.parallel.lasp2h import lasp2h_attention, ring_attention
 from lasp.parallel.layout import SequenceLayout
-from tests.distributed import run_distributed
+from tests.distributed import gpu_skip_reason, report, run_distributed
 from tests.utils import rel_err
 
 T, HQ, HKV, D = 8192, 8, 2, 128
-DOCUMENTS = [0, 1000, 5000, 6144, T]   # 1000..5000 crosses ranks; 6144 is a zigzag segment boundary
+DOCUMENTS = [0, 1000, 5000, 6144, T]   # 1000..5000 crosses ranks; 6144 is a zigzag segment boundary at W = 2
+TOL = 3e-3
+FLOOR_FACTOR = 1.2       # over the single-GPU bf16 error (module docstring)
+
+
+def _reference(q, k, v, do, docs, **kwargs):
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = softmax_attention(*full, cu_seqlens_q=docs, cu_seqlens_k=docs, **kwargs)
+    return [o.detach(), *torch.autograd.grad(o, full, do)]
 
 
 def _body(rank, W):
-    torch.cuda.set_device(rank)
     torch._dynamo.config.cache_size_limit = 64   # flex compiles once per shape; many shapes here
-    group = dist.new_group(backend="nccl")
+    group = dist.new_group()
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(1, T, H, D, device="cuda", generator=g).bfloat16() for H in (HQ, HKV, HKV, HQ))
     cu = torch.tensor(DOCUMENTS, dtype=torch.int32, device="cuda")
-    failures = []
+    rows, failures = [], []
     for docs in (None, cu):
-        full = [x.clone().requires_grad_() for x in (q, k, v)]
-        o_ref = softmax_attention(*full, cu_seqlens_q=docs, cu_seqlens_k=docs)
-        grads_ref = torch.autograd.grad(o_ref, full, do)
+        want = _reference(*(x.float() for x in (q, k, v, do)), docs, backend="math")
+        torch.cuda.empty_cache()                  # the fp32 scores of the reference: W ranks share the GPU
+        single = _reference(q, k, v, do, docs)
+        floor = {n: rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), single, want)}
+        rows.append({"case": f"single GPU bf16 docs={docs is not None}", **floor})
         for kind in ("contiguous", "zigzag"):
             layout = SequenceLayout(T, W, rank, kind)
-            runs = [("lasp2h", lasp2h_attention, {"cu_seqlens": docs}),
-                    ("lasp2h heads_per_gather=1", lasp2h_attention, {"cu_seqlens": docs, "heads_per_gather": 1})]
-            if docs is None:
-                runs.append(("ring", ring_attention, {}))
+            runs = [("lasp2h", lasp2h_attention, {"cu_seqlens": docs})]
+            if kind == "zigzag" and W == 2:
+                runs.append(("lasp2h heads_per_gather=1", lasp2h_attention,
+                             {"cu_seqlens": docs, "heads_per_gather": 1}))
+                if docs is None:
+                    runs.append(("ring", ring_attention, {}))
             for name, op, kwargs in runs:
                 local = [layout.shard(x).requires_grad_() for x in (q, k, v)]
                 o = op(*local, layout=layout, group=group, **kwargs)
-                grads = torch.autograd.grad(o, local, layout.shard(do))
-                errors = {"o": rel_err(o, layout.shard(o_ref))}
-                errors.update({f"d{n}": rel_err(a, layout.shard(b)) for n, a, b in zip("qkv", grads, grads_ref)})
-                limits = {"o": 3e-3, "dq": 3e-3, "dk": 5e-3, "dv": 5e-3}
-                line = f"{name} {kind} docs={docs is not None}: " + " ".join(f"{n}={e:.1e}" for n, e in errors.items())
-                if rank == 0:
-                    print(line)
-                if any(errors[n] > limits[n] for n in limits):
-                    failures.append(line)
+                got = [o, *torch.autograd.grad(o, local, layout.shard(do))]
+                errors = {n: rel_err(a, layout.shard(b)) for n, a, b in zip(("o", "dq", "dk", "dv"), got, want)}
+                rows.append({"case": f"{name} {kind} docs={docs is not None}", **errors})
+                if any(err > max(TOL, FLOOR_FACTOR * floor[n]) for n, err in errors.items()):
+                    failures.append(f"rank {rank}: {rows[-1]}")
+    if rank == 0:
+        report(f"lasp2h_gpu_W{W}", rows)
     assert not failures, "\n".join(failures)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_two_gpus_match_single_gpu_bf16():
-    run_distributed(_body, 2, timeout=900)
+@pytest.mark.parametrize("W", [2, 4])
+def test_ranks_match_single_gpu_fp32(W):
+    reason = gpu_skip_reason(W)
+    if reason:
+        pytest.skip(reason)
+    run_distributed(_body, W, cuda=True, timeout=900)

@@ -35,16 +35,25 @@ def test_local_cu_seqlens_clips_documents_to_segments():
     assert layout.local_cu_seqlens(cu).dtype == torch.int32
 
 
-def _unshard_body(rank, W, kind):
+def _unshard_body(rank, W):
     T = 4 * W
-    full = torch.arange(2 * T, dtype=torch.float64).view(2, T)
-    layout = SequenceLayout(T, W, rank, kind)
-    assert torch.equal(layout.unshard(layout.shard(full)), full)
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(2, T, 3, dtype=torch.float64, generator=g)
+    cotangents = torch.randn(W, 2, T, 3, dtype=torch.float64, generator=g)   # each rank's own
+    for kind in ("contiguous", "zigzag"):
+        layout = SequenceLayout(T, W, rank, kind)
+        assert torch.equal(layout.unshard(layout.shard(full)), full)
+        # A tensor that requires grad: differentiable on every rank, its gradient summed over the ranks.
+        x_local = layout.shard(full).requires_grad_()
+        y = layout.unshard(x_local)
+        assert torch.equal(y, full)
+        (dx,) = torch.autograd.grad(y, x_local, cotangents[rank])
+        assert torch.allclose(dx, layout.shard(cotangents.sum(0)), rtol=1e-14, atol=0), kind
 
 
-@pytest.mark.parametrize("kind", ["contiguous", "zigzag"])
-def test_unshard_restores_global_order(kind):
-    run_distributed(_unshard_body, 3, kind)
+@pytest.mark.parametrize("W", [2, 3])
+def test_unshard_restores_global_order_and_is_differentiable(W):
+    run_distributed(_unshard_body, W)
 
 
 @pytest.mark.parametrize("args, match", [

@@ -3,23 +3,25 @@
 Every rank draws the same full inputs, runs the single-process oracle (`mom_reference`,
 loop over memories) on the whole sequence, shards the inputs by the layout, routes and
 dispatches its own tokens, runs `lasp2_mixture_of_memories`, and checks its outputs and
-the gradients of q, k, v, g (g_gamma: summed over ranks) and the router logits against
-the oracle's shard. The load-balancing loss shares must sum to the whole sequence's loss,
-with matching gradients. The MixtureOfMemories layer (shared memory, data decay) is
-checked the same way: outputs and parameter gradients summed over ranks, and so is a
-parallelized "LMN" Linear-Llama through `lasp.causal_lm_loss`. Packed
+the gradients of q, k, v, g / gk (g_gamma: summed over ranks) and the router logits
+against the oracle's shard. The load-balancing loss shares must sum to the whole
+sequence's loss, with matching gradients. The MixtureOfMemories layer (shared memory,
+data decay) is checked the same way: outputs and parameter gradients summed over ranks,
+and so is a parallelized "LMN" Linear-Llama through `lasp.causal_lm_loss`. Packed
 documents cross rank boundaries (`tests.parallel.test_lasp2.documents`); memories that
-receive no token on a rank (forced) must pass their state through.
+receive no token on a rank (forced) must pass their state through. The collectives
+overlap the local phases as LASP-2's do.
 """
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from lasp.kernels.mom import load_balancing_loss, mom_reference, mom_route
 from lasp.layers import MixtureOfMemories
 from lasp.parallel import SequenceLayout, lasp2_load_balancing_loss, lasp2_mixture_of_memories, local_plan
-from tests.distributed import run_distributed
+from tests.distributed import record_overlap, run_distributed
 from tests.kernels.test_mom import mom_inputs, routing_logits
 from tests.parallel.test_lasp2 import documents
 from tests.utils import rel_err
@@ -37,6 +39,7 @@ def cases():
         ("g packed k=M", 1, 5, 3, 3, "g", True, ()),
         ("g B=2 memory empty on a rank", 2, 5, 4, 2, "g", False, (2,)),
         ("g_gamma packed memory empty on a rank", 1, 5, 4, 1, "g_gamma", True, (0,)),
+        ("gk packed", 1, 5, 3, 2, "gk", True, ()),
     ]
 
 
@@ -59,11 +62,15 @@ def _check_op(rank, W, kind, name, B, L, M, top_k, decay, packed, empty):
         logits = _empty_on_rank(logits, SequenceLayout(T, W, W // 2, kind), m)   # a middle rank
     q, k, v, g, g_gamma, _ = mom_inputs(B, T, M, H, K, V, decay=decay, dtype=torch.float64, gen=gen,
                                         n_rows=1, with_h0=False)
+    gk = None
+    if decay == "gk":
+        gk = F.logsigmoid(torch.randn(B, T, M, H, K, dtype=torch.float64, generator=gen) + 2.0)
     do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
-    inputs = {n: x for n, x in dict(q=q, k=k, v=v, g=g, g_gamma=g_gamma, logits=logits).items() if x is not None}
+    inputs = dict(q=q, k=k, v=v, g=g, g_gamma=g_gamma, gk=gk, logits=logits)
+    inputs = {n: x.requires_grad_() for n, x in inputs.items() if x is not None}
 
     weights, indices, probs = mom_route(logits, top_k)
-    o, _ = mom_reference(q, k, v, weights, indices, g, g_gamma, cu_seqlens=cu)
+    o, _ = mom_reference(q, k, v, weights, indices, g, g_gamma, gk=gk, cu_seqlens=cu)
     loss = (o * do).sum() + AUX_WEIGHT * load_balancing_loss(probs, indices)
     want = dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()))))
 
@@ -71,7 +78,7 @@ def _check_op(rank, W, kind, name, B, L, M, top_k, decay, packed, empty):
     w_local, idx_local, probs_local = mom_route(local["logits"], top_k)
     plan = local_plan(idx_local, M, layout=layout, cu_seqlens=cu)
     o_local = lasp2_mixture_of_memories(local["q"], local["k"], local["v"], w_local, plan, local.get("g"),
-                                        local.get("g_gamma"), layout=layout, cu_seqlens=cu)
+                                        local.get("g_gamma"), gk=local.get("gk"), layout=layout, cu_seqlens=cu)
     aux_local = lasp2_load_balancing_loss(probs_local, idx_local, layout=layout)
     loss_local = (o_local * layout.shard(do)).sum() + AUX_WEIGHT * aux_local
     got = dict(zip(local, torch.autograd.grad(loss_local, list(local.values()))))
@@ -180,3 +187,66 @@ def _bad_input_body(rank, W):
 
 def test_bad_input_raises_on_every_rank():
     run_distributed(_bad_input_body, 2)
+
+
+def _order_body(rank, W):
+    """Record MoM's local phases and collectives in the order LASP-2 MoM calls them."""
+    from lasp.kernels.mom import MoMPhases
+    log = record_overlap(MoMPhases)
+
+    B, L, M, top_k, H, K, V = 1, 5, 3, 2, 2, 4, 4
+    T = 2 * W * L
+    gen = torch.Generator().manual_seed(4)
+    layout = SequenceLayout(T, W, rank, "zigzag")
+    cu = documents(T, L, W)
+    q, k, v, g, _, _ = mom_inputs(B, T, M, H, K, V, decay="g", dtype=torch.float64, gen=gen, n_rows=1,
+                                  with_h0=False)
+    q, k, v, g = (layout.shard(x).detach().requires_grad_() for x in (q, k, v, g))
+    weights, indices, _ = mom_route(layout.shard(routing_logits(B, T, M, dtype=torch.float64, gen=gen)), top_k)
+    plan = local_plan(indices, M, layout=layout, cu_seqlens=cu)
+    log.clear()
+    o = lasp2_mixture_of_memories(q, k, v, weights, plan, g, layout=layout, cu_seqlens=cu)
+    assert log == ["summarize", "issue", "output", "wait"], f"forward: {log}"
+    log.clear()
+    torch.autograd.grad(o, [q, k, v, g], torch.randn_like(o))
+    assert log == ["issue", "grad_q", "wait", "grad_kvg"], f"backward: {log}"
+
+
+def test_collectives_overlap_the_independent_phases():
+    """As `lasp2_linear_attention`: the summaries' gather is in flight while the streams'
+    zero-state outputs are computed, the state gradients' while the dq phase runs."""
+    run_distributed(_order_body, 2)
+
+
+def _triton_body(rank, W):
+    from tests.conftest import install_kernel_test_hooks
+    install_kernel_test_hooks()                       # NaN-poisoned outputs, interpreter fix
+    B, L, M, top_k, H, K, V = 1, 7, 3, 2, 1, 16, 16
+    T = 2 * W * L
+    gen = torch.Generator().manual_seed(13)
+    cu = documents(T, L, W)
+    logits = routing_logits(B, T, M, dtype=torch.float64, gen=gen)
+    q, k, v, g, _, _ = mom_inputs(B, T, M, H, K, V, decay="g", dtype=torch.float64, gen=gen, n_rows=1,
+                                  with_h0=False)
+    do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
+    inputs = dict(q=q, k=k, v=v, g=g, logits=logits)
+    weights, indices, _ = mom_route(logits, top_k)
+    o, _ = mom_reference(q, k, v, weights, indices, g, cu_seqlens=cu)
+    want = dict(zip(inputs, torch.autograd.grad(o, list(inputs.values()), do)))
+    layout = SequenceLayout(T, W, rank, "zigzag")
+    local = {n: layout.shard(x).detach().float().requires_grad_() for n, x in inputs.items()}
+    w_local, idx_local, _ = mom_route(local["logits"], top_k)
+    plan = local_plan(idx_local, M, layout=layout, cu_seqlens=cu)
+    o_local = lasp2_mixture_of_memories(local["q"], local["k"], local["v"], w_local, plan, local["g"],
+                                        layout=layout, cu_seqlens=cu, backend="triton")
+    assert rel_err(o_local, layout.shard(o)) <= 2e-5
+    got = torch.autograd.grad(o_local, list(local.values()), layout.shard(do).float())
+    for name, mine in zip(local, got):
+        err = rel_err(mine, layout.shard(want[name]))
+        assert err <= 2e-5, f"d{name} rel err {err:.1e}"
+
+
+def test_triton_phases_under_the_interpreter():
+    """The Triton path (fused query gather, weights in the kernels) through the same
+    overlapped exchange: fp32, packed documents, zigzag, outputs and every gradient."""
+    run_distributed(_triton_body, 2)

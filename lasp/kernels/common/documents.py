@@ -1,0 +1,115 @@
+"""The torch side shared by every family: accumulation dtype, the loop over documents, and
+the torch backend in phases.
+
+A family's torch forms (its naive and chunkwise forms) are written for ONE document as a
+*step* `step(q, k, v, decay, scale, state) -> (o, state)` on [t, H, D] tensors in the
+accumulation dtype; `run_documents` applies a step to every document and assembles the
+outputs and final states. `TorchPhases` splits any family's chunkwise form into the
+phases of `lasp.kernels.linear_attention_phases`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """States are fp32, except in a float64 computation (the oracle's precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def documents(batch: int, total: int, cu_seqlens):
+    """Yield (row, start, end) for each document, in state order.
+
+    Packed input reads `cu_seqlens` on the host: the torch backend is the reference,
+    the Triton backend is the sync-free hot path.
+    """
+    if cu_seqlens is None:
+        for b in range(batch):
+            yield b, 0, total
+    else:
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            yield 0, start, end
+
+
+def run_documents(step, q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens):
+    """Apply `step(q, k, v, decay, scale, state) -> (o, state)` to each document and assemble.
+
+    `decay` is None or a per-token tensor [B, T, H, ...] (sliced per document like k);
+    q None computes the states only (the steps then return o None). Returns
+    (o [B,T,H,V] in q's dtype or None, final states [N,H,K,V] or None).
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    acc = accumulation_dtype(k.dtype)
+    outs, finals = [], []
+    for n, (b, start, end) in enumerate(documents(B, T, cu_seqlens)):
+        state = (k.new_zeros(H, K, V, dtype=acc) if initial_state is None
+                 else initial_state[n].to(acc))
+        gate = None if decay is None else decay[b, start:end].to(acc)
+        o, state = step(None if q is None else q[b, start:end].to(acc), k[b, start:end].to(acc),
+                        v[b, start:end].to(acc), gate, scale, state)
+        outs.append(o)
+        finals.append(state)
+    final = torch.stack(finals) if output_final_state else None
+    if q is None:
+        return None, final
+    o = torch.cat(outs, 0).view(1, T, H, V) if cu_seqlens is not None else torch.stack(outs)
+    return o.to(q.dtype), final
+
+
+@dataclass(frozen=True)
+class TorchPhases:
+    """The torch backend in the phases of `lasp.kernels.linear_attention_phases`, for any
+    family.
+
+    `chunk_form(q, k, v, decay, *, scale, initial_state, output_final_state, cu_seqlens,
+    causal) -> (o, final_state)` is the family's chunkwise form; it accepts q None (states
+    only). `summarize` runs it without q and `output` with q. The backward is the
+    oracle's: `grad_q` reruns the chunk form (outputs and final states) under autograd
+    and differentiates the outputs for dq (q does not reach the final states);
+    `grad_kvg` differentiates the same graph for the other inputs, now with the final
+    states' gradient.
+    """
+
+    chunk_form: Callable
+    scale: float
+    causal: bool
+    cu_seqlens: torch.Tensor | None
+
+    def _run(self, q, k, v, decay, initial_state, output_final_state):
+        return self.chunk_form(q, k, v, decay, scale=self.scale, initial_state=initial_state,
+                               output_final_state=output_final_state, cu_seqlens=self.cu_seqlens,
+                               causal=self.causal)
+
+    def summarize(self, k, v, g, initial_state):
+        final = self._run(None, k, v, g, initial_state, True)[1]
+        return final, (initial_state,)
+
+    def output(self, q, k, v, g, saved):
+        return self._run(q, k, v, g, saved[0], False)[0]
+
+    def grad_q(self, q, k, v, g, saved, do):
+        with torch.enable_grad():
+            leaves = [None if x is None else x.detach().requires_grad_() for x in (q, k, v, g, saved[0])]
+            o, final = self._run(*leaves[:4], leaves[4], True)
+            dq, = torch.autograd.grad(o, leaves[0], do, retain_graph=True)
+        return dq, (leaves[1:], o, final, do)
+
+    def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True):
+        """(dk, dv, dg, dh0); dg and dh0 None where the decay or the initial state is None.
+        The oracle computes every gradient (`want_*` are the Triton backend's savings)."""
+        leaves, o, final, do = partial
+        outputs, cotangents = ([o], [do]) if d_final is None else ([o, final], [do, d_final])
+        live = [x for x in leaves if x is not None]
+        grads = iter(torch.autograd.grad(outputs, live, cotangents, allow_unused=True))
+        return tuple(None if x is None else _or_zeros(next(grads), x) for x in leaves)
+
+
+def _or_zeros(grad, x):
+    """An unused input's gradient (None from autograd) as zeros."""
+    return torch.zeros_like(x) if grad is None else grad

@@ -1,0 +1,86 @@
+"""Launch parameters of every Triton kernel, in one table, and the kernels' output allocation.
+
+`LAUNCH` maps a row name to a `Launch`. A family names its rows `"<family>.<kernel>"`
+(`"scalar.summary"`, `"scalar.dkdv_dg"`, ...; the shared scan's row is `"scan"`), and a
+new family adds its rows to this table, so that `benchmarks/check_triton_gpu.py --tune`
+finds every row in one place. Nothing is autotuned at run time. This module does not
+import Triton (the torch backend takes `CHUNK_SIZE` from here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Tokens per chunk: the tile of the intra-chunk products, for every backend and family.
+CHUNK_SIZE = 64
+
+# Head dims (K and V) the Triton kernels take.
+TRITON_HEAD_DIMS = (16, 256)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Launch parameters of one kernel: warps, software-pipeline stages and `block`, the
+    widest tile along each head dimension the kernel splits across programs (halved when
+    the dimension it keeps whole exceeds 128, to bound registers), or the scan's block of
+    state elements."""
+
+    num_warps: int
+    num_stages: int
+    block: int
+
+
+# One row per kernel, the only place launch parameters are set; chosen on an H200 at
+# H=16, D=128 by `benchmarks/check_triton_gpu.py --tune`.
+LAUNCH = {
+    "scalar.summary": Launch(num_warps=4, num_stages=2, block=64),
+    # The summary walk with the decay's gradient (DG): twice the dots, wider tiles pay.
+    "scalar.summary_dg": Launch(num_warps=8, num_stages=2, block=128),
+    "scalar.output": Launch(num_warps=4, num_stages=2, block=64),
+    "scalar.dq": Launch(num_warps=4, num_stages=2, block=64),
+    "scalar.dkdv": Launch(num_warps=8, num_stages=2, block=64),
+    # The dk/dv walk with the decay's gradient (DG): more registers, no room to pipeline.
+    "scalar.dkdv_dg": Launch(num_warps=8, num_stages=1, block=64),
+    # Per-key decay (gk): first guesses, not yet swept by --tune.
+    "diagonal.summary": Launch(num_warps=4, num_stages=2, block=64),
+    "diagonal.output": Launch(num_warps=4, num_stages=2, block=64),
+    "diagonal.dq": Launch(num_warps=4, num_stages=2, block=64),
+    "diagonal.dkdv": Launch(num_warps=8, num_stages=1, block=64),
+    # Delta rule: the sequential state pass per (document, head, V-tile) and its backward
+    # walk; narrow V-tiles give more programs (first guesses, not yet swept by --tune).
+    "delta.state": Launch(num_warps=4, num_stages=2, block=32),
+    "delta.state_grad": Launch(num_warps=4, num_stages=2, block=32),
+    "scan": Launch(num_warps=4, num_stages=3, block=1024),
+}
+
+
+def tile(row: str, split_dim: int, whole_dim: int) -> int:
+    """Tile along `split_dim` for the kernel of `LAUNCH[row]` when the other head dim
+    (`whole_dim`, padded to a power of two) stays whole in each program."""
+    cap = LAUNCH[row].block if whole_dim <= 128 else LAUNCH[row].block // 2
+    return min(cap, 1 << (split_dim - 1).bit_length())
+
+
+def launch_kw(row: str) -> dict:
+    """`num_warps` and `num_stages` of `LAUNCH[row]`, as keywords of a kernel launch."""
+    launch = LAUNCH[row]
+    return dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+
+def check_triton_head_dims(q, v) -> None:
+    """The Triton kernels take head dims in `TRITON_HEAD_DIMS`: ValueError naming the dim."""
+    lo, hi = TRITON_HEAD_DIMS
+    for name, dim in (("q/k head dim K", q.shape[-1]), ("v head dim V", v.shape[-1])):
+        if not lo <= dim <= hi:
+            raise ValueError(f"backend='triton' supports head dims {lo}..{hi}; {name} is {dim}")
+
+
+def new_tensor(shape, dtype, device) -> torch.Tensor:
+    """Every Triton kernel output is allocated here, uninitialised.
+
+    Call it as `launch.new_tensor(...)` (through the module): tests replace it with a
+    NaN fill (tests/conftest.py), so that an element a kernel forgets fails a comparison.
+    """
+    return torch.empty(shape, dtype=dtype, device=device)

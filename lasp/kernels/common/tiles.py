@@ -1,0 +1,71 @@
+"""`@triton.jit` helpers shared by the families' span kernels (inlined where called).
+
+Tensors are token-major: a [tokens, H, D] tensor (the flattened B·T axis) holds token t,
+head h at row t·H + h. States are fp32 [*, H, K, V].
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def span_range(span_bounds, s, T, SPAN_TOKENS, SPANS_PER_ROW, VARLEN: tl.constexpr):
+    """Token range [start, end) of span `s` on the flattened B·T token axis.
+
+    Packed input reads it from `span_bounds` (int64 [NS, 2], `SpanPlan`; surplus spans
+    are empty); otherwise span s is the (s % SPANS_PER_ROW)-th of row s // SPANS_PER_ROW.
+    """
+    if VARLEN:
+        start = tl.load(span_bounds + 2 * s)
+        end = tl.load(span_bounds + 2 * s + 1)
+    else:
+        row = (s // SPANS_PER_ROW).to(tl.int64)
+        start = row * T + (s % SPANS_PER_ROW).to(tl.int64) * SPAN_TOKENS
+        end = tl.minimum(start + SPAN_TOKENS, (row + 1) * T)
+    return start, end
+
+
+@triton.jit
+def load_tile(ptr, offs_t, mask_t, h, offs_d, D: tl.constexpr, H: tl.constexpr):
+    """[C, BD] tile of a [tokens, H, D] tensor, zero outside the chunk and beyond D."""
+    ptrs = ptr + (offs_t[:, None] * H + h) * D + offs_d[None, :]
+    return tl.load(ptrs, mask=mask_t[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, value, offs_t, mask_t, h, offs_d, D: tl.constexpr, H: tl.constexpr):
+    """Store a [C, BD] tile into a [tokens, H, D] tensor (cast to its dtype), masked as `load_tile`."""
+    ptrs = ptr + (offs_t[:, None] * H + h) * D + offs_d[None, :]
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask_t[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def query_rows(query_index, offs_t, mask_t, GATHER: tl.constexpr):
+    """Rows of q and do that positions `offs_t` read: query_index[t] when GATHER, else t."""
+    if GATHER:
+        return tl.load(query_index + offs_t, mask=mask_t, other=0)
+    return offs_t
+
+
+@triton.jit
+def state_ptrs(ptr, s, h, offs_k, offs_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Pointers and mask of a [BK, BV] tile of state `s` in a [*, H, K, V] fp32 buffer."""
+    base = (s.to(tl.int64) * H + h) * K
+    ptrs = ptr + (base + offs_k[:, None]) * V + offs_v[None, :]
+    return ptrs, (offs_k < K)[:, None] & (offs_v < V)[None, :]
+
+
+@triton.jit
+def decayed_outer_acc(a, weight, b, acc, EXACT: tl.constexpr):
+    """acc + (a ⊙ weight)ᵀ b, `a ⊙ weight` rounded to b's dtype for the dot. EXACT adds
+    its rounding residual in a second dot: the states built so feed the decay gradient,
+    whose sums over a whole document cancel q·dq against k·dk and would amplify it.
+    `weight` is one number per row of `a` ([C])."""
+    scaled = a.to(tl.float32) * weight[:, None]
+    rounded = scaled.to(b.dtype)
+    acc = tl.dot(tl.trans(rounded), b, acc)
+    if EXACT:
+        acc = tl.dot(tl.trans((scaled - rounded.to(tl.float32)).to(b.dtype)), b, acc)
+    return acc

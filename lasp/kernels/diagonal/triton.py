@@ -1,0 +1,580 @@
+"""Triton kernels of GLA's per-key decay (`gk`): forward and backward.
+
+Per head the recurrence is (DESIGN.md §1)::
+
+    S_t = diag(exp(gk_t)) S_{t-1} + k_t v_tᵀ          o_t = scale · q_tᵀ S_t
+
+The same span walks as the scalar family (`lasp.kernels.scalar.triton`): every span of a
+few chunks is walked by its own programs, and only the scan over span summaries
+(`lasp.kernels.common.scan`, per-key mode) is sequential. Per chunk, with Γ the
+chunk-local inclusive cumulative log-decay ([C, K]) and γ = Γ at the chunk's last token:
+
+    o     = scale [(q ⊙ e^Γ) S_in + A v],   A_ts = Σ_k q_tk k_sk e^{Γ_tk − Γ_sk} (s ≤ t)
+    S_out = e^γ ⊙ S_in + (k ⊙ e^{γ−Γ})ᵀ v
+
+A per-key decay makes A elementwise over K. When every key dimension of the chunk decays
+by less than e^{-SAFE} in total (the common case) A is one tensor-core product
+`(q ⊙ e^Γ)(k ⊙ e^{−Γ})ᵀ`, whose factors stay finite (|Γ| < SAFE); otherwise the chunk takes
+the exact path, elementwise over K with every exponent masked to ≤ 0 before the exp, so
+strong decays (gk ~ −30 per token) stay finite and exact. The choice is made per chunk on
+the device (no host sync). The intra-chunk products of the backward
+(`dq ∋ (dp ⊙ M) k`, `dk ∋ (dp ⊙ M)ᵀ q`) follow the same rule.
+
+Forward: `_summary_kernel` (span-local states U_s and the span's log-decay per key) →
+scan → `_output_kernel`. Backward: `_dq_kernel` (dq, the span-local state gradients) →
+reverse scan → `_dkdv_kernel` (dk, dv; dgk).
+
+dgk is chunk-local, which keeps bf16 rounding from being amplified by long cancelling
+sums: treating Γ of each chunk as free variables,
+
+    dΓ_t = q_t ⊙ dq_t − k_t ⊙ dk_t  (+ Σ_v S_out ⊙ dS_out at the chunk's last token)
+    dgk_u = Σ_{t ≥ u in u's chunk} dΓ_t
+
+where S_out / dS_out are the state leaving the chunk and its gradient. Its sums still
+cancel within a chunk, so when gk requires grad (DG) the products that enter them add
+back their bf16 rounding residuals in extra dots (`_residual`): the intra-chunk factors,
+the chunk states the dq walk stores and the state gradient dk reads. The dq walk
+(forward, it recomputes every state) writes q ⊙ dq into the dgk buffer and each chunk's
+outgoing state into a buffer of one fp32 K×V state per chunk (only when gk requires
+grad: its memory is T/C · H · K · V · 4 bytes); the dk/dv walk (backward, it carries
+dS) finishes dgk in place.
+
+No host synchronisation: grids depend on shapes only; packed documents use the device
+span table (`lasp.kernels.common.plan`). States and accumulators are fp32; `tl.dot`
+operands are in the input dtype. Launch parameters: the `diagonal.*` rows of
+`lasp.kernels.common.launch.LAUNCH`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from lasp.kernels.common import launch
+from lasp.kernels.common.launch import CHUNK_SIZE, LAUNCH, launch_kw, tile
+from lasp.kernels.common.plan import SpanPlan, make_span_plan
+from lasp.kernels.common.scan import scan_spans
+from lasp.kernels.common.tiles import load_tile, span_range, state_ptrs, store_tile
+
+# The fast path's bound on a chunk's total log-decay: its factors e^{±Γ} stay below
+# e^SAFE (bf16 / fp32 / TF32 reach 3e38; fp16 only 65504, hence its smaller bound).
+SAFE_LOG_DECAY = {torch.float16: 8.0}
+DEFAULT_SAFE_LOG_DECAY = 60.0
+# As in the scalar family: the widest K×V state gradient one program keeps for the fused
+# dk/dv launch; wider states split it into a dv launch (V-tiles) and a dk launch (K-tiles).
+FUSED_DKDV_MAX_ELEMENTS = 128 * 128
+# Head dims above 128 walk chunks of CHUNK_SIZE // 2 tokens: on an H100 (Triton 3.6) the
+# dq walk at K = V = 256 with 64-token chunks hits an illegal memory access, with 32 it
+# runs (benchmarks/results/diagonal_phases_probe_h100_2026-12-06.txt).
+WIDE_HEAD_CHUNK = CHUNK_SIZE // 2
+
+
+# --------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_log_decay(gk, offs_t, mask_t, h, offs_k, K: tl.constexpr, H: tl.constexpr):
+    """Chunk-local inclusive cumulative log-decay Γ [C, BK] and γ [BK]: padded tokens and
+    key dims load gk = 0, so Γ stays flat after the chunk's last real token."""
+    b_g = load_tile(gk, offs_t, mask_t, h, offs_k, K, H)
+    return tl.cumsum(b_g, axis=0), tl.sum(b_g, axis=0)
+
+
+@triton.jit
+def _row(x, rows, r):
+    """Row r of a [C, D] register tile, as [D]."""
+    return tl.sum(tl.where((rows == r)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _residual(exact, rounded):
+    """What rounding `exact` (fp32) to `rounded` lost, in the dot dtype: a second dot with
+    it makes a product exact to about 16 mantissa bits."""
+    return (exact - rounded.to(tl.float32)).to(rounded.dtype)
+
+
+@triton.jit
+def _exact_scores(a, b, gam, C: tl.constexpr):
+    """[C, C] M_ts = Σ_k a_tk b_sk e^{Γ_tk − Γ_sk} for s ≤ t, else 0; elementwise in fp32,
+    the exponent masked to s ≤ t (so ≤ 0) before the exp."""
+    rows = tl.arange(0, C)
+    out = tl.zeros([C, C], dtype=tl.float32)
+    for s in range(C):
+        decay = tl.exp(tl.where((rows >= s)[:, None], gam - _row(gam, rows, s)[None, :], float("-inf")))
+        column = tl.sum(a * _row(b, rows, s)[None, :] * decay, axis=1)
+        out += tl.where((rows == s)[None, :], column[:, None], 0.0)
+    return out
+
+
+@triton.jit
+def _exact_apply(w, b, gam, C: tl.constexpr):
+    """[C, BK] out_t = Σ_{s ≤ t} w_ts b_s ⊙ e^{Γ_t − Γ_s}, elementwise (as `_exact_scores`)."""
+    rows = tl.arange(0, C)
+    out = tl.zeros(b.shape, dtype=tl.float32)
+    for s in range(C):
+        decay = tl.exp(tl.where((rows >= s)[:, None], gam - _row(gam, rows, s)[None, :], float("-inf")))
+        w_s = tl.sum(tl.where((rows == s)[None, :], w, 0.0), axis=1)
+        out += w_s[:, None] * _row(b, rows, s)[None, :] * decay
+    return out
+
+
+@triton.jit
+def _exact_apply_t(w, a, gam, C: tl.constexpr):
+    """[C, BK] out_s = Σ_{t ≥ s} w_ts a_t ⊙ e^{Γ_t − Γ_s}, elementwise (as `_exact_scores`)."""
+    rows = tl.arange(0, C)
+    out = tl.zeros(a.shape, dtype=tl.float32)
+    for t in range(C):
+        decay = tl.exp(tl.where((rows <= t)[:, None], _row(gam, rows, t)[None, :] - gam, float("-inf")))
+        out += _row(w, rows, t)[:, None] * _row(a, rows, t)[None, :] * decay
+    return out
+
+
+@triton.jit
+def _scores(b_q, b_qd, b_k, gam, last, SAFE: tl.constexpr, C: tl.constexpr):
+    """A [C, C] fp32 (module docstring), causal-masked. `b_qd` = q ⊙ e^Γ in the dot dtype.
+    The fast path multiplies fp32 factors (TF32 on GPUs): two bf16 roundings of the
+    factors would cost the outputs ~1e-3 of relative error."""
+    if tl.min(last, axis=0) > -SAFE:
+        b_ki = b_k.to(tl.float32) * tl.exp(-gam)
+        rows = tl.arange(0, C)
+        A = tl.where(rows[:, None] >= rows[None, :], tl.dot(b_q.to(tl.float32) * tl.exp(gam), tl.trans(b_ki)), 0.0)
+    else:
+        A = _exact_scores(b_q.to(tl.float32), b_k.to(tl.float32), gam, C)
+    return A
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _summary_kernel(k, v, gk, span_bounds, U, G_span, T, SPAN_TOKENS, SPANS_PER_ROW,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr):
+    """U_s = span s's state from zero, for one (K-tile, V-tile); G_s[k] = Σ gk over s."""
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    n_tiles: tl.constexpr = triton.cdiv(K, BK) * NV
+    tile = tl.program_id(0) % n_tiles
+    s = tl.program_id(0) // n_tiles
+    h = tl.program_id(1)
+    offs_k = (tile // NV) * BK + tl.arange(0, BK)
+    offs_v = (tile % NV) * BV + tl.arange(0, BV)
+    start, end = span_range(span_bounds, s, T, SPAN_TOKENS, SPANS_PER_ROW, VARLEN)
+
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    g_total = tl.zeros([BK], dtype=tl.float32)
+    for i in range(tl.cdiv(end - start, C)):
+        offs_t = start + i * C + tl.arange(0, C)
+        mask_t = offs_t < end
+        b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+        b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H)
+        gam, last = _chunk_log_decay(gk, offs_t, mask_t, h, offs_k, K, H)
+        b_kd = (b_k * tl.exp(last[None, :] - gam)).to(b_v.dtype)
+        state = tl.dot(tl.trans(b_kd), b_v, state * tl.exp(last)[:, None])
+        g_total += last
+
+    ptrs, mask = state_ptrs(U, s, h, offs_k, offs_v, H, K, V)
+    tl.store(ptrs, state, mask=mask)
+    if tile % NV == 0:
+        tl.store(G_span + (s.to(tl.int64) * H + h) * K + offs_k, g_total, mask=offs_k < K)
+
+
+@triton.jit
+def _output_kernel(q, k, v, gk, span_bounds, H_in, o, scale, T, SPAN_TOKENS, SPANS_PER_ROW,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, SAFE: tl.constexpr, VARLEN: tl.constexpr):
+    """Outputs of span s for one V-tile (all of K), from the span's incoming state."""
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    s = tl.program_id(0) // NV
+    h = tl.program_id(1)
+    offs_k = tl.arange(0, BK)
+    offs_v = (tl.program_id(0) % NV) * BV + tl.arange(0, BV)
+    start, end = span_range(span_bounds, s, T, SPAN_TOKENS, SPANS_PER_ROW, VARLEN)
+
+    ptrs, mask = state_ptrs(H_in, s, h, offs_k, offs_v, H, K, V)
+    state = tl.load(ptrs, mask=mask, other=0.0)
+    for i in range(tl.cdiv(end - start, C)):
+        offs_t = start + i * C + tl.arange(0, C)
+        mask_t = offs_t < end
+        b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H)
+        b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+        b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H)
+        gam, last = _chunk_log_decay(gk, offs_t, mask_t, h, offs_k, K, H)
+        b_qd = (b_q * tl.exp(gam)).to(b_v.dtype)
+        b_o = tl.dot(b_qd, state.to(b_v.dtype))
+        A = _scores(b_q, b_qd, b_k, gam, last, SAFE, C)
+        b_o = tl.dot(A.to(b_v.dtype), b_v, b_o) * scale
+        store_tile(o, b_o, offs_t, mask_t, h, offs_v, V, H)
+        b_kd = (b_k * tl.exp(last[None, :] - gam)).to(b_v.dtype)
+        state = tl.dot(tl.trans(b_kd), b_v, state * tl.exp(last)[:, None])
+
+
+@triton.jit
+def _dq_kernel(q, k, v, gk, do, span_bounds, H_in, dq, dU, q_dq, chunk_states, span_chunk0, scale, T,
+               SPAN_TOKENS, SPANS_PER_ROW,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, SAFE: tl.constexpr, DG: tl.constexpr,
+               VARLEN: tl.constexpr):
+    """dq of span s for one K-tile (all of V), and the span's local state gradient
+    dU_s = scale Σ_t (q_t ⊙ e^{Γ^span_t}) do_tᵀ (Γ^span from the span's start).
+
+    DG (gk's gradient wanted): also writes q ⊙ dq (fp32) to `q_dq` [tokens, H, K] and each
+    chunk's outgoing state to `chunk_states` [slot, H, K, V] (slot = span_chunk0[s] + i).
+    """
+    NK: tl.constexpr = triton.cdiv(K, BK)
+    s = tl.program_id(0) // NK
+    h = tl.program_id(1)
+    offs_k = (tl.program_id(0) % NK) * BK + tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
+    start, end = span_range(span_bounds, s, T, SPAN_TOKENS, SPANS_PER_ROW, VARLEN)
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    if DG:
+        first_chunk = tl.load(span_chunk0 + s)
+
+    ptrs, mask = state_ptrs(H_in, s, h, offs_k, offs_v, H, K, V)
+    state = tl.load(ptrs, mask=mask, other=0.0)
+    d_state = tl.zeros([BK, BV], dtype=tl.float32)
+    g_before = tl.zeros([BK], dtype=tl.float32)  # log-decay from the span's start to the chunk's
+    for i in range(tl.cdiv(end - start, C)):
+        offs_t = start + i * C + tl.arange(0, C)
+        mask_t = offs_t < end
+        b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H)
+        b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+        b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H)
+        b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(b_v.dtype)
+        gam, last = _chunk_log_decay(gk, offs_t, mask_t, h, offs_k, K, H)
+        dp = tl.where(causal, tl.dot(b_do, tl.trans(b_v)) * scale, 0.0)
+        state_in = state.to(b_v.dtype)
+        b_dq = tl.dot(b_do, tl.trans(state_in))
+        if DG:
+            b_dq = tl.dot(b_do, tl.trans(_residual(state, state_in)), b_dq)
+        b_dq *= tl.exp(gam) * scale
+        if tl.min(last, axis=0) > -SAFE:
+            b_ki32 = b_k.to(tl.float32) * tl.exp(-gam)
+            b_ki = b_ki32.to(b_v.dtype)
+            dq_intra = tl.dot(dp.to(b_v.dtype), b_ki)
+            if DG:
+                dq_intra = tl.dot(dp.to(b_v.dtype), _residual(b_ki32, b_ki), dq_intra)
+            b_dq += dq_intra * tl.exp(gam)
+        else:
+            b_dq += _exact_apply(dp, b_k.to(tl.float32), gam, C)
+        store_tile(dq, b_dq, offs_t, mask_t, h, offs_k, K, H)
+        b_kd32 = b_k * tl.exp(last[None, :] - gam)
+        b_kd = b_kd32.to(b_v.dtype)
+        state = tl.dot(tl.trans(b_kd), b_v, state * tl.exp(last)[:, None])
+        if DG:
+            state = tl.dot(tl.trans(_residual(b_kd32, b_kd)), b_v, state)
+            store_tile(q_dq, b_q.to(tl.float32) * b_dq, offs_t, mask_t, h, offs_k, K, H)
+            ptrs, mask = state_ptrs(chunk_states, first_chunk + i, h, offs_k, offs_v, H, K, V)
+            tl.store(ptrs, state, mask=mask)
+        b_qs = (b_q * tl.exp(gam + g_before[None, :])).to(b_v.dtype)
+        d_state = tl.dot(tl.trans(b_qs), b_do, d_state)
+        g_before += last
+
+    ptrs, mask = state_ptrs(dU, s, h, offs_k, offs_v, H, K, V)
+    tl.store(ptrs, d_state * scale, mask=mask)
+
+
+@triton.jit
+def _dkdv_kernel(q, k, v, gk, do, span_bounds, dH_out, dk, dv, dgk, chunk_states, span_chunk0, scale, T,
+                 SPAN_TOKENS, SPANS_PER_ROW,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr, SAFE: tl.constexpr, DO_DK: tl.constexpr,
+                 DO_DV: tl.constexpr, DG: tl.constexpr, VARLEN: tl.constexpr):
+    """dk and/or dv of span s, walking its chunks backwards from its outgoing gradient.
+
+    The carried dS is the gradient w.r.t. the state leaving the current chunk:
+    dS ← e^γ ⊙ dS + scale (q ⊙ e^Γ)ᵀ do. dv needs all of K (tiles over V), dk all of V
+    (tiles over K). DG (with DO_DK): `dgk` holds q ⊙ dq from the dq walk and is finished
+    in place, chunk-locally (module docstring), from the chunk states the dq walk stored.
+    """
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    n_tiles: tl.constexpr = triton.cdiv(K, BK) * NV
+    tile = tl.program_id(0) % n_tiles
+    s = tl.program_id(0) // n_tiles
+    h = tl.program_id(1)
+    offs_k = (tile // NV) * BK + tl.arange(0, BK)
+    offs_v = (tile % NV) * BV + tl.arange(0, BV)
+    start, end = span_range(span_bounds, s, T, SPAN_TOKENS, SPANS_PER_ROW, VARLEN)
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    if DG:
+        first_chunk = tl.load(span_chunk0 + s)
+
+    ptrs, mask = state_ptrs(dH_out, s, h, offs_k, offs_v, H, K, V)
+    d_state = tl.load(ptrs, mask=mask, other=0.0)
+    n_chunks = tl.cdiv(end - start, C)
+    for j in range(n_chunks):
+        c = n_chunks - 1 - j
+        offs_t = start + c * C + tl.arange(0, C)
+        mask_t = offs_t < end
+        b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H)
+        b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+        b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H)
+        b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(b_v.dtype)
+        gam, last = _chunk_log_decay(gk, offs_t, mask_t, h, offs_k, K, H)
+        b_qd = (b_q * tl.exp(gam)).to(b_v.dtype)
+        to_end = tl.exp(last[None, :] - gam)
+        d_state_in = d_state.to(b_v.dtype)
+        if DO_DV:
+            A = _scores(b_q, b_qd, b_k, gam, last, SAFE, C) * scale
+            b_kd = (b_k * to_end).to(b_v.dtype)
+            b_dv = tl.dot(tl.trans(A.to(b_v.dtype)), b_do, tl.dot(b_kd, d_state_in))
+            store_tile(dv, b_dv, offs_t, mask_t, h, offs_v, V, H)
+        if DO_DK:
+            dp = tl.where(causal, tl.dot(b_do, tl.trans(b_v)) * scale, 0.0)
+            b_dk = tl.dot(b_v, tl.trans(d_state_in))
+            if DG:
+                b_dk = tl.dot(b_v, tl.trans(_residual(d_state, d_state_in)), b_dk)
+            b_dk *= to_end
+            if tl.min(last, axis=0) > -SAFE:
+                dk_intra = tl.dot(tl.trans(dp.to(b_v.dtype)), b_qd)
+                if DG:
+                    dk_intra = tl.dot(tl.trans(dp.to(b_v.dtype)), _residual(b_q * tl.exp(gam), b_qd), dk_intra)
+                b_dk += dk_intra * tl.exp(-gam)
+            else:
+                b_dk += _exact_apply_t(dp, b_q.to(tl.float32), gam, C)
+            store_tile(dk, b_dk, offs_t, mask_t, h, offs_k, K, H)
+            if DG:
+                ptrs, mask = state_ptrs(chunk_states, first_chunk + c, h, offs_k, offs_v, H, K, V)
+                state_term = tl.sum(tl.load(ptrs, mask=mask, other=0.0) * d_state, axis=1)
+                d_gam = load_tile(dgk, offs_t, mask_t, h, offs_k, K, H) - b_k.to(tl.float32) * b_dk
+                suffix = tl.sum(d_gam, axis=0)[None, :] - tl.cumsum(d_gam, axis=0) + d_gam
+                store_tile(dgk, suffix + state_term[None, :], offs_t, mask_t, h, offs_k, K, H)
+        d_state = d_state * tl.exp(last)[:, None] + tl.dot(tl.trans(b_qd), b_do) * scale
+
+
+# --------------------------------------------------------------------------------------
+# Host side: launches, autograd
+# --------------------------------------------------------------------------------------
+
+
+def _launch_kw(row: str, plan: SpanPlan) -> dict:
+    """`launch_kw(row)`, unpipelined when a head dim exceeds 128: a kernel holding a whole
+    256-wide dim would need more shared memory than a GPU has for a second stage."""
+    kw = launch_kw(row)
+    return dict(kw, num_stages=1) if max(plan.K, plan.V) > 128 else kw
+
+
+def _safe_log_decay(dtype) -> float:
+    return SAFE_LOG_DECAY.get(dtype, DEFAULT_SAFE_LOG_DECAY)
+
+
+def _span_first_chunks(plan: SpanPlan, device):
+    """Each span's first slot in the chunk-state buffer (one slot per chunk, int64 [NS],
+    device ops only) and the buffer's number of slots (a host bound from shapes)."""
+    C, span_chunks = plan.chunk, plan.span_tokens // plan.chunk
+    s = torch.arange(plan.n_spans, device=device)
+    if not plan.varlen:
+        per_row = triton.cdiv(plan.T, C)
+        return (s // plan.spans_per_row) * per_row + (s % plan.spans_per_row) * span_chunks, max(1, plan.B * per_row)
+    ends = plan.doc_ends
+    lengths = ends - torch.nn.functional.pad(ends[:-1], (1, 0))
+    doc_chunk0 = torch.nn.functional.pad(((lengths + C - 1) // C).cumsum(0), (1, 0))
+    doc = torch.searchsorted(plan.doc_spans[1:], s, right=True).clamp_(max=plan.n_docs - 1)
+    return doc_chunk0[doc] + (s - plan.doc_spans[doc]) * span_chunks, triton.cdiv(plan.T, C) + plan.n_docs
+
+
+def _forward_states(k, v, gk, h0, plan: SpanPlan):
+    """Summary and scan launches: every span's incoming state (overwriting its summary),
+    the spans' log-decays [NS, H, K] and each document's final state."""
+    H, K, V, NS = plan.H, plan.K, plan.V, plan.n_spans
+    span_bounds, sizes = plan.span_args(k)
+    states = launch.new_tensor((NS, H, K, V), torch.float32, k.device)
+    g_span = launch.new_tensor((NS, H, K), torch.float32, k.device)
+    BK, BV = (min(LAUNCH["diagonal.summary"].block, triton.next_power_of_2(dim)) for dim in (K, V))
+    _summary_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV) * NS, H)](
+        k, v, gk, span_bounds, states, g_span, *sizes, H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV,
+        VARLEN=plan.varlen, **_launch_kw("diagonal.summary", plan))
+    final = launch.new_tensor((plan.n_docs, H, K, V), torch.float32, k.device)
+    scan_spans(states, g_span, h0, final, plan, reverse=False)
+    return states, g_span, final
+
+
+def _forward_output(q, k, v, gk, states, scale, plan: SpanPlan):
+    """Output launch: every span walked again from its incoming state."""
+    H, K, V, NS = plan.H, plan.K, plan.V, plan.n_spans
+    span_bounds, sizes = plan.span_args(q)
+    o = launch.new_tensor((plan.B, plan.T, H, V), q.dtype, q.device)
+    BK, BV = triton.next_power_of_2(K), tile("diagonal.output", V, K)
+    _output_kernel[(triton.cdiv(V, BV) * NS, H)](
+        q, k, v, gk, span_bounds, states, o, scale, *sizes, H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV,
+        SAFE=_safe_log_decay(q.dtype), VARLEN=plan.varlen, **_launch_kw("diagonal.output", plan))
+    return o
+
+
+def _backward_dq(q, k, v, gk, do, states, scale, plan: SpanPlan, decay_grad: bool):
+    """dq launch: dq, every span's local state gradient, and for dgk (`decay_grad`) the
+    buffer holding q ⊙ dq and the chunk states (else None)."""
+    H, K, V, NS = plan.H, plan.K, plan.V, plan.n_spans
+    dev = q.device
+    span_bounds, sizes = plan.span_args(q)
+    BK, BV = tile("diagonal.dq", K, V), triton.next_power_of_2(V)
+    n_k_tiles = triton.cdiv(K, BK)
+    dq = launch.new_tensor(k.shape, q.dtype, dev)
+    d_states = launch.new_tensor((NS, H, K, V), torch.float32, dev)
+    q_dq = chunk_states = span_chunk0 = None
+    if decay_grad:
+        span_chunk0, n_slots = _span_first_chunks(plan, dev)
+        q_dq = launch.new_tensor(k.shape, torch.float32, dev)
+        chunk_states = launch.new_tensor((n_slots, H, K, V), torch.float32, dev)
+    _dq_kernel[(n_k_tiles * NS, H)](
+        q, k, v, gk, do, span_bounds, states, dq, d_states, q if q_dq is None else q_dq,
+        q if chunk_states is None else chunk_states, q if span_chunk0 is None else span_chunk0, scale, *sizes,
+        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, SAFE=_safe_log_decay(q.dtype), DG=decay_grad,
+        VARLEN=plan.varlen, **_launch_kw("diagonal.dq", plan))
+    return dq, d_states, (q_dq, chunk_states, span_chunk0)
+
+
+def _backward_kvg(q, k, v, gk, do, d_final, d_states, g_span, dgk_parts, scale, want_dh0, want_dg,
+                  plan: SpanPlan, fuse_dkdv: bool):
+    """Reverse scan (from d final_state) and dk/dv launches (dgk finished in place):
+    returns dk, dv, dgk (or None), d initial_state (or None). `d_states` is overwritten."""
+    H, K, V, NS = plan.H, plan.K, plan.V, plan.n_spans
+    dev = q.device
+    span_bounds, sizes = plan.span_args(q)
+    q_dq, chunk_states, span_chunk0 = dgk_parts
+    if want_dg and q_dq is None:
+        raise RuntimeError("dgk was asked for, but gk did not require grad when the call was planned")
+
+    dh0 = launch.new_tensor((plan.n_docs, H, K, V), torch.float32, dev) if want_dh0 else None
+    scan_spans(d_states, g_span, d_final, dh0, plan, reverse=True)
+
+    dk = launch.new_tensor(k.shape, k.dtype, dev)
+    dv = launch.new_tensor(v.shape, v.dtype, dev)
+    PK, PV = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    args = (q, k, v, gk, do, span_bounds, d_states, dk, dv, q if q_dq is None else q_dq,
+            q if chunk_states is None else chunk_states, q if span_chunk0 is None else span_chunk0, scale, *sizes)
+    common = dict(H=H, K=K, V=V, C=plan.chunk, SAFE=_safe_log_decay(q.dtype), DG=want_dg, VARLEN=plan.varlen,
+                  **_launch_kw("diagonal.dkdv", plan))
+    if fuse_dkdv:
+        _dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common)
+    else:
+        BK, BV = tile("diagonal.dkdv", K, V), tile("diagonal.dkdv", V, K)
+        _dkdv_kernel[(triton.cdiv(V, BV) * NS, H)](*args, BK=PK, BV=BV, DO_DK=False, DO_DV=True, **common)
+        _dkdv_kernel[(triton.cdiv(K, BK) * NS, H)](*args, BK=BK, BV=PV, DO_DK=True, DO_DV=False, **common)
+    return dk, dv, q_dq if want_dg else None, dh0
+
+
+@dataclass(frozen=True)
+class TritonPhases:
+    """The launches of one call grouped at their data dependencies, in the phases of
+    `lasp.kernels.linear_attention_phases`: summary + scan | output | dq | reverse scan +
+    dk/dv (+ dgk). Holds the launch geometry only; tensors are passed in.
+
+    `decay_grad`: gk requires grad, so the dq walk keeps what dgk needs (q ⊙ dq and one
+    state per chunk). `fuse_dkdv`: one backward launch for dk and dv.
+
+    `saved` = (every span's incoming state, the spans' log-decays [NS, H, K], the final
+    states): one K×V state per span and head. `partial` = (do, the spans' local state
+    gradients, the dgk parts of the dq walk).
+    """
+
+    plan: SpanPlan
+    scale: float
+    decay_grad: bool
+    fuse_dkdv: bool
+
+    def summarize(self, k, v, g, initial_state):
+        states, g_span, final = _forward_states(k, v, g, initial_state, self.plan)
+        return final, (states, g_span, final)
+
+    def output(self, q, k, v, g, saved):
+        return _forward_output(q, k, v, g, saved[0], self.scale, self.plan)
+
+    def grad_q(self, q, k, v, g, saved, do):
+        do = do.contiguous()
+        dq, d_states, dgk_parts = _backward_dq(q, k, v, g, do, saved[0], self.scale, self.plan, self.decay_grad)
+        return dq, (do, d_states, dgk_parts)
+
+    def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True):
+        """(dk, dv, dgk or None, d initial_state or None)."""
+        do, d_states, dgk_parts = partial
+        d_final = None if d_final is None else d_final.float().contiguous()
+        return _backward_kvg(q, k, v, g, do, d_final, d_states, saved[1], dgk_parts, self.scale, want_dh0,
+                             want_dg, self.plan, self.fuse_dkdv)
+
+
+class _TritonLinearAttention(torch.autograd.Function):
+    """Differentiable in q, k, v, gk and the initial state, and through the final state:
+    the phases run back to back."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gk, initial_state, phases, output_final_state):
+        final, saved = phases.summarize(k, v, gk, initial_state)
+        o = phases.output(q, k, v, gk, saved)
+        ctx.save_for_backward(q, k, v, gk, *saved)
+        ctx.phases = phases
+        ctx.has_initial_state = initial_state is not None
+        ctx.set_materialize_grads(False)
+        return o, final if output_final_state else None
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, d_final):
+        q, k, v, gk, *saved = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+        dq, partial = ctx.phases.grad_q(q, k, v, gk, saved, do)
+        dk, dv, dgk, dh0 = ctx.phases.grad_kvg(
+            q, k, v, gk, saved, partial, d_final, want_dg=ctx.needs_input_grad[3] and ctx.phases.decay_grad,
+            want_dh0=ctx.has_initial_state and ctx.needs_input_grad[4])
+        return dq, dk, dv, dgk, dh0, None, None
+
+
+def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, *, chunk_size=None, span_chunks=None,
+                  fuse_dkdv=None):
+    """`TritonPhases` for these inputs (arguments as in `triton_linear_attention`), and the
+    inputs in the form its phases take: (q, k, v, gk, initial_state), contiguous, the decay
+    and the state in fp32 (differentiable conversions)."""
+    if chunk_size is None:
+        chunk_size = CHUNK_SIZE if max(k.shape[-1], v.shape[-1]) <= 128 else WIDE_HEAD_CHUNK
+    plan = make_span_plan(k, v, cu_seqlens, chunk_size, span_chunks)
+    if fuse_dkdv is None:
+        fuse_dkdv = triton.next_power_of_2(plan.K) * triton.next_power_of_2(plan.V) <= FUSED_DKDV_MAX_ELEMENTS
+    inputs = (q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(),
+              None if initial_state is None else initial_state.float().contiguous())
+    return TritonPhases(plan, float(scale), g.requires_grad, bool(fuse_dkdv)), inputs
+
+
+def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, *,
+                            chunk_size=None, span_chunks=None, fuse_dkdv=None):
+    """Causal chunkwise linear attention with a per-key decay on the Triton backend (inputs
+    already validated).
+
+    Args:
+        q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32); CUDA tensors (or CPU
+            under TRITON_INTERPRET=1); K and V in 16..256.
+        g: [B,T,H,K] float32 natural-log decay per key dimension (≤ 0), fla's `gk`.
+        scale: python float multiplying q.
+        initial_state: None or [N,H,K,V] float32 (N = B, or len(cu_seqlens) - 1).
+        output_final_state: also return the state after each document's last token.
+        cu_seqlens: None or int32/int64 device tensor [N+1] of packed offsets (B == 1).
+        chunk_size, span_chunks, fuse_dkdv: as in the scalar family (tuning and test knobs);
+            chunk_size None: CHUNK_SIZE, or WIDE_HEAD_CHUNK when a head dim exceeds 128.
+
+    Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] float32 or None), differentiable
+    in q, k, v, g and initial_state.
+    """
+    phases, inputs = triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, chunk_size=chunk_size,
+                                   span_chunks=span_chunks, fuse_dkdv=fuse_dkdv)
+    return _TritonLinearAttention.apply(*inputs, phases, bool(output_final_state))
+
+
+def linear_attention(q, k, v, g, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
+                     causal=True):
+    """The family's entry for `lasp.kernels.linear_attention` (validated arguments, causal;
+    `g` the per-key log-decay [B,T,H,K]): `triton_linear_attention`."""
+    return triton_linear_attention(q, k, v, g.float().contiguous(), float(scale),
+                                   None if initial_state is None else initial_state.float(), output_final_state,
+                                   cu_seqlens)
+
+
+def phases(q, k, v, g, *, scale, initial_state=None, cu_seqlens=None, causal=True):
+    """The family's entry for `lasp.kernels.linear_attention_phases` (causal): `triton_phases`."""
+    return triton_phases(q, k, v, g, scale, initial_state, cu_seqlens)

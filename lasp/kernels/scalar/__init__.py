@@ -1,0 +1,10 @@
+"""Plain linear attention and a scalar decay per head (`g_gamma`) or per head and token (`g`).
+
+- `chunk`: the chunkwise torch form (any dtype; the oracle of the Triton kernels).
+- `triton`: the Triton kernels, `TritonPhases`, `triton_linear_attention` and
+  `triton_phases` (imported on use: Triton is optional for the torch backend).
+"""
+
+from lasp.kernels.scalar.chunk import chunk_linear_attention, final_state
+
+__all__ = ["chunk_linear_attention", "final_state"]

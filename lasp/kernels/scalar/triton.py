@@ -1,0 +1,634 @@
+"""Triton kernels of plain linear attention and of a scalar decay: forward and backward.
+
+Per head the recurrence is (DESIGN.md §1)::
+
+    S_t = exp(g_t) S_{t-1} + k_t v_tᵀ          o_t = scale · q_tᵀ S_t
+
+Work is cut into chunks of C tokens and *spans* of a few consecutive chunks; neither
+crosses a document boundary (`lasp.kernels.common.plan`). The summary idea of LASP-2 is
+used inside the GPU so that one long document still fills every SM: instead of walking
+all chunks of a document in B·H programs (the sequential state pass of chunkwise
+kernels), every span is walked by its own programs and only a tiny scan over span
+summaries is sequential.
+
+Forward (three launches):
+
+Span kernels run one program per (span, tile) on grid axis 0, tiles of a span adjacent so
+that they share its chunk loads through L2, and per head on axis 1.
+
+1. `_fwd_summary_kernel`, one program per (span, head, K-tile, V-tile): walks the span's
+   chunks from a zero state and writes the span's local state `U_s` and its log-decay
+   `G_s` (sum of g over the span).
+2. `scan_kernel` (`lasp.kernels.common.scan`): per (document, head), scans the summaries
+   in order from the initial state (or zero), overwriting each `U_s` in place with the
+   span's incoming state and writing the final state.
+3. `_fwd_output_kernel`, one program per (span, head, V-tile): walks the span again from
+   its incoming state and writes each chunk's output
+   `o = scale[(q ⊙ e^Γ) h_c + ((q kᵀ) ⊙ M) v]`.
+
+Backward (three launches plus a small torch epilogue for dg):
+
+1. `_bwd_dq_kernel`, one program per (span, head, K-tile): walks forward from the span's
+   incoming state (saved by the forward: small), writes
+   `dq = scale[((do vᵀ) ⊙ M) k + e^Γ (do h_cᵀ)]`, and accumulates the span's local state
+   gradient `dU_s` (gradient of the span's outputs w.r.t. its incoming state).
+2. `scan_kernel` in reverse: from d final_state (or zero) turns `dU_s` in place into the
+   gradient of each span's outgoing state, and writes d initial_state.
+3. `_bwd_dkdv_kernel`, walking each span backwards from its outgoing state gradient:
+   `dv = scale((q kᵀ) ⊙ M)ᵀ do + (k ⊙ e^{γ−Γ}) dh`, `dk = scale((do vᵀ) ⊙ M)ᵀ q +
+   e^{γ−Γ} (v dhᵀ)`. When the full K×V state gradient fits one program's registers
+   (K, V ≤ 128) one launch writes both; otherwise two launches
+   (dv over V-tiles with all of K, dk over K-tiles with all of V) each carry a slice.
+
+Here Γ is the chunk-local inclusive cumulative log-decay, γ = Γ at the chunk's last token
+and M_ts = exp(Γ_t − Γ_s) for s ≤ t, 0 otherwise (masked before the exp, so no overflow).
+With a decay, dg follows from `dB_t = q_t·dq_t − k_t·dk_t` (fp32, from the kernels'
+accumulators): dg is the reverse cumulative sum of dB within each document plus
+`<d final_state, final_state>` of that document (the final state scales with every g).
+Those long sums cancel q·dq against k·dk, which amplifies any rounding inside dB, so when
+g requires grad (`TritonPhases.decay_grad`, the kernels' DG switch) the states and state
+gradients add back their bf16 rounding residuals in extra dots; a fixed decay (g_gamma
+as a buffer) skips them and dB.
+
+A row weight w (MoM's routing weights) makes the output w_t·o_t; the backward applies
+w in fp32 inside the kernels rather than receiving w·do rounded to bf16.
+
+`TritonPhases` groups these launches at their data dependencies: summary + scan (reads
+k, v, g; gives the final states) | output | dq (needs no d final_state) | reverse scan +
+dk/dv + dg epilogue, so that LASP-2 can run its collectives in between
+(`lasp.kernels.linear_attention_phases`); `triton_linear_attention` runs them back to back.
+
+No host synchronisation: launch grids depend on shapes only (for packed input an upper
+bound on the number of spans); span bounds are computed on the device and surplus programs find an empty span. States, summaries and
+accumulators are fp32; `tl.dot` operands are in the input dtype (fp32 inputs use the
+tensor cores' default TF32 on GPUs). Launch parameters: the `scalar.*` rows of
+`lasp.kernels.common.launch.LAUNCH`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from lasp.kernels.common import launch
+from lasp.kernels.common.launch import CHUNK_SIZE, LAUNCH, launch_kw, tile
+from lasp.kernels.common.plan import SpanPlan, make_span_plan
+from lasp.kernels.common.scan import scan_spans
+from lasp.kernels.common.tiles import decayed_outer_acc, load_tile, query_rows, span_range, state_ptrs, store_tile
+
+# The widest K×V state gradient one program keeps in registers for the fused dk/dv
+# launch; wider states take the split launch (dv over V-tiles with all of K, dk over
+# K-tiles with all of V), which reads q, k, v and do twice: on an H200 at B=1, T=32K,
+# H=16, D=128 the split launch costs 1.24 / 1.81 / 2.77 ms fwd+bwd against the fused
+# one's 0.92 / 1.44 / 2.32 (plain / g_gamma / g; benchmarks/results/tune_launch_*-s4).
+FUSED_DKDV_MAX_ELEMENTS = 128 * 128
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_gates(g, offs_t, mask_t, h, H: tl.constexpr):
+    """Chunk-local inclusive cumulative log-decay Γ [C] and its last value γ.
+
+    Padded tokens load g = 0, so Γ stays flat after the chunk's last real token.
+    """
+    b_g = tl.load(g + offs_t * H + h, mask=mask_t, other=0.0)
+    return tl.cumsum(b_g, axis=0), tl.sum(b_g, axis=0)
+
+
+@triton.jit
+def _fwd_summary_kernel(k, v, g, span_bounds, U, G_span, T, SPAN_TOKENS, SPANS_PER_ROW,
+                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr,
+                        USE_G: tl.constexpr, DG: tl.constexpr, VARLEN: tl.constexpr):
+    """U_s = Σ_chunks decayed kᵀv of span s from a zero state; G_s = Σ g over s. DG:
+    the decay's gradient will be wanted (states exact to fp32, `decayed_outer_acc`)."""
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    n_tiles: tl.constexpr = triton.cdiv(K, BK) * NV
+    tile = tl.program_id(0) % n_tiles
+    s = tl.program_id(0) // n_tiles
+    h = tl.program_id(1)
+    offs_k = (tile // NV) * BK + tl.arange(0, BK)
+    offs_v = (tile % NV) * BV + tl.arange(0, BV)
+    start, end = span_range(span_bounds, s, T, SPAN_TOKENS, SPANS_PER_ROW, VARLEN)
+
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    g_total = 0.0
+    for i in range(tl.cdiv(end - start, C)):
+        offs_t = start + i * C + tl.arange(0, C)
+        mask_t = offs_t < end
+        b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+        b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H)
+        if USE_G:
+            gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
+            state = decayed_outer_acc(b_k, tl.exp(g_last - gam), b_v, state * tl.exp(g_last), DG)
+            g_total += g_last
+        else:
+            state = tl.dot(tl.trans(b_k), b_v, state)
+
+    ptrs, mask = state_ptrs(U, s, h, offs_k, offs_v, H, K, V)
+    tl.store(ptrs, state, mask=mask)
+    if USE_G:
+        if tile == 0:
+            tl.store(G_span + s.to(tl.int64) * H + h, g_total)
+
+
+@triton.jit
+def _fwd_output_kernel(q, k, v, g, w, rows, span_bounds, H_in, o, scale, T, SPAN_TOKENS, SPANS_PER_ROW,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                       ROW_WEIGHT: tl.constexpr, GATHER: tl.constexpr, VARLEN: tl.constexpr):
+    """Outputs of span s for one V-tile, carrying the state (all of K) chunk to chunk;
+    ROW_WEIGHT scales each token's output by w[token] (fp32) before it is stored; GATHER
+    reads position t's query from row rows[t] of q."""
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    s = tl.program_id(0) // NV
+    h = tl.program_id(1)
+    offs_k = tl.arange(0, BK)
+    offs_v = (tl.program_id(0) % NV) * BV + tl.arange(0, BV)
+    start, end = span_range(span_bounds, s, T, SPAN_TOKENS, SPANS_PER_ROW, VARLEN)
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+
+    ptrs, mask = state_ptrs(H_in, s, h, offs_k, offs_v, H, K, V)
+    state = tl.load(ptrs, mask=mask, other=0.0)
+    for i in range(tl.cdiv(end - start, C)):
+        offs_t = start + i * C + tl.arange(0, C)
+        mask_t = offs_t < end
+        b_q = load_tile(q, query_rows(rows, offs_t, mask_t, GATHER), mask_t, h, offs_k, K, H)
+        b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+        b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H)
+        scores = tl.dot(b_q, tl.trans(b_k)) * scale
+        b_o = tl.dot(b_q, state.to(b_q.dtype))
+        if USE_G:
+            gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
+            scores *= tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
+            b_o *= (tl.exp(gam) * scale)[:, None]
+            b_k = (b_k * tl.exp(g_last - gam)[:, None]).to(b_v.dtype)
+            state = state * tl.exp(g_last)
+        else:
+            scores = tl.where(causal, scores, 0.0)
+            b_o *= scale
+        b_o = tl.dot(scores.to(b_v.dtype), b_v, b_o)
+        if ROW_WEIGHT:
+            b_o *= tl.load(w + offs_t, mask=mask_t, other=0.0)[:, None]
+        store_tile(o, b_o, offs_t, mask_t, h, offs_v, V, H)
+        state = tl.dot(tl.trans(b_k), b_v, state)
+
+
+@triton.jit
+def _bwd_dq_kernel(q, k, v, g, w, rows, do, span_bounds, H_in, dq, dU, dB_q, scale, T,
+                   SPAN_TOKENS, SPANS_PER_ROW,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr,
+                   USE_G: tl.constexpr, DG: tl.constexpr, ROW_WEIGHT: tl.constexpr,
+                   GATHER: tl.constexpr, VARLEN: tl.constexpr):
+    """dq of span s for one K-tile (all of V), and the span's local state gradient.
+
+    Walks forward from the span's incoming state h. dU_s = Σ_c e^{Σ_{c'<c} γ_c'} ·
+    scale (q ⊙ e^Γ)ᵀ do over the span's chunks c (the gradient of the span's
+    outputs w.r.t. its incoming state). With the decay's gradient (DG) or a row weight
+    also writes this K-tile's share of Σ_k q⊙dq per token to dB_q[token, head, K-tile]
+    (where the row weight is 0: of q·dq as if it were 1, the weight's own gradient).
+
+    ROW_WEIGHT: the output was w ⊙ o, so the true cotangent of o is w_t·do_t. It enters
+    in fp32 (dq's rows, the weights of dU, exact as in `decayed_outer_acc`) instead of
+    rounding w·do for the dots. GATHER: position t's q and do are row rows[t] of q, do.
+    """
+    NK: tl.constexpr = triton.cdiv(K, BK)
+    kt = tl.program_id(0) % NK
+    s = tl.program_id(0) // NK
+    h = tl.program_id(1)
+    offs_k = kt * BK + tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
+    start, end = span_range(span_bounds, s, T, SPAN_TOKENS, SPANS_PER_ROW, VARLEN)
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+
+    ptrs, mask = state_ptrs(H_in, s, h, offs_k, offs_v, H, K, V)
+    state = tl.load(ptrs, mask=mask, other=0.0)
+    d_state = tl.zeros([BK, BV], dtype=tl.float32)
+    g_before = 0.0  # log-decay from the span's start to the current chunk's start
+    for i in range(tl.cdiv(end - start, C)):
+        offs_t = start + i * C + tl.arange(0, C)
+        mask_t = offs_t < end
+        q_rows = query_rows(rows, offs_t, mask_t, GATHER)
+        b_q = load_tile(q, q_rows, mask_t, h, offs_k, K, H)
+        b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+        b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H)
+        b_do = load_tile(do, q_rows, mask_t, h, offs_v, V, H).to(v.dtype.element_ty)
+        if ROW_WEIGHT:
+            b_w = tl.load(w + offs_t, mask=mask_t, other=0.0)
+        dp = tl.dot(b_do, tl.trans(b_v)) * scale
+        state_in = state.to(b_do.dtype)
+        b_dq = tl.dot(b_do, tl.trans(state_in))
+        if DG:
+            # dg sums q·dq over the whole document, where the state's rounding to the dot
+            # dtype (2^-9 in bf16) would accumulate: the rounding residual goes in too.
+            b_dq = tl.dot(b_do, tl.trans((state - state_in.to(tl.float32)).to(b_do.dtype)), b_dq)
+        if USE_G:
+            gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
+            dp *= tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
+            b_dq *= (tl.exp(gam) * scale)[:, None]
+        else:
+            dp = tl.where(causal, dp, 0.0)
+            b_dq *= scale
+        if ROW_WEIGHT:
+            # Before dp's rounding, as the dk walk weights its dpᵀ: dB's long sums cancel
+            # q·dq against k·dk pair by pair only when both round the same values. A zero
+            # weight's row is walked with weight 1, so that dB_q holds its own gradient
+            # <do, o> (not zero), and its dq is zeroed when stored.
+            walk_w = tl.where(b_w != 0.0, b_w, 1.0)
+            dp *= walk_w[:, None]
+            b_dq *= walk_w[:, None]
+        b_dq = tl.dot(dp.to(b_k.dtype), b_k, b_dq)
+        if DG or ROW_WEIGHT:
+            tl.store(dB_q + (offs_t * H + h) * NK + kt, tl.sum(b_q.to(tl.float32) * b_dq, axis=1),
+                     mask=mask_t)
+        if ROW_WEIGHT:
+            b_dq = tl.where((b_w != 0.0)[:, None], b_dq, 0.0)
+        store_tile(dq, b_dq, offs_t, mask_t, h, offs_k, K, H)
+        if USE_G:
+            q_weight = tl.exp(gam + g_before)
+            if ROW_WEIGHT:
+                q_weight *= b_w
+            d_state = decayed_outer_acc(b_q, q_weight, b_do, d_state, DG or ROW_WEIGHT)
+            state = decayed_outer_acc(b_k, tl.exp(g_last - gam), b_v, state * tl.exp(g_last), DG)
+            g_before += g_last
+        else:
+            if ROW_WEIGHT:
+                d_state = decayed_outer_acc(b_q, b_w, b_do, d_state, True)
+            else:
+                d_state = tl.dot(tl.trans(b_q), b_do, d_state)
+            state = tl.dot(tl.trans(b_k), b_v, state)
+
+    ptrs, mask = state_ptrs(dU, s, h, offs_k, offs_v, H, K, V)
+    tl.store(ptrs, d_state * scale, mask=mask)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(q, k, v, g, w, rows, do, span_bounds, dH_out, dk, dv, dB_k, scale, T,
+                     SPAN_TOKENS, SPANS_PER_ROW,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, DO_DK: tl.constexpr,
+                     DO_DV: tl.constexpr, USE_G: tl.constexpr, DG: tl.constexpr,
+                     ROW_WEIGHT: tl.constexpr, GATHER: tl.constexpr, VARLEN: tl.constexpr):
+    """dk and/or dv of span s, walking its chunks backwards from its outgoing gradient.
+
+    The carried dh is the gradient w.r.t. the state leaving the current chunk:
+    dh ← e^γ dh + scale (q ⊙ e^Γ)ᵀ do. dv needs all of K (BK ≥ K, tiles over V); dk
+    needs all of V (BV ≥ V, tiles over K); both at once need the whole K×V tile. With the
+    decay's gradient (DG), DO_DK also writes this K-tile's share of Σ_k k⊙dk per token to
+    dB_k[token, head, K-tile]. ROW_WEIGHT (as in the dq walk) scales the query-token
+    columns of the chunk's score matrices and the weights of dh by w, in fp32. GATHER
+    reads q and do as the dq walk does.
+    """
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    n_tiles: tl.constexpr = triton.cdiv(K, BK) * NV
+    tile = tl.program_id(0) % n_tiles
+    s = tl.program_id(0) // n_tiles
+    h = tl.program_id(1)
+    kt = tile // NV
+    offs_k = kt * BK + tl.arange(0, BK)
+    offs_v = (tile % NV) * BV + tl.arange(0, BV)
+    start, end = span_range(span_bounds, s, T, SPAN_TOKENS, SPANS_PER_ROW, VARLEN)
+    # Transposed causal mask: row s (key), column t (query), s ≤ t.
+    causal_t = tl.arange(0, C)[:, None] <= tl.arange(0, C)[None, :]
+
+    ptrs, mask = state_ptrs(dH_out, s, h, offs_k, offs_v, H, K, V)
+    d_state = tl.load(ptrs, mask=mask, other=0.0)
+    n_chunks = tl.cdiv(end - start, C)
+    for j in range(n_chunks):
+        offs_t = start + (n_chunks - 1 - j) * C + tl.arange(0, C)
+        mask_t = offs_t < end
+        q_rows = query_rows(rows, offs_t, mask_t, GATHER)
+        b_q = load_tile(q, q_rows, mask_t, h, offs_k, K, H)
+        b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+        b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H)
+        b_do = load_tile(do, q_rows, mask_t, h, offs_v, V, H).to(v.dtype.element_ty)
+        if USE_G:
+            gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
+        if ROW_WEIGHT:
+            b_w = tl.load(w + offs_t, mask=mask_t, other=0.0)
+        d_state_in = d_state.to(b_q.dtype)
+        if DO_DV:
+            scores_t = tl.dot(b_k, tl.trans(b_q)) * scale
+            b_dv = tl.dot(b_k, d_state_in)
+            if USE_G:
+                scores_t *= tl.exp(tl.where(causal_t, gam[None, :] - gam[:, None], float("-inf")))
+                b_dv *= tl.exp(g_last - gam)[:, None]
+            else:
+                scores_t = tl.where(causal_t, scores_t, 0.0)
+            if ROW_WEIGHT:
+                scores_t *= b_w[None, :]
+            b_dv = tl.dot(scores_t.to(b_do.dtype), b_do, b_dv)
+            store_tile(dv, b_dv, offs_t, mask_t, h, offs_v, V, H)
+        if DO_DK:
+            dp_t = tl.dot(b_v, tl.trans(b_do)) * scale
+            b_dk = tl.dot(b_v, tl.trans(d_state_in))
+            if DG:
+                # As in the dq walk: the state gradient's rounding residual, for dg.
+                residual = (d_state - d_state_in.to(tl.float32)).to(b_q.dtype)
+                b_dk = tl.dot(b_v, tl.trans(residual), b_dk)
+            if USE_G:
+                dp_t *= tl.exp(tl.where(causal_t, gam[None, :] - gam[:, None], float("-inf")))
+                b_dk *= tl.exp(g_last - gam)[:, None]
+            else:
+                dp_t = tl.where(causal_t, dp_t, 0.0)
+            if ROW_WEIGHT:
+                dp_t *= b_w[None, :]
+            b_dk = tl.dot(dp_t.to(b_q.dtype), b_q, b_dk)
+            store_tile(dk, b_dk, offs_t, mask_t, h, offs_k, K, H)
+            if DG:
+                NK: tl.constexpr = triton.cdiv(K, BK)
+                tl.store(dB_k + (offs_t * H + h) * NK + kt,
+                         tl.sum(b_k.to(tl.float32) * b_dk, axis=1), mask=mask_t)
+        if USE_G:
+            q_weight = tl.exp(gam) * scale
+            if ROW_WEIGHT:
+                q_weight *= b_w
+            d_state = decayed_outer_acc(b_q, q_weight, b_do, d_state * tl.exp(g_last), DG or ROW_WEIGHT)
+        elif ROW_WEIGHT:
+            d_state = decayed_outer_acc(b_q, b_w * scale, b_do, d_state, True)
+        else:
+            d_state += tl.dot(tl.trans(b_q), b_do) * scale
+
+
+# --------------------------------------------------------------------------------------
+# Host side: launches, autograd
+# --------------------------------------------------------------------------------------
+
+
+def _forward_states(k, v, g, h0, plan: SpanPlan, decay_grad: bool):
+    """Summary and scan launches: every span's incoming state (overwriting its summary),
+    the spans' log-decays (or None) and each document's final state."""
+    H, K, V, NS = plan.H, plan.K, plan.V, plan.n_spans
+    dev, use_g = k.device, g is not None
+    span_bounds, sizes = plan.span_args(k)
+
+    states = launch.new_tensor((NS, H, K, V), torch.float32, dev)
+    g_span = launch.new_tensor((NS, H), torch.float32, dev) if use_g else None
+    row = "scalar.summary_dg" if decay_grad else "scalar.summary"
+    BK, BV = (min(LAUNCH[row].block, triton.next_power_of_2(dim)) for dim in (K, V))
+    _fwd_summary_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV) * NS, H)](
+        k, v, g if use_g else k, span_bounds, states, states if g_span is None else g_span, *sizes,
+        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, DG=decay_grad,
+        VARLEN=plan.varlen, **launch_kw(row))
+
+    final = launch.new_tensor((plan.n_docs, H, K, V), torch.float32, dev)
+    scan_spans(states, g_span, h0, final, plan, reverse=False)
+    return states, g_span, final
+
+
+def _forward_output(q, k, v, g, w, rows, states, scale, plan: SpanPlan):
+    """Output launch: every span walked again from its incoming state (rows scaled by
+    the row weight `w` when given; queries gathered by `rows` when given, the output then
+    fp32)."""
+    H, K, V, NS = plan.H, plan.K, plan.V, plan.n_spans
+    use_g = g is not None
+    span_bounds, sizes = plan.span_args(q)
+    o = launch.new_tensor((plan.B, plan.T, H, V), q.dtype if rows is None else torch.float32, q.device)
+    BK, BV = triton.next_power_of_2(K), tile("scalar.output", V, K)
+    _fwd_output_kernel[(triton.cdiv(V, BV) * NS, H)](
+        q, k, v, g if use_g else q, q if w is None else w, q if rows is None else rows, span_bounds, states,
+        o, scale, *sizes, H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g,
+        ROW_WEIGHT=w is not None, GATHER=rows is not None, VARLEN=plan.varlen, **launch_kw("scalar.output"))
+    return o
+
+
+def _backward_dq(q, k, v, g, w, rows, do, states, scale, plan: SpanPlan, decay_grad: bool):
+    """dq launch: dq, every span's local state gradient dU_s, and dB_q (for the decay's
+    gradient or a row weight `w`; None otherwise). With `rows`, dq is per position, fp32."""
+    H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_spans, plan.tokens
+    dev, use_g = q.device, g is not None
+    span_bounds, sizes = plan.span_args(q)
+    BK, BV = tile("scalar.dq", K, V), triton.next_power_of_2(V)
+    n_k_tiles = triton.cdiv(K, BK)
+    dq = launch.new_tensor(k.shape, q.dtype if rows is None else torch.float32, dev)
+    d_states = launch.new_tensor((NS, H, K, V), torch.float32, dev)
+    dB_q = launch.new_tensor((TT, H, n_k_tiles), torch.float32, dev) if decay_grad or w is not None else None
+    _bwd_dq_kernel[(n_k_tiles * NS, H)](
+        q, k, v, g if use_g else q, q if w is None else w, q if rows is None else rows, do, span_bounds,
+        states, dq, d_states, q if dB_q is None else dB_q, scale, *sizes,
+        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, DG=decay_grad,
+        ROW_WEIGHT=w is not None, GATHER=rows is not None, VARLEN=plan.varlen, **launch_kw("scalar.dq"))
+    return dq, d_states, dB_q
+
+
+def _backward_kvg(q, k, v, g, w, rows, do, d_final, d_states, g_span, final, dB_q, scale, want_dh0, want_dg,
+                  plan: SpanPlan, decay_grad: bool, fuse_dkdv: bool):
+    """Reverse scan (from d final_state) and dk/dv launches, then the dg epilogue: returns
+    dk, dv, dg (or None), d initial_state (or None). `d_states` is overwritten."""
+    H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_spans, plan.tokens
+    dev, use_g = q.device, g is not None
+    span_bounds, sizes = plan.span_args(q)
+    common = dict(H=H, K=K, V=V, C=plan.chunk, USE_G=use_g, DG=decay_grad, ROW_WEIGHT=w is not None,
+                  GATHER=rows is not None, VARLEN=plan.varlen)
+
+    dh0 = launch.new_tensor((plan.n_docs, H, K, V), torch.float32, dev) if want_dh0 else None
+    scan_spans(d_states, g_span, d_final, dh0, plan, reverse=True)
+
+    dk = launch.new_tensor(k.shape, k.dtype, dev)
+    dv = launch.new_tensor(v.shape, v.dtype, dev)
+    PK, PV = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    row = "scalar.dkdv_dg" if decay_grad else "scalar.dkdv"
+    BK = PK if fuse_dkdv else tile(row, K, V)
+    n_k_tiles = triton.cdiv(K, BK)
+    dB_k = launch.new_tensor((TT, H, n_k_tiles), torch.float32, dev) if decay_grad else q
+    args = (q, k, v, g if use_g else q, q if w is None else w, q if rows is None else rows, do, span_bounds,
+            d_states, dk, dv, dB_k, scale, *sizes)
+    common.update(launch_kw(row))
+    if fuse_dkdv:
+        _bwd_dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common)
+    else:
+        BV = tile(row, V, K)
+        _bwd_dkdv_kernel[(triton.cdiv(V, BV) * NS, H)](*args, BK=PK, BV=BV, DO_DK=False, DO_DV=True, **common)
+        _bwd_dkdv_kernel[(n_k_tiles * NS, H)](*args, BK=BK, BV=PV, DO_DK=True, DO_DV=False, **common)
+
+    if not want_dg:
+        return dk, dv, None, dh0
+    if not decay_grad:
+        raise RuntimeError("dg was asked for, but g did not require grad when the call was planned")
+    dB_q = dB_q.sum(-1)
+    if w is not None:
+        dB_q = torch.where(w[:, None] != 0, dB_q, 0.0)   # zero-weight rows hold <do, o> (dq walk)
+    return dk, dv, _decay_grad(dB_q - dB_k.sum(-1), final, d_final, plan), dh0
+
+
+def _decay_grad(dB, final, d_final, plan: SpanPlan):
+    """dg_u = Σ_{t ≥ u in u's document} dB_t + <d final, final> of that document.
+
+    dB_t = q_t·dq_t − k_t·dk_t is the gradient w.r.t. the cumulative log-decay at t; g_u
+    enters every cumulative decay from u on, and the final state scales with each g_u.
+    The long suffix sums run in float64 (device ops only, no host sync).
+    """
+    B, T, H = plan.B, plan.T, plan.H
+    dB = dB.double()
+    final_term = None if d_final is None else (d_final.double() * final.double()).sum((-2, -1))
+    # Suffix sums along the innermost axis: a cumsum over a long strided axis runs one
+    # sequential thread per column on the GPU, along the last axis it is a parallel scan.
+    if not plan.varlen:
+        dg = _suffix_sum(dB.view(B, T, H).transpose(1, 2)).transpose(1, 2)
+        if final_term is not None:
+            dg = dg + final_term[:, None, :]
+        return dg.float().contiguous()
+    suffix = torch.cat([_suffix_sum(dB.T), dB.new_zeros(H, 1)], 1).T
+    doc = torch.searchsorted(plan.doc_ends, torch.arange(plan.tokens, device=dB.device), right=True)
+    dg = suffix[:-1] - suffix[plan.doc_ends[doc]]
+    if final_term is not None:
+        dg += final_term[doc]
+    return dg.float().view(B, T, H)
+
+
+def _suffix_sum(x):
+    """Inclusive suffix sums along the last axis (made contiguous first)."""
+    return x.contiguous().flip(-1).cumsum(-1).flip(-1)
+
+
+@dataclass(frozen=True)
+class TritonPhases:
+    """The launches of one call grouped at their data dependencies, in the phases of
+    `lasp.kernels.linear_attention_phases`: summary + scan | output | dq | reverse scan +
+    dk/dv + dg epilogue. Holds the launch geometry only; tensors are passed in.
+
+    `decay_grad`: g requires grad, so the kernels keep the states exact for dg (their DG
+    switch); a fixed decay (g_gamma as a buffer) skips that work. `fuse_dkdv`: one
+    backward launch for dk and dv.
+
+    `saved` = (every span's incoming state, the spans' log-decays, the final states):
+    small, one K×V state per span and head; the backward recomputes every chunk state
+    from those. `partial` = (do, the spans' local state gradients, dB_q).
+
+    `row_weight` (fp32 [B·T] or None, the same for every phase of a call): the output is
+    w_t · o_t. MoM passes its routing weights here, so that the backward applies them in
+    fp32 rather than receiving w·do rounded to the dot dtype.
+
+    `rows` (int64 [B·T] or None, the same for every phase of a call): position t's query
+    and output gradient are row rows[t] of q and do, which may then have any number of
+    rows (MoM: its routed copies read their token's row, no copies are materialised).
+    The output and dq are per position and fp32, for the caller to sum and round once.
+    """
+
+    plan: SpanPlan
+    scale: float
+    decay_grad: bool
+    fuse_dkdv: bool
+
+    def summarize(self, k, v, g, initial_state):
+        states, g_span, final = _forward_states(k, v, g, initial_state, self.plan, self.decay_grad)
+        return final, (states, g_span, final)
+
+    def output(self, q, k, v, g, saved, row_weight=None, rows=None):
+        return _forward_output(q, k, v, g, row_weight, rows, saved[0], self.scale, self.plan)
+
+    def grad_q(self, q, k, v, g, saved, do, row_weight=None, rows=None):
+        do = do.contiguous()
+        dq, d_states, dB_q = _backward_dq(q, k, v, g, row_weight, rows, do, saved[0], self.scale, self.plan,
+                                          self.decay_grad)
+        return dq, (do, d_states, dB_q)
+
+    def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True,
+                 row_weight=None, rows=None):
+        """(dk, dv, dg or None, d initial_state or None)."""
+        _, g_span, final = saved
+        do, d_states, dB_q = partial
+        d_final = None if d_final is None else d_final.float().contiguous()
+        return _backward_kvg(q, k, v, g, row_weight, rows, do, d_final, d_states, g_span, final, dB_q,
+                             self.scale, want_dh0, want_dg and g is not None, self.plan, self.decay_grad,
+                             self.fuse_dkdv)
+
+    @staticmethod
+    def grad_row_weight(partial, row_weight):
+        """d row_weight [B·T]: Σ over heads of <do_t, o_t> (o unweighted), from the dq
+        walk's dB_q: q_t·dq_t / w_t, or q_t·dq_t itself where w_t = 0 (walked with 1)."""
+        q_dq = partial[2].sum((1, 2))
+        return torch.where(row_weight != 0, q_dq / row_weight, q_dq)
+
+
+class _TritonLinearAttention(torch.autograd.Function):
+    """Differentiable in q, k, v, g, the initial state and the row weight, and through the
+    final state: the phases run back to back."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, row_weight, phases, output_final_state):
+        final, saved = phases.summarize(k, v, g, initial_state)
+        o = phases.output(q, k, v, g, saved, row_weight)
+        ctx.save_for_backward(q, k, v, g, row_weight, *saved)
+        ctx.phases = phases
+        ctx.has_initial_state = initial_state is not None
+        ctx.set_materialize_grads(False)
+        return o, final if output_final_state else None
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, d_final):
+        q, k, v, g, row_weight, *saved = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+        dq, partial = ctx.phases.grad_q(q, k, v, g, saved, do, row_weight)
+        dk, dv, dg, dh0 = ctx.phases.grad_kvg(
+            q, k, v, g, saved, partial, d_final, want_dg=ctx.needs_input_grad[3],
+            want_dh0=ctx.has_initial_state and ctx.needs_input_grad[4], row_weight=row_weight)
+        dw = ctx.phases.grad_row_weight(partial, row_weight) if ctx.needs_input_grad[5] else None
+        return dq, dk, dv, dg, dh0, dw, None, None
+
+
+def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, *, chunk_size=CHUNK_SIZE, span_chunks=None,
+                  fuse_dkdv=None):
+    """`TritonPhases` for these inputs (arguments as in `triton_linear_attention`), and the
+    inputs in the form its phases take: (q, k, v, g, initial_state), contiguous, the decay
+    and the state in fp32 (differentiable conversions)."""
+    plan = make_span_plan(k, v, cu_seqlens, chunk_size, span_chunks)
+    if fuse_dkdv is None:
+        fuse_dkdv = triton.next_power_of_2(plan.K) * triton.next_power_of_2(plan.V) <= FUSED_DKDV_MAX_ELEMENTS
+    inputs = (q.contiguous(), k.contiguous(), v.contiguous(),
+              None if g is None else g.float().contiguous(),
+              None if initial_state is None else initial_state.float().contiguous())
+    return TritonPhases(plan, float(scale), g is not None and g.requires_grad, bool(fuse_dkdv)), inputs
+
+
+def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, *,
+                            row_weight=None, chunk_size=CHUNK_SIZE, span_chunks=None, fuse_dkdv=None):
+    """Causal chunkwise linear attention on the Triton backend (inputs already validated).
+
+    Args:
+        q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32); CUDA tensors (or CPU
+            under TRITON_INTERPRET=1); K and V in 16..256.
+        g: None or [B,T,H] float32 natural-log decay per token (≤ 0).
+        scale: python float multiplying q.
+        initial_state: None or [N,H,K,V] float32 (N = B, or len(cu_seqlens) - 1).
+        output_final_state: also return the state after each document's last token.
+        cu_seqlens: None or int32/int64 device tensor [N+1] of packed offsets (B == 1).
+        row_weight: None or fp32 [B·T]: returns w_t·o_t, with w's gradient, and its
+            backward applies w in fp32 (`TritonPhases`).
+        chunk_size, span_chunks: tokens per chunk (power of two ≥ 16) and chunks per span
+            (default from the shapes, `default_span_chunks`). fuse_dkdv: one backward
+            launch for dk and dv (default when the K×V state gradient fits one program,
+            `FUSED_DKDV_MAX_ELEMENTS`). Tuning and test knobs.
+
+    Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] float32 or None), differentiable
+    in q, k, v, g, initial_state and row_weight.
+    """
+    phases, inputs = triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, chunk_size=chunk_size,
+                                   span_chunks=span_chunks, fuse_dkdv=fuse_dkdv)
+    if row_weight is not None:
+        row_weight = row_weight.float().contiguous()
+    return _TritonLinearAttention.apply(*inputs, row_weight, phases, bool(output_final_state))
+
+
+def linear_attention(q, k, v, g, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
+                     causal=True):
+    """The family's entry for `lasp.kernels.linear_attention` (validated arguments, causal;
+    `g` the per-token log-decay [B,T,H] or None): `triton_linear_attention`."""
+    return triton_linear_attention(q, k, v, None if g is None else g.float().contiguous(), float(scale),
+                                   None if initial_state is None else initial_state.float(), output_final_state,
+                                   cu_seqlens)
+
+
+def phases(q, k, v, g, *, scale, initial_state=None, cu_seqlens=None, causal=True):
+    """The family's entry for `lasp.kernels.linear_attention_phases` (causal): `triton_phases`."""
+    return triton_phases(q, k, v, g, scale, initial_state, cu_seqlens)

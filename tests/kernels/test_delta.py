@@ -1,0 +1,190 @@
+"""The delta rule (DeltaNet, Gated DeltaNet, KDA): the chunk form against the token loop
+in float64, each document's dense transition against the product of its tokens', and the
+Triton path (interpreter, fp32, NaN-poisoned outputs) against the chunk form; every
+gradient by name (dq dk dv dbeta dg/dgk dh0).
+
+Keys are L2-normalised and β = sigmoid(·), as the layers feed them: with raw keys the
+recurrence itself is unstable (I − β k kᵀ has eigenvalues 1 − β|k|²).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lasp.kernels.delta.triton as dtri
+from lasp.kernels.common import launch
+from lasp.kernels.delta import chunk_linear_attention, run_transitions
+from lasp.kernels.naive import naive_linear_attention
+from tests.utils import random_cu_seqlens, rel_err
+
+DECAYS = (None, "g", "gk")
+NAMES = ("dq", "dk", "dv", "dbeta", "ddecay", "dh0")
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tier (CPU)")
+
+
+def _inputs(B, T, H, K, V, decay, *, n_states, dtype, strong=False, seed=0):
+    """q, k (unit rows), v, beta, the decay (or None), h0 (or None): fresh leaves that
+    require grad. `strong`: a stretch of tokens decays by e^-30 per token (all of g; a
+    third of the key dims of gk)."""
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k, v = (torch.randn(B, T, H, d, generator=gen, dtype=acc) for d in (K, K, V))
+    k = F.normalize(k, dim=-1)
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen, dtype=acc))
+    g = None
+    if decay is not None:
+        g = F.logsigmoid(torch.randn(B, T, H, *((K,) if decay == "gk" else ()), generator=gen, dtype=acc) + 2.0)
+        if strong and decay == "g":
+            g[:, T // 4: T // 2] = -30.0
+        elif strong:
+            g[:, T // 4: T // 2, :, : K // 3] = -30.0
+    h0 = None if n_states is None else torch.randn(n_states, H, K, V, generator=gen, dtype=acc)
+    leaves = [q.to(dtype), k.to(dtype), v.to(dtype), beta, g, h0]
+    return [None if x is None else x.requires_grad_() for x in leaves]
+
+
+def _grads(outputs, leaves, cotangents):
+    live = [x for x in leaves if x is not None]
+    return torch.autograd.grad(outputs, live, cotangents)
+
+
+def _names(leaves):
+    return [name for name, x in zip(NAMES, leaves) if x is not None]
+
+
+def _naive(q, k, v, beta, g, h0, *, decay, **kw):
+    decay_kw = {} if decay is None else {decay: g}
+    g_arg = decay_kw.pop("g", None)
+    return naive_linear_attention(q, k, v, g_arg, beta=beta, initial_state=h0, **decay_kw, **kw)
+
+
+# ------------------------------------------------------------------ torch chunk form
+
+
+@pytest.mark.parametrize("lengths", [None, [1, 40, 0, 23]], ids=["rows", "packed"])
+@pytest.mark.parametrize("decay", DECAYS, ids=["delta", "g", "gk"])
+def test_chunk_form_matches_token_loop_float64(decay, lengths):
+    """Outputs, final states and every gradient; partial chunks, empty and length-1
+    documents, h0, strong decay (chunks of 32: two sub-chunks of the per-key scores)."""
+    cu = None if lengths is None else random_cu_seqlens(lengths)
+    B, T = (2, 45) if cu is None else (1, sum(lengths))
+    n = B if cu is None else len(lengths)
+    leaves = _inputs(B, T, 2, 8, 6, decay, n_states=n, dtype=torch.float64, strong=True)
+    q, k, v, beta, g, h0 = leaves
+    kw = dict(scale=0.4, output_final_state=True, cu_seqlens=cu)
+    o_ref, s_ref = _naive(q, k, v, beta, g, h0, decay=decay, **kw)
+    o, s = chunk_linear_attention(q, k, v, g, beta, initial_state=h0, chunk_size=32, **kw)
+    assert rel_err(o, o_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
+    gen = torch.Generator().manual_seed(2)
+    cot = [torch.randn(o.shape, generator=gen, dtype=torch.float64),
+           torch.randn(s.shape, generator=gen, dtype=torch.float64)]
+    for name, a, b in zip(_names(leaves), _grads([o, s], leaves, cot), _grads([o_ref, s_ref], leaves, cot)):
+        assert rel_err(a, b) < 1e-11, name
+
+
+def _token_product(k, g, beta, decay, cu):
+    """Π_t (I − β_t k_t k_tᵀ) A_t per packed document, token by token (float64)."""
+    K = k.shape[-1]
+    edges = cu.tolist()
+    bounds = [(0, s, e) for s, e in zip(edges[:-1], edges[1:])]
+    out = []
+    for b, start, end in bounds:
+        m = torch.eye(K, dtype=k.dtype).expand(k.shape[2], K, K)
+        for t in range(start, end):
+            if decay == "g":
+                m = g[b, t].exp()[:, None, None] * m
+            elif decay == "gk":
+                m = g[b, t].exp()[:, :, None] * m
+            kt = k[b, t]
+            m = m - beta[b, t][:, None, None] * kt[:, :, None] * (kt[:, None, :] @ m)
+        out.append(m)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("decay", DECAYS, ids=["delta", "g", "gk"])
+def test_run_transitions_match_token_product(decay):
+    """Dense transitions of packed documents (length 1, empty, several chunks), and their
+    gradients in k, beta and the decay."""
+    lengths = [1, 37, 0, 20]
+    cu = random_cu_seqlens(lengths)
+    _, k, _, beta, g, _ = _inputs(1, sum(lengths), 2, 8, 4, decay, n_states=None, dtype=torch.float64, strong=True)
+    m = run_transitions(k, g, beta, cu_seqlens=cu, chunk_size=16)
+    m_ref = _token_product(k, g, beta, decay, cu)
+    assert m.shape == (4, 2, 8, 8) and rel_err(m, m_ref) < 1e-12
+    cot = torch.randn_like(m)
+    leaves = [k, beta, g]
+    want = _grads([m_ref], leaves, [cot])
+    for a, b in zip(_grads([m], leaves, [cot]), want):
+        assert rel_err(a, b) < 1e-11
+    if torch.cuda.is_available():
+        return
+    # The Triton state pass (interpreter, fp32) walking from the identity.
+    fp32 = [None if x is None else x.detach().float().requires_grad_() for x in leaves]
+    m32 = dtri.run_transitions(fp32[0], fp32[2], fp32[1], cu_seqlens=cu, chunk_size=16)
+    assert m32.dtype == torch.float32 and rel_err(m32, m_ref) < 2e-5
+    for a, b in zip(_grads([m32], fp32, [cot.float()]), want):
+        assert rel_err(a, b) < 2e-5
+
+
+# ------------------------------------------------------------------ Triton (interpreter)
+
+
+def _check_triton(decay, B, T, H, K, V, *, lengths=None, with_h0=True, strong=False, tol=2e-5, chunk_size=16):
+    """The Triton path (fp32) vs the float64 chunk form on the same inputs: o, final
+    state, every gradient by name."""
+    cu = None if lengths is None else random_cu_seqlens(lengths)
+    n = B if cu is None else len(lengths)
+    leaves = _inputs(B, T, H, K, V, decay, n_states=n if with_h0 else None, dtype=torch.float32, strong=strong)
+    q, k, v, beta, g, h0 = leaves
+    gen = torch.Generator().manual_seed(1)
+    d_o, d_s = torch.randn(B, T, H, V, generator=gen), torch.randn(n, H, K, V, generator=gen)
+    kw = dict(scale=K ** -0.5, output_final_state=True, cu_seqlens=cu)
+    o, s = dtri.triton_linear_attention(q, k, v, g, beta, initial_state=h0, chunk_size=chunk_size, **kw)
+    got = _grads([o, s], leaves, [d_o, d_s])
+    ref = [None if x is None else x.detach().double().requires_grad_() for x in leaves]
+    o_ref, s_ref = chunk_linear_attention(*ref[:3], ref[4], ref[3], initial_state=ref[5], **kw)
+    want = _grads([o_ref, s_ref], ref, [d_o.double(), d_s.double()])
+    assert o.dtype == q.dtype and s.dtype == torch.float32 and s.shape == (n, H, K, V)
+    errors = {"o": rel_err(o, o_ref), "final": rel_err(s, s_ref)}
+    errors.update({name: rel_err(a, b) for name, a, b in zip(_names(leaves), got, want)})
+    bad = {name: e for name, e in errors.items() if e > tol}
+    assert not bad, f"relative errors above tolerance: {bad} (all: {errors})"
+
+
+@cpu_only
+@pytest.mark.parametrize("decay", DECAYS, ids=["delta", "g", "gk"])
+def test_triton_matches_chunk_form(monkeypatch, decay):
+    """Unpacked rows without h0 (chunks of 32); head dims that are not powers of two
+    (masked tiles); packed documents (length 1, empty, several chunks, partial last
+    chunks), h0, strong decay, K ≠ V, two V-tiles per walk (16-wide tiles)."""
+    _check_triton(decay, 2, 45, 1, 32, 16, with_h0=False, chunk_size=32)
+    _check_triton(decay, 1, 20, 1, 48, 24)
+    for row in ("delta.state", "delta.state_grad"):
+        monkeypatch.setitem(launch.LAUNCH, row, launch.Launch(4, 2, 16))
+    lengths = [1, 40, 0, 23]
+    _check_triton(decay, 1, sum(lengths), 2, 16, 32, lengths=lengths, strong=True)
+
+
+@cpu_only
+def test_phases_as_lasp2_drives_them():
+    """summarize | output | grad_q | grad_kvg with a final-state gradient, Triton against
+    the torch phases (Gated DeltaNet, packed): the decay argument is the pair (g, beta)."""
+    from lasp.kernels.delta.chunk import phases as torch_phases
+
+    cu = random_cu_seqlens([21, 29])
+    leaves = _inputs(1, 50, 2, 16, 16, "g", n_states=2, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    do, d_final = torch.randn(1, 50, 2, 16, generator=gen), torch.randn(2, 2, 16, 16, generator=gen)
+    results = []
+    for make, dtype in ((dtri.phases, torch.float32), (torch_phases, torch.float64)):
+        q, k, v, beta, g, h0 = (x.detach().to(dtype) for x in leaves)
+        phases, inputs = make(q, k, v, g, beta, scale=0.3, initial_state=h0, cu_seqlens=cu)
+        final, saved = phases.summarize(*inputs[1:4], inputs[4])
+        o = phases.output(*inputs[:4], saved)
+        dq, partial = phases.grad_q(*inputs[:4], saved, do.to(dtype))
+        dk, dv, (dg, dbeta), dh0 = phases.grad_kvg(*inputs[:4], saved, partial, d_final.to(dtype))
+        results.append((o, final, dq, dk, dv, dbeta, dg, dh0))
+    for name, a, b in zip(("o", "final", "dq", "dk", "dv", "dbeta", "dg", "dh0"), *results):
+        assert rel_err(a, b) < 2e-5, name
+    with pytest.raises(ValueError, match="causal"):
+        dtri.phases(*leaves[:3], leaves[4], leaves[3], scale=0.3, causal=False)
