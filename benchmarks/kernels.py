@@ -1,22 +1,26 @@
-"""Single-GPU linear-attention kernels: lasp (Triton, torch) vs fla 0.6.0, fwd and fwd+bwd.
+"""Single-GPU linear-attention kernels: lasp (Triton, torch) vs fla 0.6.0, fwd and fwd+bwd;
+then the delta rule (DeltaNet, Gated DeltaNet, KDA).
 
     python benchmarks/kernels.py [--shapes 8x4096,1x32768,1x131072] [--out DIR]
 
 bf16, H=16, D=128. Rows: lasp-triton (plain, g_gamma, g, gk), fla `chunk_linear_attn`
 (normalize=False), `chunk_simple_gla` (g_gamma) and `chunk_gla` (gk) when fla-core is importable, and
-lasp's torch backend (the oracle; only at the smallest shape, it is slow). fla's gated
+lasp's torch backend (the oracle; slow: only up to `--torch-max-tokens` B·T). fla's gated
 backward (`chunk_simple_gla` with per-token g) refuses to run on triton 3.6 / Hopper, so
 fla has no g row. Each row checks its forward against lasp-torch in fp32 first (rel err;
 gk on the first two heads, where the torch oracle fits memory at every shape); a row off
 by more than 1e-2 is reported as FAIL instead of a time. `variant` is the transition kind
-(identity, scalar, diagonal), `decay` the argument (plain, g_gamma, g, gk). fla's
+(identity, scalar, diagonal; dense for the delta rule), `decay` the argument (plain,
+g_gamma, g, gk; delta, g+beta, gk+beta). Delta rows: lasp-triton against fla's
+`chunk_delta_rule`, `chunk_gated_delta_rule` and `chunk_kda`, with L2-normalised keys, each
+checked against lasp's torch chunk form on the first two heads (`run_delta_rows`). fla's
 `chunk_gla` autotunes on its first call (> 150 s at 8x4096 on an H100): `--fla-gla-shapes`
 says at which shapes it runs.
 
 Prints medians (ms), million tokens/s, peak memory, the ratio to fla's same variant, and
 the memory floor: bytes that must move (read q,k,v, write o; backward: read q,k,v,do,
 write dq,dk,dv) ÷ the device-to-device copy bandwidth measured in the same run.
-Writes JSON to DIR (default $OUT, else benchmarks/results/).
+Writes `kernels.json` to DIR (default $OUT, else benchmarks/results/), after every row.
 """
 
 from __future__ import annotations
@@ -276,7 +280,7 @@ def main():
                 with open(path, "w") as f:      # after every row: a run cut short keeps its rows
                     json.dump(meta, f, indent=1)
     delta_rows = {name: row for name, row in delta_methods().items() if not args.only or name in args.only.split(",")}
-    for B, T in shapes:
+    for B, T in shapes if delta_rows else ():
         run_delta_rows(B, T, delta_rows, results, meta, path, bandwidth)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
           f"copy {bandwidth / 1e9:.0f} GB/s -> {path}")

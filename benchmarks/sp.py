@@ -237,8 +237,8 @@ def run(args):
             print(f"{r['method']:22s} {r['tokens_per_gpu']:8d} {r['ms']:9.3f} "
                   f"{r['tokens_per_s_per_gpu'] / 1e6:10.3f} {r['bytes_sent']:11d} {ring['ms'] / r['ms']:8.3f} "
                   + (f"{gain:7.3f}" if gain else f"{'':7s}"))
-        print(f"\nLASP-2 bytes per layer and step, one rank (the op is one layer; measured from "
-              f"lasp.parallel.scan.bytes_sent in the table's 'bytes sent'):")
+        print("\nLASP-2 bytes per layer and step, one rank (the op is one layer; measured from "
+              "lasp.parallel.scan.bytes_sent in the table's 'bytes sent'):")
         for kind, segments in (("contiguous", 1), ("zigzag", 2)):
             model = lasp2_bytes_per_layer(W, args.heads, args.dim, segments)
             measured = next(r["bytes_sent"] for r in results if r["method"] == f"lasp2 {kind}")

@@ -12,9 +12,8 @@ one), zigzag layout, 2 ranks. The step (`shard_batch`, `causal_lm_loss`, backwar
 
 Exempt are gloo's own collectives only, when the ranks share a GPU: gloo moves CUDA tensors
 through host memory and its worker thread synchronises the copy streams. `lasp.parallel.comm`
-exempts each such call for its own duration; `torch.distributed.all_reduce`, which
-`lasp.parallel.mom` still calls directly at the time of writing, is routed through comm here
-(`_route_collectives_through_comm`), and nothing else is patched.
+exempts each such call for its own duration (every collective of the step goes through it),
+and nothing is patched.
 
 Before the strict run, the same step runs with CUDA's sync check set to "warn", and every sync
 it reports is listed by its innermost lasp frame (file:line): one GPU run names them all.
@@ -51,16 +50,6 @@ def _model():
     config = linear_llama_config("tiny", vocab_size=VOCAB, layer_pattern="LNM", linear_decay="data",
                                  linear_conv_size=4)
     return LinearLlamaForCausalLM(config).cuda()
-
-
-def _route_collectives_through_comm():
-    """Code that calls torch.distributed.all_reduce directly gets comm's (which exempts gloo's
-    CUDA host copies and nothing else)."""
-    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        assert op == dist.ReduceOp.SUM, op
-        return comm.all_reduce(tensor, group, async_op)
-
-    dist.all_reduce = all_reduce
 
 
 def _reference_step(model, ids, cu):
@@ -108,7 +97,6 @@ def _syncs_reported(run) -> list[str]:
 
 
 def _body(rank, world_size):
-    _route_collectives_through_comm()
     model = _model()
     reference = copy.deepcopy(model)
     g = torch.Generator(device="cuda").manual_seed(0)

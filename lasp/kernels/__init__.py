@@ -6,13 +6,15 @@ runs on each rank. Single-device only: `lasp.parallel` composes these ops across
 Where things are:
 
     linear_attention.py   the public op: validates once, picks the family and backend
-    transition.py         `Transition`: what tokens or segments do to the state
+    transition.py         `Transition`: what a token or a run of tokens does to the state
     naive.py              the token-by-token recurrence of every family (the spec)
     state.py              how an incoming state reaches a run's outputs
     common/               what families share: launch table, span plans, Triton tiles,
                           the span scan, the torch loop over documents and TorchPhases
     scalar/               plain, g_gamma, g: chunk.py (torch form) and triton.py
     diagonal/             gk (per-key decay): chunk.py and triton.py
+    delta/                the delta rule (beta; with none, g or gk): wy.py (UT-transform
+                          pieces), chunk.py (torch form, run_transitions), triton.py
     mom.py, triton_mom.py Mixture-of-Memories
     softmax_attention.py  local softmax attention for LASP-2H
 

@@ -27,7 +27,7 @@ outputs in fp32 and keep them fp32 until the sum. The torch backend materialises
 query copies (`MoMPlan.copies`) and combines with `MoMPlan.combine`.
 
 Every step is differentiable (router weights included). `mom_reference` is the oracle:
-a Python loop over memories and sequences on the naive recurrence, any dtype.
+a Python loop over memories and documents on the naive recurrence, any dtype.
 `mom_state_output` is how incoming per-memory states enter the routed tokens (used by
 sequence parallelism; it saves only its inputs), `mom_phases` splits the op into the
 phases of `lasp.kernels.linear_attention_phases` (the routing weights an extra input) so
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from lasp.kernels.checks import FLOAT_DTYPES, check_cu_seqlens, check_tensor, check_value
-from lasp.kernels.common.documents import accumulation_dtype
+from lasp.kernels.common.documents import accumulation_dtype, documents, matmul_dtype
 from lasp.kernels.linear_attention import check_call, linear_attention, pick_backend, plan_phases
 from lasp.kernels.naive import naive_linear_attention
 from lasp.kernels.state import cumsum_over_time
@@ -102,7 +102,7 @@ class MoMPlan:
 
     indices: torch.Tensor       # [B, T, k] int64
     num_memories: int
-    num_rows: int               # R: batch rows, or packed sequences
+    num_rows: int               # R: batch rows, or packed documents
     dest: torch.Tensor          # [B·T·k] int64: copy -> sorted position
     src: torch.Tensor           # [B·T·k] int64: sorted position -> copy
     cu_seqlens: torch.Tensor    # [M·R + 1] int64
@@ -184,7 +184,7 @@ def mom_dispatch(indices: torch.Tensor, num_memories: int, cu_seqlens: torch.Ten
 
     indices: [B, T, k] int64 memory of each token's j-th choice (distinct per token, e.g.
     from `mom_route`). The rows are the batch rows, or with `cu_seqlens` the packed
-    sequences (B = 1; empty sequences are allowed), or with `segment_len` the pieces of
+    documents (B = 1; empty documents are allowed), or with `segment_len` the pieces of
     that many tokens of each batch row (the local segments of sequence parallelism).
     Each (memory, row) pair is one stream.
     """
@@ -302,7 +302,8 @@ def _check_memory_decay(g, g_gamma, plan: MoMPlan, H: int, device, gk=None, K=No
             raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
         if not x.is_floating_point() or x.device != device:
             raise TypeError(f"{name} must be a floating tensor of natural-log decays on {device}")
-        check_value(x <= 0, f"{name} holds log-decays and must be <= 0 everywhere")
+        check_value((x <= 0) & (x > float("-inf")),
+                    f"{name} holds log-decays and must be <= 0 and finite everywhere")
 
 
 def check_weights(weights, plan: MoMPlan) -> None:
@@ -335,12 +336,12 @@ def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *
         k, v: each memory's keys/values for every token, [B, T, M, H, K|V], or only the
             routed copies in the plan's sorted order, [B·T·k, H, K|V] (`mom_projection`).
         weights: [B, T, k] routing weights of the plan's choices (`mom_route`).
-        plan: `mom_dispatch` of the routing indices (its rows are the sequences).
+        plan: `mom_dispatch` of the routing indices (its rows: batch rows or documents).
         g: [B, T, M, H] per-memory data-dependent log-decay (≤ 0), applied on the tokens
             routed to that memory; or g_gamma: [H] fixed log-decay per routed token; or
             gk: [B, T, M, H, K] per-key log-decay (GLA) per memory (torch backend).
-        initial_state: [M, R, H, K, V] state of each memory entering each sequence (fp32).
-        output_final_state: also return each memory's state after each sequence,
+        initial_state: [M, R, H, K, V] state of each memory entering each row (fp32).
+        output_final_state: also return each memory's state after each row,
             [M, R, H, K, V]; a memory that gets no token passes its state through.
         backend: "triton" | "torch" | None, as in `linear_attention` (also picks the combine).
     Returns o: [B, T, H, V] in q's dtype, final_state or None.
@@ -403,13 +404,6 @@ def routed_log_decay(indices, num_memories: int, g=None, g_gamma=None, dtype=tor
     return decay * routed[..., None]
 
 
-def _state_output_dtypes(dtype):
-    """(accumulation, matmul) dtypes: 16-bit queries multiply on the tensor cores with no
-    fp32 copy; fp32/64 stay exact."""
-    acc = accumulation_dtype(dtype)
-    return acc, dtype if dtype in (torch.bfloat16, torch.float16) else acc
-
-
 def _routed_coefficients(weights, indices, num_memories, decay, reach, scale, dtype):
     """The two factors of each token's coefficient on each memory's state, in `dtype`:
     the routing weight w_tm [B, T, M, 1, 1] (0 where t is not routed to m) and
@@ -438,7 +432,7 @@ class _MoMStateOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, state, weights, indices, g, g_gamma, gk, reach, scale):
-        acc, mm = _state_output_dtypes(q.dtype)
+        acc, mm = accumulation_dtype(q.dtype), matmul_dtype(q.dtype)
         M = state.shape[1]
         decay = routed_log_decay(indices, M, g, g_gamma, torch.float64, gk=gk)
         routed_weight, factor = _routed_coefficients(weights, indices, M, decay, reach, scale, acc)
@@ -452,7 +446,7 @@ class _MoMStateOutput(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, state, weights, indices, g, g_gamma, gk, reach = ctx.saved_tensors
-        acc, mm = _state_output_dtypes(q.dtype)
+        acc, mm = accumulation_dtype(q.dtype), matmul_dtype(q.dtype)
         M = state.shape[1]
         decay = routed_log_decay(indices, M, g, g_gamma, torch.float64, gk=gk)
         routed_weight, factor = _routed_coefficients(weights, indices, M, decay, reach, ctx.scale, acc)
@@ -499,7 +493,15 @@ def mom_state_output(q, state, weights, indices, g=None, g_gamma=None, *, gk=Non
     Returns [B, T, H, V] in q's dtype; differentiable in q, state, weights and the decay.
     Saves only its inputs for the backward (`_MoMStateOutput`).
     """
-    K = q.shape[-1]
+    check_tensor("q", q, 4)
+    check_tensor("state", state, 5)
+    check_tensor("indices", indices, 3)
+    B, T, H, K = q.shape
+    if tuple(state.shape[:4]) != (B, state.shape[1], H, K):
+        raise ValueError(f"state must be [B, M, H, K, V] with B, H, K = {(B, H, K)}, got {tuple(state.shape)}")
+    if tuple(indices.shape[:2]) != (B, T) or tuple(weights.shape) != tuple(indices.shape):
+        raise ValueError(f"weights and indices must be [B, T, k] with B, T = {(B, T)}, got "
+                         f"{tuple(weights.shape)} and {tuple(indices.shape)}")
     return _MoMStateOutput.apply(q, state, weights, indices, g, g_gamma, gk, reach,
                                  float(K ** -0.5 if scale is None else scale))
 
@@ -540,8 +542,8 @@ class MoMPhases:
     def _sum_copies(self, x, dtype, shape):
         """[1, P, H, D] per sorted copy -> [B, T, H, D]: each token's k copies summed in fp32."""
         if self.fused:
-            from lasp.kernels.triton_mom import _sum_copies
-            return _sum_copies(x.view(x.shape[1], -1), self.plan.dest, self.plan.top_k, dtype).view(shape)
+            from lasp.kernels.triton_mom import sum_copies
+            return sum_copies(x.view(x.shape[1], -1), self.plan.dest, self.plan.top_k, dtype).view(shape)
         per_token = x[0].index_select(0, self.plan.dest).view(*shape[:2], self.plan.top_k, *shape[2:])
         return per_token.sum(2, dtype=accumulation_dtype(x.dtype)).to(dtype)
 
@@ -682,16 +684,9 @@ def load_balancing_loss(probs, indices, *, counts=None, num_tokens=None):
     return M * (fraction * probs.sum((0, 1)) / num_tokens).sum()
 
 
-def _rows(B, T, cu_seqlens):
-    if cu_seqlens is None:
-        return [(b, 0, T) for b in range(B)]
-    bounds = cu_seqlens.tolist()
-    return [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
-
-
 def mom_reference(q, k, v, weights, indices, g=None, g_gamma=None, *, gk=None, scale=None, initial_state=None,
                   output_final_state=False, cu_seqlens=None):
-    """The oracle: a loop over memories and sequences on `naive_linear_attention`.
+    """The oracle: a loop over memories and documents on `naive_linear_attention`.
 
     Same arguments as `mixture_of_memories`, with k, v: [B, T, M, H, K|V] (every memory)
     and the routing as (weights, indices, cu_seqlens) instead of a plan. Any dtype.
@@ -702,7 +697,7 @@ def mom_reference(q, k, v, weights, indices, g=None, g_gamma=None, *, gk=None, s
         scale = K ** -0.5
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(B, T, H, V, dtype=acc, device=q.device)
-    rows = _rows(B, T, cu_seqlens)
+    rows = list(documents(B, T, cu_seqlens))
     finals = []
     for m in range(M):
         chosen = indices == m                                      # [B, T, k]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from lasp.kernels.checks import check_decay, check_state, check_tensor
-from lasp.kernels.common.documents import accumulation_dtype
+from lasp.kernels.common.documents import accumulation_dtype, matmul_dtype
 from lasp.kernels.transition import Transition
 
 ADDITIVE_KINDS = ("identity", "scalar", "diagonal")
@@ -52,12 +52,6 @@ def _query_weights(tokens: Transition, reach, scale, shape, device):
     return weight
 
 
-def _matmul_dtype(dtype):
-    """16-bit inputs multiply on the tensor cores (as the kernels' q·h products) with no
-    fp32 copy of q; fp32/64 stay exact."""
-    return dtype if dtype in (torch.bfloat16, torch.float16) else accumulation_dtype(dtype)
-
-
 class _StateOutput(torch.autograd.Function):
     """o_t = (w_t ⊙ q_t)ᵀ S with w_t = scale · exp(Γ_t) · [t < reach] (`_query_weights`).
     A per-head weight scales the product's rows (exact); a per-key one scales q first."""
@@ -65,7 +59,7 @@ class _StateOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, state, param, kind, reach, scale):
         tokens = Transition(kind, param)
-        acc, mm = accumulation_dtype(q.dtype), _matmul_dtype(q.dtype)
+        acc, mm = accumulation_dtype(q.dtype), matmul_dtype(q.dtype)
         weight = _query_weights(tokens, reach, scale, q.shape, q.device).to(acc)
         if weight.shape[-1] == 1:
             out = torch.einsum("bthk,bhkv->bthv", q.to(mm), state.to(mm)).to(acc) * weight
@@ -80,7 +74,7 @@ class _StateOutput(torch.autograd.Function):
     def backward(ctx, do):
         q, state, param, reach = ctx.saved_tensors
         tokens = Transition(ctx.kind, param)
-        acc, mm = accumulation_dtype(q.dtype), _matmul_dtype(q.dtype)
+        acc, mm = accumulation_dtype(q.dtype), matmul_dtype(q.dtype)
         weight = _query_weights(tokens, reach, ctx.scale, q.shape, q.device)
         q_weighted = q.to(acc) * weight.to(acc)                                  # [R,T,H,K]
         d_q_weighted = torch.einsum("bthv,bhkv->bthk", do.to(mm), state.to(mm)).to(acc)
@@ -118,7 +112,15 @@ def state_output(q, state, g=None, g_gamma=None, *, gk=None, scale=None, reach=N
     """
     check_tensor("q", q, 4)
     check_tensor("state", state, 4)
+    if not q.is_floating_point():
+        raise TypeError(f"q must be floating, got {q.dtype}")
     tokens = check_decay(q, g=g, g_gamma=g_gamma, gk=gk)
     B, T, H, K = q.shape
     check_state("state", state, (B, H, K, state.shape[-1]))
+    if state.device != q.device:
+        raise ValueError(f"state must be on {q.device}, got {state.device}")
+    if reach is not None:
+        check_tensor("reach", reach, 1)
+        if reach.shape[0] != B or reach.is_floating_point() or reach.is_complex():
+            raise ValueError(f"reach must be an int tensor [B]=[{B}], got {reach.dtype} {tuple(reach.shape)}")
     return apply_state_output(q, state, tokens, scale=K ** -0.5 if scale is None else scale, reach=reach)

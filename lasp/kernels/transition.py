@@ -1,4 +1,4 @@
-"""Transitions: what a token, or a whole segment of tokens, does to the incoming state.
+"""Transitions: what a token, or a whole run of tokens, does to the incoming state.
 
 Every linear-attention family is the recurrence (DESIGN.md §1)::
 
@@ -85,6 +85,11 @@ class Transition:
             return self.param.transpose(-1, -2) @ grad
         return self.apply(grad)
 
+    def transposed(self) -> Transition:
+        """Aᵀ as a transition (the map the gradients walk back through): the matrices
+        transposed; the other kinds are symmetric."""
+        return Transition.dense(self.param.transpose(-1, -2)) if self.kind == "dense" else self
+
     def apply_backward(self, grad: torch.Tensor, state: torch.Tensor):
         """Gradients of <grad, A(state)>: (d state, d param or None)."""
         if self.kind == "identity":
@@ -97,7 +102,7 @@ class Transition:
 
     def then(self, later: Transition) -> Transition:
         """`later ∘ self`: this run followed by `later` (identity is neutral; otherwise
-        both must be of one kind, as all segments of one call are)."""
+        both must be of one kind, as all runs of one call are)."""
         if self.kind == "identity":
             return later
         if later.kind == "identity":

@@ -106,7 +106,7 @@ def triton_mom_combine(o: torch.Tensor, weights: torch.Tensor, dest: torch.Tenso
     return _TritonCombine.apply(o.contiguous(), weights, dest.contiguous())
 
 
-def _sum_copies(x, dest, top_k, out_dtype):
+def sum_copies(x, dest, top_k, out_dtype):
     """[P, F] per sorted copy -> [P / k, F]: each token's k copies summed in fp32, then
     rounded once to `out_dtype` (the combine kernel with unit weights)."""
     N, F = x.shape[0] // top_k, x.shape[1]
@@ -120,11 +120,10 @@ class _TritonMoMStreams(torch.autograd.Function):
     """Every stream's linear attention and the sum of each token's copies, one node."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, copy_weights, rows, dest, phases, output_final_state):
+    def forward(ctx, q, k, v, g, initial_state, copy_weights, rows, dest, phases, output_final_state, top_k):
         final, saved = phases.summarize(k, v, g, initial_state)
         o = phases.output(q, k, v, g, saved, copy_weights, rows)            # [1, P, H, V] fp32
-        top_k = k.shape[1] // q.shape[1]
-        out = _sum_copies(o.view(o.shape[1], -1), dest, top_k, q.dtype).view(*q.shape[:3], v.shape[-1])
+        out = sum_copies(o.view(o.shape[1], -1), dest, top_k, q.dtype).view(*q.shape[:3], v.shape[-1])
         ctx.save_for_backward(q, k, v, g, initial_state, copy_weights, rows, dest, *saved)
         ctx.phases, ctx.top_k = phases, top_k
         ctx.set_materialize_grads(False)
@@ -142,8 +141,8 @@ class _TritonMoMStreams(torch.autograd.Function):
             q, k, v, g, saved, partial, d_final, want_dg=ctx.needs_input_grad[3],
             want_dh0=initial_state is not None and ctx.needs_input_grad[4], row_weight=w, rows=rows)
         dw = phases.grad_row_weight(partial, w) if ctx.needs_input_grad[5] else None
-        dq = _sum_copies(dq.view(dq.shape[1], -1), dest, ctx.top_k, q.dtype).view(q.shape)
-        return dq, dk, dv, dg, dh0, dw, None, None, None, None
+        dq = sum_copies(dq.view(dq.shape[1], -1), dest, ctx.top_k, q.dtype).view(q.shape)
+        return dq, dk, dv, dg, dh0, dw, None, None, None, None, None
 
 
 def triton_mom_streams(q, k, v, g, scale, initial_state, output_final_state, copy_weights, plan):
@@ -160,5 +159,5 @@ def triton_mom_streams(q, k, v, g, scale, initial_state, output_final_state, cop
                                                      plan.cu_seqlens)
     rows = plan.src // plan.top_k
     out, final = _TritonMoMStreams.apply(q_tokens, k, v, g, h0, copy_weights.float().contiguous(), rows,
-                                         plan.dest, phases, output_final_state)
+                                         plan.dest, phases, output_final_state, plan.top_k)
     return out.view(*q.shape[:3], -1), final

@@ -176,18 +176,20 @@ def _train(config: Config, stop: GracefulStop) -> dict:
                           flops_per_token=flops, peak=peak_flops(d.device, config.metrics.peak_tflops))
 
         stopped = None
+        # Host syncs: only metrics.record at log steps and checkpointer.save (both labelled);
+        # the stop flag is a host tensor on gloo and never waits for the device.
         for step in range(start + 1, config.train.steps + 1):
-            stop.share()
+            stop.share()  # starts an async all-reduce of the host stop flag
             inject_fault(step, d.rank)
             tokens, cu_seqlens = (t.to(d.device, non_blocking=True) for t in next(data))
             batch = lasp.shard_batch(tokens, layout=layout, cu_seqlens=cu_seqlens)
-            lr = scheduler.get_last_lr()[0]
+            lr = scheduler.get_last_lr()[0]  # a host float
             loss, grad_norm = train_step(engine, batch, d.mesh)
             scheduler.step()
-            metrics.record(step, loss, grad_norm, lr)
+            metrics.record(step, loss, grad_norm, lr)  # waits for the device at log steps only
             stopped = stop.agreed()  # a SIGTERM / SIGINT on any rank: all stop after the same step
             if checkpointer.due(step, config.train.steps) or stopped:
-                saved = checkpointer.save(step, engine, scheduler, data)
+                saved = checkpointer.save(step, engine, scheduler, data)  # waits for the device
             if stopped:
                 break
 

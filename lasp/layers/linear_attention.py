@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lasp.layers.conv import ShortConv
-from lasp.layers.feature_maps import POINTWISE_MAPS, build_feature_map
+from lasp.layers.feature_maps import build_feature_map
 from lasp.layers.norm import RMSNorm
 from lasp.layers.ops import linear_attention_op
 
@@ -40,13 +40,9 @@ DECAY_KINDS = ("identity", "fixed", "scalar", "diagonal")
 DECAY_ALIASES = {"none": "identity", "data": "scalar"}  # earlier names, kept for existing configs
 DATA_DECAY_NORMALIZER = 16.0
 
-# What MixtureOfMemories (mom.py) takes: the pointwise feature maps, and the decays under
-# their earlier names.
-FEATURE_MAPS = POINTWISE_MAPS
-DECAYS = ("none", "fixed", "data")
 
-
-def _choose(name: str, value, options):
+def choose_option(name: str, value, options):
+    """`value` if it is one of `options`, else a ValueError naming the option `name`."""
     if value not in options:
         raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
     return value
@@ -103,8 +99,8 @@ class LinearAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.key_dim = num_heads, num_kv_heads, head_dim, key_dim
         self.feature_map = build_feature_map(feature_map, key_dim)
         self.decay = decay_kind(decay)
-        self.fixed_decays = _choose("fixed_decays", fixed_decays, FIXED_DECAYS)
-        self.output_gate = _choose("output_gate", output_gate, GATES)
+        self.fixed_decays = choose_option("fixed_decays", fixed_decays, FIXED_DECAYS)
+        self.output_gate = choose_option("output_gate", output_gate, GATES)
         self.q_proj = nn.Linear(hidden_size, num_heads * key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)

@@ -29,11 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lasp.kernels.mom import mixture_of_memories, mom_projection, mom_route
-from lasp.layers.linear_attention import (DATA_DECAY_NORMALIZER, DECAYS, FEATURE_MAPS, GATES, _choose,
-                                          retnet_log_decay)
+from lasp.layers.feature_maps import POINTWISE_MAPS
+from lasp.layers.linear_attention import DATA_DECAY_NORMALIZER, GATES, choose_option, retnet_log_decay
 from lasp.layers.norm import RMSNorm
 from lasp.layers.ops import linear_attention_op
 from lasp.parallel.mom import lasp2_load_balancing_loss, lasp2_mixture_of_memories, local_plan
+
+DECAYS = ("none", "fixed", "data")  # LinearAttention's identity, fixed, scalar under their earlier names
 
 
 class MemoryProjection(nn.Module):
@@ -65,9 +67,9 @@ class MixtureOfMemories(nn.Module):
             raise ValueError(f"top_k must be an int in [1, num_memories={num_memories}], got {top_k!r}")
         self.num_heads, self.head_dim = num_heads, head_dim
         self.num_memories, self.top_k, self.shared_memory = num_memories, top_k, shared_memory
-        self.feature_map = _choose("feature_map", feature_map, FEATURE_MAPS)
-        self.decay = _choose("decay", decay, DECAYS)
-        self.output_gate = _choose("output_gate", output_gate, GATES)
+        self.feature_map = choose_option("feature_map", feature_map, POINTWISE_MAPS)
+        self.decay = choose_option("decay", decay, DECAYS)
+        self.output_gate = choose_option("output_gate", output_gate, GATES)
         width = num_heads * head_dim
         self.router = nn.Linear(hidden_size, num_memories, bias=False)
         self.q_proj = nn.Linear(hidden_size, width, bias=False)
@@ -86,7 +88,7 @@ class MixtureOfMemories(nn.Module):
         """x: [B, T, hidden] local tokens → (out [B, T, hidden], aux_loss: 0-d fp32)."""
         B, T, _ = x.shape
         H, D, M = self.num_heads, self.head_dim, self.num_memories
-        phi = FEATURE_MAPS[self.feature_map]
+        phi = POINTWISE_MAPS[self.feature_map]
         weights, indices, probs = mom_route(self.router(x), self.top_k)
         plan = local_plan(indices, M, layout=layout, cu_seqlens=cu_seqlens)
         q = phi(self.q_proj(x).view(B, T, H, D))

@@ -17,8 +17,8 @@ of one of the LASP-2 paper's linear-attention models (`VARIANTS`):
 
 and two delta-rule hybrids, three delta-rule layers per softmax layer:
 
-    qwen3-next   Qwen3-Next's layout: Gated DeltaNet layers, pattern "DDDN" (its 2× value
-                 heads: delta_num_v_heads = 2 · num_attention_heads)
+    qwen3-next   Qwen3-Next's layout: Gated DeltaNet layers, pattern "DDDN" (for its 2× value
+                 heads, also set delta_num_v_heads = 2 · num_attention_heads)
     kimi-linear  Kimi Linear's layout: KDA layers, pattern "KKKN"
 """
 
@@ -77,7 +77,8 @@ class LinearLlamaConfig(PretrainedConfig):
     """Defaults are `linear-llama3-1b`: Llama-3.2-1B's sizes with every layer linear.
 
     Linear layers (``L``). ``M`` layers share the feature map (pointwise only), the decay (not
-    diagonal, RetNet's constants) and the output options; ``G`` layers the rank and the conv.
+    diagonal, RetNet's constants) and the output options; ``G`` layers share
+    linear_decay_rank and linear_conv_size.
       linear_feature_map: identity | elu+1 | relu | silu | based | rebased (feature_maps.py).
       linear_key_dim: query/key head width before the feature map; None: head_dim. Based and
           ReBased widen it (1 + d + d(d+1)/2, d(d+1)/2), which must stay within 16..256.

@@ -186,12 +186,12 @@ class LinearLlamaForCausalLM(LinearLlamaPreTrainedModel):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
     def blocks(self) -> list[nn.Module]:
         """The decoder's blocks (`LinearLlamaModel.blocks`)."""
         return self.model.blocks()
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
 
     def forward(self, input_ids=None, inputs_embeds=None, cu_seqlens=None, labels=None, shift_labels=None,
                 num_items_in_batch=None) -> LinearLlamaCausalLMOutput:

@@ -6,9 +6,10 @@ independent sequences from a zero state and corrects them once the incoming stat
 known (for the decay families: identity, scalar and diagonal transitions). The local
 kernel comes split at its data dependencies
 (`lasp.kernels.linear_attention_phases`) and `Overlapped` interleaves it with the
-summary exchange (`lasp.parallel.scan`: one all-gather for LASP-2, a point-to-point ring
-for LASP-1) so that each collective is in flight while local work that does not need
-its result runs:
+summary exchange (`lasp.parallel.scan`: for LASP-2 `AutoExchange`, one all-gather, or
+at large world sizes a log-depth prefix scan; a point-to-point ring for LASP-1) so that
+an all-gather is in flight while local work that does not need its result runs (the
+prefix scan and the ring are synchronous and run where the wait is):
 
     forward:  summarize (each local document's final state)  -> issue the gather of the
               segment summaries -> output (the zero-state outputs o0, the bulk of the
@@ -36,10 +37,11 @@ every per-segment index (which local document holds a segment's first/last token
 far the incoming state reaches) comes from `searchsorted` on the device: no host sync.
 Without packing, B >= 1 rows are reshaped to B·nseg independent rows.
 
-The delta rule (`beta`) has dense transitions and no additive correction
-(`_dense_transitions`): each segment's summary is its dense K×K transition and its
-zero-start state, one exchange gives the incoming states, and the local outputs are
-computed from them as initial states.
+The delta rule (`beta`) has dense transitions and no `apply_state_output` correction
+(`_dense_transitions`): each segment's summary is its dense K×K transition
+(`run_transitions` of the family's kernels) and its zero-start final state; one exchange
+(`exchange_summaries`, differentiable) gives the incoming states, and the local kernel
+then runs again from them as initial states. Not overlapped; gradients by autograd.
 
 All math is `lasp.kernels`; this module only reshapes, indexes, orders and exchanges.
 """
@@ -99,10 +101,11 @@ def sequence_parallel_linear_attention(q, k, v, g=None, g_gamma=None, *, gk=None
                                        group=None, scale=None, causal=True, cu_seqlens=None,
                                        exchange=AllGatherScan, backend=None):
     """The local work shared by LASP-2 and LASP-1 around `exchange`, an exchange class of
-    `lasp.parallel.scan` built as `exchange(layout, group, reverse)`: `AllGatherScan`,
-    `functools.partial(AllGatherScan, overlap=False)` (the gather forced synchronous, for
-    benchmarks) or `RingScan`. `backend`: the local kernel's, as in `linear_attention`
-    (the CPU tests run the Triton kernels under the interpreter)."""
+    `lasp.parallel.scan` built as `exchange(layout, group, reverse)`: `AutoExchange`
+    (LASP-2's choice), `AllGatherScan`, `functools.partial(AllGatherScan, overlap=False)`
+    (the gather forced synchronous, for benchmarks), `PrefixScan` or `RingScan` (LASP-1).
+    `backend`: the local kernel's, as in `linear_attention` (the CPU tests run the Triton
+    kernels under the interpreter)."""
     call = _check_inputs(q, k, v, g, g_gamma, gk, beta, layout, group, scale, causal, cu_seqlens, backend)
     if layout.world_size == 1:      # the local tokens are the whole sequence, in order
         return run_linear_attention(q, k, v, call, causal=causal, cu_seqlens=cu_seqlens)[0]
@@ -205,7 +208,7 @@ class Overlapped(torch.autograd.Function):
     states [nseg, C, B, H, K, V]).
 
     `extra`: further differentiable inputs of the phases (MoM's routing weights,
-    `lasp.kernels.mom_phases`), passed after `saved` / `do` / `d_final` to output, grad_q
+    `lasp.kernels.mom.mom_phases`), passed after `saved` / `do` / `d_final` to output, grad_q
     and grad_kvg; grad_kvg then returns their gradients after (dk, dv, d decay, dh0).
     """
 
@@ -239,7 +242,7 @@ def _dense_transitions(q, k, v, call, layout, group, cu_seqlens, exchange):
     correction exists, so the local outputs are computed once the incoming states are
     known, from them as initial states (not yet overlapped with the exchange).
 
-    A segment's summary is (M, U): M its dense transition (`run_transitions`), U its
+    A segment's summary is (M, U): M its dense transition (`family.run_transitions`), U its
     zero-start final state; M is cut to zero where a document starts inside the segment,
     and the incoming state enters only a document that started before the segment.
     Gradients flow by autograd through the family's ops and the exchange.

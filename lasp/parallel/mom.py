@@ -18,7 +18,8 @@ through unchanged. Each rank runs the same overlapped path as `lasp2_linear_atte
 2. summarises each (memory, segment, batch row) - with packed documents, U is the
    stream of the segment's last document and a = -inf where a document starts inside
    the segment (`lasp.parallel.lasp2.document_edges`) - and issues ONE all-gather of
-   ALL memories' summaries (the memories folded into the exchange's batch dimension);
+   ALL memories' summaries (the memories folded into the exchange's batch dimension;
+   `AutoExchange`: a prefix scan instead at large world sizes);
 3. while it is in flight, computes the streams' zero-state outputs, combined with the
    routing weights (`MoMPhases.output`); then waits and scans: each memory's incoming
    state. The backward mirrors it: the gather of the state gradients is in flight
@@ -39,7 +40,7 @@ from lasp.kernels.checks import check_cu_seqlens, check_tensor
 from lasp.kernels.common.documents import accumulation_dtype
 from lasp.kernels.mom import (MoMPlan, load_balancing_loss, mixture_of_memories, mom_dispatch, mom_phases,
                               mom_state_output, routed_log_decay, routing_counts)
-from lasp.kernels.transition import Transition
+from lasp.kernels.transition import Transition, run_transition
 from lasp.parallel import comm
 from lasp.parallel.lasp2 import Overlapped, Summaries, document_edges
 from lasp.parallel.layout import SequenceLayout
@@ -105,8 +106,10 @@ def lasp2_mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=N
         streams = torch.arange(M, device=last_doc.device)[:, None] * plan.num_rows + last_doc
         summaries = Summaries(M, nseg, (streams.flatten(),))
     decay = routed_log_decay(plan.indices, M, g, g_gamma, acc, gk=gk)                    # [B, T, M, H(, K)]
-    transition = Transition.identity() if decay is None else Transition(
-        "scalar" if gk is None else "diagonal", rows(decay).sum(1).movedim(1, 0).flatten(0, 1))   # [M·R, H(, K)]
+    tokens = Transition.identity() if decay is None else Transition("scalar" if gk is None else "diagonal",
+                                                                     rows(decay))          # [R, L, M, H(, K)]
+    run = run_transition(tokens, dim=1)                                                    # [R, M, H(, K)]
+    transition = run if run.param is None else Transition(run.kind, run.param.movedim(1, 0).flatten(0, 1))
     if reach is not None:           # a document starts inside the segment: the chain stops there
         transition = transition.cut((reach != L).repeat(M), heads=H, dtype=acc)
     transitions = summaries.transitions([transition])

@@ -1,4 +1,5 @@
-"""The exchange of segment summaries between sequence-parallel ranks: LASP-2 and LASP-1.
+"""The exchange of segment summaries between sequence-parallel ranks: LASP-2's all-gather,
+its log-depth prefix scan, and the LASP-1 ring.
 
 A *chain* visits the global segments in order (or in reverse order). Each segment maps
 the value entering it to the value leaving it affinely (DESIGN.md §1)::
@@ -22,7 +23,7 @@ so it reuses the forward walk on the incoming-state gradients. All transition ma
 the `Transition`'s: this module only orders, exchanges and walks.
 
 Three ways to walk, each an exchange class built per call as `Exchange(layout, group,
-reverse)`:
+reverse)`, and `AutoExchange`, which picks `AllGatherScan` or `PrefixScan` per call:
 
 - `AllGatherScan` (LASP-2): ONE all-gather of every rank's summaries (states and
   transitions packed in one buffer), then each rank walks the gathered summaries
@@ -64,8 +65,8 @@ there)::
     pending = exchange.start_backward(d_incoming)
     d_states, d_transitions = exchange.finish_backward(pending, saved)   # d param or None
 
-`all_gather_scan`, `ring_scan` and `prefix_scan` are the same exchanges as one
-differentiable op.
+`exchange_summaries` runs any exchange instance as one differentiable op;
+`all_gather_scan`, `ring_scan` and `prefix_scan` are the same for one class each.
 
 No host synchronisation: tensor values never reach Python. An all-gather is issued
 asynchronously: on CUDA on a side stream ordered after the work already queued, so the
@@ -279,13 +280,6 @@ class RingScan:
                               incoming, transitions, 1)
 
 
-def _transposed(transitions: Transition) -> Transition:
-    """Aᵀ as a transition: the matrices transposed (dense); the other kinds are symmetric."""
-    if transitions.kind != "dense":
-        return transitions
-    return Transition.dense(transitions.param.transpose(-1, -2))
-
-
 def _compose(earlier, later):
     """The summary (A, U) of `earlier` followed by `later` (module docstring); None is the
     empty run."""
@@ -380,7 +374,7 @@ class PrefixScan:
         gives each summary's G_next: its state's gradient, and its transition's through
         `apply_backward` (all local segments and chains at once)."""
         transitions, incoming = saved
-        d_states = _doubling_scan(self.layout, self.group, self._orders(True), _transposed(transitions), pending)
+        d_states = _doubling_scan(self.layout, self.group, self._orders(True), transitions.transposed(), pending)
         return d_states, transitions.apply_backward(d_states, incoming)[1]
 
 

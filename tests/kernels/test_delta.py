@@ -65,7 +65,7 @@ def _naive(q, k, v, beta, g, h0, *, decay, **kw):
 @pytest.mark.parametrize("decay", DECAYS, ids=["delta", "g", "gk"])
 def test_chunk_form_matches_token_loop_float64(decay, lengths):
     """Outputs, final states and every gradient; partial chunks, empty and length-1
-    documents, h0, strong decay (chunks of 32: two sub-chunks of the per-key scores)."""
+    documents, h0, strong decay (chunks of 32: several halving levels of the per-key scores)."""
     cu = None if lengths is None else random_cu_seqlens(lengths)
     B, T = (2, 45) if cu is None else (1, sum(lengths))
     n = B if cu is None else len(lengths)

@@ -14,8 +14,12 @@ some of fla's gated backward kernels, hence gradients checked here, on the GPU:
   the rounding of the bf16 results themselves; final, dbeta, ddecay, dh0 <= 9.7e-4).
 - fp32 inputs (TF32 dots in the state walks): <= 3e-3 as well; measured at most 1.3e-3.
 
-Each case prints its errors (run with -s to see the table).
+Each case prints its errors (run with -s to see the table); with $OUT set, every case
+so far is written to `delta_gpu.json` there.
 """
+
+import json
+import os
 
 import pytest
 import torch
@@ -28,6 +32,7 @@ from tests.utils import random_cu_seqlens, rel_err
 pytestmark = pytest.mark.gpu
 TOL = 3e-3
 NAMES = ("dq", "dk", "dv", "dbeta", "ddecay", "dh0")
+RESULTS = []
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -65,5 +70,10 @@ def test_triton_matches_fp32_chunk_form(dtype, decay, B, T, H, K, V, lengths):
     errors.update({name: rel_err(a, b) for name, a, b in zip(names, got, want)})
     shown = " ".join(f"{name}={e:.1e}" for name, e in errors.items())
     print(f"\n{decay or 'delta'} {dtype} {B}x{T} H={H} K={K} V={V}: {shown}")
+    RESULTS.append(dict(decay=decay or "delta", dtype=str(dtype), B=B, T=T, H=H, K=K, V=V, lengths=lengths,
+                        errors=errors, device=torch.cuda.get_device_name()))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "delta_gpu.json"), "w") as f:
+            json.dump(dict(torch=torch.__version__, results=RESULTS), f, indent=1)
     bad = {name: e for name, e in errors.items() if not e <= TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"

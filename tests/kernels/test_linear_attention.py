@@ -134,6 +134,12 @@ def test_beta_selects_the_delta_rule(decay):
     assert rel_err(o, want[0]) < 1e-12 and rel_err(s, want[1]) < 1e-12
 
 
+def test_state_output_rejects_a_bad_reach():
+    q, _, _, _, _, h0 = random_inputs(2, 10, 1, 4, 4, n_states=2, requires_grad=False)
+    with pytest.raises(ValueError, match="reach must be an int tensor"):
+        state_output(q, h0, reach=torch.tensor([3.0, 10.0]))
+
+
 def test_state_output_reach_limits_the_state_to_the_first_tokens():
     q, _, _, g, _, h0 = random_inputs(2, 10, 1, 4, 4, decay="g", n_states=2, requires_grad=False)
     out = state_output(q, h0, g, reach=torch.tensor([3, 10]))
@@ -156,7 +162,7 @@ def test_gradient_of_fixed_decay_matches_finite_differences():
         assert abs((plus - minus).item() / (2 * eps) - dgg[h].item()) <= 1e-6 * abs(dgg[h].item())
 
 
-def test_empty_packed_sequences_keep_their_initial_state():
+def test_empty_packed_documents_keep_their_initial_state():
     cu = random_cu_seqlens([5, 0, 7, 0])
     q, k, v, g, _, h0 = random_inputs(1, 12, 2, 8, 8, decay="g", n_states=4, requires_grad=False)
     _, s = linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)

@@ -411,6 +411,8 @@ def test_bad_inputs_raise():
         mixture_of_memories(q, kv, kv, weights, plan, -torch.rand(1, 8, 2))
     with pytest.raises(ValueError, match="log-decays and must be <= 0"):
         mixture_of_memories(q, kv, kv, weights, plan, torch.rand(1, 8, 4, 2))
+    with pytest.raises(ValueError, match="must be <= 0 and finite"):
+        mixture_of_memories(q, kv, kv, weights, plan, torch.full((1, 8, 4, 2), float("-inf")))
     with pytest.raises(ValueError, match="initial_state must be"):
         mixture_of_memories(q, kv, kv, weights, plan, initial_state=torch.zeros(4, 2, 2, 4, 4))
     with pytest.raises(TypeError, match="plan must be a MoMPlan"):

@@ -55,8 +55,8 @@ def test_public_torch_backend_is_the_chunked_form():
     assert rel_err(o, o_ref) < TOL and rel_err(s, s_ref) < TOL
 
 
-def test_packed_sequences_do_not_leak():
-    """Changing one packed sequence leaves every other sequence's outputs unchanged."""
+def test_packed_documents_do_not_leak():
+    """Changing one packed document leaves every other document's outputs unchanged."""
     cu = random_cu_seqlens([20, 30, 14])
     q, k, v, g, _, _ = random_inputs(1, 64, 2, 8, 8, decay="g", requires_grad=False)
     o1, _ = linear_attention(q, k, v, g, cu_seqlens=cu)

@@ -41,6 +41,7 @@ def test_apply_is_the_matrix_product(kind):
     t, state = _random(kind), torch.randn(B, H, K, V, dtype=torch.float64)
     assert rel_err(t.apply(state), _matrix(t) @ state) < 1e-14
     assert rel_err(t.apply_transpose(state), _matrix(t).transpose(-1, -2) @ state) < 1e-14
+    assert rel_err(t.transposed().apply(state), _matrix(t).transpose(-1, -2) @ state) < 1e-14
 
 
 @pytest.mark.parametrize("kind", KINDS)

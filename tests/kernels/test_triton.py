@@ -105,7 +105,7 @@ def test_lengths_not_multiples_of_the_chunk(decay, T):
 
 @cpu_only
 @pytest.mark.parametrize("decay", [None, "g"])
-def test_packed_sequences(decay):
+def test_packed_documents(decay):
     """Uneven lengths: length 1, empty, chunk- and span-boundary crossings."""
     lengths = [1, 17, 0, 40, 33, 64, 5, 31]
     _check(1, sum(lengths), 2, 16, 16, decay, lengths=lengths, **SMALL)

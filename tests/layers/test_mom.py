@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from lasp.kernels import linear_attention, load_balancing_loss, mom_reference, mom_route
 from lasp.layers import MixtureOfMemories
-from lasp.layers.linear_attention import DATA_DECAY_NORMALIZER, FEATURE_MAPS, GATES, retnet_log_decay
+from lasp.layers.feature_maps import POINTWISE_MAPS
+from lasp.layers.linear_attention import DATA_DECAY_NORMALIZER, GATES, retnet_log_decay
 from tests.utils import random_cu_seqlens, rel_err
 
 HIDDEN, HEADS, HEAD_DIM = 16, 2, 4
@@ -18,7 +19,7 @@ def expected_forward(layer, x, cu_seqlens=None):
     """The layer's output and aux loss written out with the oracle, from its parameters."""
     B, T, _ = x.shape
     H, D, M = layer.num_heads, layer.head_dim, layer.num_memories
-    phi = FEATURE_MAPS[layer.feature_map]
+    phi = POINTWISE_MAPS[layer.feature_map]
     weights, indices, probs = mom_route(layer.router(x), layer.top_k)
     q = phi(layer.q_proj(x).view(B, T, H, D))
     k = phi(torch.einsum("bti,moi->btmo", x, layer.k_proj.weight).view(B, T, M, H, D))

@@ -42,6 +42,9 @@ def _check_collectives(rank, W, device):
     for work in works:
         work.wait()
     assert torch.equal(received, full((rank - 1) % W))
+    into = torch.empty(2, 3, dtype=torch.float64, device=device)
+    comm.send_recv({(rank + 1) % W: full(rank)}, {(rank - 1) % W: into})   # PrefixScan's rounds
+    assert torch.equal(into, full((rank - 1) % W))
     if rank == 0:
         comm.send(full(0), 1)
     elif rank == 1:
@@ -88,6 +91,7 @@ def _check_collectives_without_host_values(rank, W):
     received, works = comm.shift(x)
     for work in works:
         work.wait()
+    comm.send_recv({(rank + 1) % W: x}, {(rank - 1) % W: torch.empty_like(x)})
     leaf = x.clone().requires_grad_()
     torch.autograd.grad(comm.all_gather(leaf), leaf, torch.ones(W * 4, 3, device="cuda"))
 

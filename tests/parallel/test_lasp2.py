@@ -157,7 +157,7 @@ def test_triton_phases_under_the_interpreter():
     run_distributed(_triton_body, 2)
 
 
-def _chains(states, transitions, reverse):
+def sequential_chains(states, transitions, reverse):
     """The value entering each global segment, walking the chains one segment at a time."""
     incoming = torch.zeros_like(states)
     for c, rev in enumerate(reverse):
@@ -168,7 +168,7 @@ def _chains(states, transitions, reverse):
     return incoming
 
 
-def _random_transitions(kind, shape, K, gen):
+def random_transitions(kind, shape, K, gen):
     """Transitions of every segment and chain, [S, C, B, H, ...], as leaves."""
     extra = {"identity": None, "scalar": (), "diagonal": (K,), "dense": (K, K)}[kind]
     if extra is None:
@@ -187,10 +187,10 @@ def _exchange_body(rank, W):
         for transition_kind in ("identity", "scalar", "diagonal", "dense"):
             gen = torch.Generator().manual_seed(3)
             states = torch.randn(S, 2, B, H, K, V, dtype=torch.float64, generator=gen).requires_grad_()
-            transitions = _random_transitions(transition_kind, (S, 2, B, H), K, gen)
+            transitions = random_transitions(transition_kind, (S, 2, B, H), K, gen)
             d_incoming = torch.randn(S, 2, B, H, K, V, dtype=torch.float64, generator=gen)
             leaves = [x for x in (states, transitions.param) if x is not None]
-            want = _chains(states, transitions, reverse)
+            want = sequential_chains(states, transitions, reverse)
             want_grads = torch.autograd.grad(want, leaves, d_incoming)
             for name, exchange in (("all_gather_scan", all_gather_scan),
                                    ("sync", functools.partial(all_gather_scan, overlap=False)),
@@ -206,9 +206,9 @@ def _exchange_body(rank, W):
 
 
 def test_exchanges_match_a_sequential_scan():
-    """The exchanges as standalone differentiable ops (MoM uses them) for every kind of
-    transition, dense included: a forward and a reverse chain, incoming values and the
-    gradients of the states and the transitions' parameters."""
+    """The exchanges as standalone differentiable ops (the delta rule's path runs them so)
+    for every kind of transition, dense included: a forward and a reverse chain, incoming
+    values and the gradients of the states and the transitions' parameters."""
     run_distributed(_exchange_body, 3)
 
 

@@ -18,7 +18,7 @@ from lasp.kernels.transition import KINDS, Transition
 from lasp.parallel import SequenceLayout, lasp2_linear_attention, scan
 from lasp.parallel.scan import AllGatherScan, PrefixScan, default_exchange, prefix_scan
 from tests.distributed import gpu_skip_reason, run_distributed
-from tests.parallel.test_lasp2 import _chains, _random_transitions, documents
+from tests.parallel.test_lasp2 import documents, random_transitions, sequential_chains
 from tests.utils import grads, random_decay, random_inputs, rel_err
 
 TOL = 1e-10
@@ -32,11 +32,11 @@ def _scan_body(rank, W, layouts, kinds, device="cpu"):
         for kind in kinds:
             gen = torch.Generator().manual_seed(11 + W)
             states = torch.randn(S, 2, B, H, K, V, dtype=torch.float64, generator=gen)
-            transitions = _random_transitions(kind, (S, 2, B, H), K, gen)
+            transitions = random_transitions(kind, (S, 2, B, H), K, gen)
             d_incoming = torch.randn(S, 2, B, H, K, V, dtype=torch.float64, generator=gen).to(device)
             leaves = [x.detach().to(device).requires_grad_() for x in (states, transitions.param) if x is not None]
             states, transitions = leaves[0], transitions if kind == "identity" else Transition(kind, leaves[1])
-            want = _chains(states, transitions, reverse)
+            want = sequential_chains(states, transitions, reverse)
             want_grads = (torch.autograd.grad(want, leaves, d_incoming) if want.requires_grad
                           else [torch.zeros_like(x) for x in leaves])     # one segment: nothing enters it
 

@@ -6,7 +6,7 @@
 - `tiles`: `@triton.jit` helpers (span bounds, tile loads and stores, state pointers,
   query rows, the decayed outer-product accumulation).
 - `scan`: the span-summary scan kernel and its launcher (`scan_spans`).
-- `documents`: the torch side: `accumulation_dtype`, the per-document loop and the
+- `documents`: the torch side: `accumulation_dtype`, `matmul_dtype`, the per-document loop and the
   generic `TorchPhases`.
 
 Nothing is imported here: `launch`, `plan`, `tiles` and `scan` need Triton, which the

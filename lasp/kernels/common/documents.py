@@ -21,6 +21,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """16-bit inputs multiply on the tensor cores with no fp32 copy; fp32/64 multiply in
+    the accumulation dtype (exact)."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else accumulation_dtype(dtype)
+
+
 def documents(batch: int, total: int, cu_seqlens):
     """Yield (row, start, end) for each document, in state order.
 

@@ -81,7 +81,10 @@ def scan_spans(states, span_decay, initial, final, plan: SpanPlan, *, reverse: b
     """
     KV = plan.K * plan.V
     dummy = states
-    decay = DECAY_NONE if span_decay is None else span_decay.dim() - 1
+    if span_decay is None:
+        decay = DECAY_NONE
+    else:
+        decay = DECAY_SCALAR if span_decay.dim() == 2 else DECAY_PER_KEY
     block = LAUNCH["scan"].block
     scan_kernel[(plan.n_docs, plan.H, triton.cdiv(KV, block))](
         states, dummy if span_decay is None else span_decay, dummy if initial is None else initial,

@@ -9,6 +9,6 @@
 - `triton`: the Triton path (imported on use: Triton is optional for the torch backend).
 """
 
-from lasp.kernels.delta.chunk import chunk_linear_attention, final_state, run_transitions
+from lasp.kernels.delta.chunk import chunk_linear_attention, run_transitions
 
-__all__ = ["chunk_linear_attention", "final_state", "run_transitions"]
+__all__ = ["chunk_linear_attention", "run_transitions"]

@@ -13,8 +13,8 @@ in `accumulation_dtype(q.dtype)`; every document runs alone (the loop reads `cu_
 on the host: this is the reference, not the hot path). Gradients by autograd.
 
 `run_transitions` gives each document's dense transition M [N, H, K, K] (the product of
-its chunks' `diag(e^γ) − (K ⊙ e^{γ−Γ})ᵀ W`): final(S_in) = M S_in + final(0). It is what a
-segment summary of the delta rule holds.
+its chunks' `diag(e^γ) − (K ⊙ e^{γ−Γ})ᵀ W`): final(S_in) = M S_in + final(0), so that a
+run's summary is (M, final(0)).
 """
 
 from __future__ import annotations
@@ -111,12 +111,6 @@ def run_transitions(k, decay, beta, *, cu_seqlens=None, chunk_size=CHUNK_SIZE):
                 m = mc @ m
         out.append(m)
     return torch.stack(out)
-
-
-def final_state(k, v, decay, beta, *, initial_state=None, cu_seqlens=None, chunk_size=CHUNK_SIZE):
-    """Each document's final state [N,H,K,V] without computing any output."""
-    return chunk_linear_attention(None, k, v, decay, beta, scale=None, initial_state=initial_state,
-                                  output_final_state=True, cu_seqlens=cu_seqlens, chunk_size=chunk_size)[1]
 
 
 def linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, output_final_state=False,

@@ -24,11 +24,12 @@ bf16 for the dots, as fla does, took the bf16 outputs' error from 1.6e-3 to 2.5e
 the bf16-emulating interpreter). Launch parameters: the `delta.*` rows of
 `lasp.kernels.common.launch.LAUNCH`.
 
-Speed (H100, 1×32K, H=16, D=128, bf16, fwd+bwd; benchmarks/results/kernels_delta_*):
-DeltaNet 25 ms and Gated DeltaNet 31 ms against fla's `chunk_delta_rule` 4.3 ms. The
-batched torch pieces dominate (strided copies, the triangular solves, fp32 GEMMs; the
-two walks take ~5 ms): fused Triton kernels for the WY pieces and the outputs are what
-remains to be written.
+Speed (H100, H=16, D=128, bf16, fwd+bwd): at 1×32K DeltaNet 25 ms, Gated DeltaNet 31 ms
+and KDA 186 ms (benchmarks/results/kernels_delta_1x32768_h100_2026-12-06.json); at 8×4K
+DeltaNet 23 ms against fla's `chunk_delta_rule` 3.5 ms
+(benchmarks/results/kernels_delta_8x4096_h100_2026-12-06.json). The batched torch pieces
+dominate (strided copies, the triangular solves, fp32 GEMMs; the two walks take ~5 ms):
+fused Triton kernels for the WY pieces and the outputs are what remains to be written.
 """
 
 from __future__ import annotations
@@ -42,10 +43,9 @@ import triton.language as tl
 
 from lasp.kernels.common import launch
 from lasp.kernels.common.launch import CHUNK_SIZE, launch_kw, tile
+from lasp.kernels.common.scan import DECAY_NONE, DECAY_PER_KEY, DECAY_SCALAR
 from lasp.kernels.delta.chunk import DeltaPhases, check_chunk_size
 from lasp.kernels.delta.wy import chunk_log_decay, chunk_outputs, chunk_pieces
-
-DECAY_NONE, DECAY_SCALAR, DECAY_PER_KEY = 0, 1, 2
 
 
 # --------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import torch
 def decayed_scores(a, b, gam, *, strict: bool):
     """[n, H, C, C]: M_ts = Σ_k a_tk b_sk e^{Γ_tk − Γ_sk} for s ≤ t (s < t when `strict`),
     else 0. `gam` (Γ) is None (no decay), [n, H, C, 1] or [n, H, C, K]."""
-    n, H, C, K = a.shape
+    C = a.shape[2]
     keep = torch.ones(C, C, dtype=torch.bool, device=a.device).tril(-1 if strict else 0)
     if gam is None:
         return (a @ b.transpose(-1, -2)).masked_fill(~keep, 0)

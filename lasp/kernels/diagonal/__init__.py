@@ -6,6 +6,6 @@
   `triton_phases` (imported on use: Triton is optional for the torch backend).
 """
 
-from lasp.kernels.diagonal.chunk import chunk_linear_attention, final_state
+from lasp.kernels.diagonal.chunk import chunk_linear_attention
 
-__all__ = ["chunk_linear_attention", "final_state"]
+__all__ = ["chunk_linear_attention"]

@@ -57,8 +57,8 @@ def _intra(q, k, v, gam, sub_chunk):
     return torch.einsum("nhbts,nshv->nbthv", scores, v).reshape(n, C, H, v.shape[-1])
 
 
-def chunk_step(q, k, v, gk, scale, state, chunk_size=CHUNK_SIZE, sub_chunk=SUB_CHUNK):
-    """One document in chunks: (o [t, H, V] or None when q is None, final state).
+def chunk_step(q, k, v, gk, scale, state, chunk_size=CHUNK_SIZE):
+    """One document in chunks: (o [L, H, V] or None when q is None, final state).
 
     Tokens are padded to whole chunks with k = v = 0 and gk = 0 (no decay), which leaves
     the state after the last real token unchanged.
@@ -82,7 +82,7 @@ def chunk_step(q, k, v, gk, scale, state, chunk_size=CHUNK_SIZE, sub_chunk=SUB_C
         return None, state
     qc = F.pad(q, pad).view(n, C, H, K)
     o = torch.einsum("nchk,nhkv->nchv", qc * gam.exp(), torch.stack(incoming))
-    o = o + _intra(qc, kc, vc, gam, sub_chunk)
+    o = o + _intra(qc, kc, vc, gam, SUB_CHUNK)
     return scale * o.reshape(n * C, H, V)[:L], state
 
 
@@ -101,13 +101,6 @@ def chunk_linear_attention(q, k, v, gk, *, scale, initial_state=None, output_fin
     def step(q, k, v, gk, scale, state):
         return chunk_step(q, k, v, gk, scale, state, chunk_size)
     return run_documents(step, q, k, v, gk, scale, initial_state, output_final_state, cu_seqlens)
-
-
-def final_state(k, v, gk, *, initial_state=None, cu_seqlens=None, chunk_size=CHUNK_SIZE):
-    """Each document's final state [N,H,K,V] as `chunk_linear_attention` carries it, without
-    computing any output: the summary of the documents' keys, values and decays."""
-    return chunk_linear_attention(None, k, v, gk, scale=None, initial_state=initial_state,
-                                  output_final_state=True, cu_seqlens=cu_seqlens, chunk_size=chunk_size)[1]
 
 
 def linear_attention(q, k, v, gk, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None,

@@ -570,9 +570,7 @@ def linear_attention(q, k, v, g, *, scale, initial_state=None, output_final_stat
                      causal=True):
     """The family's entry for `lasp.kernels.linear_attention` (validated arguments, causal;
     `g` the per-key log-decay [B,T,H,K]): `triton_linear_attention`."""
-    return triton_linear_attention(q, k, v, g.float().contiguous(), float(scale),
-                                   None if initial_state is None else initial_state.float(), output_final_state,
-                                   cu_seqlens)
+    return triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def phases(q, k, v, g, *, scale, initial_state=None, cu_seqlens=None, causal=True):

@@ -8,8 +8,8 @@ Per chunk of C tokens: `((Q Kᵀ) ⊙ decay-mask) V` plus `Q · S_in`, then the 
 carried. Runs on any device and dtype (float64 included: the oracle of the Triton
 kernels) and is the `torch` backend of `lasp.kernels.linear_attention` for this family
 (`linear_attention`, and `phases`: the generic `TorchPhases` of
-`lasp.kernels.common.documents` over this chunk form). Arguments are already validated; `g` is per token (a fixed per-head decay
-arrives expanded). Every document runs independently; states and accumulation use
+`lasp.kernels.common.documents` over this chunk form). Arguments are already validated;
+`g` is per token (a fixed per-head decay arrives expanded). Every document runs independently; states and accumulation use
 `accumulation_dtype(q.dtype)`.
 """
 
@@ -143,15 +143,6 @@ def noncausal_linear_attention(q, k, v, *, scale, initial_state=None, output_fin
     offset = token - cu[token_doc]
     o = o_pieces[first_piece[token_doc] + offset // piece_tokens, offset % piece_tokens]
     return o[None].to(q.dtype), state if output_final_state else None
-
-
-def final_state(k, v, g=None, *, initial_state=None, cu_seqlens=None, causal=True,
-                chunk_size=CHUNK_SIZE):
-    """Each document's final state [N,H,K,V] as `chunk_linear_attention` carries it, without
-    computing any output (q is not needed: the state is the keys' and values' summary)."""
-    return chunk_linear_attention(None, k, v, g, scale=None, initial_state=initial_state,
-                                  output_final_state=True, cu_seqlens=cu_seqlens, causal=causal,
-                                  chunk_size=chunk_size)[1]
 
 
 def linear_attention(q, k, v, g, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
