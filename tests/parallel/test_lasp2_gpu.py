@@ -11,7 +11,8 @@ no CUDA point-to-point, so there LASP-1's hand-offs go through host memory
 
 Each rank draws the same full inputs, runs the fp32 oracle on the whole sequence, and checks
 its shard of the outputs and gradients: relative error <= 3e-3 (DESIGN.md §5), dg <= 5e-3.
-Packed documents cross the rank boundary; unpacked input has B = 2; T is not a power of two.
+Transitions: plain, g, gk and the delta rule (beta with g: dense transitions). Packed
+documents cross the rank boundary; unpacked input has B = 2; T is not a power of two.
 Rank 0 prints one row per case and, with $OUT set, writes them to $OUT/lasp2_gpu_W<W>.json.
 """
 
@@ -25,8 +26,10 @@ from tests.distributed import gpu_skip_reason, report, run_distributed
 from tests.parallel.test_lasp2 import documents
 from tests.utils import grads, rel_err
 
-# dg sums over the whole sequence: it inherits the kernel tier's gradient bound.
-TOL = dict(o=3e-3, dq=3e-3, dk=3e-3, dv=3e-3, dg=5e-3)
+# dg / dgk sum over the whole sequence: they inherit the kernel tier's gradient bound.
+TOL = dict(o=3e-3, dq=3e-3, dk=3e-3, dv=3e-3, dg=5e-3, dgk=5e-3, dbeta=5e-3)
+# The transitions each case runs: identity, scalar (g), diagonal (gk), dense (beta with g).
+DECAYS = (None, "g", "gk", "g+beta")
 L, H, D = 1500, 4, 64                     # zigzag segments of L tokens; T = 2W·L
 METHODS = {"lasp2": lasp2_linear_attention, "lasp1": lasp1_linear_attention}
 
@@ -37,29 +40,38 @@ def _case(rank, W, method, kind, decay, packed):
 
     def rand(*shape):
         return torch.randn(*shape, device="cuda", generator=gen)
-    q, k, v = (rand(B, T, H, D).bfloat16().requires_grad_() for _ in range(3))
-    g = F.logsigmoid(rand(B, T, H) + 4).requires_grad_() if decay == "g" else None
+    q, k, v = (rand(B, T, H, D) for _ in range(3))
+    if decay == "g+beta":                   # the delta rule's layers normalise its keys
+        k = F.normalize(k, dim=-1)
+    gates = {}
+    if decay in ("g", "g+beta"):
+        gates["g"] = F.logsigmoid(rand(B, T, H) + 4)
+    if decay == "gk":
+        gates["gk"] = F.logsigmoid(rand(B, T, H, D) + 4)
+    if decay == "g+beta":
+        gates["beta"] = torch.sigmoid(rand(B, T, H))
+    names = ["q", "k", "v", *gates]
+    inputs = [x.bfloat16().requires_grad_() for x in (q, k, v)] + [x.requires_grad_() for x in gates.values()]
     do = rand(B, T, H, D).bfloat16()
     cu = documents(T, L, W).cuda() if packed else None
-    inputs = [x for x in (q, k, v, g) if x is not None]
     # The reference is the fp32 oracle on one GPU: the single-GPU bf16 kernel is itself
     # ~2.4e-3 from it, so two bf16 results would differ by ~sqrt(2) of that.
     full = [x.detach().float().requires_grad_() for x in inputs]
-    o, _ = linear_attention(*full[:3], *full[3:], cu_seqlens=cu, backend="torch")
+    o, _ = linear_attention(*full[:3], **dict(zip(names[3:], full[3:])), cu_seqlens=cu, backend="torch")
     want = [o, *grads([o], full, [do.float()])]
 
     layout = SequenceLayout(T, W, rank, kind)
     local = [layout.shard(x).detach().requires_grad_() for x in inputs]
-    o_local = METHODS[method](*local, layout=layout, cu_seqlens=cu)
+    o_local = METHODS[method](*local[:3], **dict(zip(names[3:], local[3:])), layout=layout, cu_seqlens=cu)
     got = [o_local, *grads([o_local], local, [layout.shard(do)])]
-    return {name: rel_err(mine, layout.shard(ref)) for name, mine, ref in zip(["o", "dq", "dk", "dv", "dg"], got, want)}
+    return {name: rel_err(mine, layout.shard(ref)) for name, mine, ref in zip(["o", *(f"d{n}" for n in names)], got, want)}
 
 
 def _body(rank, W):
     rows, failures = [], []
     for method in METHODS:
         for kind in ("contiguous", "zigzag"):
-            for decay in (None, "g"):
+            for decay in DECAYS:
                 for packed in (False, True):
                     errors = _case(rank, W, method, kind, decay, packed)
                     rows.append({"case": f"{method} {kind} {decay or 'plain'} {'packed' if packed else 'B=2'}",
