@@ -8,12 +8,13 @@ Each process calls `body` with the group initialised; a failure on any rank (ass
 or exception) fails the calling test with that rank's traceback. A rank that hangs is
 killed after `timeout` seconds and fails the test.
 
-GPU runs (`cuda=True`, the multi-rank GPU tests): by default rank r runs on GPU r over
-NCCL, which needs W GPUs. With the environment variable **`LASP_SHARED_GPU=1`** the W
-ranks share GPU 0 over gloo instead: NCCL refuses two ranks on one device, while gloo
-moves CUDA tensors through host memory (`lasp.parallel.comm`). That checks correctness
-and stream ordering across ranks on a one-GPU machine, not NCCL's speed. `gpu_skip_reason`
-says why a GPU run cannot happen here, for `pytest.skip`.
+GPU runs (`cuda=True`, the multi-rank GPU tests): with W GPUs, rank r runs on GPU r over
+NCCL. With fewer GPUs than ranks, or with the environment variable **`LASP_SHARED_GPU=1`**,
+the W ranks share GPU 0 over gloo instead: NCCL refuses two ranks on one device, while
+gloo moves CUDA tensors through host memory (`lasp.parallel.comm`). That checks
+correctness and stream ordering across ranks on a one-GPU machine, not NCCL's speed, so
+the multi-rank GPU tier runs on any GPU machine. `gpu_skip_reason` says why a GPU run
+cannot happen here (no CUDA GPU), for `pytest.skip`.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ SHARED_GPU = os.environ.get("LASP_SHARED_GPU") == "1"
 
 
 def gpu_skip_reason(world_size: int) -> str | None:
-    """Why `run_distributed(..., cuda=True)` cannot run `world_size` ranks here (None: it can)."""
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    if not SHARED_GPU and torch.cuda.device_count() < world_size:
-        return f"needs {world_size} GPUs, or LASP_SHARED_GPU=1 to run {world_size} ranks on one GPU over gloo"
-    return None
+    """Why `run_distributed(..., cuda=True)` cannot run `world_size` ranks here (None: it can;
+    ranks share one GPU when there are fewer GPUs than ranks)."""
+    return None if torch.cuda.is_available() else "needs a CUDA GPU"
+
+
+def shares_gpu(world_size: int) -> bool:
+    """Whether a GPU run of `world_size` ranks puts them all on GPU 0 over gloo."""
+    return SHARED_GPU or torch.cuda.device_count() < world_size
 
 
 def _free_port() -> int:
@@ -49,7 +52,7 @@ def _init_group(rank: int, world_size: int, cuda: bool) -> None:
     if not cuda:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    elif SHARED_GPU:
+    elif shares_gpu(world_size):
         torch.cuda.set_device(0)
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
     else:
@@ -110,13 +113,14 @@ def report(name: str, rows: list[dict]) -> None:
     """Print `rows` (one dict per case) as a table and, when $OUT is set, write them with the
     device and versions to $OUT/<name>.json. Rank 0 calls it."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    print(f"\n{name} (LASP_SHARED_GPU={int(SHARED_GPU)})")
+    shared = shares_gpu(dist.get_world_size())
+    print(f"\n{name} ({'ranks sharing one GPU over gloo' if shared else 'one GPU per rank'})")
     print("  ".join(keys))
     for row in rows:
         print("  ".join(f"{row[k]:.2e}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys))
     if os.environ.get("OUT"):
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        record = {"device": device, "torch": torch.__version__, "shared_gpu": SHARED_GPU, "rows": rows}
+        record = {"device": device, "torch": torch.__version__, "shared_gpu": shared, "rows": rows}
         with open(os.path.join(os.environ["OUT"], f"{name}.json"), "w") as f:
             json.dump(record, f, indent=1)
 

@@ -1,7 +1,6 @@
 """A whole hybrid training step under sequence parallelism, on a GPU, without a host sync.
 
-    LASP_SHARED_GPU=1 python -m pytest tests/test_hybrid_step_gpu.py -q -s   # 2 ranks on ONE GPU, gloo
-    python -m pytest tests/test_hybrid_step_gpu.py -q -s                     # 2 GPUs, NCCL
+    python -m pytest tests/test_hybrid_step_gpu.py -q -s     # 2 GPUs: NCCL; one GPU: 2 ranks on it, gloo
 
 Linear-Llama "tiny" with the layer pattern "LNM": a linear-attention layer with data-dependent
 decay and a short convolution, a softmax layer (LASP-2H), a Mixture-of-Memories layer (with

@@ -1,8 +1,8 @@
 """`lasp.parallel.comm`: every collective against its definition, on gloo CPU ranks; on a GPU
 (marker `gpu`), the same calls on CUDA tensors inside `lasp.no_host_sync()`.
 
-The GPU test runs W ranks on W GPUs over NCCL, or, with `LASP_SHARED_GPU=1`, W ranks sharing
-GPU 0 over gloo (tests/distributed.py): there the gloo calls are exempt from the sync check,
+The GPU test runs W ranks on W GPUs over NCCL, or, with fewer GPUs (or `LASP_SHARED_GPU=1`),
+W ranks sharing GPU 0 over gloo (tests/distributed.py): there the gloo calls are exempt from the sync check,
 and only for their own duration (a `.item()` right after still fails).
 """
 

@@ -1,11 +1,11 @@
 """GPU tier of LASP-2 / LASP-1: W = 2 and 4 ranks, bf16, against the fp32 single-GPU oracle.
 
-    python -m pytest tests/parallel/test_lasp2_gpu.py -q -s                     # W GPUs, NCCL
-    LASP_SHARED_GPU=1 python -m pytest tests/parallel/test_lasp2_gpu.py -q -s   # W ranks on ONE GPU, gloo
+    python -m pytest tests/parallel/test_lasp2_gpu.py -q -s                     # W GPUs: NCCL; fewer: ONE GPU, gloo
+    LASP_SHARED_GPU=1 python -m pytest tests/parallel/test_lasp2_gpu.py -q -s   # W ranks on ONE GPU, gloo, always
 
-The test spawns its ranks (tests/distributed.py). With `LASP_SHARED_GPU=1` the W ranks share
+The test spawns its ranks (tests/distributed.py). With fewer than W GPUs (or `LASP_SHARED_GPU=1`) the W ranks share
 GPU 0 over gloo, which checks correctness and stream ordering (LASP-2's gather runs on a
-side stream), not NCCL's speed; without it a W the machine has no GPUs for skips. gloo has
+side stream), not NCCL's speed. gloo has
 no CUDA point-to-point, so there LASP-1's hand-offs go through host memory
 (`lasp.parallel.comm`).
 

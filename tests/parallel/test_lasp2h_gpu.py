@@ -1,11 +1,10 @@
 """LASP-2H and the ring baseline on W = 2 and 4 ranks, bf16, against fp32 single-GPU attention.
 
-    python -m pytest tests/parallel/test_lasp2h_gpu.py -q -s                     # W GPUs, NCCL
-    LASP_SHARED_GPU=1 python -m pytest tests/parallel/test_lasp2h_gpu.py -q -s   # W ranks on ONE GPU, gloo
+    python -m pytest tests/parallel/test_lasp2h_gpu.py -q -s                     # W GPUs: NCCL; fewer: ONE GPU, gloo
+    LASP_SHARED_GPU=1 python -m pytest tests/parallel/test_lasp2h_gpu.py -q -s   # W ranks on ONE GPU, gloo, always
 
-The test spawns its ranks (tests/distributed.py); with `LASP_SHARED_GPU=1` they share GPU 0
-over gloo (correctness and stream ordering, not NCCL's speed), otherwise a W the machine has
-no GPUs for skips. Every collective runs on a subgroup, which also exercises a non-default
+The test spawns its ranks (tests/distributed.py); with fewer than W GPUs (or `LASP_SHARED_GPU=1`)
+they share GPU 0 over gloo (correctness and stream ordering, not NCCL's speed). Every collective runs on a subgroup, which also exercises a non-default
 process group. Both layouts; causal; GQA (H_q=8, H_kv=2, D=128); packed documents crossing
 ranks and not; at W = 2 also the head-group gather path and the ring (flex backend) under
 zigzag (each new shape compiles flex once per rank: W = 4 keeps to the main path).

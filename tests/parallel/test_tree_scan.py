@@ -70,7 +70,7 @@ def test_prefix_scan_at_eight_ranks():
 
 @pytest.mark.gpu
 def test_prefix_scan_on_gpus():
-    """W = 2 on CUDA tensors: NCCL on two GPUs, or with LASP_SHARED_GPU=1 two ranks on one
+    """W = 2 on CUDA tensors: NCCL on two GPUs, or (one GPU, or LASP_SHARED_GPU=1) two ranks on one
     GPU over gloo, whose CUDA tensors go through host memory (tests/distributed.py)."""
     reason = gpu_skip_reason(2)
     if reason:
