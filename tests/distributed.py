@@ -129,7 +129,7 @@ def record_overlap(phases_class) -> list:
     """Log, in the returned list, the phases of `phases_class` (summarize, output, grad_q,
     grad_kvg) and LASP-2's all-gathers ("issue" / "wait", or "blocking gather") as they are
     called in this process: the overlap-order tests compare the log with the intended order."""
-    from lasp.parallel import scan
+    from lasp.parallel import comm
     log = []
 
     def logged(name, fn):
@@ -147,11 +147,11 @@ def record_overlap(phases_class) -> list:
         def wait(self):
             log.append("wait")
             return self.work.wait()
-    gather_into = scan._gather_into
+    gather_into = comm.all_gather_into_tensor
 
     def gather(*args, async_op=False, **kwargs):
         work = gather_into(*args, async_op=async_op, **kwargs)
         log.append("issue" if async_op else "blocking gather")
         return Handle(work) if async_op else work
-    scan._gather_into = gather
+    comm.all_gather_into_tensor = gather
     return log

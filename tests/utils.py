@@ -65,3 +65,14 @@ def random_decay(decay, B, T, H, K, *, dtype=torch.float64, device="cpu", genera
     x = torch.randn(*shapes[decay], dtype=dtype, device=device, generator=generator)
     x = F.logsigmoid(x + (3.0 if decay == "g_gamma" else 2.0))
     return {decay: x.requires_grad_(requires_grad)}
+
+
+def assert_layer_gradients_match(layer, x, out, expected, tol=1e-11):
+    """The gradients of x and of every parameter of `layer` through `out` match those
+    through `expected` (one random cotangent), each by name, and none is zero."""
+    cot = torch.randn_like(out)
+    leaves = [x, *layer.parameters()]
+    names = ["x", *(name for name, _ in layer.named_parameters())]
+    for name, a, b in zip(names, torch.autograd.grad(out, leaves, cot), torch.autograd.grad(expected, leaves, cot)):
+        assert rel_err(a, b) < tol, name
+        assert b.abs().sum() > 0, f"{name} gets no gradient"

@@ -71,8 +71,12 @@ def _global_positions_hook(sp: SPContext):
 def _labels_hook(sp: SPContext):
     """Refuse `labels` that transformers would shift wrongly (module docstring), on every rank
     before any collective, as lasp's own models do."""
+    signatures = {}
+
     def hook(module, args, kwargs):
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        if type(module) not in signatures:       # once per class, not on every forward
+            signatures[type(module)] = inspect.signature(module.forward)
+        bound = signatures[type(module)].bind_partial(*args, **kwargs).arguments
         if bound.get("labels") is None or kwargs.get("shift_labels") is not None:
             return None
         if sp.world_size > 1 or kwargs.get("cu_seqlens") is not None:

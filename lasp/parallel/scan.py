@@ -91,7 +91,6 @@ from lasp.parallel.layout import SequenceLayout
 
 bytes_sent = 0
 _side_streams: dict = {}
-_gather_into = comm.all_gather_into_tensor       # a module attribute: tests wrap it to log the calls
 
 
 def _step(value, transition, summary, transpose=False):
@@ -122,11 +121,11 @@ class _Gather:
         self.out = x.new_empty(dist.get_world_size(group) * x.numel())
         self.work = self.stream = None
         if not x.is_cuda:
-            self.work = _gather_into(self.out, x.flatten(), group=group, async_op=overlap)
+            self.work = comm.all_gather_into_tensor(self.out, x.flatten(), group=group, async_op=overlap)
             return
         compute = torch.cuda.current_stream(x.device)
         if not overlap:
-            _gather_into(self.out, x.flatten(), group=group)
+            comm.all_gather_into_tensor(self.out, x.flatten(), group=group)
             compute.synchronize()
             return
         if x.device not in _side_streams:
@@ -134,7 +133,7 @@ class _Gather:
         self.stream = _side_streams[x.device]
         self.stream.wait_stream(compute)             # x is written
         with torch.cuda.stream(self.stream):
-            _gather_into(self.out, x.flatten(), group=group)
+            comm.all_gather_into_tensor(self.out, x.flatten(), group=group)
         # Both buffers were allocated on the compute stream: keep them until the side stream is done.
         x.record_stream(self.stream)
         self.out.record_stream(self.stream)

@@ -11,7 +11,7 @@ from lasp.layers import GatedDeltaNet, KimiDeltaAttention
 from lasp.loss import sum_gradients
 from lasp.parallel import SequenceLayout
 from tests.distributed import run_distributed
-from tests.utils import random_cu_seqlens, rel_err
+from tests.utils import assert_layer_gradients_match, random_cu_seqlens, rel_err
 
 HIDDEN, HEADS, HEAD_DIM, HEAD_V_DIM = 24, 2, 8, 6
 LAYERS = {"gdn": GatedDeltaNet, "kda": KimiDeltaAttention}
@@ -87,12 +87,7 @@ def test_delta_layer_matches_its_recurrence(kind, B, lengths, num_v_heads, conv_
     if cu is not None:  # packed documents are kept apart: the packed run is each document run alone
         alone = torch.cat([layer(doc) for doc in x.split(lengths, dim=1)], 1)
         assert rel_err(out, alone) < 1e-12
-    cot = torch.randn_like(out)
-    leaves = [x, *layer.parameters()]
-    names = ["x", *(name for name, _ in layer.named_parameters())]
-    for name, a, b in zip(names, torch.autograd.grad(out, leaves, cot), torch.autograd.grad(expected, leaves, cot)):
-        assert rel_err(a, b) < 1e-11, name
-        assert b.abs().sum() > 0, f"{name} gets no gradient"
+    assert_layer_gradients_match(layer, x, out, expected)
 
 
 def _sp_body(rank, W):

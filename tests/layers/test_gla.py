@@ -13,7 +13,7 @@ from lasp.layers.linear_attention import lightning_log_decay
 from lasp.loss import sum_gradients
 from lasp.parallel import SequenceLayout
 from tests.distributed import run_distributed
-from tests.utils import random_cu_seqlens, rel_err
+from tests.utils import assert_layer_gradients_match, random_cu_seqlens, rel_err
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 24, 4, 2, 8
 
@@ -67,12 +67,7 @@ def test_gla_layer_matches_its_recurrence(B, lengths, conv_size):
     cu = random_cu_seqlens(lengths) if len(lengths) > 1 else None
     out, expected = layer(x, cu_seqlens=cu), gla_by_recurrence(layer, x, lengths)
     assert rel_err(out, expected) < 1e-12
-    cot = torch.randn_like(out)
-    leaves = [x, *layer.parameters()]
-    names = ["x", *(name for name, _ in layer.named_parameters())]
-    for name, a, b in zip(names, torch.autograd.grad(out, leaves, cot), torch.autograd.grad(expected, leaves, cot)):
-        assert rel_err(a, b) < 1e-11, name
-        assert b.abs().sum() > 0, f"{name} gets no gradient"
+    assert_layer_gradients_match(layer, x, out, expected)
 
 
 def _sp_body(rank, W):

@@ -15,7 +15,7 @@ import torch
 
 from lasp.kernels import linear_attention
 from lasp.kernels.transition import KINDS, Transition
-from lasp.parallel import SequenceLayout, lasp2_linear_attention, scan
+from lasp.parallel import SequenceLayout, comm, lasp2_linear_attention, scan
 from lasp.parallel.scan import AllGatherScan, PrefixScan, default_exchange, prefix_scan
 from tests.distributed import gpu_skip_reason, run_distributed
 from tests.parallel.test_lasp2 import documents, random_transitions, sequential_chains
@@ -83,7 +83,7 @@ def _lasp2_body(rank, W):
     W = 2 (the all-gather made to fail), against the single-process oracle."""
     def no_gather(*args, **kwargs):
         raise AssertionError("the all-gather ran although the rule picked the prefix scan")
-    scan._gather_into = no_gather
+    comm.all_gather_into_tensor = no_gather
     scan.PREFIX_SCAN_WORLD = 2
     H, K, V, L = 2, 5, 6, 7
     T = 2 * W * L

@@ -73,11 +73,13 @@ class TorchPhases:
     """The torch backend in the phases of `lasp.kernels.linear_attention_phases`, for any
     family.
 
-    `chunk_form(q, k, v, decay, *, scale, initial_state, output_final_state, cu_seqlens,
-    causal) -> (o, final_state)` is the family's chunkwise form; it accepts q None (states
-    only). `summarize` runs it without q and `output` with q. The backward is the
-    oracle's: `grad_q` reruns the chunk form (outputs and final states) under autograd
-    and differentiates the outputs for dq (q does not reach the final states);
+    `chunk_form(q, k, v, *gates, scale, initial_state, output_final_state, cu_seqlens,
+    causal) -> (o, final_state)` is the family's form; it accepts q None (states only).
+    The phases' decay argument is the family's per-token tensor (or None), or a tuple of
+    them for a family with several (the delta rule: (decay, beta)); its gradient comes back
+    in the same shape. `summarize` runs the form without q and `output` with q. The
+    backward is autograd's: `grad_q` reruns the form (outputs and final states) under
+    autograd and differentiates the outputs for dq (q does not reach the final states);
     `grad_kvg` differentiates the same graph for the other inputs, now with the final
     states' gradient.
     """
@@ -87,33 +89,41 @@ class TorchPhases:
     causal: bool
     cu_seqlens: torch.Tensor | None
 
-    def _run(self, q, k, v, decay, initial_state, output_final_state):
-        return self.chunk_form(q, k, v, decay, scale=self.scale, initial_state=initial_state,
+    def _run(self, q, k, v, gates, initial_state, output_final_state):
+        return self.chunk_form(q, k, v, *gates, scale=self.scale, initial_state=initial_state,
                                output_final_state=output_final_state, cu_seqlens=self.cu_seqlens,
                                causal=self.causal)
 
     def summarize(self, k, v, g, initial_state):
-        final = self._run(None, k, v, g, initial_state, True)[1]
+        final = self._run(None, k, v, _gates(g), initial_state, True)[1]
         return final, (initial_state,)
 
     def output(self, q, k, v, g, saved):
-        return self._run(q, k, v, g, saved[0], False)[0]
+        return self._run(q, k, v, _gates(g), saved[0], False)[0]
 
     def grad_q(self, q, k, v, g, saved, do):
+        gates = _gates(g)
         with torch.enable_grad():
-            leaves = [None if x is None else x.detach().requires_grad_() for x in (q, k, v, g, saved[0])]
-            o, final = self._run(*leaves[:4], leaves[4], True)
+            leaves = [None if x is None else x.detach().requires_grad_() for x in (q, k, v, *gates, saved[0])]
+            o, final = self._run(*leaves[:3], leaves[3:-1], leaves[-1], True)
             dq, = torch.autograd.grad(o, leaves[0], do, retain_graph=True)
         return dq, (leaves[1:], o, final, do)
 
     def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True):
-        """(dk, dv, dg, dh0); dg and dh0 None where the decay or the initial state is None.
-        The oracle computes every gradient (`want_*` are the Triton backend's savings)."""
+        """(dk, dv, d decay, dh0); d decay (or its entries) and dh0 None where the decay or the
+        initial state is None. The oracle computes every gradient (`want_*` are the Triton
+        backend's savings)."""
         leaves, o, final, do = partial
         outputs, cotangents = ([o], [do]) if d_final is None else ([o, final], [do, d_final])
         live = [x for x in leaves if x is not None]
         grads = iter(torch.autograd.grad(outputs, live, cotangents, allow_unused=True))
-        return tuple(None if x is None else _or_zeros(next(grads), x) for x in leaves)
+        dk, dv, *d_gates, dh0 = (None if x is None else _or_zeros(next(grads), x) for x in leaves)
+        return dk, dv, tuple(d_gates) if isinstance(g, tuple) else d_gates[0], dh0
+
+
+def _gates(g) -> tuple:
+    """The phases' decay argument as the tuple of per-token tensors the form takes."""
+    return g if isinstance(g, tuple) else (g,)
 
 
 def _or_zeros(grad, x):

@@ -63,10 +63,26 @@ def tile(row: str, split_dim: int, whole_dim: int) -> int:
     return min(cap, 1 << (split_dim - 1).bit_length())
 
 
-def launch_kw(row: str) -> dict:
-    """`num_warps` and `num_stages` of `LAUNCH[row]`, as keywords of a kernel launch."""
+def launch_kw(row: str, widest_dim: int = 0) -> dict:
+    """`num_warps` and `num_stages` of `LAUNCH[row]`, as keywords of a kernel launch;
+    unpipelined when a head dim the program holds whole (`widest_dim`) exceeds 128: a
+    second stage of such tiles needs more shared memory than a GPU has (on an H100 the
+    delta walk at K = 128 with 3 stages already asked for 240 KB of 227 KB)."""
     launch = LAUNCH[row]
-    return dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
+    return dict(num_warps=launch.num_warps, num_stages=1 if widest_dim > 128 else launch.num_stages)
+
+
+# The widest K×V state gradient one program keeps in registers for the fused dk/dv
+# launch; wider states take the split launch (dv over V-tiles with all of K, dk over
+# K-tiles with all of V), which reads q, k, v and do twice: on an H200 at B=1, T=32K,
+# H=16, D=128 the split launch costs 1.24 / 1.81 / 2.77 ms fwd+bwd against the fused
+# one's 0.92 / 1.44 / 2.32 (plain / g_gamma / g; benchmarks/results/tune_launch_*-s4).
+FUSED_DKDV_MAX_ELEMENTS = 128 * 128
+
+
+def fuses_dkdv(K: int, V: int) -> bool:
+    """Whether one dk/dv launch holds the whole K×V state gradient (`FUSED_DKDV_MAX_ELEMENTS`)."""
+    return (1 << (K - 1).bit_length()) * (1 << (V - 1).bit_length()) <= FUSED_DKDV_MAX_ELEMENTS
 
 
 def check_triton_head_dims(q, v) -> None:

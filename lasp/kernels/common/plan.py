@@ -103,3 +103,13 @@ def make_span_plan(k, v, cu_seqlens, chunk, span_chunks) -> SpanPlan:
         doc_ends = cu[1:]
     return SpanPlan(B, T, H, K, V, n_docs, chunk, span_tokens, spans_per_row, n_spans,
                     span_bounds, doc_spans, doc_ends)
+
+
+def document_chunk_slots(cu_seqlens, total: int, chunk: int):
+    """Packed documents cut into whole chunks, one slot per chunk: each document's first
+    slot (int64 [N+1], device ops; the last entry is the slots used) and the number of
+    slots to allocate, cdiv(total, chunk) + N (a bound from shapes, no host sync)."""
+    cu = cu_seqlens.to(torch.int64)
+    n_docs = cu.numel() - 1
+    first = torch.nn.functional.pad(((cu[1:] - cu[:-1] + chunk - 1) // chunk).cumsum(0), (1, 0))
+    return first, triton.cdiv(total, chunk) + n_docs

@@ -5,7 +5,7 @@
 
 - `wy`: the chunk-local pieces of the chunkwise (WY / UT-transform) form.
 - `chunk`: the torch chunk form (any dtype; the oracle), `run_transitions` (each
-  document's dense K×K transition) and `DeltaPhases`.
+  document's dense K×K transition); its phases are `common.documents.TorchPhases`.
 - `triton`: the Triton path (imported on use: Triton is optional for the torch backend).
 """
 

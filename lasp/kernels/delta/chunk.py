@@ -19,13 +19,10 @@ run's summary is (M, final(0)).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-from lasp.kernels.common.documents import accumulation_dtype, documents
+from lasp.kernels.common.documents import TorchPhases, accumulation_dtype, documents
 from lasp.kernels.common.launch import CHUNK_SIZE
 from lasp.kernels.delta.wy import carry, chunk_log_decay, chunk_outputs, chunk_pieces, chunk_transitions
 
@@ -121,61 +118,9 @@ def linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, output_
                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens, causal=causal)
 
 
-@dataclass(frozen=True)
-class DeltaPhases:
-    """The phases of `lasp.kernels.linear_attention_phases` for the delta rule, over a
-    form `form(q, k, v, decay, beta, *, scale, initial_state, output_final_state,
-    cu_seqlens) -> (o, final)` (q None: final states only).
-
-    The protocol of `common.documents.TorchPhases`, with the decay argument the pair
-    `decays = (decay, beta)` (decay None for DeltaNet): `grad_kvg` returns
-    `(dk, dv, (d_decay or None, d_beta), dh0 or None)`. The backward is autograd's:
-    `grad_q` reruns the form (outputs and final states) and differentiates the outputs;
-    `grad_kvg` differentiates the same graph with the final states' gradient too.
-    """
-
-    form: Callable
-    scale: float
-    cu_seqlens: torch.Tensor | None
-
-    def _run(self, q, k, v, decays, initial_state, output_final_state):
-        return self.form(q, k, v, *decays, scale=self.scale, initial_state=initial_state,
-                         output_final_state=output_final_state, cu_seqlens=self.cu_seqlens)
-
-    def summarize(self, k, v, decays, initial_state):
-        final = self._run(None, k, v, decays, initial_state, True)[1]
-        return final, (initial_state,)
-
-    def output(self, q, k, v, decays, saved):
-        return self._run(q, k, v, decays, saved[0], False)[0]
-
-    def grad_q(self, q, k, v, decays, saved, do):
-        with torch.enable_grad():
-            leaves = [None if x is None else x.detach().requires_grad_() for x in (q, k, v, *decays, saved[0])]
-            q, k, v, decay, beta, h0 = leaves
-            o, final = self._run(q, k, v, (decay, beta), h0, True)
-            dq, = torch.autograd.grad(o, q, do, retain_graph=True)
-        return dq, (leaves[1:], o, final, do)
-
-    def grad_kvg(self, q, k, v, decays, saved, partial, d_final, want_dg=True, want_dh0=True):
-        """(dk, dv, (d_decay, d_beta), dh0); d_decay and dh0 None where the decay or the
-        initial state is None (autograd computes every gradient: `want_*` are savings a
-        kernel backend may take)."""
-        leaves, o, final, do = partial
-        outputs, cotangents = ([o], [do]) if d_final is None else ([o, final], [do, d_final])
-        live = [x for x in leaves if x is not None]
-        grads = iter(torch.autograd.grad(outputs, live, cotangents, allow_unused=True))
-        dk, dv, d_decay, d_beta, dh0 = (None if x is None else _or_zeros(next(grads), x) for x in leaves)
-        return dk, dv, (d_decay, d_beta), dh0
-
-
-def _or_zeros(grad, x):
-    return torch.zeros_like(x) if grad is None else grad
-
-
 def phases(q, k, v, decay, beta, *, scale, initial_state=None, cu_seqlens=None, causal=True):
-    """The family's entry for `lasp.kernels.linear_attention_phases`: (`DeltaPhases` over
-    `chunk_linear_attention`, the inputs `(q, k, v, (decay, beta), initial_state)`)."""
+    """The family's entry for `lasp.kernels.linear_attention_phases`: (`TorchPhases` over
+    `linear_attention`, the inputs `(q, k, v, (decay, beta), initial_state)`)."""
     if not causal:
         raise ValueError("the delta rule (beta) needs causal=True")
-    return DeltaPhases(chunk_linear_attention, scale, cu_seqlens), (q, k, v, (decay, beta), initial_state)
+    return TorchPhases(linear_attention, scale, causal, cu_seqlens), (q, k, v, (decay, beta), initial_state)

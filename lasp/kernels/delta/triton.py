@@ -42,9 +42,11 @@ import triton
 import triton.language as tl
 
 from lasp.kernels.common import launch
+from lasp.kernels.common.documents import TorchPhases
 from lasp.kernels.common.launch import CHUNK_SIZE, launch_kw, tile
+from lasp.kernels.common.plan import document_chunk_slots
 from lasp.kernels.common.scan import DECAY_NONE, DECAY_PER_KEY, DECAY_SCALAR
-from lasp.kernels.delta.chunk import DeltaPhases, check_chunk_size
+from lasp.kernels.delta.chunk import check_chunk_size
 from lasp.kernels.delta.wy import chunk_log_decay, chunk_outputs, chunk_pieces
 
 
@@ -112,10 +114,8 @@ def chunk_layout(B: int, T: int, cu_seqlens, chunk: int, device) -> ChunkLayout:
         doc_chunk0 = torch.arange(B, dtype=torch.int32, device=device) * per_row
         return ChunkLayout(B, T, chunk, B * per_row, doc_chunk0, doc_chunks, None, None)
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    n_docs = cu.numel() - 1
-    n_slots = triton.cdiv(T, chunk) + n_docs
-    chunks = (cu[1:] - cu[:-1] + chunk - 1) // chunk
-    chunk0 = F.pad(chunks.cumsum(0), (1, 0))
+    chunk0, n_slots = document_chunk_slots(cu, T, chunk)
+    chunks = chunk0[1:] - chunk0[:-1]
     t = torch.arange(T, device=device)
     doc = torch.searchsorted(cu[1:], t, right=True)
     local = t - cu[doc]
@@ -236,14 +236,10 @@ def _decay_kind(g_end) -> int:
 
 
 def _grid(layout: ChunkLayout, H: int, K: int, V: int, row: str):
-    """Grid and launch keywords of a state walk: one program per (document, head, V-tile).
-    Each pipeline stage holds a [C, K] fp32 tile of W and of k_end: above K = 128 the walk
-    runs unpipelined (on an H100, K = 128 with 3 stages already asked for 240 KB of the
-    227 KB of shared memory)."""
+    """Grid and launch keywords of a state walk: one program per (document, head, V-tile);
+    each pipeline stage holds a [C, K] fp32 tile of W and of k_end (`launch_kw`)."""
     BV = tile(row, V, K)
-    kw = launch_kw(row)
-    if K > 128:
-        kw["num_stages"] = 1
+    kw = launch_kw(row, K)
     return (layout.n_docs, H, triton.cdiv(V, BV)), dict(BK=triton.next_power_of_2(K), BV=BV, **kw)
 
 
@@ -359,8 +355,9 @@ def linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, output_
 
 
 def phases(q, k, v, decay, beta, *, scale, initial_state=None, cu_seqlens=None, causal=True):
-    """The family's entry for `lasp.kernels.linear_attention_phases` (causal): `DeltaPhases`
-    over `triton_linear_attention`, inputs `(q, k, v, (decay, beta), initial_state)`."""
+    """The family's entry for `lasp.kernels.linear_attention_phases` (causal): `TorchPhases`
+    over `linear_attention` (autograd through the Triton state pass), inputs
+    `(q, k, v, (decay, beta), initial_state)`."""
     if not causal:
         raise ValueError("the delta rule (beta) needs causal=True")
-    return DeltaPhases(triton_linear_attention, float(scale), cu_seqlens), (q, k, v, (decay, beta), initial_state)
+    return TorchPhases(linear_attention, float(scale), causal, cu_seqlens), (q, k, v, (decay, beta), initial_state)

@@ -54,8 +54,8 @@ import triton
 import triton.language as tl
 
 from lasp.kernels.common import launch
-from lasp.kernels.common.launch import CHUNK_SIZE, LAUNCH, launch_kw, tile
-from lasp.kernels.common.plan import SpanPlan, make_span_plan
+from lasp.kernels.common.launch import CHUNK_SIZE, LAUNCH, fuses_dkdv, launch_kw, tile
+from lasp.kernels.common.plan import SpanPlan, document_chunk_slots, make_span_plan
 from lasp.kernels.common.scan import scan_spans
 from lasp.kernels.common.tiles import load_tile, span_range, state_ptrs, store_tile
 
@@ -63,9 +63,6 @@ from lasp.kernels.common.tiles import load_tile, span_range, state_ptrs, store_t
 # e^SAFE (bf16 / fp32 / TF32 reach 3e38; fp16 only 65504, hence its smaller bound).
 SAFE_LOG_DECAY = {torch.float16: 8.0}
 DEFAULT_SAFE_LOG_DECAY = 60.0
-# As in the scalar family: the widest K×V state gradient one program keeps for the fused
-# dk/dv launch; wider states split it into a dv launch (V-tiles) and a dk launch (K-tiles).
-FUSED_DKDV_MAX_ELEMENTS = 128 * 128
 # Head dims above 128 walk chunks of CHUNK_SIZE // 2 tokens: on an H100 (Triton 3.6) the
 # dq walk at K = V = 256 with 64-token chunks hits an illegal memory access, with 32 it
 # runs (benchmarks/results/diagonal_phases_probe_h100_2026-12-06.txt).
@@ -354,13 +351,6 @@ def _dkdv_kernel(q, k, v, gk, do, span_bounds, dH_out, dk, dv, dgk, chunk_states
 # --------------------------------------------------------------------------------------
 
 
-def _launch_kw(row: str, plan: SpanPlan) -> dict:
-    """`launch_kw(row)`, unpipelined when a head dim exceeds 128: a kernel holding a whole
-    256-wide dim would need more shared memory than a GPU has for a second stage."""
-    kw = launch_kw(row)
-    return dict(kw, num_stages=1) if max(plan.K, plan.V) > 128 else kw
-
-
 def _safe_log_decay(dtype) -> float:
     return SAFE_LOG_DECAY.get(dtype, DEFAULT_SAFE_LOG_DECAY)
 
@@ -373,11 +363,9 @@ def _span_first_chunks(plan: SpanPlan, device):
     if not plan.varlen:
         per_row = triton.cdiv(plan.T, C)
         return (s // plan.spans_per_row) * per_row + (s % plan.spans_per_row) * span_chunks, max(1, plan.B * per_row)
-    ends = plan.doc_ends
-    lengths = ends - torch.nn.functional.pad(ends[:-1], (1, 0))
-    doc_chunk0 = torch.nn.functional.pad(((lengths + C - 1) // C).cumsum(0), (1, 0))
+    doc_chunk0, n_slots = document_chunk_slots(torch.nn.functional.pad(plan.doc_ends, (1, 0)), plan.T, C)
     doc = torch.searchsorted(plan.doc_spans[1:], s, right=True).clamp_(max=plan.n_docs - 1)
-    return doc_chunk0[doc] + (s - plan.doc_spans[doc]) * span_chunks, triton.cdiv(plan.T, C) + plan.n_docs
+    return doc_chunk0[doc] + (s - plan.doc_spans[doc]) * span_chunks, n_slots
 
 
 def _forward_states(k, v, gk, h0, plan: SpanPlan):
@@ -390,7 +378,7 @@ def _forward_states(k, v, gk, h0, plan: SpanPlan):
     BK, BV = (min(LAUNCH["diagonal.summary"].block, triton.next_power_of_2(dim)) for dim in (K, V))
     _summary_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV) * NS, H)](
         k, v, gk, span_bounds, states, g_span, *sizes, H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV,
-        VARLEN=plan.varlen, **_launch_kw("diagonal.summary", plan))
+        VARLEN=plan.varlen, **launch_kw("diagonal.summary", max(plan.K, plan.V)))
     final = launch.new_tensor((plan.n_docs, H, K, V), torch.float32, k.device)
     scan_spans(states, g_span, h0, final, plan, reverse=False)
     return states, g_span, final
@@ -404,7 +392,7 @@ def _forward_output(q, k, v, gk, states, scale, plan: SpanPlan):
     BK, BV = triton.next_power_of_2(K), tile("diagonal.output", V, K)
     _output_kernel[(triton.cdiv(V, BV) * NS, H)](
         q, k, v, gk, span_bounds, states, o, scale, *sizes, H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV,
-        SAFE=_safe_log_decay(q.dtype), VARLEN=plan.varlen, **_launch_kw("diagonal.output", plan))
+        SAFE=_safe_log_decay(q.dtype), VARLEN=plan.varlen, **launch_kw("diagonal.output", max(plan.K, plan.V)))
     return o
 
 
@@ -427,7 +415,7 @@ def _backward_dq(q, k, v, gk, do, states, scale, plan: SpanPlan, decay_grad: boo
         q, k, v, gk, do, span_bounds, states, dq, d_states, q if q_dq is None else q_dq,
         q if chunk_states is None else chunk_states, q if span_chunk0 is None else span_chunk0, scale, *sizes,
         H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, SAFE=_safe_log_decay(q.dtype), DG=decay_grad,
-        VARLEN=plan.varlen, **_launch_kw("diagonal.dq", plan))
+        VARLEN=plan.varlen, **launch_kw("diagonal.dq", max(plan.K, plan.V)))
     return dq, d_states, (q_dq, chunk_states, span_chunk0)
 
 
@@ -451,7 +439,7 @@ def _backward_kvg(q, k, v, gk, do, d_final, d_states, g_span, dgk_parts, scale, 
     args = (q, k, v, gk, do, span_bounds, d_states, dk, dv, q if q_dq is None else q_dq,
             q if chunk_states is None else chunk_states, q if span_chunk0 is None else span_chunk0, scale, *sizes)
     common = dict(H=H, K=K, V=V, C=plan.chunk, SAFE=_safe_log_decay(q.dtype), DG=want_dg, VARLEN=plan.varlen,
-                  **_launch_kw("diagonal.dkdv", plan))
+                  **launch_kw("diagonal.dkdv", max(plan.K, plan.V)))
     if fuse_dkdv:
         _dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common)
     else:
@@ -536,7 +524,7 @@ def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, *, chunk_size=No
         chunk_size = CHUNK_SIZE if max(k.shape[-1], v.shape[-1]) <= 128 else WIDE_HEAD_CHUNK
     plan = make_span_plan(k, v, cu_seqlens, chunk_size, span_chunks)
     if fuse_dkdv is None:
-        fuse_dkdv = triton.next_power_of_2(plan.K) * triton.next_power_of_2(plan.V) <= FUSED_DKDV_MAX_ELEMENTS
+        fuse_dkdv = fuses_dkdv(plan.K, plan.V)
     inputs = (q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(),
               None if initial_state is None else initial_state.float().contiguous())
     return TritonPhases(plan, float(scale), g.requires_grad, bool(fuse_dkdv)), inputs

@@ -74,17 +74,11 @@ import triton
 import triton.language as tl
 
 from lasp.kernels.common import launch
-from lasp.kernels.common.launch import CHUNK_SIZE, LAUNCH, launch_kw, tile
+from lasp.kernels.common.launch import CHUNK_SIZE, LAUNCH, fuses_dkdv, launch_kw, tile
 from lasp.kernels.common.plan import SpanPlan, make_span_plan
 from lasp.kernels.common.scan import scan_spans
 from lasp.kernels.common.tiles import decayed_outer_acc, load_tile, query_rows, span_range, state_ptrs, store_tile
 
-# The widest K×V state gradient one program keeps in registers for the fused dk/dv
-# launch; wider states take the split launch (dv over V-tiles with all of K, dk over
-# K-tiles with all of V), which reads q, k, v and do twice: on an H200 at B=1, T=32K,
-# H=16, D=128 the split launch costs 1.24 / 1.81 / 2.77 ms fwd+bwd against the fused
-# one's 0.92 / 1.44 / 2.32 (plain / g_gamma / g; benchmarks/results/tune_launch_*-s4).
-FUSED_DKDV_MAX_ELEMENTS = 128 * 128
 
 
 # --------------------------------------------------------------------------------------
@@ -584,7 +578,7 @@ def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, *, chunk_size=CH
     and the state in fp32 (differentiable conversions)."""
     plan = make_span_plan(k, v, cu_seqlens, chunk_size, span_chunks)
     if fuse_dkdv is None:
-        fuse_dkdv = triton.next_power_of_2(plan.K) * triton.next_power_of_2(plan.V) <= FUSED_DKDV_MAX_ELEMENTS
+        fuse_dkdv = fuses_dkdv(plan.K, plan.V)
     inputs = (q.contiguous(), k.contiguous(), v.contiguous(),
               None if g is None else g.float().contiguous(),
               None if initial_state is None else initial_state.float().contiguous())
@@ -608,7 +602,7 @@ def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state
         chunk_size, span_chunks: tokens per chunk (power of two ≥ 16) and chunks per span
             (default from the shapes, `default_span_chunks`). fuse_dkdv: one backward
             launch for dk and dv (default when the K×V state gradient fits one program,
-            `FUSED_DKDV_MAX_ELEMENTS`). Tuning and test knobs.
+            `common.launch.fuses_dkdv`). Tuning and test knobs.
 
     Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] float32 or None), differentiable
     in q, k, v, g, initial_state and row_weight.
