@@ -56,12 +56,16 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 
 def sum_gradients(model: torch.nn.Module, group=None) -> None:
-    """All-reduce (sum) every parameter gradient over `group`: the SP half of the loss contract."""
+    """All-reduce (sum) every parameter gradient over `group`: the SP half of the loss contract.
+    A trainable parameter without a gradient on this rank contributes zeros."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     for p in model.parameters():
-        if p.grad is not None:
-            all_reduce(p.grad, group)
+        if not p.requires_grad:
+            continue
+        if p.grad is None:  # unused here (an expert no local token chose) but maybe not on a peer:
+            p.grad = torch.zeros_like(p)  # every rank joins every all-reduce, in the same order
+        all_reduce(p.grad, group)
 
 
 def causal_lm_loss(model, batch, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:

@@ -51,6 +51,29 @@ def left_context(x, layout, group, width: int) -> list[torch.Tensor]:
     return [table[s] for s in layout.local_segments]
 
 
+def short_conv(x, weight, bias=None, *, layout=None, group=None, cu_seqlens=None):
+    """Depthwise causal convolution of [B, T, C] local tokens, no activation.
+
+    weight: [C, K] (`[:, -1]` weighs the current token); bias: [C] or None. Taps that reach
+    before the token's packed document (or the sequence start) read nothing; the left
+    context of each local segment comes from the rank that holds it (`left_context`).
+    """
+    K = weight.shape[1]
+    positions = token_positions(layout, x.shape[1], x.device)
+    starts = document_starts(positions, cu_seqlens)
+    contexts = left_context(x, layout, group, K - 1)
+    outs = []
+    for (start, n), context in zip(local_segments(layout, x.shape[1]), contexts):
+        padded = torch.cat([context, x[:, start:start + n]], 1)     # [B, K-1+n, C]
+        pos, doc = positions[start:start + n], starts[start:start + n]
+        y = 0 if bias is None else bias
+        for back in range(K):  # the tap `back` tokens before the current one
+            inside = (pos - back >= doc).to(x.dtype)[None, :, None]
+            y = y + padded[:, K - 1 - back:K - 1 - back + n] * weight[:, K - 1 - back] * inside
+        outs.append(y)
+    return torch.cat(outs, 1)
+
+
 class ShortConv(nn.Module):
     """Depthwise causal convolution over time followed by SiLU, on [B, T, C] local tokens."""
 
@@ -72,20 +95,7 @@ class ShortConv(nn.Module):
             self.weight.uniform_(-self.init_bound, self.init_bound)
 
     def forward(self, x, *, layout=None, group=None, cu_seqlens=None):
-        K = self.kernel_size
-        positions = token_positions(layout, x.shape[1], x.device)
-        starts = document_starts(positions, cu_seqlens)
-        contexts = left_context(x, layout, group, K - 1)
-        outs = []
-        for (start, n), context in zip(local_segments(layout, x.shape[1]), contexts):
-            padded = torch.cat([context, x[:, start:start + n]], 1)     # [B, K-1+n, C]
-            pos, doc = positions[start:start + n], starts[start:start + n]
-            y = 0
-            for back in range(K):  # the tap `back` tokens before the current one
-                inside = (pos - back >= doc).to(x.dtype)[None, :, None]
-                y = y + padded[:, K - 1 - back:K - 1 - back + n] * self.weight[:, K - 1 - back] * inside
-            outs.append(y)
-        return F.silu(torch.cat(outs, 1))
+        return F.silu(short_conv(x, self.weight, layout=layout, group=group, cu_seqlens=cu_seqlens))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, kernel_size={self.kernel_size}"

@@ -388,6 +388,7 @@ def test_load_balancing_loss():
 def test_bad_inputs_raise():
     q = torch.randn(1, 8, 2, 4)
     logits = torch.randn(1, 8, 4)
+    logits[:, 0, 3] = 10.0  # memory 3 is routed at least once, so 3 memories are too few
     weights, indices, _ = mom_route(logits, 2)
     plan = mom_dispatch(indices, 4)
     kv = torch.randn(1, 8, 4, 2, 4)
