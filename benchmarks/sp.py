@@ -9,6 +9,9 @@ overlapped and forced synchronous) vs the LASP-1 ring, at a fixed number of toke
     torchrun --nproc-per-node 2 benchmarks/sp.py --device cpu --tokens 256,512 --heads 2 --dim 16
                                                               # gloo smoke test on CPU
 
+--variant picks the recurrence: plain, g_gamma, g, gk, or the delta rule (deltanet,
+gated-deltanet, kda), whose LASP-2 summaries carry dense K×K transitions.
+
 bf16 on CUDA (fp32 on CPU), H=16, D=128, B=1, one unpacked sequence of W·N tokens
 (N = --tokens, per GPU, default 32K..512K). At W = 1 every method is the plain kernel
 call. Rows: median ms per step of the slowest rank (CUDA events after warm-up),
@@ -55,6 +58,10 @@ METHODS = {   # name -> (layout kind, op)
     "lasp1 zigzag": ("zigzag", lasp1_linear_attention),
 }
 PROFILED = ("lasp2 contiguous", "lasp2-sync contiguous")
+VARIANTS = {   # --variant -> (decay argument, delta rule)
+    "plain": (None, False), "g_gamma": ("g_gamma", False), "g": ("g", False), "gk": ("gk", False),
+    "deltanet": (None, True), "gated-deltanet": ("g", True), "kda": ("gk", True),
+}
 PROFILE_STEPS = 5
 
 
@@ -98,14 +105,19 @@ def make_step(op, kind, N, args, rank, W):
 
     def rand(*shape):
         return torch.randn(*shape, device=device, generator=gen)
+    decay, delta = VARIANTS[args.variant]
     q, k, v = (rand(1, N, H, D).to(dtype).requires_grad_() for _ in range(3))
-    g = F.logsigmoid(rand(1, N, H) + 4).requires_grad_() if args.variant == "g" else None
-    g_gamma = F.logsigmoid(torch.linspace(3, 7, H, device=device)) if args.variant == "g_gamma" else None
+    if delta:  # the delta rule wants unit keys (the layers normalise them)
+        k = F.normalize(k.detach().float(), dim=-1).to(dtype).requires_grad_()
+    g = F.logsigmoid(rand(1, N, H) + 4).requires_grad_() if decay == "g" else None
+    gk = F.logsigmoid(rand(1, N, H, D) + 4).requires_grad_() if decay == "gk" else None
+    g_gamma = F.logsigmoid(torch.linspace(3, 7, H, device=device)) if decay == "g_gamma" else None
+    beta = torch.sigmoid(rand(1, N, H)).requires_grad_() if delta else None
     do = rand(1, N, H, D).to(dtype)
-    leaves = [x for x in (q, k, v, g) if x is not None]
+    leaves = [x for x in (q, k, v, g, gk, beta) if x is not None]
 
     def step():
-        o = op(q, k, v, g, g_gamma, layout=layout)
+        o = op(q, k, v, g, g_gamma, gk=gk, beta=beta, layout=layout)
         torch.autograd.grad(o, leaves, do)
     return step
 
@@ -129,13 +141,18 @@ def measure(step, args):
     return worst[0].item() * 1e3, int(worst[1].item())
 
 
-def lasp2_bytes_per_layer(W: int, H: int, D: int, segments: int) -> dict:
-    """What one rank sends per layer and step in LASP-2 (B = 1, causal): forward its segments'
-    fp32 summaries (a K×V state and a log-decay per head), backward their fp32 state
-    gradients; the all-gathers bring in W times that. Nothing at W = 1."""
+def lasp2_bytes_per_layer(W: int, H: int, D: int, segments: int, variant: str = "plain") -> dict:
+    """What one rank sends per layer and step in LASP-2 (B = 1, causal), in fp32. Forward:
+    each segment's summary, its K×V state and its transition per head (none without a
+    decay, 1 log-decay for `g` or `g_gamma`, K for `gk`, a K×K matrix for the delta rule).
+    Backward: the incoming states' gradients, one K×V per segment and head, whatever the
+    transition (each rank forms its summaries' gradients from them locally). The
+    all-gathers bring in W times that. Nothing at W = 1."""
     if W == 1:
         return dict(forward=0, backward=0, gathered=0)
-    forward = segments * H * (D * D + 1) * 4
+    decay, delta = VARIANTS[variant]
+    transition = D * D if delta else {None: 0, "g_gamma": 1, "g": 1, "gk": D}[decay]
+    forward = segments * H * (D * D + transition) * 4
     backward = segments * H * D * D * 4
     return dict(forward=forward, backward=backward, gathered=W * (forward + backward))
 
@@ -221,7 +238,7 @@ def run(args):
                     dtype="bf16" if args.device == "cuda" else "fp32",
                     warmup=args.warmup, iters=args.iters, results=results, overlap=gains,
                     profile=profiles,
-                    lasp2_bytes_per_layer={kind: lasp2_bytes_per_layer(W, args.heads, args.dim, segments)
+                    lasp2_bytes_per_layer={kind: lasp2_bytes_per_layer(W, args.heads, args.dim, segments, args.variant)
                                            for kind, segments in (("contiguous", 1), ("zigzag", 2))})
         path = os.path.join(args.out, f"sp_w{W}.json")
         with open(path, "w") as f:
@@ -240,13 +257,13 @@ def run(args):
         print("\nLASP-2 bytes per layer and step, one rank (the op is one layer; measured from "
               "lasp.parallel.scan.bytes_sent in the table's 'bytes sent'):")
         for kind, segments in (("contiguous", 1), ("zigzag", 2)):
-            model = lasp2_bytes_per_layer(W, args.heads, args.dim, segments)
+            model = lasp2_bytes_per_layer(W, args.heads, args.dim, segments, args.variant)
             measured = next(r["bytes_sent"] for r in results if r["method"] == f"lasp2 {kind}")
             print(f"  {kind:10s} sent {measured:,} B (expected {model['forward'] + model['backward']:,}: forward "
                   f"{model['forward']:,} + backward {model['backward']:,}); all-gathers receive {model['gathered']:,} B"
                   + ("  (W = 1: no exchange)" if W == 1 else ""))
             if W == 1:
-                any_w = lasp2_bytes_per_layer(2, args.heads, args.dim, segments)
+                any_w = lasp2_bytes_per_layer(2, args.heads, args.dim, segments, args.variant)
                 print(f"  {'':10s} at any W >= 2 it sends {any_w['forward']:,} + {any_w['backward']:,} B "
                       f"and receives W times that")
         for p in profiles:
@@ -275,7 +292,7 @@ def report(paths):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", default="32768,131072,262144,524288", help="tokens per GPU, comma-separated")
-    parser.add_argument("--variant", default="plain", choices=["plain", "g_gamma", "g"])
+    parser.add_argument("--variant", default="plain", choices=list(VARIANTS))
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])

@@ -215,3 +215,19 @@ def test_hf_model_refuses_labels_across_packed_documents():
     with pytest.raises(ValueError, match="across packed document boundaries.*causal_lm_loss"):
         model(input_ids=ids, labels=ids, cu_seqlens=cu)
     model(input_ids=ids, labels=ids)                  # one rank, one document: transformers' own loss is right
+
+
+def _unused_parameter_body(rank, W):
+    """A parameter only rank 1 uses (an expert no token of rank 0 chose): rank 0 joins the
+    all-reduce with zeros instead of skipping it (which would pair the ranks' collectives wrongly)."""
+    model = torch.nn.ModuleDict(dict(a=torch.nn.Linear(2, 1), b=torch.nn.Linear(2, 1))).double()
+    x = torch.ones(1, 2, dtype=torch.float64)
+    used = [model["a"], model["b"]] if rank == 1 else [model["b"]]
+    sum(layer(x).sum() for layer in used).backward()
+    lasp.sum_gradients(model)
+    assert torch.equal(model["a"].weight.grad, torch.ones(1, 2, dtype=torch.float64))
+    assert torch.equal(model["b"].weight.grad, torch.full((1, 2), 2.0, dtype=torch.float64))
+
+
+def test_sum_gradients_with_a_parameter_unused_on_one_rank():
+    run_distributed(_unused_parameter_body, 2, timeout=60)
