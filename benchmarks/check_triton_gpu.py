@@ -186,7 +186,6 @@ def tune_rows():
         "scalar.dq": [(8, 2, 64), (4, 1, 64), (4, 3, 64), (4, 2, 32)],
         "scalar.dkdv": [(8, 1, 64), (4, 1, 64)],
         "scalar.dkdv_dg": [(8, 2, 64)],
-        "scalar.summary_dg": [(4, 2, 64)],
         "scan": [(4, 3, 256)],
     }.items():
         for warps, stages, block in launches:

@@ -69,22 +69,42 @@ def sum_gradients(model: torch.nn.Module, group=None) -> None:
 
 
 def causal_lm_loss(model, batch, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """This rank's loss on a `ShardedBatch`: local token-loss sum ÷ `batch.num_tokens`.
+    """This rank's loss on a `ShardedBatch`: local token-loss sum ÷ `batch.num_tokens`, plus
+    `config.router_aux_loss_coef` × this rank's share of the load-balancing loss of the whole
+    sequence, when the model has one (`causal_lm_losses`).
 
     Works for every model `lasp.parallelize` supports (its decoder is `model.base_model`,
     its output embedding `model.get_output_embeddings()`); logits exist one chunk at a time.
     A transformers model must have been parallelized (W = 1 is fine) for packed documents
-    to be masked: its own attention ignores `cu_seqlens`. A model whose decoder reports an
-    `aux_loss` (lasp's Mixture-of-Memories layers: this rank's share of the whole sequence's
-    load-balancing loss) adds `config.router_aux_loss_coef` times it. (Summed over dp data-parallel
-    sequences, that is the sum of their aux losses, not their mean: `lasp-train`'s
+    to be masked: its own attention ignores `cu_seqlens`. (Summed over dp data-parallel
+    sequences, the aux part is the sum of their aux losses, not their mean: `lasp-train`'s
     `train_step` composes its loss itself, weighing the aux loss by 1/dp.)
     """
-    out = model.base_model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens)
+    lm_loss, aux_loss = causal_lm_losses(model, batch.input_ids, batch.shift_labels, cu_seqlens=batch.cu_seqlens,
+                                         num_tokens=batch.num_tokens, chunk_size=chunk_size)
+    return lm_loss if aux_loss is None else lm_loss + model.config.router_aux_loss_coef * aux_loss
+
+
+def causal_lm_losses(model, input_ids: torch.Tensor, shift_labels: torch.Tensor, *,
+                     cu_seqlens: torch.Tensor | None, num_tokens: torch.Tensor,
+                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(lm_loss, aux_loss) of this rank's tokens: the token-loss sum ÷ `num_tokens`, and this
+    rank's share of the WHOLE sequence's load-balancing loss, or None.
+
+    The aux loss: lasp's Mixture-of-Memories layers report their share in the decoder's
+    `aux_loss`; a transformers MoE model whose config sets `output_router_logits` (its own
+    forward then adds the aux loss) gets transformers' load-balancing loss computed over the
+    whole sequence (`lasp.integrations.hf.moe`). The ranks' shares sum to the loss of the
+    whole sequence, and so do their gradients.
+    """
+    routed = False
+    if getattr(model.config, "output_router_logits", False):   # a transformers MoE model (lasp's have no such field)
+        from lasp.integrations.hf.moe import router_aux_loss, routes_aux_loss
+        routed = routes_aux_loss(model)
+    out = model.base_model(input_ids=input_ids, cu_seqlens=cu_seqlens,
+                           **(dict(output_router_logits=True) if routed else {}))
     weight = model.get_output_embeddings().weight
-    loss = chunked_cross_entropy(out.last_hidden_state, weight, batch.shift_labels,
-                                 chunk_size=chunk_size) / batch.num_tokens
-    aux_loss = getattr(out, "aux_loss", None)
-    if aux_loss is not None:
-        loss = loss + model.config.router_aux_loss_coef * aux_loss
-    return loss
+    lm_loss = chunked_cross_entropy(out.last_hidden_state, weight, shift_labels, chunk_size=chunk_size) / num_tokens
+    if routed:
+        return lm_loss, router_aux_loss(model, out.router_logits, input_ids.shape[1])
+    return lm_loss, getattr(out, "aux_loss", None)

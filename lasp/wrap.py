@@ -6,7 +6,9 @@
     loss = lasp.causal_lm_loss(model, batch)   # local token-loss sum ÷ valid tokens of the whole batch
     loss.backward(); lasp.sum_gradients(model, group)   # or let FSDP/DDP reduce (see lasp.loss)
 
-Supports lasp's own models and Hugging Face Llama, Qwen2, Qwen3 and Mistral causal LMs.
+Supports lasp's own models and the Hugging Face causal LMs of
+`lasp.integrations.hf.SUPPORTED_MODEL_TYPES` (Llama, Qwen2/3, Mistral, Mixtral, Qwen2/3-MoE and
+the linear-attention hybrids).
 Each forward takes this rank's tokens and builds the batch's layout from their number,
 so one parallelized model trains on sequences of any length that W divides.
 """

@@ -33,7 +33,17 @@ sequence parallelism; it saves only its inputs), `mom_phases` splits the op into
 phases of `lasp.kernels.linear_attention_phases` (the routing weights an extra input) so
 that LASP-2 overlaps MoM's exchange like linear attention's, and `load_balancing_loss` is
 the Switch-style auxiliary loss. Decays: per-memory `g`, fixed `g_gamma`, or per-key `gk`
-(torch backend).
+(both backends; on Triton the diagonal family's kernels with the same query gather and
+row weights).
+
+The delta rule (`beta` [B, T, M, H], the write strength of each memory per token): each
+memory is a (gated) delta-rule state updated only by the tokens routed to it, as the
+MoM paper's Gated DeltaNet memories, `S ← A_t(S) + β k (v − kᵀ A_t(S))ᵀ` with the
+memory's own k, v, β and decay (none, g, g_gamma or gk). Its streams run on the delta
+family (`lasp.kernels.delta`, torch or Triton) with the query copies materialised, and
+its transitions are dense: sequence parallelism exchanges `mom_delta_summaries` (each
+stream's K×K transition and zero-start state) and reruns the streams from the incoming
+states (`lasp.parallel.mom`), as LASP-2 does for the delta rule.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ import torch.nn.functional as F
 
 from lasp.kernels.checks import FLOAT_DTYPES, check_cu_seqlens, check_tensor, check_value
 from lasp.kernels.common.documents import accumulation_dtype, documents, matmul_dtype
-from lasp.kernels.linear_attention import check_call, linear_attention, pick_backend, plan_phases
+from lasp.kernels.linear_attention import check_call, family_module, linear_attention, pick_backend, plan_phases
 from lasp.kernels.naive import naive_linear_attention
 from lasp.kernels.state import cumsum_over_time
 
@@ -306,6 +316,19 @@ def _check_memory_decay(g, g_gamma, plan: MoMPlan, H: int, device, gk=None, K=No
                     f"{name} holds log-decays and must be <= 0 and finite everywhere")
 
 
+def _check_memory_beta(beta, plan: MoMPlan, H: int, device) -> None:
+    """beta: [B, T, M, H] each memory's delta-rule write strength per token; finite."""
+    if beta is None:
+        return
+    shape = (*plan.indices.shape[:2], plan.num_memories, H)
+    check_tensor("beta", beta, 4)
+    if tuple(beta.shape) != shape:
+        raise ValueError(f"beta must have shape {shape} [B, T, M, H], got {tuple(beta.shape)}")
+    if not beta.is_floating_point() or beta.device != device:
+        raise TypeError(f"beta must be a floating tensor on {device}, got {beta.dtype} on {beta.device}")
+    check_value(torch.isfinite(beta), "beta must be finite everywhere")
+
+
 def check_weights(weights, plan: MoMPlan) -> None:
     """Routing weights: floating [B, T, k] matching the plan's choices."""
     check_tensor("weights", weights, 3)
@@ -327,7 +350,7 @@ def _sorted(name, x, plan: MoMPlan, H: int):
                      f"[{plan.num_copies}, {H}, D] (routed copies in the plan's order), got {tuple(x.shape)}")
 
 
-def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None, scale=None,
+def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None, beta=None, scale=None,
                         initial_state=None, output_final_state=False, backend=None):
     """MoM linear attention of the routed memories; returns `(o, final_state)`.
 
@@ -339,14 +362,16 @@ def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *
         plan: `mom_dispatch` of the routing indices (its rows: batch rows or documents).
         g: [B, T, M, H] per-memory data-dependent log-decay (≤ 0), applied on the tokens
             routed to that memory; or g_gamma: [H] fixed log-decay per routed token; or
-            gk: [B, T, M, H, K] per-key log-decay (GLA) per memory (torch backend).
+            gk: [B, T, M, H, K] per-key log-decay (GLA) per memory.
+        beta: [B, T, M, H] the delta rule (module docstring): each memory's write
+            strength per token, with none, g, g_gamma or gk as the memories' decay.
         initial_state: [M, R, H, K, V] state of each memory entering each row (fp32).
         output_final_state: also return each memory's state after each row,
             [M, R, H, K, V]; a memory that gets no token passes its state through.
         backend: "triton" | "torch" | None, as in `linear_attention` (also picks the combine).
     Returns o: [B, T, H, V] in q's dtype, final_state or None.
     """
-    ks, vs, backend = _check_streams(q, k, v, weights, plan, g, g_gamma, gk, backend)
+    ks, vs, backend = _check_streams(q, k, v, weights, plan, g, g_gamma, gk, backend, beta)
     B, T, H, K = q.shape
     M, R = plan.num_memories, plan.num_rows
     V = vs.shape[-1]
@@ -356,14 +381,13 @@ def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *
             raise ValueError(f"initial_state must be [M, R, H, K, V]={(M, R, H, K, V)}, "
                              f"got {tuple(initial_state.shape)}")
         initial_state = initial_state.reshape(M * R, H, K, V)
-    gs = None if g is None else plan.select(g)[None]
-    if backend == "triton":
-        out, final = _triton_streams(q, ks, vs, gs, g_gamma, weights, scale, initial_state,
+    gs, gks, betas = (None if x is None else plan.select(x)[None] for x in (g, gk, beta))
+    if backend == "triton" and beta is None:
+        out, final = _triton_streams(q, ks, vs, gs if gk is None else gks, g_gamma, weights, scale, initial_state,
                                      output_final_state, plan)
     else:
-        gks = None if gk is None else plan.select(gk)[None]
-        o, final = linear_attention(plan.copies(q)[None], ks[None], vs[None], gs, g_gamma, gk=gks, scale=scale,
-                                    initial_state=initial_state, output_final_state=output_final_state,
+        o, final = linear_attention(plan.copies(q)[None], ks[None], vs[None], gs, g_gamma, gk=gks, beta=betas,
+                                    scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                                     cu_seqlens=plan.cu_seqlens, backend=backend)
         out = plan.combine(o[0], weights, backend)
     return out, None if final is None else final.view(M, R, *final.shape[1:])
@@ -372,7 +396,8 @@ def mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *
 def _triton_streams(q, ks, vs, gs, g_gamma, weights, scale, initial_state, output_final_state,
                     plan: MoMPlan):
     """Every stream's linear attention in one Triton varlen call, combined
-    (`triton_mom_streams`: bf16 rounds once, in the sum of a token's copies)."""
+    (`triton_mom_streams`: bf16 rounds once, in the sum of a token's copies). `gs`: the
+    copies' decay, [1, P, H] (g) or [1, P, H, K] (gk), or None."""
     from lasp.kernels.common.launch import check_triton_head_dims
     from lasp.kernels.triton_mom import triton_mom_streams
 
@@ -599,7 +624,8 @@ def mom_phases(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None
     """`mixture_of_memories` from zero states, split into the phases of
     `lasp.kernels.linear_attention_phases` with the combine inside (`MoMPhases`), for a
     caller that runs other work in between (sequence parallelism overlaps its summary
-    exchange with them). Arguments as in `mixture_of_memories` (no initial state).
+    exchange with them). Arguments as in `mixture_of_memories` (no initial state, no
+    delta rule: its transitions are dense, `mom_delta_summaries`).
 
     Returns `(phases, (q, k, v, decay, weights))`: the inputs in the form the phases take
     them (k, v as sorted copies [1, B·T·k, H, K|V], decay per copy, fp32 on Triton, or
@@ -611,13 +637,14 @@ def mom_phases(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None
     fused = backend == "triton"
     if fused:
         from lasp.kernels.common.launch import check_triton_head_dims
-        from lasp.kernels.scalar.triton import triton_phases
+        from lasp.kernels.triton_mom import stream_phases
         check_triton_head_dims(ks, vs)
+        decay = gs if gks is None else gks
         if g_gamma is not None:
-            gs = g_gamma.float()[None, None, :].expand(1, ks.shape[0], ks.shape[1])
+            decay = g_gamma.float()[None, None, :].expand(1, ks.shape[0], ks.shape[1])
         K = q.shape[-1]
-        streams, (_, ks, vs, decay, _) = triton_phases(
-            q.reshape(1, -1, *q.shape[2:]), ks[None], vs[None], None if gs is None else gs.float().contiguous(),
+        streams, (_, ks, vs, decay, _) = stream_phases(
+            q.reshape(1, -1, *q.shape[2:]), ks[None], vs[None], None if decay is None else decay.float().contiguous(),
             float(K ** -0.5 if scale is None else scale), None, plan.cu_seqlens)
     else:
         q_copies = q.detach()[:1, :1].expand(1, plan.num_copies, *q.shape[2:])     # shapes only: no copy
@@ -628,7 +655,7 @@ def mom_phases(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None
     return MoMPhases(streams, plan, fused), (q, ks, vs, decay, weights)
 
 
-def _check_streams(q, k, v, weights, plan: MoMPlan, g, g_gamma, gk, backend):
+def _check_streams(q, k, v, weights, plan: MoMPlan, g, g_gamma, gk, backend, beta=None):
     """The checks of `mixture_of_memories` but the initial state's; returns k and v as
     sorted copies [B·T·k, H, K|V] and the backend."""
     check_tensor("q", q, 4)
@@ -646,11 +673,32 @@ def _check_streams(q, k, v, weights, plan: MoMPlan, g, g_gamma, gk, backend):
         raise TypeError(f"q, k, v must share one dtype and device, got {q.dtype}, {ks.dtype}, {vs.dtype}")
     check_weights(weights, plan)
     _check_memory_decay(g, g_gamma, plan, H, q.device, gk, K)
-    backend = pick_backend(backend, q)
-    if backend == "triton" and gk is not None:
-        raise ValueError("gk (per-key decay) runs on backend='torch' only: the diagonal Triton kernels do not "
-                         "gather MoM's queries by token")
-    return ks, vs, backend
+    _check_memory_beta(beta, plan, H, q.device)
+    return ks, vs, pick_backend(backend, q)
+
+
+def mom_delta_summaries(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None, beta, scale=None,
+                        backend=None):
+    """Every stream's summary under the delta rule: `(transitions, states)`, the dense
+    K×K transition of each (memory, row) stream [M·R, H, K, K] (identity for a memory
+    that gets no token on the row) and its final state from a zero state [M·R, H, K, V],
+    fp32 (fp64 for fp64 inputs), so that a stream entered with S ends in
+    `transitions @ S + states`. Arguments as in `mixture_of_memories` (`beta` required;
+    q and the weights are only checked). Differentiable in k, v, beta and the decay; the
+    delta family's `run_transitions` (torch or Triton) computes the transitions.
+    """
+    if beta is None:
+        raise ValueError("mom_delta_summaries needs beta (the delta rule's transitions are dense)")
+    ks, vs, backend = _check_streams(q, k, v, weights, plan, g, g_gamma, gk, backend, beta)
+    gs, gks, betas = (None if x is None else plan.select(x)[None] for x in (g, gk, beta))
+    q_copies = q.detach()[:1, :1].expand(1, plan.num_copies, *q.shape[2:])     # shapes only: no copy
+    call = check_call(q_copies, ks[None], vs[None], g=gs, g_gamma=g_gamma, gk=gks, beta=betas, scale=scale,
+                      cu_seqlens=plan.cu_seqlens, backend=backend)
+    family = family_module(call)
+    _, states = family.linear_attention(None, ks[None], vs[None], *call.gates, scale=call.scale,
+                                        output_final_state=True, cu_seqlens=plan.cu_seqlens)
+    transitions = family.run_transitions(ks[None], *call.gates, cu_seqlens=plan.cu_seqlens)
+    return transitions.to(states.dtype), states
 
 
 # --------------------------------------------------------------------------------------
@@ -684,8 +732,8 @@ def load_balancing_loss(probs, indices, *, counts=None, num_tokens=None):
     return M * (fraction * probs.sum((0, 1)) / num_tokens).sum()
 
 
-def mom_reference(q, k, v, weights, indices, g=None, g_gamma=None, *, gk=None, scale=None, initial_state=None,
-                  output_final_state=False, cu_seqlens=None):
+def mom_reference(q, k, v, weights, indices, g=None, g_gamma=None, *, gk=None, beta=None, scale=None,
+                  initial_state=None, output_final_state=False, cu_seqlens=None):
     """The oracle: a loop over memories and documents on `naive_linear_attention`.
 
     Same arguments as `mixture_of_memories`, with k, v: [B, T, M, H, K|V] (every memory)
@@ -711,8 +759,9 @@ def mom_reference(q, k, v, weights, indices, g=None, g_gamma=None, *, gk=None, s
                 gate = g_gamma[None, None, :].expand(1, pos.numel(), H)
             h0 = None if initial_state is None else initial_state[m, n][None]
             key_gate = None if gk is None else gk[b, pos, m][None]
+            write = None if beta is None else beta[b, pos, m][None]
             o, state = naive_linear_attention(q[b, pos][None], k[b, pos, m][None], v[b, pos, m][None], gate,
-                                              gk=key_gate, scale=scale, initial_state=h0,
+                                              gk=key_gate, beta=write, scale=scale, initial_state=h0,
                                               output_final_state=True)
             out = out.index_put((torch.full_like(pos, b), pos), weight[b, pos, None, None] * o[0].to(acc),
                                 accumulate=True)

@@ -31,6 +31,8 @@ Backends, chosen per call (`backend=None`):
 The masks are built on the device from `cu_seqlens` with `searchsorted`: no host sync.
 GQA/MQA (H_q a multiple of H_kv; query head h uses key head h // (H_q / H_kv)) never
 copies the keys, except the `sdpa` backend on torch < 2.5, which repeats them.
+Values may be narrower or wider than queries and keys (Dv ≠ D, as in MLA): every backend
+but ``flash_attn`` takes them (torch's sdpa dispatch skips its flash kernel by itself).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, cu_seqlens_q=None, cu
     """Softmax attention of `q` against `k`, `v` under the lower-right-aligned masks above.
 
     Args:
-        q: [B, Tq, H_q, D]; k, v: [B, Tk, H_kv, D]; one floating dtype and device.
+        q: [B, Tq, H_q, D]; k: [B, Tk, H_kv, D]; v: [B, Tk, H_kv, Dv]; one floating dtype and device.
         scale: score scale, default D^-0.5.
         causal: apply the (lower-right aligned) causal mask.
         cu_seqlens_q, cu_seqlens_k: int [N+1] document offsets into q and k (B = 1);
@@ -73,10 +75,10 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, cu_seqlens_q=None, cu
             (fp64 for fp64 input); differentiable (flex and math backends).
         backend: one of `BACKENDS`, or None to choose from the device, dtype and features.
 
-    Returns o [B, Tq, H_q, D] in q's dtype, or (o, lse).
+    Returns o [B, Tq, H_q, Dv] in q's dtype, or (o, lse).
     """
     check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    backend = pick_backend(backend, q, documents=cu_seqlens_q is not None, return_lse=return_lse)
+    backend = pick_backend(backend, q, documents=cu_seqlens_q is not None, return_lse=return_lse, v=v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "flash_attn":
         return _flash_attn(q, k, v, scale, causal, cu_seqlens_q, cu_seqlens_k)
@@ -98,8 +100,9 @@ def check_attention_inputs(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None) -> Non
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have one shape [B,Tk,H_kv,D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must have one shape [B,Tk,H_kv] (their head dims may differ), got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
     B, _, Hq, D = q.shape
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k must be [B,Tk,H_kv,D] with B={B}, D={D} as in q, got {tuple(k.shape)}")
@@ -115,21 +118,24 @@ def check_attention_inputs(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None) -> Non
                              f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
 
 
-def pick_backend(backend, q, *, documents: bool, return_lse: bool) -> str:
-    """The backend `softmax_attention` runs for `q` (validating an explicit choice)."""
-    cuda, half = q.device.type == "cuda", q.dtype in (torch.float16, torch.bfloat16)
+def pick_backend(backend, q, *, documents: bool, return_lse: bool, v=None) -> str:
+    """The backend `softmax_attention` runs for `q` and values `v` (validating an explicit choice)."""
+    cuda = q.device.type == "cuda"
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    flash = flash_attn_available() and cuda and half and (v is None or v.shape[-1] == q.shape[-1])
     if backend is None:
         if not cuda or q.dtype == torch.float64:
             return "math"
         if return_lse:
             return "flex"
-        if flash_attn_available() and half:
+        if flash:
             return "flash_attn"
         return "flex" if documents else "sdpa"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "flash_attn" and not (flash_attn_available() and cuda and half):
-        raise ValueError("backend='flash_attn' needs the flash-attn package and CUDA fp16/bf16 tensors")
+    if backend == "flash_attn" and not flash:
+        raise ValueError("backend='flash_attn' needs the flash-attn package, CUDA fp16/bf16 tensors and "
+                         "values as wide as the queries")
     if backend == "sdpa" and documents:
         raise ValueError("backend='sdpa' has no document masks: use 'flex', 'flash_attn' or 'math'")
     if return_lse and backend in ("flash_attn", "sdpa"):
@@ -186,7 +192,7 @@ def _math(q, k, v, scale, mask):
     denom = e.sum(-1, keepdim=True)
     empty = denom == 0
     denom = denom.masked_fill(empty, 1.0)
-    o = (e / denom) @ vh                                                    # [B, Hkv, G, Tq, D]
+    o = (e / denom) @ vh                                                    # [B, Hkv, G, Tq, Dv]
     lse = (m + denom.log()).masked_fill(empty, float("-inf")).squeeze(-1)
     return o.permute(0, 3, 1, 2, 4).flatten(2, 3).to(q.dtype), lse.flatten(1, 2)
 

@@ -12,10 +12,12 @@ every sorted row is written exactly once) and dw_tj = <do_t, o[dest_tj]>, summed
 feature blocks from per-block partials (no atomics). The torch formula in
 `MoMPlan.combine` is the reference. Launch grids depend on shapes only.
 
-`triton_mom_streams` runs the streams on the linear-attention kernels with the queries and
-output gradients read by token index (no copies of them), the routing weights applied in
-fp32 inside the kernels, and each copy's output and dq kept in fp32 until the combine
-kernel sums a token's copies: bf16 rounds once per output and per gradient.
+`triton_mom_streams` runs the streams on the linear-attention kernels (the scalar family's
+for plain, g and g_gamma; the diagonal family's for gk) with the queries and output
+gradients read by token index (no copies of them), the routing weights applied in fp32
+inside the kernels, and each copy's output and dq kept in fp32 until the combine kernel
+sums a token's copies: bf16 rounds once per output and per gradient. Both families'
+`TritonPhases` take the same `row_weight` / `rows` arguments.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import triton
 import triton.language as tl
 
 from lasp.kernels.common import launch
-from lasp.kernels.scalar.triton import triton_phases
+from lasp.kernels.diagonal import triton as diagonal_triton
+from lasp.kernels.scalar import triton as scalar_triton
 
 BLOCK_TOKENS = 16
 BLOCK_FEATURES = 256
@@ -145,18 +148,26 @@ class _TritonMoMStreams(torch.autograd.Function):
         return dq, dk, dv, dg, dh0, dw, None, None, None, None, None
 
 
+def stream_phases(q, k, v, g, scale, initial_state, cu_seqlens):
+    """The Triton phases of MoM's streams and their inputs: the scalar family's
+    `triton_phases` for g [1, P, H] (or None), the diagonal family's for a per-key g
+    [1, P, H, K] (arguments as theirs)."""
+    family = diagonal_triton if g is not None and g.dim() == 4 else scalar_triton
+    return family.triton_phases(q, k, v, g, scale, initial_state, cu_seqlens)
+
+
 def triton_mom_streams(q, k, v, g, scale, initial_state, output_final_state, copy_weights, plan):
     """MoM's streams on the Triton kernels, combined: returns (out [B, T, H, V] in q's
     dtype, final states [M·R, H, K, V] or None).
 
     q: [B, T, H, K] per token; k, v: [B·T·k, H, K|V] the routed copies in the plan's sorted
-    order (one dtype with q); g: None or [1, B·T·k, H] fp32 log-decay per copy;
-    copy_weights: [B·T·k] the routing weight of each sorted copy; plan: the `MoMPlan`.
-    Differentiable in q, k, v, g, initial_state and copy_weights.
+    order (one dtype with q); g: None, [1, B·T·k, H] (scalar) or [1, B·T·k, H, K] (per
+    key) fp32 log-decay per copy; copy_weights: [B·T·k] the routing weight of each sorted
+    copy; plan: the `MoMPlan`. Differentiable in q, k, v, g, initial_state and copy_weights.
     """
     q_tokens = q.reshape(1, plan.num_tokens, *q.shape[2:])
-    phases, (q_tokens, k, v, g, h0) = triton_phases(q_tokens, k[None], v[None], g, scale, initial_state,
-                                                     plan.cu_seqlens)
+    phases, (q_tokens, k, v, g, h0) = stream_phases(q_tokens, k[None], v[None], g, scale, initial_state,
+                                                    plan.cu_seqlens)
     rows = plan.src // plan.top_k
     out, final = _TritonMoMStreams.apply(q_tokens, k, v, g, h0, copy_weights.float().contiguous(), rows,
                                          plan.dest, phases, output_final_state, plan.top_k)

@@ -31,14 +31,17 @@ def option(default, help: str, flag: str | None = None):
 
 @dataclass
 class ModelConfig:
-    name: str = option("tiny", "lasp model preset: tiny | linear-llama3-1b", flag="--model")
+    name: str = option("tiny", "lasp model preset: tiny | linear-llama3-1b; or hf:PATH, a local directory with a "
+                               "transformers config.json (and its safetensors weights, else random init) of a "
+                               "model type lasp.parallelize supports", flag="--model")
     layer_pattern: str = option("LLN", "layer kinds repeated over the depth: L linear attention, G gated "
                                        "linear attention (GLA), D Gated DeltaNet, K Kimi Delta Attention (KDA), "
                                        "N softmax attention, M Mixture-of-Memories (LLN: hybrid, one softmax "
                                        "layer in three; the LASP-2 paper uses LLLN)")
     activation_checkpointing: bool = option(False, "recompute each layer in the backward (saves activations)")
-    model_overrides: dict = option(dict, "more LinearLlamaConfig fields, as a mapping (JSON on the command "
-                                         "line), e.g. '{\"num_hidden_layers\": 8}'")
+    model_overrides: dict = option(dict, "more LinearLlamaConfig fields (the transformers config's with "
+                                         "hf:PATH), as a mapping (JSON on the command line), e.g. "
+                                         "'{\"num_hidden_layers\": 8}'")
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 from lasp.kernels.common.launch import CHUNK_SIZE
 from lasp.layers.delta_rule import DeltaRuleAttention
 from lasp.layers.linear_attention import LinearAttention
+from lasp.layers.mamba2 import Mamba2
 
 # peak dense bf16 TFLOP/s by device name (first match wins)
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
@@ -42,20 +43,39 @@ def flops_per_token(model, seq_len: int, chunk_size: int = CHUNK_SIZE) -> float:
     dims are both D), Mixture-of-Memories 6·D·C + 12·D² for each memory a token reaches
     (top-k + the shared one).
     Recomputation under activation checkpointing is not counted (the MFU convention).
+    A Hugging Face model (`--model hf:PATH`, no `layer_kinds`): the matmuls and its softmax
+    layers (`hf_softmax_layers`) only, an estimate: every expert of a MoE counts, its linear
+    layers' state FLOPs do not.
     """
     config = model.config
     embedding = model.get_input_embeddings().weight
     matmul_params = sum(p.numel() for p in model.parameters() if p.dim() >= 2) - embedding.numel()
     if model.get_output_embeddings().weight is embedding:
         matmul_params += embedding.numel()
+    if not hasattr(config, "layer_kinds"):
+        H = config.num_attention_heads
+        D = getattr(config, "head_dim", None) or config.hidden_size // H
+        return 6.0 * matmul_params + hf_softmax_layers(config) * 6 * H * D * seq_len
     H, D = config.num_attention_heads, config.head_dim
     linear = H * (6 * D * chunk_size + 12 * D * D)
     memories = getattr(config, "mom_top_k", 0) + int(getattr(config, "mom_shared_memory", False))
     softmax = {"N": 6 * H * D * seq_len, "M": memories * linear}
-    # Linear layers (L, G, D, K) answer for their own dims (feature maps may widen the keys).
-    linear_layers = [m for m in model.modules() if isinstance(m, (LinearAttention, DeltaRuleAttention))]
+    # Linear layers (L, G, D, K, S) answer for their own dims (feature maps may widen the keys).
+    linear_layers = [m for m in model.modules() if isinstance(m, (LinearAttention, DeltaRuleAttention, Mamba2))]
     return (6.0 * matmul_params + sum(softmax.get(kind, 0) for kind in config.layer_kinds)
             + sum(layer.attention_flops_per_token(chunk_size) for layer in linear_layers))
+
+
+SOFTMAX_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "attention", "hybrid")
+
+
+def hf_softmax_layers(config) -> int:
+    """The softmax-attention layers of a transformers config: those its `layer_types` name so,
+    or every layer without `layer_types`."""
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return config.num_hidden_layers
+    return sum(layer_type in SOFTMAX_LAYER_TYPES for layer_type in layer_types)
 
 
 def peak_flops(device: torch.device, peak_tflops: float | None) -> float | None:

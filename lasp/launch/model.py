@@ -1,11 +1,23 @@
-"""The model a run trains: a lasp preset with the run's layer pattern and overrides, and its blocks."""
+"""The model a run trains: a lasp preset with the run's layer pattern and overrides, or a
+Hugging Face model (`--model hf:PATH`), and its blocks.
+
+`hf:PATH` is a local directory with a transformers ``config.json`` of a model type that
+`lasp.parallelize` supports; its safetensors weights are loaded when the directory has
+them, else the model is initialised at random from the config (--seed). --model-overrides
+set config fields; --layer-pattern does not apply. `HFCausalLM` gives it the forward that
+`train_step` calls (lasp's chunked loss and the whole sequence's load-balancing loss).
+"""
 
 from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+HF_PREFIX = "hf:"
 
 
 def build_model_config(config, vocab_size: int | None):
@@ -34,11 +46,71 @@ def build_model_config(config, vocab_size: int | None):
         raise ValueError(f"--model {config.name} --layer-pattern {config.layer_pattern}: {error}") from None
 
 
+def hf_path(config) -> Path | None:
+    """The directory of `--model hf:PATH`, or None for a lasp preset."""
+    return Path(config.name[len(HF_PREFIX):]).expanduser() if config.name.startswith(HF_PREFIX) else None
+
+
+def build_hf_config(config, vocab_size: int | None):
+    """The transformers config of `--model hf:PATH` with --model-overrides, checked: a directory
+    with config.json, a model type lasp.parallelize supports, a vocabulary that holds the
+    tokenizer's (`vocab_size`). ValueError naming the option otherwise."""
+    path = hf_path(config)
+    flag = f"--model {config.name}"
+    if not path.is_dir():
+        raise ValueError(f"{flag}: not a directory (hf:PATH names a local directory holding a transformers "
+                         "config.json, and optionally its safetensors weights)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{flag}: {path} has no config.json (write one with config.save_pretrained(PATH))")
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise ValueError(f"{flag}: needs Hugging Face transformers (pip install transformers)") from None
+    from lasp.integrations.hf import SUPPORTED_MODEL_TYPES
+    try:
+        hf_config, unused = AutoConfig.from_pretrained(str(path), return_unused_kwargs=True,
+                                                       **config.model_overrides)
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        raise ValueError(f"{flag}: transformers cannot read {path / 'config.json'}: {error}") from None
+    if unused:
+        raise ValueError(f"--model-overrides: {sorted(unused)} are not fields of the {hf_config.model_type} config")
+    if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{flag}: model type {hf_config.model_type!r} is not supported by lasp.parallelize; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if vocab_size is not None and hf_config.vocab_size < vocab_size:
+        raise ValueError(f"{flag}: its vocab_size {hf_config.vocab_size} is smaller than the tokenizer's "
+                         f"vocabulary ({vocab_size}): pick its own tokenizer (--tokenizer PATH) or raise it")
+    return hf_config
+
+
+def _hf_model(hf_config, path: Path | None = None):
+    """A transformers causal LM with fp32 parameters: loaded from `path`, or initialised from
+    `hf_config` (eager MoE experts on CPU: the grouped-mm path needs a GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=torch.float32)
+    if not torch.cuda.is_available() and any(getattr(hf_config, name, 0) for name in
+                                             ("num_experts", "num_local_experts", "n_routed_experts")):
+        kwargs["experts_implementation"] = "eager"
+    if path is None:
+        return AutoModelForCausalLM.from_config(hf_config, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(str(path), config=hf_config, **kwargs)
+
+
 def check_model(config) -> None:
     """Build the model on the meta device (no memory, no time): an override of a wrong type or
     size fails here, before any process starts, with a ValueError naming the options."""
     from lasp.models import LinearLlamaForCausalLM
 
+    if hf_path(config) is not None:
+        hf_config = build_hf_config(config, vocab_size=None)
+        try:
+            with torch.device("meta"):
+                _hf_model(hf_config)
+        except Exception as error:  # whatever the model's constructor raises for such a config
+            raise ValueError(f"--model {config.name} --model-overrides {json.dumps(config.model_overrides)}: "
+                             f"{type(error).__name__}: {error}") from None
+        return
     model_config = build_model_config(config, vocab_size=None)
     try:
         with torch.device("meta"):
@@ -49,12 +121,58 @@ def check_model(config) -> None:
 
 
 def build_model(config, vocab_size: int, device: torch.device, seed: int):
-    """The model, initialised from `seed` on `device` (the same weights on every rank)."""
+    """The model, initialised from `seed` on `device` (the same weights on every rank); for
+    `hf:PATH` an `HFCausalLM`, with the directory's weights when it has safetensors files."""
     from lasp.models import LinearLlamaForCausalLM
 
     torch.manual_seed(seed)
+    path = hf_path(config)
+    if path is not None:
+        hf_config = build_hf_config(config, vocab_size)
+        if any(path.glob("*.safetensors")):
+            model = _hf_model(hf_config, path).to(device)
+        else:
+            with torch.device(device):
+                model = _hf_model(hf_config)
+        if config.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return HFCausalLM(model)
     with torch.device(device):
         return LinearLlamaForCausalLM(build_model_config(config, vocab_size))
+
+
+@dataclass
+class HFCausalLMOutput:
+    lm_loss: torch.Tensor
+    aux_loss: torch.Tensor | None
+
+
+class HFCausalLM(torch.nn.Module):
+    """A transformers causal LM as `lasp-train` trains it: `forward` takes what `train_step`
+    passes and returns lasp's losses (`lasp.loss.causal_lm_losses`: logits one chunk at a
+    time, the load-balancing loss of the whole sequence), inside the engine's root module so
+    that FSDP2 gathers the embeddings and the output head for it. `hf_model` is the model
+    itself (what `lasp.parallelize` wraps); its state is under ``hf_model.``."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf_model = hf_model
+        self.config = hf_model.config
+
+    def forward(self, input_ids, shift_labels, cu_seqlens=None, num_items_in_batch=None) -> HFCausalLMOutput:
+        from lasp.loss import causal_lm_losses
+        lm_loss, aux_loss = causal_lm_losses(self.hf_model, input_ids, shift_labels, cu_seqlens=cu_seqlens,
+                                             num_tokens=num_items_in_batch)
+        return HFCausalLMOutput(lm_loss=lm_loss, aux_loss=aux_loss)
+
+    def blocks(self) -> list[torch.nn.Module]:
+        return model_blocks(self.hf_model)
+
+    def get_input_embeddings(self):
+        return self.hf_model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.hf_model.get_output_embeddings()
 
 
 def model_blocks(model) -> list[torch.nn.Module]:

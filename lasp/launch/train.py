@@ -2,6 +2,7 @@
 
     lasp-train                                   # the embedded default: tiny hybrid, SP = 2, 2 CPU processes
     lasp-train --config run.yaml --sp-size 8     # a config file and overrides (see --help)
+    lasp-train --model hf:PATH --sp-size 4       # a transformers model directory (config.json, weights optional)
     torchrun --nproc-per-node 8 -m lasp.launch.train --config run.yaml
 
 Started outside torchrun with more than one process (or nodes, or restarts), it launches
@@ -122,7 +123,7 @@ def _train(config: Config, stop: GracefulStop) -> dict:
     from lasp.launch.data import build_data, build_tokenizer
     from lasp.launch.mesh import build_engine, compute_dtype, init_distributed
     from lasp.launch.metrics import Metrics, flops_per_token, peak_flops
-    from lasp.launch.model import build_model
+    from lasp.launch.model import HFCausalLM, build_model
     from lasp.parallel.layout import SequenceLayout
 
     output_dir = Path(config.checkpoint.output_dir)
@@ -143,7 +144,8 @@ def _train(config: Config, stop: GracefulStop) -> dict:
         model = build_model(config.model, tokenizer.vocab_size, d.device, config.train.seed)
         n_params = sum(p.numel() for p in model.parameters())
         flops = flops_per_token(model, config.data.seq_len)
-        lasp.parallelize(model, d.sp_mesh, kind=config.parallel.layout)
+        lasp.parallelize(model.hf_model if isinstance(model, HFCausalLM) else model, d.sp_mesh,
+                         kind=config.parallel.layout)
         dtype = compute_dtype(config.parallel.dtype, d.device)
         engine = build_engine(config.parallel.engine, model, partial(adamw, config.train), d, dtype,
                               config.train.grad_clip, config.parallel.zero_stage)
@@ -159,7 +161,8 @@ def _train(config: Config, stop: GracefulStop) -> dict:
             return _finished_already(start, config.train.steps, output_dir, d)
         changed = continue_schedule(scheduler, config.train, resumed[1].get("train")) if resumed else []
         if d.is_main:
-            print(f"lasp-train: {config.model.name} ({config.model.layer_pattern}, {n_params / 1e6:.2f}M "
+            kind = model.config.model_type if isinstance(model, HFCausalLM) else config.model.layer_pattern
+            print(f"lasp-train: {config.model.name} ({kind}, {n_params / 1e6:.2f}M "
                   f"parameters) | {d.world_size} ranks = dp {d.dp_size} × sp {d.sp_size} ({config.parallel.layout}) | "
                   f"{d.device.type} {str(dtype).removeprefix('torch.')} | {config.parallel.engine} | "
                   f"{config.data.seq_len} tokens per sequence | data {config.data.dataset} | steps "

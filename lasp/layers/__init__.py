@@ -9,6 +9,7 @@ from lasp.layers.conv import ShortConv
 from lasp.layers.delta_rule import GatedDeltaNet, KimiDeltaAttention
 from lasp.layers.feature_maps import FEATURE_MAPS, build_feature_map
 from lasp.layers.linear_attention import DECAY_KINDS, GatedLinearAttention, LinearAttention
+from lasp.layers.mamba2 import Mamba2
 from lasp.layers.mlp import SwiGLU
 from lasp.layers.mom import MixtureOfMemories
 from lasp.layers.norm import RMSNorm
@@ -16,5 +17,5 @@ from lasp.layers.sequence import SPContext
 from lasp.layers.softmax_attention import SoftmaxAttention
 
 __all__ = ["LinearAttention", "GatedLinearAttention", "GatedDeltaNet", "KimiDeltaAttention", "MixtureOfMemories",
-           "SoftmaxAttention", "SwiGLU", "RMSNorm", "ShortConv", "SPContext", "FEATURE_MAPS", "DECAY_KINDS",
+           "Mamba2", "SoftmaxAttention", "SwiGLU", "RMSNorm", "ShortConv", "SPContext", "FEATURE_MAPS", "DECAY_KINDS",
            "build_feature_map"]

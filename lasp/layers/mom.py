@@ -11,6 +11,12 @@ Each memory's recurrence runs over the tokens routed to it, in sequence order
 "none", "fixed" (RetNet's per-head constants, applied once per routed token of a
 memory) or "data" (per memory and head, logsigmoid(W_g x) / 16).
 
+`delta_rule=True` makes every memory (and the shared one) a delta-rule state, as the MoM
+paper's Gated DeltaNet memories (fla's MoM layer): q and each memory's keys are
+L2-normalised per head, β = sigmoid(W_β x) per memory and head, and a memory's state is
+written `S ← A(S) + β k (v − kᵀ A(S))ᵀ` only by the tokens routed to it (with decay
+"data": Gated DeltaNet memories; "none": DeltaNet).
+
 Projections of the routed copies: on CUDA in bf16 (sm90/sm100) one grouped matmul per
 projection computes only the k routed copies of each token; elsewhere every memory's
 projection is computed and the routed rows selected (M/k times the key/value FLOPs,
@@ -29,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lasp.kernels.mom import mixture_of_memories, mom_projection, mom_route
+from lasp.layers.delta_rule import l2_normalize
 from lasp.layers.feature_maps import POINTWISE_MAPS
 from lasp.layers.linear_attention import DATA_DECAY_NORMALIZER, GATES, choose_option, retnet_log_decay
 from lasp.layers.norm import RMSNorm
@@ -59,7 +66,8 @@ class MemoryProjection(nn.Module):
 class MixtureOfMemories(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, *, num_memories: int = 4, top_k: int = 2,
                  shared_memory: bool = True, feature_map: str = "identity", decay: str = "fixed",
-                 output_norm: bool = True, output_gate: str | None = "silu", norm_eps: float = 1e-6):
+                 delta_rule: bool = False, output_norm: bool = True, output_gate: str | None = "silu",
+                 norm_eps: float = 1e-6):
         super().__init__()
         if not isinstance(num_memories, int) or num_memories < 1:
             raise ValueError(f"num_memories must be a positive int, got {num_memories!r}")
@@ -69,6 +77,9 @@ class MixtureOfMemories(nn.Module):
         self.num_memories, self.top_k, self.shared_memory = num_memories, top_k, shared_memory
         self.feature_map = choose_option("feature_map", feature_map, POINTWISE_MAPS)
         self.decay = choose_option("decay", decay, DECAYS)
+        if not isinstance(delta_rule, bool):
+            raise TypeError(f"delta_rule must be a bool, got {delta_rule!r}")
+        self.delta_rule = delta_rule
         self.output_gate = choose_option("output_gate", output_gate, GATES)
         width = num_heads * head_dim
         self.router = nn.Linear(hidden_size, num_memories, bias=False)
@@ -76,10 +87,12 @@ class MixtureOfMemories(nn.Module):
         self.k_proj = MemoryProjection(num_memories, hidden_size, width)
         self.v_proj = MemoryProjection(num_memories, hidden_size, width)
         self.g_proj = nn.Linear(hidden_size, num_memories * num_heads, bias=True) if decay == "data" else None
+        self.b_proj = nn.Linear(hidden_size, num_memories * num_heads, bias=False) if delta_rule else None
         if shared_memory:
             self.shared_k_proj = nn.Linear(hidden_size, width, bias=False)
             self.shared_v_proj = nn.Linear(hidden_size, width, bias=False)
             self.shared_g_proj = nn.Linear(hidden_size, num_heads, bias=True) if decay == "data" else None
+            self.shared_b_proj = nn.Linear(hidden_size, num_heads, bias=False) if delta_rule else None
         self.o_proj = nn.Linear(width, hidden_size, bias=False)
         self.o_norm = RMSNorm(head_dim, norm_eps) if output_norm else None
         self.gate_proj = nn.Linear(hidden_size, width, bias=False) if output_gate else None
@@ -94,6 +107,10 @@ class MixtureOfMemories(nn.Module):
         q = phi(self.q_proj(x).view(B, T, H, D))
         k, v = mom_projection(x, (self.k_proj.weight, self.v_proj.weight), plan)
         k, v = phi(k).view(-1, H, D), v.view(-1, H, D)
+        beta = None
+        if self.delta_rule:
+            q, k = l2_normalize(q), l2_normalize(k)
+            beta = self.b_proj(x).sigmoid().view(B, T, M, H)
         decay_dtype = torch.promote_types(x.dtype, torch.float32)   # log-decays are summed over time
         g = g_gamma = None
         if self.decay == "fixed":
@@ -101,9 +118,9 @@ class MixtureOfMemories(nn.Module):
         elif self.decay == "data":
             g = F.logsigmoid(self.g_proj(x).to(decay_dtype)).view(B, T, M, H) / DATA_DECAY_NORMALIZER
         if layout is None:
-            o = mixture_of_memories(q, k, v, weights, plan, g, g_gamma)[0]
+            o = mixture_of_memories(q, k, v, weights, plan, g, g_gamma, beta=beta)[0]
         else:
-            o = lasp2_mixture_of_memories(q, k, v, weights, plan, g, g_gamma, layout=layout, group=group,
+            o = lasp2_mixture_of_memories(q, k, v, weights, plan, g, g_gamma, beta=beta, layout=layout, group=group,
                                           cu_seqlens=cu_seqlens)
         if self.shared_memory:
             g_shared = None
@@ -111,8 +128,11 @@ class MixtureOfMemories(nn.Module):
                 g_shared = F.logsigmoid(self.shared_g_proj(x).to(decay_dtype)) / DATA_DECAY_NORMALIZER
             k_shared = phi(self.shared_k_proj(x).view(B, T, H, D))
             v_shared = self.shared_v_proj(x).view(B, T, H, D)
-            o = o + linear_attention_op(q, k_shared, v_shared, g_shared, g_gamma, layout=layout, group=group,
-                                        cu_seqlens=cu_seqlens)
+            beta_shared = None
+            if self.delta_rule:
+                k_shared, beta_shared = l2_normalize(k_shared), self.shared_b_proj(x).sigmoid()
+            o = o + linear_attention_op(q, k_shared, v_shared, g_shared, g_gamma, beta=beta_shared, layout=layout,
+                                        group=group, cu_seqlens=cu_seqlens)
         if self.o_norm is not None:
             o = self.o_norm(o)
         if self.gate_proj is not None:

@@ -2,8 +2,9 @@
 
 The layer pattern is a string of layer kinds repeated over the depth: ``L`` linear
 attention, ``G`` gated linear attention (GLA), ``N`` normal (softmax) attention, ``M``
-Mixture-of-Memories, ``D`` Gated DeltaNet, ``K`` Kimi Delta Attention (KDA); ``"LLLN"`` is
-one softmax layer in four (the LASP-2 paper's hybrids).
+Mixture-of-Memories, ``D`` Gated DeltaNet, ``K`` Kimi Delta Attention (KDA), ``S`` Mamba-2
+(selective state space); ``"LLLN"`` is one softmax layer in four (the LASP-2 paper's hybrids),
+``"SSSN"`` a Mamba-2 hybrid in the manner of Bamba or Nemotron-H.
 
 A preset gives the sizes (`linear-llama3-1b`, `tiny`); a variant gives the linear layers
 of one of the LASP-2 paper's linear-attention models (`VARIANTS`):
@@ -30,7 +31,8 @@ from lasp.layers.feature_maps import FEATURE_MAPS, POINTWISE_MAPS, check_feature
 from lasp.layers.linear_attention import FIXED_DECAYS, decay_kind
 
 LAYER_KINDS = {"L": "linear attention", "G": "gated linear attention (GLA)", "N": "normal (softmax) attention",
-               "M": "Mixture-of-Memories", "D": "Gated DeltaNet", "K": "Kimi Delta Attention (KDA)"}
+               "M": "Mixture-of-Memories", "D": "Gated DeltaNet", "K": "Kimi Delta Attention (KDA)",
+               "S": "Mamba-2 (selective state space)"}
 
 
 def parse_layer_pattern(pattern: str, num_layers: int) -> list[str]:
@@ -73,6 +75,20 @@ def _check_delta_options(kinds, num_heads, num_v_heads, conv_size, decay_rank) -
         raise ValueError(f"kda_decay_rank must be a positive int (or None), got {decay_rank!r}")
 
 
+def _check_mamba_options(kinds, num_heads, mamba_num_heads, state_size, num_groups, conv_size) -> None:
+    """The Mamba-2 layers' options, checked before any model (or process) is built."""
+    if "S" not in kinds:
+        return
+    heads = 2 * num_heads if mamba_num_heads is None else mamba_num_heads
+    for name, value in (("mamba_num_heads", heads), ("mamba_state_size", state_size),
+                        ("mamba_num_groups", num_groups), ("mamba_conv_size", conv_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if heads % num_groups:
+        raise ValueError(f"mamba_num_groups={num_groups} must divide the Mamba-2 heads ({heads}): each group of "
+                         "B and C serves heads // groups consecutive heads")
+
+
 class LinearLlamaConfig(PretrainedConfig):
     """Defaults are `linear-llama3-1b`: Llama-3.2-1B's sizes with every layer linear.
 
@@ -97,6 +113,12 @@ class LinearLlamaConfig(PretrainedConfig):
           serves the ratio of them); None: num_attention_heads. Qwen3-Next uses 2×.
       delta_conv_size: short convolution width over q, k, v (4 in both models), 0 = none.
       kda_decay_rank: rank of KDA's decay and output-gate projections; None: head_dim.
+    Mamba-2 layers (``S``; lasp.layers.mamba2): heads head_dim wide.
+      mamba_num_heads: None: 2 · num_attention_heads (Mamba-2's expand = 2 when
+          num_attention_heads · head_dim = hidden_size).
+      mamba_state_size: the state per head (Mamba-2's d_state; the keys' width), 128.
+      mamba_num_groups: groups of B and C (and of the gated norm), dividing the heads.
+      mamba_conv_size: width of the short convolution over x, B, C (4).
     MoM layers (``M``): `mom_num_memories`, `mom_top_k`, `mom_shared_memory`, and
       router_aux_loss_coef: weight of the MoM layers' mean load-balancing loss in the loss.
     Training:
@@ -112,13 +134,16 @@ class LinearLlamaConfig(PretrainedConfig):
                  linear_feature_map="identity", linear_key_dim=None, linear_decay="fixed",
                  linear_fixed_decays="retnet", linear_decay_rank=16, linear_conv_size=0, linear_output_norm=True,
                  linear_output_gate="silu", gla_key_dim=None, delta_num_v_heads=None, delta_conv_size=4,
-                 kda_decay_rank=None, mom_num_memories=4, mom_top_k=2,
+                 kda_decay_rank=None, mamba_num_heads=None, mamba_state_size=128, mamba_num_groups=1,
+                 mamba_conv_size=4, mom_num_memories=4, mom_top_k=2,
                  mom_shared_memory=True, router_aux_loss_coef=0.01, activation_checkpointing=False,
                  loss_chunk_size=4096, **kwargs):
         kinds = parse_layer_pattern(layer_pattern, num_hidden_layers)
         _check_linear_options(kinds, head_dim, linear_feature_map, linear_decay, linear_fixed_decays,
                               linear_key_dim)
         _check_delta_options(kinds, num_attention_heads, delta_num_v_heads, delta_conv_size, kda_decay_rank)
+        _check_mamba_options(kinds, num_attention_heads, mamba_num_heads, mamba_state_size, mamba_num_groups,
+                             mamba_conv_size)
         if not 1 <= mom_top_k <= mom_num_memories:
             raise ValueError(f"mom_top_k={mom_top_k} must be in [1, mom_num_memories={mom_num_memories}]")
         if num_attention_heads % num_key_value_heads:
@@ -148,6 +173,10 @@ class LinearLlamaConfig(PretrainedConfig):
         self.delta_num_v_heads = delta_num_v_heads
         self.delta_conv_size = delta_conv_size
         self.kda_decay_rank = kda_decay_rank
+        self.mamba_num_heads = mamba_num_heads
+        self.mamba_state_size = mamba_state_size
+        self.mamba_num_groups = mamba_num_groups
+        self.mamba_conv_size = mamba_conv_size
         self.mom_num_memories = mom_num_memories
         self.mom_top_k = mom_top_k
         self.mom_shared_memory = mom_shared_memory

@@ -1,7 +1,7 @@
 """Linear-Llama: the Llama-3 architecture with linear attention, and its hybrids.
 
-Each block is pre-norm attention (linear, GLA, MoM, Gated DeltaNet, KDA or softmax, by the config's
-layer pattern) and a SwiGLU MLP, with Hugging Face Llama's parameter names. The models are
+Each block is pre-norm attention (linear, GLA, MoM, Gated DeltaNet, KDA, Mamba-2 or softmax, by the
+config's layer pattern) and a SwiGLU MLP, with Hugging Face Llama's parameter names. The models are
 `transformers.PreTrainedModel`s (save_pretrained / from_pretrained with safetensors).
 
 Sequence parallelism: `lasp.parallelize(model, group)` sets `model.model.lasp_sp`; each
@@ -25,7 +25,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from lasp.batch import next_token_labels
-from lasp.layers import (GatedDeltaNet, GatedLinearAttention, KimiDeltaAttention, LinearAttention,
+from lasp.layers import (GatedDeltaNet, GatedLinearAttention, KimiDeltaAttention, LinearAttention, Mamba2,
                          MixtureOfMemories, RMSNorm, ShortConv, SoftmaxAttention, SwiGLU)
 from lasp.layers.delta_rule import DeltaRuleAttention
 from lasp.layers.feature_maps import ReBasedMap
@@ -51,6 +51,10 @@ def _attention(config: LinearLlamaConfig, kind: str) -> nn.Module:
         if kind == "D":
             return GatedDeltaNet(**delta)
         return KimiDeltaAttention(**delta, decay_rank=config.kda_decay_rank)
+    if kind == "S":
+        mamba_heads = 2 * config.num_attention_heads if config.mamba_num_heads is None else config.mamba_num_heads
+        return Mamba2(config.hidden_size, mamba_heads, config.head_dim, state_size=config.mamba_state_size,
+                      n_groups=config.mamba_num_groups, conv_size=config.mamba_conv_size, norm_eps=config.rms_norm_eps)
     if kind == "G":
         return GatedLinearAttention(**heads, key_dim=config.gla_key_dim, decay_rank=config.linear_decay_rank,
                                     conv_size=config.linear_conv_size, norm_eps=config.rms_norm_eps)
@@ -106,11 +110,14 @@ class LinearLlamaPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         """Hugging Face's defaults (MoM's per-memory projections like nn.Linear), nn.Conv1d's
         for the short convolution, the identity affine of ReBased's feature map, and the
-        delta-rule layers' decay parameters as their reference models draw them."""
+        delta-rule and Mamba-2 layers' other parameters as their reference models draw them."""
         if isinstance(module, ShortConv):
             init.uniform_(module.weight, -module.init_bound, module.init_bound)
         elif isinstance(module, DeltaRuleAttention):  # A_log, dt_bias; its Linears are visited on their own
             for name, value in module.initial_decay_parameters().items():
+                init.copy_(getattr(module, name), value)
+        elif isinstance(module, Mamba2):  # conv, A_log, dt_bias, D, norm; its Linears are visited on their own
+            for name, value in module.initial_parameters().items():
                 init.copy_(getattr(module, name), value)
         elif isinstance(module, ReBasedMap):
             init.ones_(module.gamma)

@@ -6,10 +6,11 @@ to the key prefix its global positions may see: segment [s, e) against keys [0, 
 a lower-right-aligned causal mask (keys [0, T) without `causal`). Under the zigzag
 layout each rank's two segments then cost the same in total on every rank. Packed
 documents (`cu_seqlens` of the whole sequence) become per-segment document offsets,
-computed on the device. The backward sums the key/value gradients of the local query
-segments and reduce-scatters them to their owners, both in fp32 (`KV_GRAD_ACCUMULATION`),
-and rounds once to the input dtype: a bf16 sum rounds at every addition, and its error
-grows with W (benchmarks/lasp2h_grad_precision.py measures both).
+computed on the device. Values may have their own head dim (Dv ≠ D, as in MLA). The
+backward sums the key/value gradients of the local query segments and reduce-scatters
+them to their owners, both in fp32 (`KV_GRAD_ACCUMULATION`), and rounds once to the
+input dtype: a bf16 sum rounds at every addition, and its error grows with W
+(benchmarks/lasp2h_grad_precision.py measures both).
 
 The gather goes one group of `heads_per_gather` key/value heads at a time: the next
 group's all-gather is in flight (async collective: on NCCL it runs on the communicator's
@@ -44,8 +45,8 @@ def lasp2h_attention(q, k, v, *, layout, group=None, scale=None, causal=True, cu
     """Softmax attention of this rank's queries against the whole sequence's keys.
 
     Args:
-        q: [B, local_len, H_q, D]; k, v: [B, local_len, H_kv, D] (this rank's tokens, in
-            `layout`'s local order); H_q a multiple of H_kv.
+        q: [B, local_len, H_q, D]; k: [B, local_len, H_kv, D]; v: [B, local_len, H_kv, Dv]
+            (this rank's tokens, in `layout`'s local order); H_q a multiple of H_kv.
         layout: the `SequenceLayout` of this rank in `group`.
         scale: score scale, default D^-0.5.
         causal: mask by global position (`layout.positions()`).
@@ -55,10 +56,10 @@ def lasp2h_attention(q, k, v, *, layout, group=None, scale=None, causal=True, cu
             their keys and values fit `GATHER_BUDGET_BYTES`, else as many as fit).
         backend: the local backend of `lasp.kernels.softmax_attention` (None: chosen there).
 
-    Returns o [B, local_len, H_q, D], this rank's tokens.
+    Returns o [B, local_len, H_q, Dv], this rank's tokens.
     """
     _check_inputs(q, k, v, layout, group, cu_seqlens, backend)
-    step = _heads_per_gather(heads_per_gather, k, layout)
+    step = _heads_per_gather(heads_per_gather, k, v, layout)
     k_groups, v_groups = k.split(step, 2), v.split(step, 2)
     q_groups = q.split(step * (q.shape[2] // k.shape[2]), 2)  # query heads follow their key head
     key_ends = _key_ends(layout, causal)
@@ -78,7 +79,7 @@ def local_attention(q, k_full, v_full, *, layout, scale=None, causal=True, cu_se
                     backend=None):
     """The local step of LASP-2H: this rank's query segments against the gathered keys.
 
-    q: [B, local_len, H_q, D]; k_full, v_full: [B, seq_len, H_kv, D] in global order.
+    q: [B, local_len, H_q, D]; k_full, v_full: [B, seq_len, H_kv, D or Dv] in global order.
     Each causal segment [s, e) sees only the key prefix [0, e): no work on blocks that
     are masked out entirely. Public so that benchmarks can time each rank's compute alone.
     """
@@ -94,7 +95,7 @@ def _key_ends(layout, causal) -> list[int]:
 
 
 def _attend_segments(q, keys, values, *, layout, scale, causal, cu_seqlens, backend):
-    """Local query segment i against key/value prefix i ([B, key_ends[i], H_kv, D])."""
+    """Local query segment i against key/value prefix i ([B, key_ends[i], H_kv, D or Dv])."""
     L = layout.segment_len
     outputs = []
     for i, ((start, end), k, v) in enumerate(zip(layout.segment_bounds(), keys, values)):
@@ -118,6 +119,9 @@ def ring_attention(q, k, v, *, layout, group=None, scale=None, causal=True, back
     accumulators around the ring back to their owners.
     """
     _check_inputs(q, k, v, layout, group, None, backend, return_lse=True)
+    if v.shape != k.shape:  # the ring passes keys and values around as one stacked tensor
+        raise ValueError(f"ring_attention needs values as wide as the keys, got k {tuple(k.shape)} and v "
+                         f"{tuple(v.shape)}: use lasp2h_attention")
     return _Ring.apply(q, k, v, layout, group, scale, causal, backend)
 
 
@@ -131,14 +135,14 @@ def _check_inputs(q, k, v, layout, group, cu_seqlens, backend, return_lse=False)
     if cu_seqlens is not None:
         # Checked against the WHOLE sequence: an empty [B, seq_len, 0] stand-in for q.
         check_cu_seqlens(cu_seqlens, q.new_empty(q.shape[0], layout.seq_len, 0))
-    pick_backend(backend, q, documents=cu_seqlens is not None, return_lse=return_lse)
+    pick_backend(backend, q, documents=cu_seqlens is not None, return_lse=return_lse, v=v)
     layout.check_group(group)
 
 
-def _heads_per_gather(heads_per_gather, k, layout) -> int:
+def _heads_per_gather(heads_per_gather, k, v, layout) -> int:
     H_kv = k.shape[2]
     if heads_per_gather is None:
-        per_head = 2 * k.shape[0] * layout.seq_len * k.shape[3] * k.element_size()
+        per_head = k.shape[0] * layout.seq_len * (k.shape[3] + v.shape[3]) * k.element_size()
         return max(1, min(H_kv, GATHER_BUDGET_BYTES // per_head))
     if not isinstance(heads_per_gather, int) or isinstance(heads_per_gather, bool) or heads_per_gather < 1:
         raise ValueError(f"heads_per_gather must be a positive int, got {heads_per_gather!r}")
@@ -178,7 +182,7 @@ class _KVGather:
 
     def __init__(self, k, v, layout, group):
         self.layout, self.group = layout, group
-        self.shape, self.dtype, self.device = k.shape, k.dtype, k.device
+        self.shapes, self.dtype, self.device = (k.shape, v.shape), k.dtype, k.device
         self.inputs = [x.detach().transpose(0, 1).contiguous() for x in (k, v)]
         if layout.world_size == 1:
             self.outputs, self.works = self.inputs, []
@@ -188,7 +192,7 @@ class _KVGather:
                       for out, x in zip(self.outputs, self.inputs)]
 
     def wait(self):
-        """(k_full, v_full) [B, seq_len, H, D] in global order, once the gather is done."""
+        """(k_full, v_full) [B, seq_len, H, D or Dv] in global order, once the gather is done."""
         for work in self.works:
             work.wait()
         result = tuple(_rank_to_global(x, self.layout).transpose(0, 1) for x in self.outputs)
@@ -197,15 +201,15 @@ class _KVGather:
 
     def reduce_scatter(self, dk_prefixes, dv_prefixes):
         """Sum the key (value) prefix gradients over the local query segments and over the
-        group in `KV_GRAD_ACCUMULATION`; this rank's part of each, [B, local_len, H, D], in
-        the dtype of the keys.
+        group in `KV_GRAD_ACCUMULATION`; this rank's part of each, [B, local_len, H, D or Dv],
+        in the dtype of the keys.
 
-        dk_prefixes, dv_prefixes: per local segment [B, key_end, H, D], or None where unused.
+        dk_prefixes, dv_prefixes: per local segment [B, key_end, H, D or Dv], or None where unused.
         """
-        layout, (B, _, H, D) = self.layout, self.shape
+        layout = self.layout
         accumulation = torch.promote_types(self.dtype, KV_GRAD_ACCUMULATION)
         totals = []
-        for prefixes in (dk_prefixes, dv_prefixes):
+        for prefixes, (B, _, H, D) in zip((dk_prefixes, dv_prefixes), self.shapes):
             total = torch.zeros(layout.seq_len, B, H, D, dtype=accumulation, device=self.device)
             for grad in prefixes:
                 if grad is not None:

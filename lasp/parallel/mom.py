@@ -27,6 +27,13 @@ through unchanged. Each rank runs the same overlapped path as `lasp2_linear_atte
 4. adds `mom_state_output`: the incoming states enter the routed tokens of the
    segment's first document.
 
+Delta-rule memories (`beta`) have dense K×K transitions and no additive correction
+(`_dense_memories`, as `lasp.parallel.lasp2`'s `_dense_transitions`): each (memory,
+segment) summary is the stream's dense transition and zero-start state
+(`mom_delta_summaries`), cut to zero where a document starts inside the segment; one
+differentiable exchange gives every memory's incoming state, and the streams then run
+from them as initial states (not overlapped; gradients by autograd).
+
 The load-balancing loss is over the whole sequence: `lasp2_load_balancing_loss`
 all-reduces the routing counts (no gradient) and returns this rank's share; the shares
 sum to the single-process loss. All math is `lasp.kernels`.
@@ -38,13 +45,13 @@ import torch
 
 from lasp.kernels.checks import check_cu_seqlens, check_tensor
 from lasp.kernels.common.documents import accumulation_dtype
-from lasp.kernels.mom import (MoMPlan, load_balancing_loss, mixture_of_memories, mom_dispatch, mom_phases,
-                              mom_state_output, routed_log_decay, routing_counts)
+from lasp.kernels.mom import (MoMPlan, load_balancing_loss, mixture_of_memories, mom_delta_summaries, mom_dispatch,
+                              mom_phases, mom_state_output, routed_log_decay, routing_counts)
 from lasp.kernels.transition import Transition, run_transition
 from lasp.parallel import comm
 from lasp.parallel.lasp2 import Overlapped, Summaries, document_edges
 from lasp.parallel.layout import SequenceLayout
-from lasp.parallel.scan import AutoExchange
+from lasp.parallel.scan import AutoExchange, exchange_summaries
 
 
 def local_plan(indices, num_memories: int, *, layout: SequenceLayout | None, cu_seqlens=None) -> MoMPlan:
@@ -62,8 +69,8 @@ def local_plan(indices, num_memories: int, *, layout: SequenceLayout | None, cu_
     return mom_dispatch(indices, num_memories, layout.local_cu_seqlens(cu_seqlens))
 
 
-def lasp2_mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None, layout,
-                              group=None, scale=None, cu_seqlens=None, backend=None):
+def lasp2_mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None, beta=None,
+                              layout, group=None, scale=None, cu_seqlens=None, backend=None):
     """Sequence-parallel `mixture_of_memories` with LASP-2: one all-gather of every
     memory's segment summaries per forward and one per backward, each in flight while
     the local streams' zero-state work that does not need it runs (`Overlapped`; at
@@ -71,7 +78,7 @@ def lasp2_mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=N
     `lasp.parallel.scan.default_exchange`).
 
     Args:
-        q, k, v, weights, g, g_gamma, gk, scale: this rank's tokens, as in
+        q, k, v, weights, g, g_gamma, gk, beta, scale: this rank's tokens, as in
             `lasp.kernels.mixture_of_memories` (k, v: every memory [B, local_len, M, H, D]
             or sorted routed copies).
         plan: `local_plan(indices, M, layout=layout, cu_seqlens=cu_seqlens)`.
@@ -87,7 +94,11 @@ def lasp2_mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=N
     """
     _check_inputs(q, plan, layout, group, cu_seqlens)
     if layout.world_size == 1:
-        return mixture_of_memories(q, k, v, weights, plan, g, g_gamma, gk=gk, scale=scale, backend=backend)[0]
+        return mixture_of_memories(q, k, v, weights, plan, g, g_gamma, gk=gk, beta=beta, scale=scale,
+                                   backend=backend)[0]
+    if beta is not None:
+        return _dense_memories(q, k, v, weights, plan, g, g_gamma, gk, beta, layout, group, scale, cu_seqlens,
+                               backend)
     phases, (q_, k_, v_, decay_, weights_) = mom_phases(q, k, v, weights, plan, g, g_gamma, gk=gk, scale=scale,
                                                         backend=backend)
     B, _, H, _ = q.shape
@@ -119,6 +130,39 @@ def lasp2_mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=N
     extra = mom_state_output(rows(q), incoming, rows(weights), rows(plan.indices), rows(g), g_gamma,
                              gk=rows(gk), scale=scale, reach=reach)
     return o0 + extra.reshape(o0.shape)
+
+
+def _dense_memories(q, k, v, weights, plan: MoMPlan, g, g_gamma, gk, beta, layout, group, scale, cu_seqlens,
+                    backend):
+    """`lasp2_mixture_of_memories` with delta-rule memories: every (memory, segment)
+    summary is (M, U), the dense transition and zero-start state of the memory's stream
+    in the segment's last document (`mom_delta_summaries`), M cut to zero where a
+    document starts inside the segment; one exchange gives each memory's incoming state,
+    which enters the stream of the segment's first document (if that document started
+    before the segment), and the streams run again from those initial states."""
+    B = q.shape[0]
+    M, R, nseg, L = plan.num_memories, plan.num_rows, len(layout.local_segments), layout.segment_len
+    transitions, states = mom_delta_summaries(q, k, v, weights, plan, g, g_gamma, gk=gk, beta=beta, scale=scale,
+                                              backend=backend)                   # [M·R, H, K, K|V]
+    if cu_seqlens is None:          # stream m·R + b·nseg + s: the exchange's batch dim is (memory, batch row)
+        summaries, first, reach = Summaries(M * B, nseg, (None,)), None, None
+    else:                           # per memory, the streams of the segments' first and last documents
+        first_doc, last_doc, reach, _ = document_edges(layout, cu_seqlens)
+        memory = torch.arange(M, device=last_doc.device)[:, None] * R
+        summaries = Summaries(M, nseg, ((memory + last_doc).flatten(),))
+        first = (memory + first_doc).flatten()
+    dense = Transition.dense(summaries.select(transitions))
+    if reach is not None:           # a document starts inside the segment: the chain stops there
+        dense = dense.cut(summaries.to_exchange([(reach != L).repeat(M)]))
+    incoming, = summaries.from_exchange(exchange_summaries(summaries.select(states), dense,
+                                                           AutoExchange(layout, group, (False,))))
+    if first is None:
+        initial = incoming
+    else:                           # only into a document that started before the segment
+        entering = incoming * (reach > 0).repeat(M)[:, None, None, None]
+        initial = states.new_zeros(states.shape).index_copy(0, first, entering)
+    return mixture_of_memories(q, k, v, weights, plan, g, g_gamma, gk=gk, beta=beta, scale=scale,
+                               initial_state=initial.view(M, R, *initial.shape[1:]), backend=backend)[0]
 
 
 def lasp2_load_balancing_loss(probs, indices, *, layout=None, group=None):

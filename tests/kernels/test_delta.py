@@ -156,13 +156,26 @@ def _check_triton(decay, B, T, H, K, V, *, lengths=None, with_h0=True, strong=Fa
 def test_triton_matches_chunk_form(monkeypatch, decay):
     """Unpacked rows without h0 (chunks of 32); head dims that are not powers of two
     (masked tiles); packed documents (length 1, empty, several chunks, partial last
-    chunks), h0, strong decay, K ≠ V, two V-tiles per walk (16-wide tiles)."""
+    chunks, trailing unused chunk slots), h0, strong decay, K ≠ V, two V-tiles in every
+    kernel (16-wide tiles)."""
     _check_triton(decay, 2, 45, 1, 32, 16, with_h0=False, chunk_size=32)
     _check_triton(decay, 1, 20, 1, 48, 24)
-    for row in ("delta.state", "delta.state_grad"):
+    for row in ("delta.state", "delta.state_grad", "delta.wy", "delta.output", "delta.output_grad",
+                "delta.chunk_grad"):
         monkeypatch.setitem(launch.LAUNCH, row, launch.Launch(4, 2, 16))
     lengths = [1, 40, 0, 23]
     _check_triton(decay, 1, sum(lengths), 2, 16, 32, lengths=lengths, strong=True)
+
+
+@cpu_only
+@pytest.mark.parametrize("decay", DECAYS[:2], ids=["delta", "g"])
+def test_triton_default_chunk(decay):
+    """Chunks of 64 (the default): four 16×16 diagonal blocks of the UT transform and two
+    product levels below them; a partial last chunk. Chunks under 16 tokens are refused."""
+    _check_triton(decay, 1, 100, 1, 16, 16, chunk_size=64)
+    _, k, _, beta, g, _ = _inputs(1, 8, 1, 16, 16, decay, n_states=None, dtype=torch.float32)
+    with pytest.raises(ValueError, match="chunk_size"):
+        dtri.run_transitions(k, g, beta, chunk_size=8)
 
 
 @cpu_only

@@ -3,9 +3,10 @@
 The torch path (counting-sort dispatch, one varlen torch-backend call, torch combine) is
 checked in float64 to 1e-10; the Triton path (Triton linear attention and the fused
 Triton combine, under TRITON_INTERPRET=1 on CPU) in float32 at small shapes. Gradients
-cover q, k, v, g / g_gamma, initial states, final-state cotangents and the router logits
-(through the routing weights). Cases include memories that receive no token, k = 1,
-k = M and packed documents (with an empty one).
+cover q, k, v, g / g_gamma / gk, beta, initial states, final-state cotangents and the
+router logits (through the routing weights). Cases include memories that receive no
+token, k = 1, k = M, packed documents (with an empty one), per-key decays (gk, on both
+backends) and delta-rule memories (beta, with none, g, g_gamma or gk).
 """
 
 import inspect
@@ -43,22 +44,36 @@ def mom_inputs(B, T, M, H, K, V, *, decay, dtype, gen, n_rows, with_h0=True):
     return [None if x is None else x.requires_grad_() for x in (q, k, v, g, g_gamma, h0)]
 
 
-def run_case(B, T, M, top_k, H, K, V, *, decay, lengths=None, empty=(), dtype, backend, seed=0):
-    """Fast path and oracle on the same inputs and cotangents: (name, fast, reference) pairs."""
+def memory_gates(B, T, M, H, K, *, decay, delta, dtype, gen):
+    """gk [B, T, M, H, K] (decay "gk") and beta [B, T, M, H] (delta), or None, requiring grad."""
+    gk = beta = None
+    if decay == "gk":
+        gk = F.logsigmoid(torch.randn(B, T, M, H, K, dtype=dtype, generator=gen) + 2.0).requires_grad_()
+    if delta:
+        beta = torch.randn(B, T, M, H, dtype=dtype, generator=gen).sigmoid().requires_grad_()
+    return gk, beta
+
+
+def run_case(B, T, M, top_k, H, K, V, *, decay, lengths=None, empty=(), dtype, backend, seed=0, delta=False):
+    """Fast path and oracle on the same inputs and cotangents: (name, fast, reference) pairs.
+    `delta`: delta-rule memories (beta; keys L2-normalised, as the layers do)."""
     gen = torch.Generator().manual_seed(seed)
     cu = None if lengths is None else random_cu_seqlens(lengths)
     n_rows = B if cu is None else len(lengths)
     logits = routing_logits(B, T, M, dtype=dtype, gen=gen, empty=empty)
-    q, k, v, g, g_gamma, h0 = inputs = mom_inputs(B, T, M, H, K, V, decay=decay, dtype=dtype, gen=gen,
-                                                  n_rows=n_rows)
+    q, k, v, g, g_gamma, h0 = mom_inputs(B, T, M, H, K, V, decay=decay, dtype=dtype, gen=gen, n_rows=n_rows)
+    if delta:
+        k = F.normalize(k.detach(), dim=-1).requires_grad_()
+    gk, beta = memory_gates(B, T, M, H, K, decay=decay, delta=delta, dtype=dtype, gen=gen)
+    inputs = (q, k, v, g, g_gamma, h0, gk, beta)
     do = torch.randn(B, T, H, V, dtype=dtype, generator=gen)
     d_final = torch.randn(M, n_rows, H, K, V, dtype=torch.float64, generator=gen)
     leaves = [x for x in (*inputs, logits) if x is not None]
-    names = [n for n, x in zip("q k v g g_gamma h0 logits".split(), (*inputs, logits)) if x is not None]
+    names = [n for n, x in zip("q k v g g_gamma h0 gk beta logits".split(), (*inputs, logits)) if x is not None]
 
     weights, indices, _ = mom_route(logits, top_k)
     plan = mom_dispatch(indices, M, cu)
-    o, final = mixture_of_memories(q, k, v, weights, plan, g, g_gamma, initial_state=h0,
+    o, final = mixture_of_memories(q, k, v, weights, plan, g, g_gamma, gk=gk, beta=beta, initial_state=h0,
                                    output_final_state=True, backend=backend)
     got = torch.autograd.grad([o, final], leaves, [do, d_final.to(final.dtype)], retain_graph=True)
 
@@ -68,7 +83,8 @@ def run_case(B, T, M, top_k, H, K, V, *, decay, lengths=None, empty=(), dtype, b
     r_weights, r_indices, _ = mom_route(ref["logits"], top_k)
     assert torch.equal(r_indices, indices)
     o_ref, final_ref = mom_reference(rq, rk, rv, r_weights, r_indices, ref.get("g"), ref.get("g_gamma"),
-                                     initial_state=ref["h0"], output_final_state=True, cu_seqlens=cu)
+                                     gk=ref.get("gk"), beta=ref.get("beta"), initial_state=ref["h0"],
+                                     output_final_state=True, cu_seqlens=cu)
     want = torch.autograd.grad([o_ref, final_ref], ref_leaves, [do.double(), d_final])
     pairs = [("o", o, o_ref), ("final", final, final_ref)]
     pairs += [(f"d{n}", a, b) for n, a, b in zip(names, got, want)]
@@ -285,7 +301,7 @@ def _per_key_decay(B, T, M, H, K, gen):
 
 def test_per_key_decay_matches_oracle():
     """gk (per memory, per key) on the torch backend: outputs, final states and every
-    gradient vs the loop over memories; the Triton backend refuses it by name."""
+    gradient vs the loop over memories."""
     gen = torch.Generator().manual_seed(9)
     B, T, M, top_k, H, K, V, lengths = 1, 23, 3, 2, 2, 4, 5, [9, 0, 14]
     cu = random_cu_seqlens(lengths)
@@ -306,10 +322,92 @@ def test_per_key_decay_matches_oracle():
     want = torch.autograd.grad([o_ref, final_ref], leaves, [do, d_final])
     for name, a, b in zip("q k v gk h0 logits".split(), got, want):
         assert rel_err(a, b) < 1e-11, name
-    with pytest.raises(ValueError, match="gk .*backend='torch'"):
-        mixture_of_memories(q.float(), k.float(), v.float(), weights, plan, gk=gk.float(), backend="triton")
     with pytest.raises(ValueError, match="at most one of g"):
         mixture_of_memories(q, k, v, weights, plan, gk[..., 0], gk=gk)
+
+
+def test_triton_per_key_decay_matches_oracle():
+    """gk on the Triton backend (the diagonal kernels with the query gather, the routing
+    weights applied in fp32): outputs, final states and the gradients of q, k, v, gk, h0
+    and the routing weights vs the float64 oracle. Packed documents with an empty one, a
+    memory with no token, a zero routing weight (its gradient <do, o> is not 0) and a
+    memory decaying strongly enough (gk = -8 per token) for the kernels' exact path."""
+    gen = torch.Generator().manual_seed(14)
+    B, T, M, top_k, H, K, V, lengths = 1, 40, 4, 2, 2, 16, 16, [5, 0, 20, 15]
+    cu = random_cu_seqlens(lengths)
+    q, k, v, _, _, h0 = mom_inputs(B, T, M, H, K, V, decay=None, dtype=torch.float32, gen=gen, n_rows=4)
+    gk, _ = memory_gates(B, T, M, H, K, decay="gk", delta=False, dtype=torch.float32, gen=gen)
+    with torch.no_grad():
+        gk[:, :, 1] = -8.0
+    weights, indices, _ = mom_route(routing_logits(B, T, M, dtype=torch.float32, gen=gen, empty=(0,)), top_k)
+    weights = weights.detach().index_put((torch.tensor([0]), torch.tensor([3]), torch.tensor([1])),
+                                         torch.tensor(0.0)).requires_grad_()
+    plan = mom_dispatch(indices, M, cu)
+    leaves = [q, k, v, gk, h0, weights]
+    o, final = mixture_of_memories(q, k, v, weights, plan, gk=gk, initial_state=h0, output_final_state=True,
+                                   backend="triton")
+    do, d_final = torch.randn_like(o), torch.randn_like(final)
+    got = torch.autograd.grad([o, final], leaves, [do, d_final])
+    rq, rk, rv, rgk, rh0, rw = ref = [x.detach().double().requires_grad_() for x in leaves]
+    o_ref, final_ref = mom_reference(rq, rk, rv, rw, indices, gk=rgk, initial_state=rh0, output_final_state=True,
+                                     cu_seqlens=cu)
+    want = torch.autograd.grad([o_ref, final_ref], ref, [do.double(), d_final.double()])
+    assert want[-1][0, 3, 1] != 0
+    assert rel_err(o, o_ref) <= 2e-5 and rel_err(final, final_ref) <= 2e-5
+    for name, a, b in zip("q k v gk h0 weights".split(), got, want):
+        assert rel_err(a, b) <= 2e-5, f"d{name}: rel err {rel_err(a, b):.2e}"
+
+
+DELTA_CASES = [
+    # B, T, M, top_k, decay, lengths, empty
+    (2, 19, 3, 2, None, None, ()),
+    (1, 23, 3, 2, "g", [9, 0, 14], (2,)),
+    (1, 23, 4, 1, "g_gamma", [1, 22], ()),
+    (1, 23, 3, 3, "gk", [9, 0, 14], ()),
+]
+
+
+@pytest.mark.parametrize("B, T, M, top_k, decay, lengths, empty", DELTA_CASES,
+                         ids=["DeltaNet B=2", "Gated DeltaNet packed empty memory", "g_gamma k=1", "KDA k=M packed"])
+def test_delta_rule_matches_oracle(B, T, M, top_k, decay, lengths, empty):
+    """Delta-rule memories (beta) on the torch backend vs the token loop, float64: outputs,
+    final states and the gradients of q, k, v, beta, the decay, h0 and the router logits."""
+    pairs, _ = run_case(B, T, M, top_k, 2, 4, 5, decay=decay, lengths=lengths, empty=empty, dtype=torch.float64,
+                        backend="torch", delta=True)
+    for name, got, want in pairs:
+        assert rel_err(got, want) <= 1e-10, f"{name}: rel err {rel_err(got, want):.2e}"
+
+
+def test_triton_delta_rule_matches_oracle():
+    """Delta-rule memories with a per-key decay (KDA) on the Triton delta family (query
+    copies, the Triton combine), fp32 under the interpreter, vs the float64 oracle."""
+    pairs, _ = run_case(1, 40, 4, 2, 2, 16, 16, decay="gk", lengths=[5, 0, 20, 15], empty=(0,),
+                        dtype=torch.float32, backend="triton", delta=True)
+    for name, got, want in pairs:
+        assert rel_err(got, want) <= 2e-5, f"{name}: rel err {rel_err(got, want):.2e}"
+
+
+def test_delta_summaries_compose_to_the_final_state():
+    """`mom_delta_summaries`: a stream entered with S ends in `transitions @ S + states`
+    (the final states of `mixture_of_memories` from S); a memory with no token on a row has
+    the identity transition and a zero state. Float64, torch; beta is required."""
+    gen = torch.Generator().manual_seed(15)
+    B, T, M, top_k, H, K, V, lengths = 1, 17, 3, 2, 2, 4, 5, [6, 0, 11]
+    cu = random_cu_seqlens(lengths)
+    q, k, v, g, _, h0 = mom_inputs(B, T, M, H, K, V, decay="g", dtype=torch.float64, gen=gen, n_rows=3)
+    k = F.normalize(k.detach(), dim=-1)
+    _, beta = memory_gates(B, T, M, H, K, decay="g", delta=True, dtype=torch.float64, gen=gen)
+    weights, indices, _ = mom_route(routing_logits(B, T, M, dtype=torch.float64, gen=gen, empty=(2,)), top_k)
+    plan = mom_dispatch(indices, M, cu)
+    transitions, states = mom.mom_delta_summaries(q, k, v, weights, plan, g, beta=beta, backend="torch")
+    _, final = mixture_of_memories(q, k, v, weights, plan, g, beta=beta, initial_state=h0, output_final_state=True,
+                                   backend="torch")
+    start = h0.reshape(-1, H, K, V)
+    assert rel_err(transitions @ start + states, final.reshape(-1, H, K, V)) < 1e-12
+    assert torch.equal(transitions[2 * 3:], torch.eye(K, dtype=torch.float64).expand(3, H, K, K))
+    assert torch.equal(states[2 * 3:], torch.zeros(3, H, K, V, dtype=torch.float64))
+    with pytest.raises(ValueError, match="needs beta"):
+        mom.mom_delta_summaries(q, k, v, weights, plan, g, beta=None)
 
 
 def test_state_output_per_key_decay_is_the_initial_state_part():
@@ -414,6 +512,10 @@ def test_bad_inputs_raise():
         mixture_of_memories(q, kv, kv, weights, plan, torch.rand(1, 8, 4, 2))
     with pytest.raises(ValueError, match="must be <= 0 and finite"):
         mixture_of_memories(q, kv, kv, weights, plan, torch.full((1, 8, 4, 2), float("-inf")))
+    with pytest.raises(ValueError, match=r"beta must have shape \(1, 8, 4, 2\)"):
+        mixture_of_memories(q, kv, kv, weights, plan, beta=torch.rand(1, 8, 3, 2))
+    with pytest.raises(ValueError, match="beta must be finite"):
+        mixture_of_memories(q, kv, kv, weights, plan, beta=torch.full((1, 8, 4, 2), float("nan")))
     with pytest.raises(ValueError, match="initial_state must be"):
         mixture_of_memories(q, kv, kv, weights, plan, initial_state=torch.zeros(4, 2, 2, 4, 4))
     with pytest.raises(TypeError, match="plan must be a MoMPlan"):
@@ -424,7 +526,7 @@ def test_bad_inputs_raise():
 
 HOT_PATH = [mom.mom_route, mom.mom_dispatch, mom.MoMPlan, mom._Rows, mom._GroupedProjection,
             mom.mom_projection, mom.mixture_of_memories, mom.routed_log_decay, mom.mom_state_output,
-            mom._MoMStateOutput, mom.MoMPhases, mom.mom_phases,
+            mom._MoMStateOutput, mom.MoMPhases, mom.mom_phases, mom.mom_delta_summaries,
             mom.routing_counts, mom.load_balancing_loss, triton_mom]
 
 

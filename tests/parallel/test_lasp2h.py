@@ -90,7 +90,7 @@ BAD = [
      ValueError, "multiple of the key/value heads"),
     (lambda q, k, v: dict(q=q[:, 1:], k=k[:, 1:], v=v[:, 1:]), ValueError, "local 12 tokens"),
     (lambda q, k, v: dict(v=v.float()), TypeError, "share one dtype"),
-    (lambda q, k, v: dict(v=v[..., :4]), ValueError, "k and v must have one shape"),
+    (lambda q, k, v: dict(v=v[:, :, :1]), ValueError, "k and v must have one shape"),
     (lambda q, k, v: dict(cu_seqlens=torch.tensor([0.0, 24.0])), TypeError, "cu_seqlens must be int"),
     (lambda q, k, v: dict(cu_seqlens=torch.tensor([0, 12])), ValueError, "end at T=24"),
     (lambda q, k, v: dict(q=q.expand(2, -1, -1, -1), k=k.expand(2, -1, -1, -1), v=v.expand(2, -1, -1, -1),
@@ -172,7 +172,7 @@ def test_default_head_grouping_bounds_the_gathered_bytes(monkeypatch):
     q, k, v = _local_inputs(layout, Hq=8, Hkv=4)
     per_head = 2 * 24 * 8 * 8                       # k and v of one head over the sequence, fp64
     monkeypatch.setattr(lasp2h, "GATHER_BUDGET_BYTES", 2 * per_head + 1)
-    assert lasp2h._heads_per_gather(None, k, layout) == 2
+    assert lasp2h._heads_per_gather(None, k, v, layout) == 2
     o = lasp2h_attention(q, k, v, layout=layout)
     assert rel_err(o, softmax_attention(q, k, v)) < 1e-14
 

@@ -3,8 +3,9 @@
 Every rank draws the same full inputs, runs the single-process oracle (`mom_reference`,
 loop over memories) on the whole sequence, shards the inputs by the layout, routes and
 dispatches its own tokens, runs `lasp2_mixture_of_memories`, and checks its outputs and
-the gradients of q, k, v, g / gk (g_gamma: summed over ranks) and the router logits
-against the oracle's shard. The load-balancing loss shares must sum to the whole
+the gradients of q, k, v, g / gk, beta (g_gamma: summed over ranks) and the router logits
+against the oracle's shard. Delta-rule memories (beta) go through the dense-transition
+exchange. The load-balancing loss shares must sum to the whole
 sequence's loss, with matching gradients. The MixtureOfMemories layer (shared memory,
 data decay) is checked the same way: outputs and parameter gradients summed over ranks,
 and so is a parallelized "LMN" Linear-Llama through `lasp.causal_lm_loss`. Packed
@@ -22,7 +23,7 @@ from lasp.kernels.mom import load_balancing_loss, mom_reference, mom_route
 from lasp.layers import MixtureOfMemories
 from lasp.parallel import SequenceLayout, lasp2_load_balancing_loss, lasp2_mixture_of_memories, local_plan
 from tests.distributed import record_overlap, run_distributed
-from tests.kernels.test_mom import mom_inputs, routing_logits
+from tests.kernels.test_mom import memory_gates, mom_inputs, routing_logits
 from tests.parallel.test_lasp2 import documents
 from tests.utils import rel_err
 
@@ -31,15 +32,18 @@ AUX_WEIGHT = 0.7
 
 
 def cases():
-    """(name, B, L, M, top_k, decay, packed, empty); L odd so T = 2W·L is no power of 2."""
+    """(name, B, L, M, top_k, decay, packed, empty, delta); L odd so T = 2W·L is no power of 2."""
     return [
-        ("g B=2", 2, 5, 4, 2, "g", False, ()),
-        ("g_gamma packed", 1, 7, 4, 2, "g_gamma", True, ()),
-        ("plain packed k=1", 1, 7, 3, 1, None, True, ()),
-        ("g packed k=M", 1, 5, 3, 3, "g", True, ()),
-        ("g B=2 memory empty on a rank", 2, 5, 4, 2, "g", False, (2,)),
-        ("g_gamma packed memory empty on a rank", 1, 5, 4, 1, "g_gamma", True, (0,)),
-        ("gk packed", 1, 5, 3, 2, "gk", True, ()),
+        ("g B=2", 2, 5, 4, 2, "g", False, (), False),
+        ("g_gamma packed", 1, 7, 4, 2, "g_gamma", True, (), False),
+        ("plain packed k=1", 1, 7, 3, 1, None, True, (), False),
+        ("g packed k=M", 1, 5, 3, 3, "g", True, (), False),
+        ("g B=2 memory empty on a rank", 2, 5, 4, 2, "g", False, (2,), False),
+        ("g_gamma packed memory empty on a rank", 1, 5, 4, 1, "g_gamma", True, (0,), False),
+        ("gk packed", 1, 5, 3, 2, "gk", True, (), False),
+        ("delta g packed memory empty on a rank", 1, 5, 3, 2, "g", True, (1,), True),
+        ("delta gk B=2", 2, 5, 3, 2, "gk", False, (), True),
+        ("delta g_gamma packed k=1", 1, 5, 3, 1, "g_gamma", True, (), True),
     ]
 
 
@@ -51,7 +55,7 @@ def _empty_on_rank(logits, layout, memory):
     return logits.requires_grad_()
 
 
-def _check_op(rank, W, kind, name, B, L, M, top_k, decay, packed, empty):
+def _check_op(rank, W, kind, name, B, L, M, top_k, decay, packed, empty, delta):
     H, K, V = 2, 3, 4
     T = 2 * W * L
     gen = torch.Generator().manual_seed(100 * W + len(name))
@@ -62,15 +66,15 @@ def _check_op(rank, W, kind, name, B, L, M, top_k, decay, packed, empty):
         logits = _empty_on_rank(logits, SequenceLayout(T, W, W // 2, kind), m)   # a middle rank
     q, k, v, g, g_gamma, _ = mom_inputs(B, T, M, H, K, V, decay=decay, dtype=torch.float64, gen=gen,
                                         n_rows=1, with_h0=False)
-    gk = None
-    if decay == "gk":
-        gk = F.logsigmoid(torch.randn(B, T, M, H, K, dtype=torch.float64, generator=gen) + 2.0)
+    if delta:                       # the delta rule wants normalised keys (as the layers give it)
+        k = F.normalize(k.detach(), dim=-1)
+    gk, beta = memory_gates(B, T, M, H, K, decay=decay, delta=delta, dtype=torch.float64, gen=gen)
     do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
-    inputs = dict(q=q, k=k, v=v, g=g, g_gamma=g_gamma, gk=gk, logits=logits)
+    inputs = dict(q=q, k=k, v=v, g=g, g_gamma=g_gamma, gk=gk, beta=beta, logits=logits)
     inputs = {n: x.requires_grad_() for n, x in inputs.items() if x is not None}
 
     weights, indices, probs = mom_route(logits, top_k)
-    o, _ = mom_reference(q, k, v, weights, indices, g, g_gamma, gk=gk, cu_seqlens=cu)
+    o, _ = mom_reference(q, k, v, weights, indices, g, g_gamma, gk=gk, beta=beta, cu_seqlens=cu)
     loss = (o * do).sum() + AUX_WEIGHT * load_balancing_loss(probs, indices)
     want = dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()))))
 
@@ -78,7 +82,8 @@ def _check_op(rank, W, kind, name, B, L, M, top_k, decay, packed, empty):
     w_local, idx_local, probs_local = mom_route(local["logits"], top_k)
     plan = local_plan(idx_local, M, layout=layout, cu_seqlens=cu)
     o_local = lasp2_mixture_of_memories(local["q"], local["k"], local["v"], w_local, plan, local.get("g"),
-                                        local.get("g_gamma"), gk=local.get("gk"), layout=layout, cu_seqlens=cu)
+                                        local.get("g_gamma"), gk=local.get("gk"), beta=local.get("beta"),
+                                        layout=layout, cu_seqlens=cu)
     aux_local = lasp2_load_balancing_loss(probs_local, idx_local, layout=layout)
     loss_local = (o_local * layout.shard(do)).sum() + AUX_WEIGHT * aux_local
     got = dict(zip(local, torch.autograd.grad(loss_local, list(local.values()))))
@@ -101,10 +106,12 @@ def _check_layer(rank, W, kind):
     torch.manual_seed(0)
     hidden, H, D, L = 12, 2, 4, 5
     T = 2 * W * L
-    layer = MixtureOfMemories(hidden, H, D, num_memories=3, top_k=2, decay="data").double()
     gen = torch.Generator().manual_seed(11)
     layout = SequenceLayout(T, W, rank, kind)
-    for cu, B in ((None, 2), (documents(T, L, W), 1)):
+    data = MixtureOfMemories(hidden, H, D, num_memories=3, top_k=2, decay="data").double()
+    delta = MixtureOfMemories(hidden, H, D, num_memories=3, top_k=2, decay="data", delta_rule=True).double()
+    packed = documents(T, L, W)
+    for layer, cu, B in ((data, None, 2), (data, packed, 1), (delta, packed, 1)):
         x = torch.randn(B, T, hidden, dtype=torch.float64, generator=gen, requires_grad=True)
         dout = torch.randn(B, T, hidden, dtype=torch.float64, generator=gen)
         params = list(layer.parameters())
@@ -114,7 +121,7 @@ def _check_layer(rank, W, kind):
         out_local, aux_local = layer(x_local, layout=layout, cu_seqlens=cu)
         got = torch.autograd.grad((out_local * layout.shard(dout)).sum() + AUX_WEIGHT * aux_local,
                                   [x_local, *params])
-        where = f"layer {kind} W={W} {'packed' if cu is not None else 'B=2'}"
+        where = f"layer {kind} W={W} {'packed' if cu is not None else 'B=2'}{' delta' if layer.delta_rule else ''}"
         assert rel_err(out_local, layout.shard(out)) <= TOL, where
         assert rel_err(got[0], layout.shard(want[0])) <= TOL, f"{where}: dx"
         for (pname, _), mine, ref in zip(layer.named_parameters(), got[1:], want[1:]):
@@ -223,30 +230,35 @@ def _triton_body(rank, W):
     install_kernel_test_hooks()                       # NaN-poisoned outputs, interpreter fix
     B, L, M, top_k, H, K, V = 1, 7, 3, 2, 1, 16, 16
     T = 2 * W * L
-    gen = torch.Generator().manual_seed(13)
     cu = documents(T, L, W)
-    logits = routing_logits(B, T, M, dtype=torch.float64, gen=gen)
-    q, k, v, g, _, _ = mom_inputs(B, T, M, H, K, V, decay="g", dtype=torch.float64, gen=gen, n_rows=1,
-                                  with_h0=False)
-    do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
-    inputs = dict(q=q, k=k, v=v, g=g, logits=logits)
-    weights, indices, _ = mom_route(logits, top_k)
-    o, _ = mom_reference(q, k, v, weights, indices, g, cu_seqlens=cu)
-    want = dict(zip(inputs, torch.autograd.grad(o, list(inputs.values()), do)))
     layout = SequenceLayout(T, W, rank, "zigzag")
-    local = {n: layout.shard(x).detach().float().requires_grad_() for n, x in inputs.items()}
-    w_local, idx_local, _ = mom_route(local["logits"], top_k)
-    plan = local_plan(idx_local, M, layout=layout, cu_seqlens=cu)
-    o_local = lasp2_mixture_of_memories(local["q"], local["k"], local["v"], w_local, plan, local["g"],
-                                        layout=layout, cu_seqlens=cu, backend="triton")
-    assert rel_err(o_local, layout.shard(o)) <= 2e-5
-    got = torch.autograd.grad(o_local, list(local.values()), layout.shard(do).float())
-    for name, mine in zip(local, got):
-        err = rel_err(mine, layout.shard(want[name]))
-        assert err <= 2e-5, f"d{name} rel err {err:.1e}"
+    for decay in ("g", "gk"):                         # the scalar and the diagonal kernels
+        gen = torch.Generator().manual_seed(13)
+        logits = routing_logits(B, T, M, dtype=torch.float64, gen=gen)
+        q, k, v, g, _, _ = mom_inputs(B, T, M, H, K, V, decay=decay, dtype=torch.float64, gen=gen, n_rows=1,
+                                      with_h0=False)
+        gk, _ = memory_gates(B, T, M, H, K, decay=decay, delta=False, dtype=torch.float64, gen=gen)
+        do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
+        inputs = {n: x for n, x in dict(q=q, k=k, v=v, g=g, gk=gk, logits=logits).items() if x is not None}
+        weights, indices, _ = mom_route(logits, top_k)
+        o, _ = mom_reference(q, k, v, weights, indices, g, gk=gk, cu_seqlens=cu)
+        want = dict(zip(inputs, torch.autograd.grad(o, list(inputs.values()), do)))
+        local = {n: layout.shard(x).detach().float().requires_grad_() for n, x in inputs.items()}
+        w_local, idx_local, _ = mom_route(local["logits"], top_k)
+        plan = local_plan(idx_local, M, layout=layout, cu_seqlens=cu)
+        o_local = lasp2_mixture_of_memories(local["q"], local["k"], local["v"], w_local, plan, local.get("g"),
+                                            gk=local.get("gk"), layout=layout, cu_seqlens=cu, backend="triton")
+        assert rel_err(o_local, layout.shard(o)) <= 2e-5, decay
+        got = torch.autograd.grad(o_local, list(local.values()), layout.shard(do).float())
+        for name, mine in zip(local, got):
+            err = rel_err(mine, layout.shard(want[name]))
+            assert err <= 2e-5, f"{decay}: d{name} rel err {err:.1e}"
 
 
 def test_triton_phases_under_the_interpreter():
-    """The Triton path (fused query gather, weights in the kernels) through the same
-    overlapped exchange: fp32, packed documents, zigzag, outputs and every gradient."""
+    """The Triton path (fused query gather, weights in the kernels; the scalar kernels for
+    g, the diagonal ones for gk) through the same overlapped exchange: fp32, packed
+    documents, zigzag, outputs and every gradient. (Delta-rule memories under SP are
+    backend-independent code around `mom_delta_summaries`: checked on the torch backend in
+    `test_matches_single_process`; their Triton streams in tests/kernels/test_mom.py.)"""
     run_distributed(_triton_body, 2)

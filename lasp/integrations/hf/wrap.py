@@ -1,68 +1,66 @@
-"""Hugging Face `transformers` Llama-family causal LMs under sequence parallelism.
+"""`parallelize_hf`: route a transformers causal LM's sequence mixing through lasp.
 
-Nothing of the model's code is copied or replaced; two extension points do the work:
-
-- an attention function registered in transformers' `AttentionInterface` as
-  ``"lasp_sp"``: it receives this rank's queries and keys/values ([B, H, T_local, D],
-  RoPE already applied) and runs LASP-2H over the SP group (keys and values gathered,
-  causal and packed-document masks by GLOBAL position). transformers builds no mask for
-  an attention implementation it does not know, so nothing local gets in the way;
-- a forward pre-hook on the decoder that passes the layout's global positions as
-  ``position_ids`` when the caller gives none, so RoPE rotates by global positions.
+- softmax attention: the ``"lasp_sp"`` function (`attention.py`), LASP-2H over the group;
+- linear layers (the families' modules, `ADAPTERS`): their forward replaced by lasp's,
+  on the HF module's own parameters;
+- a forward pre-hook on the decoder passes the layout's global positions as
+  ``position_ids`` when the caller gives none (RoPE rotates by global positions), records
+  this forward's ``cu_seqlens`` in the model's `HFContext`, and refuses a padding
+  ``attention_mask`` (pack documents and pass ``cu_seqlens``).
 
 Packed documents: pass ``cu_seqlens=`` (offsets of the WHOLE sequence) to the model's
-forward; transformers hands extra keywords through to the attention function.
+forward; every softmax layer, linear layer and short convolution keeps them apart, on one
+rank too.
 
 Loss: transformers shifts ``labels`` inside the tensor it is given, which under sequence
 parallelism is this rank's shard (every shard loses the label of its last token) and with
 packed documents predicts across document boundaries. So a parallelized model refuses
 ``labels`` in those cases unless ``shift_labels`` (targets shifted before sharding, from
 `lasp.shard_batch`) come with them; `lasp.causal_lm_loss(model, batch)` is the simple way.
+Under sequence parallelism it also refuses ``labels`` when the forward would add a MoE
+load-balancing loss (transformers would balance each shard's tokens): `lasp.causal_lm_loss`
+adds that of the whole sequence (`moe.py`).
+
+Masks: transformers builds none for ``"lasp_sp"``; sliding windows and chunks that the
+config gives a layer are checked per layer (`attention.attention_windows`).
 """
 
 from __future__ import annotations
 
 import inspect
+from types import MethodType
 
 from transformers import AttentionInterface
 
+from lasp.integrations.hf import gated_deltanet, kda, lfm2, mamba2, minimax
+from lasp.integrations.hf.attention import ATTENTION, attention_windows, lasp_attention
+from lasp.integrations.hf.context import HFContext
+from lasp.integrations.hf.moe import routes_aux_loss
 from lasp.layers.sequence import SPContext
 
-ATTENTION = "lasp_sp"
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SOFTMAX_ONLY_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = (minimax, mamba2, gated_deltanet, kda, lfm2)
+SUPPORTED_MODEL_TYPES = SOFTMAX_ONLY_MODEL_TYPES + tuple(t for family in FAMILIES for t in family.MODEL_TYPES)
+ADAPTERS = {name: forward for family in FAMILIES for name, forward in family.ADAPTERS.items()}
 
 
-def lasp_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                   sliding_window=None, cu_seqlens=None, **kwargs):
-    """transformers attention function: LASP-2H on [B, H, T_local, D] tensors → ([B, T_local, H, D], None)."""
-    from lasp.parallel.lasp2h import lasp2h_attention
+def _decoder_hook(context: HFContext):
+    """Before each decoder forward: global positions, this forward's documents, no padding mask."""
+    signatures = {}
 
-    sp: SPContext | None = getattr(module, "lasp_sp", None)
-    if sp is None:
-        raise RuntimeError(f"attn_implementation={ATTENTION!r} needs the model to go through lasp.parallelize")
-    if attention_mask is not None:
-        raise ValueError("lasp_sp attention takes no attention_mask: pack documents into one row and pass "
-                         "cu_seqlens instead of padding")
-    if dropout:
-        raise NotImplementedError(f"lasp_sp attention has no attention dropout (got {dropout})")
-    if key.shape[2] != query.shape[2]:
-        raise ValueError("lasp_sp attention is for training: keys must be the local tokens' (no KV cache)")
-    layout = sp.local_layout(query.shape[2])
-    if sliding_window is not None and sliding_window < layout.seq_len:
-        raise NotImplementedError(f"sliding-window attention (window {sliding_window} < sequence "
-                                  f"{layout.seq_len}) is not supported under lasp_sp")
-    out = lasp2h_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                           layout=layout, group=sp.group, scale=scaling, cu_seqlens=cu_seqlens)
-    return out, None
-
-
-def _global_positions_hook(sp: SPContext):
     def hook(module, args, kwargs):
-        if kwargs.get("position_ids") is None:
-            tokens = kwargs.get("input_ids", args[0] if args else None)
+        if type(module) not in signatures:       # once per class, not on every forward
+            signatures[type(module)] = inspect.signature(module.forward)
+        bound = signatures[type(module)].bind_partial(*args, **kwargs).arguments
+        if bound.get("attention_mask") is not None:
+            raise ValueError("a model wrapped by lasp.parallelize takes no attention_mask: pack the documents "
+                             "into one row and pass cu_seqlens= (offsets of the whole sequence) instead of padding")
+        context.cu_seqlens = bound.get("cu_seqlens", kwargs.get("cu_seqlens"))
+        if "position_ids" in signatures[type(module)].parameters and bound.get("position_ids") is None:
+            tokens = bound.get("input_ids")
             if tokens is None:
-                tokens = kwargs["inputs_embeds"]
-            positions = sp.local_layout(tokens.shape[1]).positions(tokens.device)
+                tokens = bound["inputs_embeds"]
+            positions = context.sp.local_layout(tokens.shape[1]).positions(tokens.device)
             kwargs["position_ids"] = positions.expand(tokens.shape[0], -1)
         return args, kwargs
     return hook
@@ -77,7 +75,14 @@ def _labels_hook(sp: SPContext):
         if type(module) not in signatures:       # once per class, not on every forward
             signatures[type(module)] = inspect.signature(module.forward)
         bound = signatures[type(module)].bind_partial(*args, **kwargs).arguments
-        if bound.get("labels") is None or kwargs.get("shift_labels") is not None:
+        if bound.get("labels") is None:
+            return None
+        routed = bound.get("output_router_logits")
+        if sp.world_size > 1 and (routed if routed is not None else routes_aux_loss(module)):
+            raise ValueError(f"{type(module).__name__} would add the load-balancing loss of this rank's "
+                             f"shard, not of the whole sequence: compute the loss with "
+                             "lasp.causal_lm_loss(model, lasp.shard_batch(...))")
+        if kwargs.get("shift_labels") is not None:
             return None
         if sp.world_size > 1 or kwargs.get("cu_seqlens") is not None:
             where = (f"inside each of the {sp.world_size} sequence-parallel shards (losing the label at "
@@ -89,8 +94,16 @@ def _labels_hook(sp: SPContext):
     return hook
 
 
+def _replace_hook(module, name: str, hook) -> None:
+    previous = getattr(module, name, None)
+    if previous is not None:
+        previous.remove()
+    setattr(module, name, module.register_forward_pre_hook(hook, with_kwargs=True))
+
+
 def parallelize_hf(model, sp: SPContext):
-    """Route `model`'s attention through LASP-2H and its RoPE through global positions."""
+    """Route `model`'s softmax attention through LASP-2H, its linear layers through lasp's
+    kernels and LASP-2, and its RoPE through global positions (module docstring)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"lasp.parallelize does not support {type(model).__name__} (model_type "
@@ -99,15 +112,17 @@ def parallelize_hf(model, sp: SPContext):
     AttentionInterface.register(ATTENTION, lasp_attention)
     model.set_attn_implementation(ATTENTION)
     model.config.use_cache = False  # a KV cache is for generation; training keeps none
+    context = HFContext(sp)
     decoder = model.base_model
-    for layer in decoder.layers:
-        layer.self_attn.lasp_sp = sp
-    previous = getattr(decoder, "_lasp_positions_hook", None)
-    if previous is not None:
-        previous.remove()
-    decoder._lasp_positions_hook = decoder.register_forward_pre_hook(_global_positions_hook(sp), with_kwargs=True)
-    previous = getattr(model, "_lasp_labels_hook", None)
-    if previous is not None:
-        previous.remove()
-    model._lasp_labels_hook = model.register_forward_pre_hook(_labels_hook(sp), with_kwargs=True)
+    windows = attention_windows(model.config)
+    shortest = min(windows.values(), key=lambda window: window[1], default=None)  # for a module without layer_idx
+    for module in decoder.modules():
+        module.lasp_context = context   # read by lasp_attention (any attention module) and the adapters
+        layer = getattr(module, "layer_idx", None)
+        module.lasp_attention_window = windows.get(layer) if isinstance(layer, int) else shortest
+        forward = ADAPTERS.get(type(module).__name__)
+        if forward is not None:
+            module.forward = MethodType(forward, module)
+    _replace_hook(decoder, "_lasp_decoder_hook", _decoder_hook(context))
+    _replace_hook(model, "_lasp_labels_hook", _labels_hook(sp))
     return model

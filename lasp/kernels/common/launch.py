@@ -36,12 +36,11 @@ class Launch:
 # H=16, D=128 by `benchmarks/check_triton_gpu.py --tune`.
 LAUNCH = {
     "scalar.summary": Launch(num_warps=4, num_stages=2, block=64),
-    # The summary walk with the decay's gradient (DG): twice the dots, wider tiles pay.
-    "scalar.summary_dg": Launch(num_warps=8, num_stages=2, block=128),
     "scalar.output": Launch(num_warps=4, num_stages=2, block=64),
     "scalar.dq": Launch(num_warps=4, num_stages=2, block=64),
     "scalar.dkdv": Launch(num_warps=8, num_stages=2, block=64),
-    # The dk/dv walk with the decay's gradient (DG): more registers, no room to pipeline.
+    # The dk/dv walk with the decay's gradient (DG: dg's chunk-local terms): more
+    # registers, no room to pipeline.
     "scalar.dkdv_dg": Launch(num_warps=8, num_stages=1, block=64),
     # Per-key decay (gk): first guesses, not yet swept by --tune.
     "diagonal.summary": Launch(num_warps=4, num_stages=2, block=64),
@@ -52,6 +51,12 @@ LAUNCH = {
     # walk; narrow V-tiles give more programs (first guesses, not yet swept by --tune).
     "delta.state": Launch(num_warps=4, num_stages=2, block=32),
     "delta.state_grad": Launch(num_warps=4, num_stages=2, block=32),
+    # The per-chunk kernels of the delta rule (one program per chunk and head; block = the
+    # V-tile): the UT transform, the outputs, the outputs' dδ, the chunk backward (first guesses).
+    "delta.wy": Launch(num_warps=4, num_stages=1, block=64),
+    "delta.output": Launch(num_warps=4, num_stages=2, block=64),
+    "delta.output_grad": Launch(num_warps=4, num_stages=2, block=64),
+    "delta.chunk_grad": Launch(num_warps=8, num_stages=1, block=32),
     "scan": Launch(num_warps=4, num_stages=3, block=1024),
 }
 

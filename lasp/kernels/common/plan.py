@@ -113,3 +113,17 @@ def document_chunk_slots(cu_seqlens, total: int, chunk: int):
     n_docs = cu.numel() - 1
     first = torch.nn.functional.pad(((cu[1:] - cu[:-1] + chunk - 1) // chunk).cumsum(0), (1, 0))
     return first, triton.cdiv(total, chunk) + n_docs
+
+
+def span_chunk_slots(plan: SpanPlan, device):
+    """Each span's first slot in a buffer of one slot per chunk (int64 [n_spans], device
+    ops only) and the buffer's number of slots (a host bound from shapes): the slot of
+    chunk i of span s is first[s] + i."""
+    C, span_chunks = plan.chunk, plan.span_tokens // plan.chunk
+    s = torch.arange(plan.n_spans, device=device)
+    if not plan.varlen:
+        per_row = triton.cdiv(plan.T, C)
+        return (s // plan.spans_per_row) * per_row + (s % plan.spans_per_row) * span_chunks, max(1, plan.B * per_row)
+    doc_chunk0, n_slots = document_chunk_slots(torch.nn.functional.pad(plan.doc_ends, (1, 0)), plan.T, C)
+    doc = torch.searchsorted(plan.doc_spans[1:], s, right=True).clamp_(max=plan.n_docs - 1)
+    return doc_chunk0[doc] + (s - plan.doc_spans[doc]) * span_chunks, n_slots

@@ -60,9 +60,8 @@ def state_ptrs(ptr, s, h, offs_k, offs_v, H: tl.constexpr, K: tl.constexpr, V: t
 @triton.jit
 def decayed_outer_acc(a, weight, b, acc, EXACT: tl.constexpr):
     """acc + (a ⊙ weight)ᵀ b, `a ⊙ weight` rounded to b's dtype for the dot. EXACT adds
-    its rounding residual in a second dot: the states built so feed the decay gradient,
-    whose sums over a whole document cancel q·dq against k·dk and would amplify it.
-    `weight` is one number per row of `a` ([C])."""
+    its rounding residual in a second dot, so that `weight` enters as if in fp32 (the
+    scalar family's row weights). `weight` is one number per row of `a` ([C])."""
     scaled = a.to(tl.float32) * weight[:, None]
     rounded = scaled.to(b.dtype)
     acc = tl.dot(tl.trans(rounded), b, acc)

@@ -1,35 +1,53 @@
-"""The delta rule on the GPU: the chunk-parallel WY pieces in torch, the sequential state
-pass in Triton, forward and backward.
+"""The delta rule on the GPU: fused Triton kernels for DeltaNet and Gated DeltaNet
+(decay none or g), forward and backward; KDA (gk) keeps the batched torch pieces around
+the Triton state pass.
 
-The chunkwise form (`lasp.kernels.delta.wy`) has one sequential part: the state pass
-from chunk to chunk inside each document,
+The chunkwise WY / UT-transform form (`lasp.kernels.delta.wy`): per chunk of C tokens,
+with Γ the chunk-local inclusive cumulative log-decay (zero without a decay), γ its last
+value and E_ts = e^{Γ_t − Γ_s} (s ≤ t, masked to −inf before the exp elsewhere)::
 
-    δ_c = U_c − W_c S_c,        S_{c+1} = e^{γ_c} ⊙ S_c + k_endᵀ_c δ_c
+    N = StrictTril(diag(β) K Kᵀ ⊙ E)       R = (I + N)⁻¹
+    w = R diag(β) (K ⊙ e^Γ)                 u = R diag(β) V
+    δ = u − w S                             S_next = e^γ S + (K ⊙ e^{γ−Γ})ᵀ δ
+    o = scale [(Q ⊙ e^Γ) S + (tril(Q Kᵀ) ⊙ E) δ]
 
-which `_state_pass_kernel` walks per (document, head, V-tile), keeping S in fp32
-registers, as fla's `chunk_gated_delta_rule_fwd_h` does; `_state_pass_grad_kernel` walks
-back, carrying dS (the gradient of the state leaving the chunk):
+Launches (g and none; one program per chunk slot and head unless said):
 
-    dδ_c = dδ_c(outputs) + k_end_c dS_{c+1},    dS_c = e^{γ_c} ⊙ dS_{c+1} + dS_c(outputs) − W_cᵀ dδ_c
+forward
+  1. `_wy_kernel`: R (the 16×16 diagonal blocks of I + N inverted by forward
+     substitution, exact in fp32; then the blocks below by the product form
+     (I + P)(I + P²)… of P = −D⁻¹ N_below, nilpotent of index C/16), w, u, and the
+     walk's k_end = K ⊙ e^{γ−Γ} and γ.
+  2. `_state_pass_kernel`, per (document, head, V-tile): δ and every chunk's incoming
+     state S, walking the document (as fla's `chunk_gated_delta_rule_fwd_h`).
+  3. `_output_kernel`, per (chunk, head, V-tile): o.
 
-Everything else is batched over all chunks of all documents at once and differentiated
-by autograd: the UT transform (one batched unit-triangular solve per chunk, fp32), the
-outputs `scale [(Q ⊙ e^Γ) S_c + A δ_c]` and the gradients of W, U, k_end and γ from the
-two walks' states (dW = −dδ Sᵀ, dk_end = δ dS_{c+1}ᵀ, dγ = e^γ Σ S ⊙ dS_{c+1}).
+backward
+  1. `_output_grad_kernel`, per (chunk, head, V-tile): the outputs' dδ = scale (tril(QKᵀ) ⊙ E)ᵀ do.
+  2. `_state_pass_grad_kernel`, per (document, head, V-tile), walking back: the total
+     dδ = dδ(outputs) + k_end dS_next, and dS = e^γ dS_next + scale (Q ⊙ e^Γ)ᵀ do − wᵀ dδ
+     (the outputs' share computed in the walk), d initial state.
+  3. `_chunk_grad_kernel`: dq, dk, dv, dβ and dg of the chunk from S, dS_next, δ, dδ
+     and R (V in tiles, all of K): the outputs' terms, the walk's (k_end, γ), then u and
+     w through R = (I + N)⁻¹ (dN = −Rᵀ dR Rᵀ); dg is the chunk's reverse cumulative sum
+     of dΓ plus dγ.
 
-Packed documents are laid out as whole chunks on the device (`ChunkLayout`: no host
-sync; the number of chunk slots is a bound from shapes). Everything is fp32 whatever the
-inputs' dtype, the walks' `tl.dot`s included (TF32 on the GPU; rounding the state to
-bf16 for the dots, as fla does, took the bf16 outputs' error from 1.6e-3 to 2.5e-3 under
-the bf16-emulating interpreter). Launch parameters: the `delta.*` rows of
+Intermediates live in chunk slots ([n_slots, H, C, ·], fp32; `ChunkLayout`); inputs and
+gradients stay token-major [B, T, H, ·]. Packed documents: a slot table on the device (no
+host sync; the number of slots is a bound from shapes). States, R, w, u, δ and every
+accumulator are fp32; the `tl.dot`s take fp32 operands (TF32 on the GPU), the inverse's
+block products 3×TF32 (`INVERSE_PRECISION`). Launch parameters: the `delta.*` rows of
 `lasp.kernels.common.launch.LAUNCH`.
 
-Speed (H100, H=16, D=128, bf16, fwd+bwd): at 1×32K DeltaNet 25 ms, Gated DeltaNet 31 ms
-and KDA 186 ms (benchmarks/results/kernels_delta_1x32768_h100_2026-12-06.json); at 8×4K
-DeltaNet 23 ms against fla's `chunk_delta_rule` 3.5 ms
-(benchmarks/results/kernels_delta_8x4096_h100_2026-12-06.json). The batched torch pieces
-dominate (strided copies, the triangular solves, fp32 GEMMs; the two walks take ~5 ms):
-fused Triton kernels for the WY pieces and the outputs are what remains to be written.
+KDA (gk) runs the batched torch pieces (one triangular solve per chunk, the outputs) and
+autograd around the same state walks (`_StatePass`): a fused per-key path is still to be
+written.
+
+Speed (H100, H=16, D=128, bf16, fwd+bwd, before these fused kernels): at 1×32K DeltaNet
+25 ms, Gated DeltaNet 31 ms and KDA 186 ms
+(benchmarks/results/kernels_delta_1x32768_h100_2026-12-06.json), against fla's
+`chunk_delta_rule` 4.3 ms. The fused kernels are checked under the interpreter only;
+their GPU times are still to be measured.
 """
 
 from __future__ import annotations
@@ -46,8 +64,17 @@ from lasp.kernels.common.documents import TorchPhases
 from lasp.kernels.common.launch import CHUNK_SIZE, launch_kw, tile
 from lasp.kernels.common.plan import document_chunk_slots
 from lasp.kernels.common.scan import DECAY_NONE, DECAY_PER_KEY, DECAY_SCALAR
+from lasp.kernels.common.tiles import load_tile, span_range, store_tile
 from lasp.kernels.delta.chunk import check_chunk_size
 from lasp.kernels.delta.wy import chunk_log_decay, chunk_outputs, chunk_pieces
+
+# The diagonal blocks of the UT transform are inverted exactly, BLOCK×BLOCK each, by forward
+# substitution; the blocks below the diagonal by products. Chunks are whole blocks.
+BLOCK = 16
+
+# Precision of the products that assemble (I + N)⁻¹ from its diagonal blocks: 3×TF32
+# (about fp32), since every w and u goes through it.
+INVERSE_PRECISION = "tf32x3"
 
 
 # --------------------------------------------------------------------------------------
@@ -61,23 +88,35 @@ class ChunkLayout:
     ([n_slots, H, C, ...] tensors; padded tokens are zero).
 
     `doc_chunk0` / `doc_chunks` (int32 [N], device): each document's first slot and
-    number of chunks. Packed input (`token_slot` int64 [T]: each token's row in the
-    flattened slots) may leave trailing slots unused: `slot_valid` (bool [n_slots]) marks
-    the used ones; unpacked rows use every slot (`token_slot`, `slot_valid` None).
+    number of chunks. Unpacked rows have `per_row` slots each; packed input has
+    `slot_bounds` (int64 [n_slots, 2], device: each slot's token range on the flattened
+    B·T axis, empty for the trailing slots no document uses, `slot_valid` bool [n_slots])
+    and `token_slot` (int64 [T]: each token's row in the flattened slots, for the torch
+    pieces of the gk path). Unpacked: those three are None.
     """
 
     B: int
     T: int
     chunk: int
     n_slots: int
+    per_row: int
     doc_chunk0: torch.Tensor
     doc_chunks: torch.Tensor
+    slot_bounds: torch.Tensor | None
     token_slot: torch.Tensor | None
     slot_valid: torch.Tensor | None
 
     @property
     def n_docs(self) -> int:
         return self.doc_chunks.numel()
+
+    @property
+    def varlen(self) -> bool:
+        return self.slot_bounds is not None
+
+    def slot_args(self, dummy):
+        """The slot arguments of the per-chunk kernels: (slot table or `dummy`, T, per_row)."""
+        return (self.slot_bounds if self.varlen else dummy), self.T, self.per_row
 
     def to_chunks(self, x, dtype=torch.float32):
         """[B, T, H, ...] -> [n_slots, H, C, ...] in `dtype`, contiguous (every batched
@@ -112,17 +151,23 @@ def chunk_layout(B: int, T: int, cu_seqlens, chunk: int, device) -> ChunkLayout:
         per_row = triton.cdiv(T, chunk)
         doc_chunks = torch.full((B,), per_row, dtype=torch.int32, device=device)
         doc_chunk0 = torch.arange(B, dtype=torch.int32, device=device) * per_row
-        return ChunkLayout(B, T, chunk, B * per_row, doc_chunk0, doc_chunks, None, None)
+        return ChunkLayout(B, T, chunk, B * per_row, per_row, doc_chunk0, doc_chunks, None, None, None)
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    n_docs = cu.numel() - 1
     chunk0, n_slots = document_chunk_slots(cu, T, chunk)
     chunks = chunk0[1:] - chunk0[:-1]
+    slot = torch.arange(n_slots, device=device)
+    slot_valid = slot < chunk0[-1]
+    slot_doc = torch.searchsorted(chunk0[1:], slot, right=True).clamp_(max=n_docs - 1)
+    start = cu[slot_doc] + (slot - chunk0[slot_doc]) * chunk
+    end = torch.minimum(start + chunk, cu[slot_doc + 1])
+    slot_bounds = torch.stack([start * slot_valid, end * slot_valid], 1).contiguous()
     t = torch.arange(T, device=device)
     doc = torch.searchsorted(cu[1:], t, right=True)
     local = t - cu[doc]
     token_slot = (chunk0[doc] + local // chunk) * chunk + local % chunk
-    slot_valid = torch.arange(n_slots, device=device) < chunk0[-1]
-    return ChunkLayout(B, T, chunk, n_slots, chunk0[:-1].to(torch.int32), chunks.to(torch.int32), token_slot,
-                       slot_valid)
+    return ChunkLayout(B, T, chunk, n_slots, 0, chunk0[:-1].to(torch.int32), chunks.to(torch.int32), slot_bounds,
+                       token_slot, slot_valid)
 
 
 # --------------------------------------------------------------------------------------
@@ -150,6 +195,112 @@ def _decay_state(state, g_end, base, offs_k, K: tl.constexpr, DECAY: tl.constexp
     elif DECAY == 2:
         state = state * tl.exp(tl.load(g_end + base * K + offs_k, mask=offs_k < K, other=0.0))[:, None]
     return state
+
+
+@triton.jit
+def _slot_dims(start, end, offs_k, offs_v, K: tl.constexpr, V: tl.constexpr):
+    """Masks of the K and V offsets that exist in a slot's walk outputs: none for an
+    empty slot (start == end), which no walk writes."""
+    return offs_k < tl.where(start < end, K, 0), offs_v < tl.where(start < end, V, 0)
+
+
+@triton.jit
+def _chunk_gates(g, offs_t, mask_t, h, H: tl.constexpr, C: tl.constexpr, USE_G: tl.constexpr):
+    """Γ [C], the chunk-local inclusive cumulative log-decay of g [tokens, H] (zero without
+    a decay), and γ, its last value. Padded tokens load g = 0: Γ stays flat after them."""
+    if USE_G:
+        b_g = tl.load(g + offs_t * H + h, mask=mask_t, other=0.0)
+    else:
+        b_g = tl.zeros([C], dtype=tl.float32)
+    return tl.cumsum(b_g, 0), tl.sum(b_g, 0)
+
+
+@triton.jit
+def _pair_decays(gam, offs_c, STRICT: tl.constexpr):
+    """[C, C]: e^{Γ_t − Γ_s} for s ≤ t (s < t when STRICT), else 0 (masked before the exp)."""
+    if STRICT:
+        keep = offs_c[:, None] > offs_c[None, :]
+    else:
+        keep = offs_c[:, None] >= offs_c[None, :]
+    return tl.exp(tl.where(keep, gam[:, None] - gam[None, :], float("-inf")))
+
+
+@triton.jit
+def _diagonal_block_inverse(k, beta, g, a_inv, base, start, end, h, b,
+                            H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                            USE_G: tl.constexpr):
+    """Rows [16b, 16b + 16) of chunk `base`'s a_inv [C, C]: the inverse of the b-th diagonal
+    16×16 block of I + N by forward substitution, row by row in fp32; zero elsewhere."""
+    offs_i = tl.arange(0, 16)
+    offs_t = start + b * 16 + offs_i
+    mask_t = offs_t < end
+    b_k = load_tile(k, offs_t, mask_t, h, tl.arange(0, BK), K, H)
+    b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
+    gam, _ = _chunk_gates(g, offs_t, mask_t, h, H, 16, USE_G)
+    n_block = tl.dot(b_k, tl.trans(b_k)) * b_beta[:, None] * _pair_decays(gam, offs_i, True)
+    cols = tl.arange(0, C)
+    inv = tl.where(cols[None, :] == (b * 16 + offs_i)[:, None], 1.0, 0.0)
+    for i in range(1, 16):
+        # row i = e_i − Σ_{j<i} N_ij (row j), rows j < i already final
+        n_row = tl.sum(tl.where(offs_i[:, None] == i, n_block, 0.0), 0)
+        inv -= tl.where(offs_i[:, None] == i, tl.sum(n_row[:, None] * inv, 0)[None, :], 0.0)
+    tl.store(a_inv + (base * C + b * 16 + offs_i[:, None]) * C + cols[None, :], inv)
+
+
+@triton.jit
+def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, PRECISION: tl.constexpr,
+               USE_G: tl.constexpr, VARLEN: tl.constexpr):
+    """The UT transform of one chunk slot and head: R = (I + N)⁻¹ (`a_inv`, [C, C]), w,
+    u, k_end = K ⊙ e^{γ−Γ} and γ (`g_end`, USE_G). Padded rows come out zero in w, u and
+    k_end (their k, v and β are zero).
+
+    R: the diagonal blocks D⁻¹ first (`_diagonal_block_inverse`, stored in `a_inv` and
+    read back whole), then with N_below the entries of N under the diagonal blocks and
+    P = −D⁻¹ N_below (nilpotent: C/16 blocks), R = (I + P)(I + P²)…(I + P^{2^(LEVELS−1)}) D⁻¹
+    = Σ_{j < C/16} Pʲ D⁻¹, LEVELS = log2(C/16).
+    """
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    base = s.to(tl.int64) * H + h
+    start, end = span_range(slot_bounds, s, T, C, PER_ROW, VARLEN)
+    offs_c = tl.arange(0, C)
+    offs_t = start + offs_c
+    mask_t = offs_t < end
+    offs_k = tl.arange(0, BK)
+    rows, cols = offs_c[:, None], offs_c[None, :]
+
+    for b in tl.static_range(C // 16):
+        _diagonal_block_inverse(k, beta, g, a_inv, base, start, end, h, b, H, K, C, BK, USE_G)
+    tl.debug_barrier()                      # the blocks' stores, visible to every thread
+    a_ptrs = a_inv + (base * C + rows) * C + cols
+    inv = tl.load(a_ptrs)
+    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+    b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
+    gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H, C, USE_G)
+    below = (rows // 16) > (cols // 16)
+    n_below = tl.dot(b_k, tl.trans(b_k)) * b_beta[:, None] * tl.exp(
+        tl.where(below, gam[:, None] - gam[None, :], float("-inf")))
+    power = -tl.dot(inv, n_below, input_precision=PRECISION)
+    for _ in tl.static_range(LEVELS):
+        inv += tl.dot(power, inv, input_precision=PRECISION)
+        power = tl.dot(power, power, input_precision=PRECISION)
+    tl.debug_barrier()                      # every thread has read the blocks
+    tl.store(a_ptrs, inv)
+
+    b_k = b_k.to(tl.float32)
+    k_mask = (offs_k < K)[None, :]
+    b_w = tl.dot(inv, b_k * (b_beta * tl.exp(gam))[:, None])
+    tl.store(w + (base * C + rows) * K + offs_k[None, :], b_w, mask=k_mask)
+    tl.store(k_end + (base * C + rows) * K + offs_k[None, :], b_k * tl.exp(g_last - gam)[:, None], mask=k_mask)
+    if USE_G:
+        tl.store(g_end + base, g_last)
+    for vt in tl.static_range(triton.cdiv(V, BV)):
+        offs_v = vt * BV + tl.arange(0, BV)
+        b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
+        b_u = tl.dot(inv, b_v * b_beta[:, None])
+        tl.store(u + (base * C + rows) * V + offs_v[None, :], b_u, mask=(offs_v < V)[None, :])
 
 
 @triton.jit
@@ -186,14 +337,71 @@ def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, d
 
 
 @triton.jit
+def _output_kernel(q, k, g, slot_bounds, states, delta, o, scale, T, PER_ROW,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, VARLEN: tl.constexpr):
+    """Outputs of one chunk slot, head and V-tile: scale [(Q ⊙ e^Γ) S + (tril(Q Kᵀ) ⊙ E) δ]."""
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    s = tl.program_id(0) // NV
+    h = tl.program_id(1)
+    base = s.to(tl.int64) * H + h
+    offs_v = (tl.program_id(0) % NV) * BV + tl.arange(0, BV)
+    start, end = span_range(slot_bounds, s, T, C, PER_ROW, VARLEN)
+    offs_c = tl.arange(0, C)
+    offs_t = start + offs_c
+    mask_t = offs_t < end
+    offs_k = tl.arange(0, BK)
+    # A trailing slot of packed input (no tokens): the walk wrote no state, nothing is read.
+    k_ok, v_ok = _slot_dims(start, end, offs_k, offs_v, K, V)
+    b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+    gam, _ = _chunk_gates(g, offs_t, mask_t, h, H, C, USE_G)
+    b_s = tl.load(_state_tile(states, base, offs_k, offs_v, K, V)[0], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+    b_delta = tl.load(delta + (base * C + offs_c[:, None]) * V + offs_v[None, :], mask=v_ok[None, :], other=0.0)
+    b_o = tl.dot(b_q * tl.exp(gam)[:, None], b_s)
+    b_o = tl.dot(tl.dot(b_q, tl.trans(b_k)) * _pair_decays(gam, offs_c, False), b_delta, b_o)
+    store_tile(o, b_o * scale, offs_t, mask_t, h, offs_v, V, H)
+
+
+@triton.jit
+def _output_grad_kernel(q, k, g, do, slot_bounds, d_delta_out, scale, T, PER_ROW,
+                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, VARLEN: tl.constexpr):
+    """The outputs' gradient of δ for one chunk slot, head and V-tile:
+    scale (tril(Q Kᵀ) ⊙ E)ᵀ do, every row of the slot (zero past its tokens)."""
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    s = tl.program_id(0) // NV
+    h = tl.program_id(1)
+    base = s.to(tl.int64) * H + h
+    offs_v = (tl.program_id(0) % NV) * BV + tl.arange(0, BV)
+    start, end = span_range(slot_bounds, s, T, C, PER_ROW, VARLEN)
+    offs_c = tl.arange(0, C)
+    offs_t = start + offs_c
+    mask_t = offs_t < end
+    offs_k = tl.arange(0, BK)
+    b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+    b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
+    gam, _ = _chunk_gates(g, offs_t, mask_t, h, H, C, USE_G)
+    scores = tl.dot(b_q, tl.trans(b_k)) * _pair_decays(gam, offs_c, False)
+    b_dd = tl.dot(tl.trans(scores), b_do) * scale
+    tl.store(d_delta_out + (base * C + offs_c[:, None]) * V + offs_v[None, :], b_dd, mask=(offs_v < V)[None, :])
+
+
+@triton.jit
 def _state_pass_grad_kernel(w, k_end, g_end, d_states, d_delta_out, d_final, doc_chunk0, doc_chunks,
-                            d_delta, d_next, dh0,
+                            q, do, g, slot_bounds, scale, T, PER_ROW, d_delta, d_next, dh0,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                            BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, HAS_D_FINAL: tl.constexpr):
+                            BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, HAS_D_FINAL: tl.constexpr,
+                            OUTPUT_GRAD: tl.constexpr, VARLEN: tl.constexpr):
     """One document, head and V-tile, backwards: each chunk's total dδ (`d_delta`), the
     gradient of the state leaving it (`d_next`) and the document's d initial state.
-    `d_states` / `d_delta_out`: the gradients the outputs give each chunk's incoming
-    state and δ."""
+
+    OUTPUT_GRAD, how the outputs' gradients enter: 0 not at all (final states only); 1 as
+    `d_states` and `d_delta_out`, their gradients of each chunk's incoming state and δ;
+    2 as `d_delta_out` and scale (Q ⊙ e^Γ)ᵀ do, computed here from q, do and g (token-major,
+    the chunk's tokens from the slot table; DECAY 0 or 1).
+    """
     n = tl.program_id(0)
     h = tl.program_id(1)
     offs_k = tl.arange(0, BK)
@@ -208,20 +416,137 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_states, d_delta_out, d_final, doc
     first = tl.load(doc_chunk0 + n).to(tl.int64)
     count = tl.load(doc_chunks + n)
     for j in range(count):
-        base = (first + count - 1 - j) * H + h
+        slot = first + count - 1 - j
+        base = slot * H + h
         ptrs, mask = _state_tile(d_next, base, offs_k, offs_v, K, V)
         tl.store(ptrs, d_state, mask=mask)
         b_k = _chunk_rows(k_end, base, offs_c, offs_k, K, C)
         delta_ptrs = (base * C + offs_c[:, None]) * V + offs_v[None, :]
-        b_dd = tl.load(d_delta_out + delta_ptrs, mask=(offs_v < V)[None, :], other=0.0)
+        if OUTPUT_GRAD == 0:
+            b_dd = tl.zeros([C, BV], dtype=tl.float32)
+        else:
+            b_dd = tl.load(d_delta_out + delta_ptrs, mask=(offs_v < V)[None, :], other=0.0)
         b_dd = tl.dot(b_k, d_state.to(b_k.dtype), b_dd)
         tl.store(d_delta + delta_ptrs, b_dd, mask=(offs_v < V)[None, :])
         b_w = _chunk_rows(w, base, offs_c, offs_k, K, C)
-        ptrs, mask = _state_tile(d_states, base, offs_k, offs_v, K, V)
-        d_state = _decay_state(d_state, g_end, base, offs_k, K, DECAY) + tl.load(ptrs, mask=mask, other=0.0)
+        d_state = _decay_state(d_state, g_end, base, offs_k, K, DECAY)
+        if OUTPUT_GRAD == 1:
+            ptrs, mask = _state_tile(d_states, base, offs_k, offs_v, K, V)
+            d_state += tl.load(ptrs, mask=mask, other=0.0)
+        elif OUTPUT_GRAD == 2:
+            start, end = span_range(slot_bounds, slot, T, C, PER_ROW, VARLEN)
+            offs_t = start + offs_c
+            mask_t = offs_t < end
+            b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+            b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
+            gam, _ = _chunk_gates(g, offs_t, mask_t, h, H, C, DECAY == 1)
+            d_state = tl.dot(tl.trans(b_q * (tl.exp(gam) * scale)[:, None]), b_do, d_state)
         d_state -= tl.dot(tl.trans(b_w), b_dd.to(b_w.dtype))
     ptrs, mask = _state_tile(dh0, doc, offs_k, offs_v, K, V)
     tl.store(ptrs, d_state, mask=mask)
+
+
+@triton.jit
+def _chunk_grad_kernel(q, k, v, beta, g, do, slot_bounds, a_inv, states, delta, d_next, d_delta,
+                       dq, dk, dv, dbeta, dg, scale, T, PER_ROW,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, HAS_Q: tl.constexpr,
+                       VARLEN: tl.constexpr):
+    """dq, dk, dv, dβ and dg (USE_G) of one chunk slot and head, all of K, V in tiles.
+
+    From the walks: S (incoming state), dS' (`d_next`, of the state leaving), δ and the
+    total dδ. Per V-tile: dq ← do Sᵀ, dP ← do δᵀ (HAS_Q), dw ← −dδ Sᵀ, dk_end ← δ dS'ᵀ,
+    and u's share: d(βV) = Rᵀ dδ (dv), dR ← dδ (βV)ᵀ. Then the outputs' dq, dk, the walk's
+    k_end and γ, w = R B (B = β K ⊙ e^Γ: dB = Rᵀ dw, dR ← dw Bᵀ), and R = (I + N)⁻¹:
+    dN = −Rᵀ dR Rᵀ under the diagonal. dΓ gathers every e^Γ factor's share; dg is its
+    reverse cumulative sum over the chunk plus dγ (γ holds every g of the chunk).
+    """
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    base = s.to(tl.int64) * H + h
+    start, end = span_range(slot_bounds, s, T, C, PER_ROW, VARLEN)
+    offs_c = tl.arange(0, C)
+    offs_t = start + offs_c
+    mask_t = offs_t < end
+    offs_k = tl.arange(0, BK)
+    rows, cols = offs_c[:, None], offs_c[None, :]
+    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+    b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
+    gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H, C, USE_G)
+    inv = tl.load(a_inv + (base * C + rows) * C + cols)
+
+    d_out_k = tl.zeros([C, BK], dtype=tl.float32)      # do Sᵀ
+    d_w = tl.zeros([C, BK], dtype=tl.float32)          # dδ Sᵀ = −dw
+    d_k_end = tl.zeros([C, BK], dtype=tl.float32)      # δ dS'ᵀ
+    d_scores = tl.zeros([C, C], dtype=tl.float32)      # do δᵀ
+    d_inv = tl.zeros([C, C], dtype=tl.float32)         # dR
+    d_beta = tl.zeros([C], dtype=tl.float32)
+    state_dot = 0.0                                    # Σ S ⊙ dS'
+    for vt in tl.static_range(triton.cdiv(V, BV)):
+        offs_v = vt * BV + tl.arange(0, BV)
+        # A trailing slot of packed input (no tokens): the walks wrote nothing there.
+        k_ok, v_ok = _slot_dims(start, end, offs_k, offs_v, K, V)
+        s_mask = k_ok[:, None] & v_ok[None, :]
+        b_s = tl.load(_state_tile(states, base, offs_k, offs_v, K, V)[0], mask=s_mask, other=0.0)
+        b_dn = tl.load(_state_tile(d_next, base, offs_k, offs_v, K, V)[0], mask=s_mask, other=0.0)
+        c_ptrs = (base * C + rows) * V + offs_v[None, :]
+        c_mask = v_ok[None, :]
+        b_delta = tl.load(delta + c_ptrs, mask=c_mask, other=0.0)
+        b_dd = tl.load(d_delta + c_ptrs, mask=c_mask, other=0.0)
+        b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
+        if HAS_Q:
+            b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
+            d_out_k = tl.dot(b_do, tl.trans(b_s), d_out_k)
+            d_scores = tl.dot(b_do, tl.trans(b_delta), d_scores)
+        d_w = tl.dot(b_dd, tl.trans(b_s), d_w)
+        d_k_end = tl.dot(b_delta, tl.trans(b_dn), d_k_end)
+        state_dot += tl.sum(tl.sum(b_s * b_dn, 1), 0)
+        b_dbv = tl.dot(tl.trans(inv), b_dd)                # d(βV)
+        store_tile(dv, b_dbv * b_beta[:, None], offs_t, mask_t, h, offs_v, V, H)
+        d_beta += tl.sum(b_dbv * b_v, 1)
+        d_inv = tl.dot(b_dd, tl.trans(b_v * b_beta[:, None]), d_inv)
+    d_w = -d_w
+
+    e_gam = tl.exp(gam)
+    # o = scale [(Q ⊙ e^Γ) S + (tril(Q Kᵀ) ⊙ E) δ]
+    if HAS_Q:
+        b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+        d_qk = d_scores * _pair_decays(gam, offs_c, False) * scale
+        b_dq = tl.dot(d_qk, b_k, d_out_k * (e_gam * scale)[:, None])
+        b_dk = tl.dot(tl.trans(d_qk), b_q)
+        d_gam = tl.sum(b_q * b_dq, 1) - tl.sum(b_k * b_dk, 1)
+        store_tile(dq, b_dq, offs_t, mask_t, h, offs_k, K, H)
+    else:
+        b_dk = tl.zeros([C, BK], dtype=tl.float32)
+        d_gam = tl.zeros([C], dtype=tl.float32)
+    # S' = e^γ S + (K ⊙ e^{γ−Γ})ᵀ δ
+    e_end = tl.exp(g_last - gam)
+    b_dk += d_k_end * e_end[:, None]
+    k_end_dot = tl.sum(b_k * d_k_end, 1) * e_end
+    d_gam -= k_end_dot
+    d_last = tl.sum(k_end_dot, 0) + tl.exp(g_last) * state_dot
+    # w = R B, B = diag(β) (K ⊙ e^Γ)
+    b_kg = b_k * e_gam[:, None]
+    d_b = tl.dot(tl.trans(inv), d_w)
+    d_inv = tl.dot(d_w, tl.trans(b_kg * b_beta[:, None]), d_inv)
+    b_dk += d_b * (b_beta * e_gam)[:, None]
+    kg_dot = tl.sum(b_kg * d_b, 1)
+    d_beta += kg_dot
+    d_gam += kg_dot * b_beta
+    # R = (I + N)⁻¹, N = diag(β) (K Kᵀ ⊙ E) strictly lower
+    d_n = -tl.dot(tl.dot(tl.trans(inv), d_inv), tl.trans(inv))
+    gram = tl.dot(b_k, tl.trans(b_k)) * _pair_decays(gam, offs_c, True)       # zero on and above the diagonal
+    d_n = tl.where(rows > cols, d_n, 0.0)
+    d_beta += tl.sum(d_n * gram, 1)
+    d_gram = d_n * b_beta[:, None] * _pair_decays(gam, offs_c, True)
+    b_dk = tl.dot(d_gram, b_k, b_dk)
+    b_dk = tl.dot(tl.trans(d_gram), b_k, b_dk)
+    d_pair = d_n * gram * b_beta[:, None]
+    d_gam += tl.sum(d_pair, 1) - tl.sum(d_pair, 0)
+    store_tile(dk, b_dk, offs_t, mask_t, h, offs_k, K, H)
+    tl.store(dbeta + offs_t * H + h, d_beta, mask=mask_t)
+    if USE_G:
+        tl.store(dg + offs_t * H + h, tl.cumsum(d_gam, 0, reverse=True) + d_last, mask=mask_t)
 
 
 # --------------------------------------------------------------------------------------
@@ -235,7 +560,7 @@ def _decay_kind(g_end) -> int:
     return DECAY_SCALAR if g_end.shape[-1] == 1 else DECAY_PER_KEY
 
 
-def _grid(layout: ChunkLayout, H: int, K: int, V: int, row: str):
+def _walk_grid(layout: ChunkLayout, H: int, K: int, V: int, row: str):
     """Grid and launch keywords of a state walk: one program per (document, head, V-tile);
     each pipeline stage holds a [C, K] fp32 tile of W and of k_end (`launch_kw`)."""
     BV = tile(row, V, K)
@@ -243,25 +568,145 @@ def _grid(layout: ChunkLayout, H: int, K: int, V: int, row: str):
     return (layout.n_docs, H, triton.cdiv(V, BV)), dict(BK=triton.next_power_of_2(K), BV=BV, **kw)
 
 
+def _walk(w, u, k_end, g_end, h0, layout: ChunkLayout):
+    """The forward state pass: (every chunk's incoming state [n_slots,H,K,V], δ
+    [n_slots,H,C,V], the final states [N,H,K,V]); slots no document uses are not written."""
+    n_slots, H, C, K = w.shape
+    V = u.shape[-1]
+    states = launch.new_tensor((n_slots, H, K, V), torch.float32, w.device)
+    delta = launch.new_tensor((n_slots, H, C, V), torch.float32, w.device)
+    final = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, w.device)
+    grid, launch_args = _walk_grid(layout, H, K, V, "delta.state")
+    _state_pass_kernel[grid](
+        w, u, k_end, w if g_end is None else g_end, w if h0 is None else h0, layout.doc_chunk0, layout.doc_chunks,
+        states, delta, final, H=H, K=K, V=V, C=C, DECAY=_decay_kind(g_end), HAS_INIT=h0 is not None,
+        **launch_args)
+    return states, delta, final
+
+
+def _walk_back(w, k_end, g_end, d_final, V: int, layout: ChunkLayout, *, d_states=None, d_delta_out=None, q=None,
+               do=None, g=None, scale=1.0):
+    """The backward state pass: (each chunk's total dδ, the gradient of the state leaving
+    each chunk, d initial states). The outputs' gradients: none; `d_states` and
+    `d_delta_out` (tensors per chunk); or `d_delta_out` with q, do, g (token-major: the
+    walk adds scale (Q ⊙ e^Γ)ᵀ do itself)."""
+    n_slots, H, C, K = w.shape
+    dev = w.device
+    d_delta = launch.new_tensor((n_slots, H, C, V), torch.float32, dev)
+    d_next = launch.new_tensor((n_slots, H, K, V), torch.float32, dev)
+    dh0 = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, dev)
+    mode = 0 if d_delta_out is None else (1 if d_states is not None else 2)
+    bounds, T, per_row = layout.slot_args(w)
+    grid, launch_args = _walk_grid(layout, H, K, V, "delta.state_grad")
+    _state_pass_grad_kernel[grid](
+        w, k_end, w if g_end is None else g_end, w if d_states is None else d_states,
+        w if d_delta_out is None else d_delta_out, w if d_final is None else d_final, layout.doc_chunk0,
+        layout.doc_chunks, w if q is None else q, w if do is None else do, w if g is None else g, bounds, scale, T,
+        per_row, d_delta, d_next, dh0, H=H, K=K, V=V, C=C, DECAY=_decay_kind(g_end), HAS_D_FINAL=d_final is not None,
+        OUTPUT_GRAD=mode, VARLEN=layout.varlen, **launch_args)
+    return d_delta, d_next, dh0
+
+
+def _chunk_kw(layout: ChunkLayout, row: str, H: int, K: int, V: int, use_g: bool) -> dict:
+    """Keywords of a per-chunk launch: sizes, tiles (all of K; V-tiles of `row`), switches."""
+    return dict(H=H, K=K, V=V, C=layout.chunk, BK=triton.next_power_of_2(K), BV=tile(row, V, K), USE_G=use_g,
+                VARLEN=layout.varlen, **launch_kw(row, K))
+
+
+def _wy(k, v, beta, g, layout: ChunkLayout):
+    """The UT transform of every chunk slot (`_wy_kernel`): R, w, u, k_end and γ (None
+    without a decay), fp32."""
+    H, K = k.shape[2:]
+    V, C, NS, dev = v.shape[-1], layout.chunk, layout.n_slots, k.device
+    a_inv = launch.new_tensor((NS, H, C, C), torch.float32, dev)
+    w = launch.new_tensor((NS, H, C, K), torch.float32, dev)
+    u = launch.new_tensor((NS, H, C, V), torch.float32, dev)
+    k_end = launch.new_tensor((NS, H, C, K), torch.float32, dev)
+    g_end = None if g is None else launch.new_tensor((NS, H, 1), torch.float32, dev)
+    kw = _chunk_kw(layout, "delta.wy", H, K, V, g is not None)
+    if NS:
+        bounds, T, per_row = layout.slot_args(k)
+        _wy_kernel[(NS, H)](k, v, beta, k if g is None else g, bounds, a_inv, w, u, k_end,
+                            w if g_end is None else g_end, T, per_row, LEVELS=(C // BLOCK).bit_length() - 1,
+                            PRECISION=INVERSE_PRECISION, **kw)
+    return a_inv, w, u, k_end, g_end
+
+
+def _slot_launch(kernel, layout: ChunkLayout, row: str, K: int, V: int, H: int, use_g: bool, tiled_v: bool):
+    """Launch `kernel` once per (chunk slot, head), or per (chunk slot, V-tile, head) when
+    `tiled_v`, with the per-chunk keywords of `row`; returns the launcher."""
+    kw = _chunk_kw(layout, row, H, K, V, use_g)
+    n_v = triton.cdiv(V, kw["BV"]) if tiled_v else 1
+
+    def run(*args, **switches):
+        if layout.n_slots:
+            kernel[(layout.n_slots * n_v, H)](*args, **switches, **kw)
+    return run
+
+
+class _FusedDeltaRule(torch.autograd.Function):
+    """DeltaNet / Gated DeltaNet on the fused kernels (module docstring). Inputs q (or
+    None: final states only), k, v (one dtype, contiguous), β and g (or None) fp32 [B,T,H],
+    h0 (or None) fp32; returns (o or None, final states fp32), differentiable in all."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, h0, layout, scale):
+        H, K, V = k.shape[2], k.shape[3], v.shape[-1]
+        a_inv, w, u, k_end, g_end = _wy(k, v, beta, g, layout)
+        states, delta, final = _walk(w, u, k_end, g_end, h0, layout)
+        o = None
+        if q is not None:
+            o = launch.new_tensor(v.shape[:3] + (V,), q.dtype, q.device)
+            bounds, T, per_row = layout.slot_args(k)
+            _slot_launch(_output_kernel, layout, "delta.output", K, V, H, g is not None, True)(
+                q, k, k if g is None else g, bounds, states, delta, o, scale, T, per_row)
+        ctx.save_for_backward(q, k, v, beta, g, a_inv, w, k_end, g_end, states, delta)
+        ctx.layout, ctx.scale, ctx.has_h0 = layout, scale, h0 is not None
+        ctx.set_materialize_grads(False)
+        return o, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, d_final):
+        q, k, v, beta, g, a_inv, w, k_end, g_end, states, delta = ctx.saved_tensors
+        layout, scale = ctx.layout, ctx.scale
+        H, K, V = k.shape[2], k.shape[3], v.shape[-1]
+        bounds, T, per_row = layout.slot_args(k)
+        has_q = q is not None and do is not None
+        d_final = None if d_final is None else d_final.float().contiguous()
+        d_delta_out = None
+        if has_q:
+            do = do.contiguous()
+            d_delta_out = launch.new_tensor((layout.n_slots, H, layout.chunk, V), torch.float32, k.device)
+            _slot_launch(_output_grad_kernel, layout, "delta.output_grad", K, V, H, g is not None, True)(
+                q, k, k if g is None else g, do, bounds, d_delta_out, scale, T, per_row)
+        d_delta, d_next, dh0 = _walk_back(w, k_end, g_end, d_final, V, layout, d_delta_out=d_delta_out,
+                                          q=q if has_q else None, do=do if has_q else None, g=g, scale=scale)
+        dq = launch.new_tensor(k.shape, k.dtype, k.device) if has_q else None
+        dk = launch.new_tensor(k.shape, k.dtype, k.device)
+        dv = launch.new_tensor(v.shape, v.dtype, v.device)
+        dbeta = launch.new_tensor(beta.shape, torch.float32, k.device)
+        dg = None if g is None else launch.new_tensor(g.shape, torch.float32, k.device)
+        _slot_launch(_chunk_grad_kernel, layout, "delta.chunk_grad", K, V, H, g is not None, False)(
+            k if q is None else q, k, v, beta, k if g is None else g, k if do is None else do, bounds, a_inv, states,
+            delta, d_next, d_delta, k if dq is None else dq, dk, dv, dbeta, k if dg is None else dg, scale, T,
+            per_row, HAS_Q=has_q)
+        if q is not None and dq is None:
+            dq = torch.zeros_like(q)
+        return dq, dk, dv, dbeta, dg, dh0 if ctx.has_h0 else None, None, None
+
+
 class _StatePass(torch.autograd.Function):
-    """(every chunk's incoming state [n_slots,H,K,V], δ [n_slots,H,C,V], the final states
-    [N,H,K,V]) from the WY pieces (fp32) and the initial states; differentiable in all."""
+    """The state walks for the torch pieces of the gk path: (every chunk's incoming state,
+    δ, the final states) from the WY pieces (fp32) and the initial states; differentiable
+    in all."""
 
     @staticmethod
     def forward(ctx, w, u, k_end, g_end, h0, layout):
-        n_slots, H, C, K = w.shape
-        V = u.shape[-1]
-        dev = w.device
         w, k_end = w.contiguous(), k_end.contiguous()
         g_end = None if g_end is None else g_end.contiguous()
-        states = launch.new_tensor((n_slots, H, K, V), torch.float32, dev)
-        delta = launch.new_tensor((n_slots, H, C, V), torch.float32, dev)
-        final = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, dev)
-        grid, launch_args = _grid(layout, H, K, V, "delta.state")
-        _state_pass_kernel[grid](
-            w, u.contiguous(), k_end, w if g_end is None else g_end, w if h0 is None else h0.contiguous(),
-            layout.doc_chunk0, layout.doc_chunks, states, delta, final, H=H, K=K, V=V, C=C,
-            DECAY=_decay_kind(g_end), HAS_INIT=h0 is not None, **launch_args)
+        states, delta, final = _walk(w, u.contiguous(), k_end, g_end, None if h0 is None else h0.contiguous(),
+                                     layout)
         states, delta = layout.used(states), layout.used(delta)
         ctx.save_for_backward(w, k_end, g_end, states, delta)
         ctx.layout = layout
@@ -274,20 +719,11 @@ class _StatePass(torch.autograd.Function):
     def backward(ctx, d_states, d_delta_out, d_final):
         w, k_end, g_end, states, delta = ctx.saved_tensors
         layout = ctx.layout
-        n_slots, H, C, K = w.shape
-        V = delta.shape[-1]
-        dev = w.device
         d_states = torch.zeros_like(states) if d_states is None else d_states.float().contiguous()
         d_delta_out = torch.zeros_like(delta) if d_delta_out is None else d_delta_out.float().contiguous()
-        d_delta = launch.new_tensor((n_slots, H, C, V), torch.float32, dev)
-        d_next = launch.new_tensor((n_slots, H, K, V), torch.float32, dev)
-        dh0 = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, dev)
-        grid, launch_args = _grid(layout, H, K, V, "delta.state_grad")
-        _state_pass_grad_kernel[grid](
-            w, k_end, w if g_end is None else g_end, d_states, d_delta_out,
-            d_states if d_final is None else d_final.float().contiguous(), layout.doc_chunk0, layout.doc_chunks,
-            d_delta, d_next, dh0, H=H, K=K, V=V, C=C, DECAY=_decay_kind(g_end), HAS_D_FINAL=d_final is not None,
-            **launch_args)
+        d_final = None if d_final is None else d_final.float().contiguous()
+        d_delta, d_next, dh0 = _walk_back(w, k_end, g_end, d_final, delta.shape[-1], layout, d_states=d_states,
+                                          d_delta_out=d_delta_out)
         d_delta, d_next = layout.used(d_delta), layout.used(d_next)
         dw = -(d_delta @ states.transpose(-1, -2))
         dk_end = delta @ d_next.transpose(-1, -2)
@@ -299,15 +735,27 @@ class _StatePass(torch.autograd.Function):
 
 
 def _pieces(k, v, decay, beta, layout: ChunkLayout):
-    """The chunk tensors of k, v (fp32) and Γ, and the WY pieces of every chunk slot."""
+    """gk path: the chunk tensors of k, v (fp32) and Γ, and the WY pieces of every chunk slot."""
     kc, vc = (layout.to_chunks(x) for x in (k, v))
     gam = chunk_log_decay(None if decay is None else layout.to_chunks(decay))
     return kc, gam, chunk_pieces(kc, vc, layout.to_chunks(beta), gam)
 
 
+def _check_chunk(chunk_size: int) -> None:
+    """The Triton path cuts chunks into 16×16 blocks of the UT transform."""
+    check_chunk_size(chunk_size)
+    if chunk_size < BLOCK:
+        raise ValueError(f"chunk_size must be at least {BLOCK} on the Triton backend, got {chunk_size}")
+
+
+def _per_key(decay) -> bool:
+    return decay is not None and decay.dim() == 4
+
+
 def triton_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, output_final_state=False,
                             cu_seqlens=None, chunk_size=CHUNK_SIZE):
-    """The delta rule with the Triton state pass (validated arguments).
+    """The delta rule on the Triton backend (validated arguments): fused kernels for decay
+    None or g, the torch pieces around the Triton state pass for gk.
 
     Args:
         q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32); CUDA tensors (or CPU
@@ -315,15 +763,22 @@ def triton_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, 
         decay: None, g [B,T,H] or gk [B,T,H,K] (natural-log decays ≤ 0); beta [B,T,H].
         initial_state: None or [N,H,K,V] (N = B, or len(cu_seqlens) - 1).
         cu_seqlens: None or an int device tensor [N+1] of packed offsets (B == 1).
+        chunk_size: a power of two ≥ 16.
 
     Returns (o [B,T,H,V] in q.dtype or None, final_state [N,H,K,V] fp32 or None),
     differentiable in q, k, v, decay, beta and initial_state. No host sync.
     """
-    check_chunk_size(chunk_size)
+    _check_chunk(chunk_size)
     B, T = k.shape[:2]
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
-    kc, gam, pieces = _pieces(k, v, decay, beta, layout)
     h0 = None if initial_state is None else initial_state.float()
+    if not _per_key(decay):
+        o, final = _FusedDeltaRule.apply(
+            None if q is None else q.contiguous(), k.contiguous(), v.contiguous(), beta.float().contiguous(),
+            None if decay is None else decay.float().contiguous(), None if h0 is None else h0.contiguous(), layout,
+            float(scale))
+        return o, final if output_final_state else None
+    kc, gam, pieces = _pieces(k, v, decay, beta, layout)
     states, delta, final = _StatePass.apply(pieces.w, pieces.u, pieces.k_end, pieces.g_end, h0, layout)
     final = final if output_final_state else None
     if q is None:
@@ -334,13 +789,16 @@ def triton_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, 
 
 def run_transitions(k, decay, beta, *, cu_seqlens=None, chunk_size=CHUNK_SIZE):
     """Each document's dense transition M [N, H, K, K] (fp32), as
-    `lasp.kernels.delta.chunk.run_transitions`, on the Triton state pass: the final state
-    of a walk from the identity with no writes (U = 0). No host sync."""
-    check_chunk_size(chunk_size)
+    `lasp.kernels.delta.chunk.run_transitions`, on the Triton kernels: the final state of
+    a walk from the identity with no writes (v = 0). No host sync."""
+    _check_chunk(chunk_size)
     B, T, H, K = k.shape
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
-    kc, gam, pieces = _pieces(k, k[..., :0], decay, beta, layout)
     eye = torch.eye(K, dtype=torch.float32, device=k.device).expand(layout.n_docs, H, K, K).contiguous()
+    if not _per_key(decay):
+        return _FusedDeltaRule.apply(None, k.contiguous(), torch.zeros_like(k), beta.float().contiguous(),
+                                     None if decay is None else decay.float().contiguous(), eye, layout, 1.0)[1]
+    kc, gam, pieces = _pieces(k, k[..., :0], decay, beta, layout)
     return _StatePass.apply(pieces.w, torch.zeros_like(kc), pieces.k_end, pieces.g_end, eye, layout)[2]
 
 
@@ -356,7 +814,7 @@ def linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, output_
 
 def phases(q, k, v, decay, beta, *, scale, initial_state=None, cu_seqlens=None, causal=True):
     """The family's entry for `lasp.kernels.linear_attention_phases` (causal): `TorchPhases`
-    over `linear_attention` (autograd through the Triton state pass), inputs
+    over `linear_attention` (autograd through the Triton kernels), inputs
     `(q, k, v, (decay, beta), initial_state)`."""
     if not causal:
         raise ValueError("the delta rule (beta) needs causal=True")

@@ -39,6 +39,11 @@ outgoing state into a buffer of one fp32 K×V state per chunk (only when gk requ
 grad: its memory is T/C · H · K · V · 4 bytes); the dk/dv walk (backward, it carries
 dS) finishes dgk in place.
 
+MoM's routed copies (`lasp.kernels.triton_mom`) run on these kernels as on the scalar
+family's: a row weight w makes the output w_t·o_t, applied in fp32 inside the walks
+(the backward never receives w·do rounded), and a query gather reads each position's
+query and output gradient from its token's row (`rows`), so no copies of q or do exist.
+
 No host synchronisation: grids depend on shapes only; packed documents use the device
 span table (`lasp.kernels.common.plan`). States and accumulators are fp32; `tl.dot`
 operands are in the input dtype. Launch parameters: the `diagonal.*` rows of
@@ -55,9 +60,9 @@ import triton.language as tl
 
 from lasp.kernels.common import launch
 from lasp.kernels.common.launch import CHUNK_SIZE, LAUNCH, fuses_dkdv, launch_kw, tile
-from lasp.kernels.common.plan import SpanPlan, document_chunk_slots, make_span_plan
+from lasp.kernels.common.plan import SpanPlan, make_span_plan, span_chunk_slots
 from lasp.kernels.common.scan import scan_spans
-from lasp.kernels.common.tiles import load_tile, span_range, state_ptrs, store_tile
+from lasp.kernels.common.tiles import load_tile, query_rows, span_range, state_ptrs, store_tile
 
 # The fast path's bound on a chunk's total log-decay: its factors e^{±Γ} stay below
 # e^SAFE (bf16 / fp32 / TF32 reach 3e38; fp16 only 65504, hence its smaller bound).
@@ -183,10 +188,13 @@ def _summary_kernel(k, v, gk, span_bounds, U, G_span, T, SPAN_TOKENS, SPANS_PER_
 
 
 @triton.jit
-def _output_kernel(q, k, v, gk, span_bounds, H_in, o, scale, T, SPAN_TOKENS, SPANS_PER_ROW,
+def _output_kernel(q, k, v, gk, w, rows, span_bounds, H_in, o, scale, T, SPAN_TOKENS, SPANS_PER_ROW,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, SAFE: tl.constexpr, VARLEN: tl.constexpr):
-    """Outputs of span s for one V-tile (all of K), from the span's incoming state."""
+                   BK: tl.constexpr, BV: tl.constexpr, SAFE: tl.constexpr, ROW_WEIGHT: tl.constexpr,
+                   GATHER: tl.constexpr, VARLEN: tl.constexpr):
+    """Outputs of span s for one V-tile (all of K), from the span's incoming state.
+    ROW_WEIGHT scales each token's output by w[token] (fp32) before it is stored; GATHER
+    reads position t's query from row rows[t] of q."""
     NV: tl.constexpr = triton.cdiv(V, BV)
     s = tl.program_id(0) // NV
     h = tl.program_id(1)
@@ -199,7 +207,7 @@ def _output_kernel(q, k, v, gk, span_bounds, H_in, o, scale, T, SPAN_TOKENS, SPA
     for i in range(tl.cdiv(end - start, C)):
         offs_t = start + i * C + tl.arange(0, C)
         mask_t = offs_t < end
-        b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H)
+        b_q = load_tile(q, query_rows(rows, offs_t, mask_t, GATHER), mask_t, h, offs_k, K, H)
         b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
         b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H)
         gam, last = _chunk_log_decay(gk, offs_t, mask_t, h, offs_k, K, H)
@@ -207,27 +215,37 @@ def _output_kernel(q, k, v, gk, span_bounds, H_in, o, scale, T, SPAN_TOKENS, SPA
         b_o = tl.dot(b_qd, state.to(b_v.dtype))
         A = _scores(b_q, b_qd, b_k, gam, last, SAFE, C)
         b_o = tl.dot(A.to(b_v.dtype), b_v, b_o) * scale
+        if ROW_WEIGHT:
+            b_o *= tl.load(w + offs_t, mask=mask_t, other=0.0)[:, None]
         store_tile(o, b_o, offs_t, mask_t, h, offs_v, V, H)
         b_kd = (b_k * tl.exp(last[None, :] - gam)).to(b_v.dtype)
         state = tl.dot(tl.trans(b_kd), b_v, state * tl.exp(last)[:, None])
 
 
 @triton.jit
-def _dq_kernel(q, k, v, gk, do, span_bounds, H_in, dq, dU, q_dq, chunk_states, span_chunk0, scale, T,
-               SPAN_TOKENS, SPANS_PER_ROW,
+def _dq_kernel(q, k, v, gk, w, rows, do, span_bounds, H_in, dq, dU, q_dq, dB_w, chunk_states, span_chunk0,
+               scale, T, SPAN_TOKENS, SPANS_PER_ROW,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, SAFE: tl.constexpr, DG: tl.constexpr,
-               VARLEN: tl.constexpr):
+               ROW_WEIGHT: tl.constexpr, GATHER: tl.constexpr, VARLEN: tl.constexpr):
     """dq of span s for one K-tile (all of V), and the span's local state gradient
     dU_s = scale Σ_t (q_t ⊙ e^{Γ^span_t}) do_tᵀ (Γ^span from the span's start).
 
     DG (gk's gradient wanted): also writes q ⊙ dq (fp32) to `q_dq` [tokens, H, K] and each
     chunk's outgoing state to `chunk_states` [slot, H, K, V] (slot = span_chunk0[s] + i).
+
+    ROW_WEIGHT (MoM): the output was w ⊙ o, so the cotangent of o is w_t·do_t, applied in
+    fp32 to dp's rows, dq and the weights of dU. This K-tile's share of Σ_k q⊙dq goes to
+    dB_w[token, head, K-tile] (for w's gradient); a zero weight's row is walked with
+    weight 1 there, so that dB_w holds <do, o>, and its dq (and q ⊙ dq) is zeroed when
+    stored (as the scalar family's dq walk). GATHER: position t's q and do are row
+    rows[t] of q, do.
     """
     NK: tl.constexpr = triton.cdiv(K, BK)
+    kt = tl.program_id(0) % NK
     s = tl.program_id(0) // NK
     h = tl.program_id(1)
-    offs_k = (tl.program_id(0) % NK) * BK + tl.arange(0, BK)
+    offs_k = kt * BK + tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
     start, end = span_range(span_bounds, s, T, SPAN_TOKENS, SPANS_PER_ROW, VARLEN)
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
@@ -241,10 +259,11 @@ def _dq_kernel(q, k, v, gk, do, span_bounds, H_in, dq, dU, q_dq, chunk_states, s
     for i in range(tl.cdiv(end - start, C)):
         offs_t = start + i * C + tl.arange(0, C)
         mask_t = offs_t < end
-        b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H)
+        q_rows = query_rows(rows, offs_t, mask_t, GATHER)
+        b_q = load_tile(q, q_rows, mask_t, h, offs_k, K, H)
         b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
         b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H)
-        b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(b_v.dtype)
+        b_do = load_tile(do, q_rows, mask_t, h, offs_v, V, H).to(b_v.dtype)
         gam, last = _chunk_log_decay(gk, offs_t, mask_t, h, offs_k, K, H)
         dp = tl.where(causal, tl.dot(b_do, tl.trans(b_v)) * scale, 0.0)
         state_in = state.to(b_v.dtype)
@@ -252,6 +271,11 @@ def _dq_kernel(q, k, v, gk, do, span_bounds, H_in, dq, dU, q_dq, chunk_states, s
         if DG:
             b_dq = tl.dot(b_do, tl.trans(_residual(state, state_in)), b_dq)
         b_dq *= tl.exp(gam) * scale
+        if ROW_WEIGHT:
+            b_w = tl.load(w + offs_t, mask=mask_t, other=0.0)
+            walk_w = tl.where(b_w != 0.0, b_w, 1.0)
+            dp *= walk_w[:, None]
+            b_dq *= walk_w[:, None]
         if tl.min(last, axis=0) > -SAFE:
             b_ki32 = b_k.to(tl.float32) * tl.exp(-gam)
             b_ki = b_ki32.to(b_v.dtype)
@@ -261,6 +285,9 @@ def _dq_kernel(q, k, v, gk, do, span_bounds, H_in, dq, dU, q_dq, chunk_states, s
             b_dq += dq_intra * tl.exp(gam)
         else:
             b_dq += _exact_apply(dp, b_k.to(tl.float32), gam, C)
+        if ROW_WEIGHT:
+            tl.store(dB_w + (offs_t * H + h) * NK + kt, tl.sum(b_q.to(tl.float32) * b_dq, axis=1), mask=mask_t)
+            b_dq = tl.where((b_w != 0.0)[:, None], b_dq, 0.0)
         store_tile(dq, b_dq, offs_t, mask_t, h, offs_k, K, H)
         b_kd32 = b_k * tl.exp(last[None, :] - gam)
         b_kd = b_kd32.to(b_v.dtype)
@@ -270,8 +297,10 @@ def _dq_kernel(q, k, v, gk, do, span_bounds, H_in, dq, dU, q_dq, chunk_states, s
             store_tile(q_dq, b_q.to(tl.float32) * b_dq, offs_t, mask_t, h, offs_k, K, H)
             ptrs, mask = state_ptrs(chunk_states, first_chunk + i, h, offs_k, offs_v, H, K, V)
             tl.store(ptrs, state, mask=mask)
-        b_qs = (b_q * tl.exp(gam + g_before[None, :])).to(b_v.dtype)
-        d_state = tl.dot(tl.trans(b_qs), b_do, d_state)
+        b_qs = b_q * tl.exp(gam + g_before[None, :])
+        if ROW_WEIGHT:
+            b_qs *= b_w[:, None]
+        d_state = tl.dot(tl.trans(b_qs.to(b_v.dtype)), b_do, d_state)
         g_before += last
 
     ptrs, mask = state_ptrs(dU, s, h, offs_k, offs_v, H, K, V)
@@ -279,17 +308,20 @@ def _dq_kernel(q, k, v, gk, do, span_bounds, H_in, dq, dU, q_dq, chunk_states, s
 
 
 @triton.jit
-def _dkdv_kernel(q, k, v, gk, do, span_bounds, dH_out, dk, dv, dgk, chunk_states, span_chunk0, scale, T,
-                 SPAN_TOKENS, SPANS_PER_ROW,
+def _dkdv_kernel(q, k, v, gk, w, rows, do, span_bounds, dH_out, dk, dv, dgk, chunk_states, span_chunk0, scale,
+                 T, SPAN_TOKENS, SPANS_PER_ROW,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr, SAFE: tl.constexpr, DO_DK: tl.constexpr,
-                 DO_DV: tl.constexpr, DG: tl.constexpr, VARLEN: tl.constexpr):
+                 DO_DV: tl.constexpr, DG: tl.constexpr, ROW_WEIGHT: tl.constexpr, GATHER: tl.constexpr,
+                 VARLEN: tl.constexpr):
     """dk and/or dv of span s, walking its chunks backwards from its outgoing gradient.
 
     The carried dS is the gradient w.r.t. the state leaving the current chunk:
     dS ← e^γ ⊙ dS + scale (q ⊙ e^Γ)ᵀ do. dv needs all of K (tiles over V), dk all of V
     (tiles over K). DG (with DO_DK): `dgk` holds q ⊙ dq from the dq walk and is finished
     in place, chunk-locally (module docstring), from the chunk states the dq walk stored.
+    ROW_WEIGHT (as in the dq walk) scales the query rows of the chunk's score matrices and
+    the weights of dS by w, in fp32; GATHER reads q and do as the dq walk does.
     """
     NV: tl.constexpr = triton.cdiv(V, BV)
     n_tiles: tl.constexpr = triton.cdiv(K, BK) * NV
@@ -310,21 +342,28 @@ def _dkdv_kernel(q, k, v, gk, do, span_bounds, dH_out, dk, dv, dgk, chunk_states
         c = n_chunks - 1 - j
         offs_t = start + c * C + tl.arange(0, C)
         mask_t = offs_t < end
-        b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H)
+        q_rows = query_rows(rows, offs_t, mask_t, GATHER)
+        b_q = load_tile(q, q_rows, mask_t, h, offs_k, K, H)
         b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
         b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H)
-        b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(b_v.dtype)
+        b_do = load_tile(do, q_rows, mask_t, h, offs_v, V, H).to(b_v.dtype)
         gam, last = _chunk_log_decay(gk, offs_t, mask_t, h, offs_k, K, H)
         b_qd = (b_q * tl.exp(gam)).to(b_v.dtype)
         to_end = tl.exp(last[None, :] - gam)
         d_state_in = d_state.to(b_v.dtype)
+        if ROW_WEIGHT:
+            b_w = tl.load(w + offs_t, mask=mask_t, other=0.0)
         if DO_DV:
             A = _scores(b_q, b_qd, b_k, gam, last, SAFE, C) * scale
+            if ROW_WEIGHT:
+                A *= b_w[:, None]
             b_kd = (b_k * to_end).to(b_v.dtype)
             b_dv = tl.dot(tl.trans(A.to(b_v.dtype)), b_do, tl.dot(b_kd, d_state_in))
             store_tile(dv, b_dv, offs_t, mask_t, h, offs_v, V, H)
         if DO_DK:
             dp = tl.where(causal, tl.dot(b_do, tl.trans(b_v)) * scale, 0.0)
+            if ROW_WEIGHT:
+                dp *= b_w[:, None]
             b_dk = tl.dot(b_v, tl.trans(d_state_in))
             if DG:
                 b_dk = tl.dot(b_v, tl.trans(_residual(d_state, d_state_in)), b_dk)
@@ -343,6 +382,8 @@ def _dkdv_kernel(q, k, v, gk, do, span_bounds, dH_out, dk, dv, dgk, chunk_states
                 d_gam = load_tile(dgk, offs_t, mask_t, h, offs_k, K, H) - b_k.to(tl.float32) * b_dk
                 suffix = tl.sum(d_gam, axis=0)[None, :] - tl.cumsum(d_gam, axis=0) + d_gam
                 store_tile(dgk, suffix + state_term[None, :], offs_t, mask_t, h, offs_k, K, H)
+        if ROW_WEIGHT:
+            b_qd = (b_q * tl.exp(gam) * b_w[:, None]).to(b_v.dtype)
         d_state = d_state * tl.exp(last)[:, None] + tl.dot(tl.trans(b_qd), b_do) * scale
 
 
@@ -353,19 +394,6 @@ def _dkdv_kernel(q, k, v, gk, do, span_bounds, dH_out, dk, dv, dgk, chunk_states
 
 def _safe_log_decay(dtype) -> float:
     return SAFE_LOG_DECAY.get(dtype, DEFAULT_SAFE_LOG_DECAY)
-
-
-def _span_first_chunks(plan: SpanPlan, device):
-    """Each span's first slot in the chunk-state buffer (one slot per chunk, int64 [NS],
-    device ops only) and the buffer's number of slots (a host bound from shapes)."""
-    C, span_chunks = plan.chunk, plan.span_tokens // plan.chunk
-    s = torch.arange(plan.n_spans, device=device)
-    if not plan.varlen:
-        per_row = triton.cdiv(plan.T, C)
-        return (s // plan.spans_per_row) * per_row + (s % plan.spans_per_row) * span_chunks, max(1, plan.B * per_row)
-    doc_chunk0, n_slots = document_chunk_slots(torch.nn.functional.pad(plan.doc_ends, (1, 0)), plan.T, C)
-    doc = torch.searchsorted(plan.doc_spans[1:], s, right=True).clamp_(max=plan.n_docs - 1)
-    return doc_chunk0[doc] + (s - plan.doc_spans[doc]) * span_chunks, n_slots
 
 
 def _forward_states(k, v, gk, h0, plan: SpanPlan):
@@ -384,42 +412,50 @@ def _forward_states(k, v, gk, h0, plan: SpanPlan):
     return states, g_span, final
 
 
-def _forward_output(q, k, v, gk, states, scale, plan: SpanPlan):
-    """Output launch: every span walked again from its incoming state."""
+def _forward_output(q, k, v, gk, w, rows, states, scale, plan: SpanPlan):
+    """Output launch: every span walked again from its incoming state (rows scaled by
+    the row weight `w` when given; queries gathered by `rows` when given, the output then
+    fp32)."""
     H, K, V, NS = plan.H, plan.K, plan.V, plan.n_spans
     span_bounds, sizes = plan.span_args(q)
-    o = launch.new_tensor((plan.B, plan.T, H, V), q.dtype, q.device)
+    o = launch.new_tensor((plan.B, plan.T, H, V), q.dtype if rows is None else torch.float32, q.device)
     BK, BV = triton.next_power_of_2(K), tile("diagonal.output", V, K)
     _output_kernel[(triton.cdiv(V, BV) * NS, H)](
-        q, k, v, gk, span_bounds, states, o, scale, *sizes, H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV,
-        SAFE=_safe_log_decay(q.dtype), VARLEN=plan.varlen, **launch_kw("diagonal.output", max(plan.K, plan.V)))
+        q, k, v, gk, q if w is None else w, q if rows is None else rows, span_bounds, states, o, scale, *sizes,
+        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, SAFE=_safe_log_decay(q.dtype), ROW_WEIGHT=w is not None,
+        GATHER=rows is not None, VARLEN=plan.varlen, **launch_kw("diagonal.output", max(plan.K, plan.V)))
     return o
 
 
-def _backward_dq(q, k, v, gk, do, states, scale, plan: SpanPlan, decay_grad: bool):
-    """dq launch: dq, every span's local state gradient, and for dgk (`decay_grad`) the
-    buffer holding q ⊙ dq and the chunk states (else None)."""
+def _backward_dq(q, k, v, gk, w, rows, do, states, scale, plan: SpanPlan, decay_grad: bool):
+    """dq launch: dq (per position and fp32 with `rows`), every span's local state
+    gradient, for dgk (`decay_grad`) the buffer holding q ⊙ dq and the chunk states
+    (else None), and for a row weight `w` dB_w (Σ_k q ⊙ dq per token, head and K-tile;
+    else None)."""
     H, K, V, NS = plan.H, plan.K, plan.V, plan.n_spans
     dev = q.device
     span_bounds, sizes = plan.span_args(q)
     BK, BV = tile("diagonal.dq", K, V), triton.next_power_of_2(V)
     n_k_tiles = triton.cdiv(K, BK)
-    dq = launch.new_tensor(k.shape, q.dtype, dev)
+    dq = launch.new_tensor(k.shape, q.dtype if rows is None else torch.float32, dev)
     d_states = launch.new_tensor((NS, H, K, V), torch.float32, dev)
     q_dq = chunk_states = span_chunk0 = None
     if decay_grad:
-        span_chunk0, n_slots = _span_first_chunks(plan, dev)
+        span_chunk0, n_slots = span_chunk_slots(plan, dev)
         q_dq = launch.new_tensor(k.shape, torch.float32, dev)
         chunk_states = launch.new_tensor((n_slots, H, K, V), torch.float32, dev)
+    dB_w = None if w is None else launch.new_tensor((plan.tokens, H, n_k_tiles), torch.float32, dev)
     _dq_kernel[(n_k_tiles * NS, H)](
-        q, k, v, gk, do, span_bounds, states, dq, d_states, q if q_dq is None else q_dq,
-        q if chunk_states is None else chunk_states, q if span_chunk0 is None else span_chunk0, scale, *sizes,
+        q, k, v, gk, q if w is None else w, q if rows is None else rows, do, span_bounds, states, dq, d_states,
+        q if q_dq is None else q_dq, q if dB_w is None else dB_w, q if chunk_states is None else chunk_states,
+        q if span_chunk0 is None else span_chunk0, scale, *sizes,
         H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, SAFE=_safe_log_decay(q.dtype), DG=decay_grad,
-        VARLEN=plan.varlen, **launch_kw("diagonal.dq", max(plan.K, plan.V)))
-    return dq, d_states, (q_dq, chunk_states, span_chunk0)
+        ROW_WEIGHT=w is not None, GATHER=rows is not None, VARLEN=plan.varlen,
+        **launch_kw("diagonal.dq", max(plan.K, plan.V)))
+    return dq, d_states, (q_dq, chunk_states, span_chunk0), dB_w
 
 
-def _backward_kvg(q, k, v, gk, do, d_final, d_states, g_span, dgk_parts, scale, want_dh0, want_dg,
+def _backward_kvg(q, k, v, gk, w, rows, do, d_final, d_states, g_span, dgk_parts, scale, want_dh0, want_dg,
                   plan: SpanPlan, fuse_dkdv: bool):
     """Reverse scan (from d final_state) and dk/dv launches (dgk finished in place):
     returns dk, dv, dgk (or None), d initial_state (or None). `d_states` is overwritten."""
@@ -436,10 +472,11 @@ def _backward_kvg(q, k, v, gk, do, d_final, d_states, g_span, dgk_parts, scale, 
     dk = launch.new_tensor(k.shape, k.dtype, dev)
     dv = launch.new_tensor(v.shape, v.dtype, dev)
     PK, PV = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    args = (q, k, v, gk, do, span_bounds, d_states, dk, dv, q if q_dq is None else q_dq,
-            q if chunk_states is None else chunk_states, q if span_chunk0 is None else span_chunk0, scale, *sizes)
-    common = dict(H=H, K=K, V=V, C=plan.chunk, SAFE=_safe_log_decay(q.dtype), DG=want_dg, VARLEN=plan.varlen,
-                  **launch_kw("diagonal.dkdv", max(plan.K, plan.V)))
+    args = (q, k, v, gk, q if w is None else w, q if rows is None else rows, do, span_bounds, d_states, dk, dv,
+            q if q_dq is None else q_dq, q if chunk_states is None else chunk_states,
+            q if span_chunk0 is None else span_chunk0, scale, *sizes)
+    common = dict(H=H, K=K, V=V, C=plan.chunk, SAFE=_safe_log_decay(q.dtype), DG=want_dg, ROW_WEIGHT=w is not None,
+                  GATHER=rows is not None, VARLEN=plan.varlen, **launch_kw("diagonal.dkdv", max(plan.K, plan.V)))
     if fuse_dkdv:
         _dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common)
     else:
@@ -460,7 +497,12 @@ class TritonPhases:
 
     `saved` = (every span's incoming state, the spans' log-decays [NS, H, K], the final
     states): one K×V state per span and head. `partial` = (do, the spans' local state
-    gradients, the dgk parts of the dq walk).
+    gradients, the dgk parts of the dq walk, dB_w or None).
+
+    `row_weight` and `rows` (MoM; the same for every phase of a call) as in the scalar
+    family's `TritonPhases`: the output is w_t · o_t with w applied in fp32 inside the
+    kernels, and position t reads its query and output gradient from row rows[t] of q
+    and do; the output and dq are then per position and fp32.
     """
 
     plan: SpanPlan
@@ -472,20 +514,29 @@ class TritonPhases:
         states, g_span, final = _forward_states(k, v, g, initial_state, self.plan)
         return final, (states, g_span, final)
 
-    def output(self, q, k, v, g, saved):
-        return _forward_output(q, k, v, g, saved[0], self.scale, self.plan)
+    def output(self, q, k, v, g, saved, row_weight=None, rows=None):
+        return _forward_output(q, k, v, g, row_weight, rows, saved[0], self.scale, self.plan)
 
-    def grad_q(self, q, k, v, g, saved, do):
+    def grad_q(self, q, k, v, g, saved, do, row_weight=None, rows=None):
         do = do.contiguous()
-        dq, d_states, dgk_parts = _backward_dq(q, k, v, g, do, saved[0], self.scale, self.plan, self.decay_grad)
-        return dq, (do, d_states, dgk_parts)
+        dq, d_states, dgk_parts, dB_w = _backward_dq(q, k, v, g, row_weight, rows, do, saved[0], self.scale,
+                                                     self.plan, self.decay_grad)
+        return dq, (do, d_states, dgk_parts, dB_w)
 
-    def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True):
+    def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True,
+                 row_weight=None, rows=None):
         """(dk, dv, dgk or None, d initial_state or None)."""
-        do, d_states, dgk_parts = partial
+        do, d_states, dgk_parts, _ = partial
         d_final = None if d_final is None else d_final.float().contiguous()
-        return _backward_kvg(q, k, v, g, do, d_final, d_states, saved[1], dgk_parts, self.scale, want_dh0,
-                             want_dg, self.plan, self.fuse_dkdv)
+        return _backward_kvg(q, k, v, g, row_weight, rows, do, d_final, d_states, saved[1], dgk_parts, self.scale,
+                             want_dh0, want_dg, self.plan, self.fuse_dkdv)
+
+    @staticmethod
+    def grad_row_weight(partial, row_weight):
+        """d row_weight [B·T]: Σ over heads of <do_t, o_t> (o unweighted), from the dq
+        walk's dB_w: q_t·dq_t / w_t, or q_t·dq_t itself where w_t = 0 (walked with 1)."""
+        q_dq = partial[3].sum((1, 2))
+        return torch.where(row_weight != 0, q_dq / row_weight, q_dq)
 
 
 class _TritonLinearAttention(torch.autograd.Function):

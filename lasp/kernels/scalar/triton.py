@@ -26,7 +26,7 @@ that they share its chunk loads through L2, and per head on axis 1.
    its incoming state and writes each chunk's output
    `o = scale[(q ⊙ e^Γ) h_c + ((q kᵀ) ⊙ M) v]`.
 
-Backward (three launches plus a small torch epilogue for dg):
+Backward (three launches; dg's terms come from the first and the last):
 
 1. `_bwd_dq_kernel`, one program per (span, head, K-tile): walks forward from the span's
    incoming state (saved by the forward: small), writes
@@ -42,20 +42,28 @@ Backward (three launches plus a small torch epilogue for dg):
 
 Here Γ is the chunk-local inclusive cumulative log-decay, γ = Γ at the chunk's last token
 and M_ts = exp(Γ_t − Γ_s) for s ≤ t, 0 otherwise (masked before the exp, so no overflow).
-With a decay, dg follows from `dB_t = q_t·dq_t − k_t·dk_t` (fp32, from the kernels'
-accumulators): dg is the reverse cumulative sum of dB within each document plus
-`<d final_state, final_state>` of that document (the final state scales with every g).
-Those long sums cancel q·dq against k·dk, which amplifies any rounding inside dB, so when
-g requires grad (`TritonPhases.decay_grad`, the kernels' DG switch) the states and state
-gradients add back their bf16 rounding residuals in extra dots; a fixed decay (g_gamma
-as a buffer) skips them and dB.
+
+dg is chunk-local. g_u decays exactly the pairs (s, t) with s < u ≤ t (key s read by
+query t, the initial state counting as keys before the document and d final_state as
+queries after it), so dg_u is the sum of their terms A_ts = scale (q_t·k_s)(do_t·v_s) M_ts
+(w_t with a row weight). For u in a chunk with incoming state h and outgoing state
+gradient dh, they split into (s, t) both in the chunk: Σ_{s<u≤t} A_ts, s < t strictly,
+from the dk walk's [C, C] tiles (a reverse cumulative sum along t, a masked sum over s);
+s before the chunk, t in it: Σ_{t≥u} q_t·dq_t's incoming-state part (dq walk); s in it,
+t after it: Σ_{s<u} k_s·dk_s's state part (dk walk); both outside: e^γ <dh, h>, for
+which the dq walk stores every chunk's incoming state (only when g requires grad: T/C ·
+H · K · V fp32) and the dk walk reads it. No term cancels another, so dg keeps the
+relative accuracy of dq and dk under any decay (at g = −30 per token dg is ~e^−30 times
+the other gradients, which a document-long sum of q·dq − k·dk would lose entirely).
+Each walk writes its K-tile's share per token ([tokens, H, K-tiles] fp32); the host adds
+them. A fixed decay (g_gamma as a buffer) skips all of it.
 
 A row weight w (MoM's routing weights) makes the output w_t·o_t; the backward applies
 w in fp32 inside the kernels rather than receiving w·do rounded to bf16.
 
 `TritonPhases` groups these launches at their data dependencies: summary + scan (reads
 k, v, g; gives the final states) | output | dq (needs no d final_state) | reverse scan +
-dk/dv + dg epilogue, so that LASP-2 can run its collectives in between
+dk/dv (+ dg), so that LASP-2 can run its collectives in between
 (`lasp.kernels.linear_attention_phases`); `triton_linear_attention` runs them back to back.
 
 No host synchronisation: launch grids depend on shapes only (for packed input an upper
@@ -75,7 +83,7 @@ import triton.language as tl
 
 from lasp.kernels.common import launch
 from lasp.kernels.common.launch import CHUNK_SIZE, LAUNCH, fuses_dkdv, launch_kw, tile
-from lasp.kernels.common.plan import SpanPlan, make_span_plan
+from lasp.kernels.common.plan import SpanPlan, make_span_plan, span_chunk_slots
 from lasp.kernels.common.scan import scan_spans
 from lasp.kernels.common.tiles import decayed_outer_acc, load_tile, query_rows, span_range, state_ptrs, store_tile
 
@@ -99,10 +107,8 @@ def _chunk_gates(g, offs_t, mask_t, h, H: tl.constexpr):
 @triton.jit
 def _fwd_summary_kernel(k, v, g, span_bounds, U, G_span, T, SPAN_TOKENS, SPANS_PER_ROW,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr,
-                        USE_G: tl.constexpr, DG: tl.constexpr, VARLEN: tl.constexpr):
-    """U_s = Σ_chunks decayed kᵀv of span s from a zero state; G_s = Σ g over s. DG:
-    the decay's gradient will be wanted (states exact to fp32, `decayed_outer_acc`)."""
+                        BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, VARLEN: tl.constexpr):
+    """U_s = Σ_chunks decayed kᵀv of span s from a zero state; G_s = Σ g over s."""
     NV: tl.constexpr = triton.cdiv(V, BV)
     n_tiles: tl.constexpr = triton.cdiv(K, BK) * NV
     tile = tl.program_id(0) % n_tiles
@@ -121,7 +127,7 @@ def _fwd_summary_kernel(k, v, g, span_bounds, U, G_span, T, SPAN_TOKENS, SPANS_P
         b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H)
         if USE_G:
             gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
-            state = decayed_outer_acc(b_k, tl.exp(g_last - gam), b_v, state * tl.exp(g_last), DG)
+            state = decayed_outer_acc(b_k, tl.exp(g_last - gam), b_v, state * tl.exp(g_last), False)
             g_total += g_last
         else:
             state = tl.dot(tl.trans(b_k), b_v, state)
@@ -176,8 +182,8 @@ def _fwd_output_kernel(q, k, v, g, w, rows, span_bounds, H_in, o, scale, T, SPAN
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, g, w, rows, do, span_bounds, H_in, dq, dU, dB_q, scale, T,
-                   SPAN_TOKENS, SPANS_PER_ROW,
+def _bwd_dq_kernel(q, k, v, g, w, rows, do, span_bounds, H_in, dq, dU, q_dq, dg_q, chunk_states, span_chunk0,
+                   scale, T, SPAN_TOKENS, SPANS_PER_ROW,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr,
                    USE_G: tl.constexpr, DG: tl.constexpr, ROW_WEIGHT: tl.constexpr,
@@ -186,9 +192,14 @@ def _bwd_dq_kernel(q, k, v, g, w, rows, do, span_bounds, H_in, dq, dU, dB_q, sca
 
     Walks forward from the span's incoming state h. dU_s = Σ_c e^{Σ_{c'<c} γ_c'} ·
     scale (q ⊙ e^Γ)ᵀ do over the span's chunks c (the gradient of the span's
-    outputs w.r.t. its incoming state). With the decay's gradient (DG) or a row weight
-    also writes this K-tile's share of Σ_k q⊙dq per token to dB_q[token, head, K-tile]
-    (where the row weight is 0: of q·dq as if it were 1, the weight's own gradient).
+    outputs w.r.t. its incoming state). A row weight also writes this K-tile's share of
+    Σ_k q⊙dq per token to q_dq[token, head, K-tile] (where the row weight is 0: of q·dq
+    as if it were 1, the weight's own gradient).
+
+    DG (the decay's gradient wanted): writes each chunk's incoming state to
+    chunk_states[span_chunk0[s] + i] and this K-tile's share of dg's incoming-state term
+    to dg_q[token, head, K-tile] (module docstring): for token u of a chunk,
+    Σ_{t ≥ u in the chunk} q_t·dq_t, dq_t's part that reads the incoming state.
 
     ROW_WEIGHT: the output was w ⊙ o, so the true cotangent of o is w_t·do_t. It enters
     in fp32 (dq's rows, the weights of dU, exact as in `decayed_outer_acc`) instead of
@@ -202,6 +213,8 @@ def _bwd_dq_kernel(q, k, v, g, w, rows, do, span_bounds, H_in, dq, dU, dB_q, sca
     offs_v = tl.arange(0, BV)
     start, end = span_range(span_bounds, s, T, SPAN_TOKENS, SPANS_PER_ROW, VARLEN)
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    if DG:
+        first_chunk = tl.load(span_chunk0 + s)
 
     ptrs, mask = state_ptrs(H_in, s, h, offs_k, offs_v, H, K, V)
     state = tl.load(ptrs, mask=mask, other=0.0)
@@ -218,12 +231,7 @@ def _bwd_dq_kernel(q, k, v, g, w, rows, do, span_bounds, H_in, dq, dU, dB_q, sca
         if ROW_WEIGHT:
             b_w = tl.load(w + offs_t, mask=mask_t, other=0.0)
         dp = tl.dot(b_do, tl.trans(b_v)) * scale
-        state_in = state.to(b_do.dtype)
-        b_dq = tl.dot(b_do, tl.trans(state_in))
-        if DG:
-            # dg sums q·dq over the whole document, where the state's rounding to the dot
-            # dtype (2^-9 in bf16) would accumulate: the rounding residual goes in too.
-            b_dq = tl.dot(b_do, tl.trans((state - state_in.to(tl.float32)).to(b_do.dtype)), b_dq)
+        b_dq = tl.dot(b_do, tl.trans(state.to(b_do.dtype)))
         if USE_G:
             gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
             dp *= tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
@@ -231,27 +239,31 @@ def _bwd_dq_kernel(q, k, v, g, w, rows, do, span_bounds, H_in, dq, dU, dB_q, sca
         else:
             dp = tl.where(causal, dp, 0.0)
             b_dq *= scale
+        if DG:
+            from_state = tl.sum(b_q.to(tl.float32) * b_dq, axis=1)
+            if ROW_WEIGHT:
+                from_state *= b_w
+            tl.store(dg_q + (offs_t * H + h) * NK + kt, tl.cumsum(from_state, axis=0, reverse=True), mask=mask_t)
+            ptrs, mask = state_ptrs(chunk_states, first_chunk + i, h, offs_k, offs_v, H, K, V)
+            tl.store(ptrs, state, mask=mask)
         if ROW_WEIGHT:
-            # Before dp's rounding, as the dk walk weights its dpᵀ: dB's long sums cancel
-            # q·dq against k·dk pair by pair only when both round the same values. A zero
-            # weight's row is walked with weight 1, so that dB_q holds its own gradient
-            # <do, o> (not zero), and its dq is zeroed when stored.
+            # In fp32, before dp's rounding. A zero weight's row is walked with weight 1,
+            # so that q_dq holds its own gradient <do, o> (not zero), and its dq is zeroed
+            # when stored.
             walk_w = tl.where(b_w != 0.0, b_w, 1.0)
             dp *= walk_w[:, None]
             b_dq *= walk_w[:, None]
         b_dq = tl.dot(dp.to(b_k.dtype), b_k, b_dq)
-        if DG or ROW_WEIGHT:
-            tl.store(dB_q + (offs_t * H + h) * NK + kt, tl.sum(b_q.to(tl.float32) * b_dq, axis=1),
-                     mask=mask_t)
         if ROW_WEIGHT:
+            tl.store(q_dq + (offs_t * H + h) * NK + kt, tl.sum(b_q.to(tl.float32) * b_dq, axis=1), mask=mask_t)
             b_dq = tl.where((b_w != 0.0)[:, None], b_dq, 0.0)
         store_tile(dq, b_dq, offs_t, mask_t, h, offs_k, K, H)
         if USE_G:
             q_weight = tl.exp(gam + g_before)
             if ROW_WEIGHT:
                 q_weight *= b_w
-            d_state = decayed_outer_acc(b_q, q_weight, b_do, d_state, DG or ROW_WEIGHT)
-            state = decayed_outer_acc(b_k, tl.exp(g_last - gam), b_v, state * tl.exp(g_last), DG)
+            d_state = decayed_outer_acc(b_q, q_weight, b_do, d_state, ROW_WEIGHT)
+            state = decayed_outer_acc(b_k, tl.exp(g_last - gam), b_v, state * tl.exp(g_last), False)
             g_before += g_last
         else:
             if ROW_WEIGHT:
@@ -265,8 +277,8 @@ def _bwd_dq_kernel(q, k, v, g, w, rows, do, span_bounds, H_in, dq, dU, dB_q, sca
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q, k, v, g, w, rows, do, span_bounds, dH_out, dk, dv, dB_k, scale, T,
-                     SPAN_TOKENS, SPANS_PER_ROW,
+def _bwd_dkdv_kernel(q, k, v, g, w, rows, do, span_bounds, dH_out, dk, dv, dg_k, chunk_states, span_chunk0,
+                     scale, T, SPAN_TOKENS, SPANS_PER_ROW,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, DO_DK: tl.constexpr,
                      DO_DV: tl.constexpr, USE_G: tl.constexpr, DG: tl.constexpr,
@@ -276,10 +288,12 @@ def _bwd_dkdv_kernel(q, k, v, g, w, rows, do, span_bounds, dH_out, dk, dv, dB_k,
     The carried dh is the gradient w.r.t. the state leaving the current chunk:
     dh ← e^γ dh + scale (q ⊙ e^Γ)ᵀ do. dv needs all of K (BK ≥ K, tiles over V); dk
     needs all of V (BV ≥ V, tiles over K); both at once need the whole K×V tile. With the
-    decay's gradient (DG), DO_DK also writes this K-tile's share of Σ_k k⊙dk per token to
-    dB_k[token, head, K-tile]. ROW_WEIGHT (as in the dq walk) scales the query-token
-    columns of the chunk's score matrices and the weights of dh by w, in fp32. GATHER
-    reads q and do as the dq walk does.
+    decay's gradient (DG), DO_DK also writes this K-tile's share of dg's other terms
+    (module docstring) to dg_k[token, head, K-tile]: the chunk's pairs that cross each
+    token, the chunk's keys read after the chunk, and e^γ <dh, incoming state> (read
+    from the dq walk's `chunk_states`). ROW_WEIGHT (as in the dq walk) scales the
+    query-token columns of the chunk's score matrices and the weights of dh by w, in
+    fp32. GATHER reads q and do as the dq walk does.
     """
     NV: tl.constexpr = triton.cdiv(V, BV)
     n_tiles: tl.constexpr = triton.cdiv(K, BK) * NV
@@ -292,13 +306,24 @@ def _bwd_dkdv_kernel(q, k, v, g, w, rows, do, span_bounds, dH_out, dk, dv, dB_k,
     start, end = span_range(span_bounds, s, T, SPAN_TOKENS, SPANS_PER_ROW, VARLEN)
     # Transposed causal mask: row s (key), column t (query), s ≤ t.
     causal_t = tl.arange(0, C)[:, None] <= tl.arange(0, C)[None, :]
+    # Row s, column u: key s is before token u (s < u).
+    before = tl.arange(0, C)[:, None] < tl.arange(0, C)[None, :]
+    NK: tl.constexpr = triton.cdiv(K, BK)
+    DG_K: tl.constexpr = DG and DO_DK
+    if DG_K:
+        first_chunk = tl.load(span_chunk0 + s)
 
     ptrs, mask = state_ptrs(dH_out, s, h, offs_k, offs_v, H, K, V)
     d_state = tl.load(ptrs, mask=mask, other=0.0)
     n_chunks = tl.cdiv(end - start, C)
     for j in range(n_chunks):
-        offs_t = start + (n_chunks - 1 - j) * C + tl.arange(0, C)
+        c = n_chunks - 1 - j
+        offs_t = start + c * C + tl.arange(0, C)
         mask_t = offs_t < end
+        if DG_K:
+            # <dh, incoming state> first, before the chunk's tiles take registers.
+            ptrs, mask = state_ptrs(chunk_states, first_chunk + c, h, offs_k, offs_v, H, K, V)
+            through = tl.sum(tl.sum(tl.load(ptrs, mask=mask, other=0.0) * d_state, axis=1), axis=0)
         q_rows = query_rows(rows, offs_t, mask_t, GATHER)
         b_q = load_tile(q, q_rows, mask_t, h, offs_k, K, H)
         b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
@@ -306,46 +331,53 @@ def _bwd_dkdv_kernel(q, k, v, g, w, rows, do, span_bounds, dH_out, dk, dv, dB_k,
         b_do = load_tile(do, q_rows, mask_t, h, offs_v, V, H).to(v.dtype.element_ty)
         if USE_G:
             gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H)
+            decay_t = tl.exp(tl.where(causal_t, gam[None, :] - gam[:, None], float("-inf")))
         if ROW_WEIGHT:
             b_w = tl.load(w + offs_t, mask=mask_t, other=0.0)
         d_state_in = d_state.to(b_q.dtype)
-        if DO_DV:
+        if DO_DV or DG_K:
+            # scale (k qᵀ) ⊙ Mᵀ, query columns weighted: dv's matrix; with dg, A's other factor.
             scores_t = tl.dot(b_k, tl.trans(b_q)) * scale
-            b_dv = tl.dot(b_k, d_state_in)
             if USE_G:
-                scores_t *= tl.exp(tl.where(causal_t, gam[None, :] - gam[:, None], float("-inf")))
-                b_dv *= tl.exp(g_last - gam)[:, None]
+                scores_t *= decay_t
             else:
                 scores_t = tl.where(causal_t, scores_t, 0.0)
             if ROW_WEIGHT:
                 scores_t *= b_w[None, :]
+        if DO_DV:
+            b_dv = tl.dot(b_k, d_state_in)
+            if USE_G:
+                b_dv *= tl.exp(g_last - gam)[:, None]
             b_dv = tl.dot(scores_t.to(b_do.dtype), b_do, b_dv)
             store_tile(dv, b_dv, offs_t, mask_t, h, offs_v, V, H)
         if DO_DK:
-            dp_t = tl.dot(b_v, tl.trans(b_do)) * scale
+            v_do = tl.dot(b_v, tl.trans(b_do))
             b_dk = tl.dot(b_v, tl.trans(d_state_in))
-            if DG:
-                # As in the dq walk: the state gradient's rounding residual, for dg.
-                residual = (d_state - d_state_in.to(tl.float32)).to(b_q.dtype)
-                b_dk = tl.dot(b_v, tl.trans(residual), b_dk)
             if USE_G:
-                dp_t *= tl.exp(tl.where(causal_t, gam[None, :] - gam[:, None], float("-inf")))
                 b_dk *= tl.exp(g_last - gam)[:, None]
+            if DG_K:
+                # For token u: Σ_{s<u≤t} A_ts (A_ts = pair (s, t)'s term, s < t strictly, so
+                # the chunk's diagonal never enters), plus Σ_{s<u} k_s·dk_s's state part and
+                # e^γ <dh, incoming state>: sums of the terms that g_u decays, nothing that
+                # cancels.
+                pairs = tl.where(before, scores_t * v_do, 0.0)
+                crossing = tl.cumsum(pairs, axis=1, reverse=True) + tl.sum(b_k.to(tl.float32) * b_dk, axis=1)[:, None]
+                dg_u = tl.sum(tl.where(before, crossing, 0.0), axis=0) + through * tl.exp(g_last)
+                tl.store(dg_k + (offs_t * H + h) * NK + kt, dg_u, mask=mask_t)
+            dp_t = v_do * scale
+            if USE_G:
+                dp_t *= decay_t
             else:
                 dp_t = tl.where(causal_t, dp_t, 0.0)
             if ROW_WEIGHT:
                 dp_t *= b_w[None, :]
             b_dk = tl.dot(dp_t.to(b_q.dtype), b_q, b_dk)
             store_tile(dk, b_dk, offs_t, mask_t, h, offs_k, K, H)
-            if DG:
-                NK: tl.constexpr = triton.cdiv(K, BK)
-                tl.store(dB_k + (offs_t * H + h) * NK + kt,
-                         tl.sum(b_k.to(tl.float32) * b_dk, axis=1), mask=mask_t)
         if USE_G:
             q_weight = tl.exp(gam) * scale
             if ROW_WEIGHT:
                 q_weight *= b_w
-            d_state = decayed_outer_acc(b_q, q_weight, b_do, d_state * tl.exp(g_last), DG or ROW_WEIGHT)
+            d_state = decayed_outer_acc(b_q, q_weight, b_do, d_state * tl.exp(g_last), ROW_WEIGHT)
         elif ROW_WEIGHT:
             d_state = decayed_outer_acc(b_q, b_w * scale, b_do, d_state, True)
         else:
@@ -357,7 +389,7 @@ def _bwd_dkdv_kernel(q, k, v, g, w, rows, do, span_bounds, dH_out, dk, dv, dB_k,
 # --------------------------------------------------------------------------------------
 
 
-def _forward_states(k, v, g, h0, plan: SpanPlan, decay_grad: bool):
+def _forward_states(k, v, g, h0, plan: SpanPlan):
     """Summary and scan launches: every span's incoming state (overwriting its summary),
     the spans' log-decays (or None) and each document's final state."""
     H, K, V, NS = plan.H, plan.K, plan.V, plan.n_spans
@@ -366,12 +398,10 @@ def _forward_states(k, v, g, h0, plan: SpanPlan, decay_grad: bool):
 
     states = launch.new_tensor((NS, H, K, V), torch.float32, dev)
     g_span = launch.new_tensor((NS, H), torch.float32, dev) if use_g else None
-    row = "scalar.summary_dg" if decay_grad else "scalar.summary"
-    BK, BV = (min(LAUNCH[row].block, triton.next_power_of_2(dim)) for dim in (K, V))
+    BK, BV = (min(LAUNCH["scalar.summary"].block, triton.next_power_of_2(dim)) for dim in (K, V))
     _fwd_summary_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV) * NS, H)](
         k, v, g if use_g else k, span_bounds, states, states if g_span is None else g_span, *sizes,
-        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, DG=decay_grad,
-        VARLEN=plan.varlen, **launch_kw(row))
+        H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, VARLEN=plan.varlen, **launch_kw("scalar.summary"))
 
     final = launch.new_tensor((plan.n_docs, H, K, V), torch.float32, dev)
     scan_spans(states, g_span, h0, final, plan, reverse=False)
@@ -395,8 +425,9 @@ def _forward_output(q, k, v, g, w, rows, states, scale, plan: SpanPlan):
 
 
 def _backward_dq(q, k, v, g, w, rows, do, states, scale, plan: SpanPlan, decay_grad: bool):
-    """dq launch: dq, every span's local state gradient dU_s, and dB_q (for the decay's
-    gradient or a row weight `w`; None otherwise). With `rows`, dq is per position, fp32."""
+    """dq launch: dq, every span's local state gradient dU_s, q_dq (for a row weight `w`;
+    else None) and the dq walk's parts of dg (`decay_grad`: dg_q, the chunk states and
+    each span's first chunk slot; else None). With `rows`, dq is per position, fp32."""
     H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_spans, plan.tokens
     dev, use_g = q.device, g is not None
     span_bounds, sizes = plan.span_args(q)
@@ -404,21 +435,30 @@ def _backward_dq(q, k, v, g, w, rows, do, states, scale, plan: SpanPlan, decay_g
     n_k_tiles = triton.cdiv(K, BK)
     dq = launch.new_tensor(k.shape, q.dtype if rows is None else torch.float32, dev)
     d_states = launch.new_tensor((NS, H, K, V), torch.float32, dev)
-    dB_q = launch.new_tensor((TT, H, n_k_tiles), torch.float32, dev) if decay_grad or w is not None else None
+    q_dq = launch.new_tensor((TT, H, n_k_tiles), torch.float32, dev) if w is not None else None
+    dg_parts = None
+    if decay_grad:
+        span_chunk0, n_slots = span_chunk_slots(plan, dev)
+        dg_parts = (launch.new_tensor((TT, H, n_k_tiles), torch.float32, dev),
+                    launch.new_tensor((n_slots, H, K, V), torch.float32, dev), span_chunk0)
+    dg_q, chunk_states, span_chunk0 = dg_parts or (q, q, q)
     _bwd_dq_kernel[(n_k_tiles * NS, H)](
         q, k, v, g if use_g else q, q if w is None else w, q if rows is None else rows, do, span_bounds,
-        states, dq, d_states, q if dB_q is None else dB_q, scale, *sizes,
+        states, dq, d_states, q if q_dq is None else q_dq, dg_q, chunk_states, span_chunk0, scale, *sizes,
         H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, DG=decay_grad,
         ROW_WEIGHT=w is not None, GATHER=rows is not None, VARLEN=plan.varlen, **launch_kw("scalar.dq"))
-    return dq, d_states, dB_q
+    return dq, d_states, q_dq, dg_parts
 
 
-def _backward_kvg(q, k, v, g, w, rows, do, d_final, d_states, g_span, final, dB_q, scale, want_dh0, want_dg,
-                  plan: SpanPlan, decay_grad: bool, fuse_dkdv: bool):
-    """Reverse scan (from d final_state) and dk/dv launches, then the dg epilogue: returns
-    dk, dv, dg (or None), d initial_state (or None). `d_states` is overwritten."""
+def _backward_kvg(q, k, v, g, w, rows, do, d_final, d_states, g_span, dg_parts, scale, want_dh0, want_dg,
+                  plan: SpanPlan, fuse_dkdv: bool):
+    """Reverse scan (from d final_state) and dk/dv launches (dg's last terms with dk):
+    returns dk, dv, dg (or None), d initial_state (or None). `d_states` is overwritten."""
     H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_spans, plan.tokens
     dev, use_g = q.device, g is not None
+    if want_dg and dg_parts is None:
+        raise RuntimeError("dg was asked for, but g did not require grad when the call was planned")
+    decay_grad = dg_parts is not None
     span_bounds, sizes = plan.span_args(q)
     common = dict(H=H, K=K, V=V, C=plan.chunk, USE_G=use_g, DG=decay_grad, ROW_WEIGHT=w is not None,
                   GATHER=rows is not None, VARLEN=plan.varlen)
@@ -432,9 +472,10 @@ def _backward_kvg(q, k, v, g, w, rows, do, d_final, d_states, g_span, final, dB_
     row = "scalar.dkdv_dg" if decay_grad else "scalar.dkdv"
     BK = PK if fuse_dkdv else tile(row, K, V)
     n_k_tiles = triton.cdiv(K, BK)
-    dB_k = launch.new_tensor((TT, H, n_k_tiles), torch.float32, dev) if decay_grad else q
+    dg_q, chunk_states, span_chunk0 = dg_parts or (q, q, q)
+    dg_k = launch.new_tensor((TT, H, n_k_tiles), torch.float32, dev) if decay_grad else q
     args = (q, k, v, g if use_g else q, q if w is None else w, q if rows is None else rows, do, span_bounds,
-            d_states, dk, dv, dB_k, scale, *sizes)
+            d_states, dk, dv, dg_k, chunk_states, span_chunk0, scale, *sizes)
     common.update(launch_kw(row))
     if fuse_dkdv:
         _bwd_dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common)
@@ -442,60 +483,25 @@ def _backward_kvg(q, k, v, g, w, rows, do, d_final, d_states, g_span, final, dB_
         BV = tile(row, V, K)
         _bwd_dkdv_kernel[(triton.cdiv(V, BV) * NS, H)](*args, BK=PK, BV=BV, DO_DK=False, DO_DV=True, **common)
         _bwd_dkdv_kernel[(n_k_tiles * NS, H)](*args, BK=BK, BV=PV, DO_DK=True, DO_DV=False, **common)
-
-    if not want_dg:
-        return dk, dv, None, dh0
-    if not decay_grad:
-        raise RuntimeError("dg was asked for, but g did not require grad when the call was planned")
-    dB_q = dB_q.sum(-1)
-    if w is not None:
-        dB_q = torch.where(w[:, None] != 0, dB_q, 0.0)   # zero-weight rows hold <do, o> (dq walk)
-    return dk, dv, _decay_grad(dB_q - dB_k.sum(-1), final, d_final, plan), dh0
-
-
-def _decay_grad(dB, final, d_final, plan: SpanPlan):
-    """dg_u = Σ_{t ≥ u in u's document} dB_t + <d final, final> of that document.
-
-    dB_t = q_t·dq_t − k_t·dk_t is the gradient w.r.t. the cumulative log-decay at t; g_u
-    enters every cumulative decay from u on, and the final state scales with each g_u.
-    The long suffix sums run in float64 (device ops only, no host sync).
-    """
-    B, T, H = plan.B, plan.T, plan.H
-    dB = dB.double()
-    final_term = None if d_final is None else (d_final.double() * final.double()).sum((-2, -1))
-    # Suffix sums along the innermost axis: a cumsum over a long strided axis runs one
-    # sequential thread per column on the GPU, along the last axis it is a parallel scan.
-    if not plan.varlen:
-        dg = _suffix_sum(dB.view(B, T, H).transpose(1, 2)).transpose(1, 2)
-        if final_term is not None:
-            dg = dg + final_term[:, None, :]
-        return dg.float().contiguous()
-    suffix = torch.cat([_suffix_sum(dB.T), dB.new_zeros(H, 1)], 1).T
-    doc = torch.searchsorted(plan.doc_ends, torch.arange(plan.tokens, device=dB.device), right=True)
-    dg = suffix[:-1] - suffix[plan.doc_ends[doc]]
-    if final_term is not None:
-        dg += final_term[doc]
-    return dg.float().view(B, T, H)
-
-
-def _suffix_sum(x):
-    """Inclusive suffix sums along the last axis (made contiguous first)."""
-    return x.contiguous().flip(-1).cumsum(-1).flip(-1)
+    dg = (dg_q.sum(-1) + dg_k.sum(-1)).view(plan.B, plan.T, H) if want_dg else None
+    return dk, dv, dg, dh0
 
 
 @dataclass(frozen=True)
 class TritonPhases:
     """The launches of one call grouped at their data dependencies, in the phases of
     `lasp.kernels.linear_attention_phases`: summary + scan | output | dq | reverse scan +
-    dk/dv + dg epilogue. Holds the launch geometry only; tensors are passed in.
+    dk/dv (+ dg). Holds the launch geometry only; tensors are passed in.
 
-    `decay_grad`: g requires grad, so the kernels keep the states exact for dg (their DG
-    switch); a fixed decay (g_gamma as a buffer) skips that work. `fuse_dkdv`: one
-    backward launch for dk and dv.
+    `decay_grad`: g requires grad, so the backward computes dg's chunk-local terms (their
+    DG switch; the dq walk then keeps one fp32 K×V state per chunk for the dk walk); a
+    fixed decay (g_gamma as a buffer) skips that work. `fuse_dkdv`: one backward launch
+    for dk and dv.
 
-    `saved` = (every span's incoming state, the spans' log-decays, the final states):
-    small, one K×V state per span and head; the backward recomputes every chunk state
-    from those. `partial` = (do, the spans' local state gradients, dB_q).
+    `saved` = (every span's incoming state, the spans' log-decays): small, one K×V state
+    per span and head; the backward recomputes every chunk state from those. `partial` =
+    (do, the spans' local state gradients, q_dq for a row weight, the dq walk's parts of
+    dg).
 
     `row_weight` (fp32 [B·T] or None, the same for every phase of a call): the output is
     w_t · o_t. MoM passes its routing weights here, so that the backward applies them in
@@ -513,32 +519,30 @@ class TritonPhases:
     fuse_dkdv: bool
 
     def summarize(self, k, v, g, initial_state):
-        states, g_span, final = _forward_states(k, v, g, initial_state, self.plan, self.decay_grad)
-        return final, (states, g_span, final)
+        states, g_span, final = _forward_states(k, v, g, initial_state, self.plan)
+        return final, (states, g_span)
 
     def output(self, q, k, v, g, saved, row_weight=None, rows=None):
         return _forward_output(q, k, v, g, row_weight, rows, saved[0], self.scale, self.plan)
 
     def grad_q(self, q, k, v, g, saved, do, row_weight=None, rows=None):
         do = do.contiguous()
-        dq, d_states, dB_q = _backward_dq(q, k, v, g, row_weight, rows, do, saved[0], self.scale, self.plan,
-                                          self.decay_grad)
-        return dq, (do, d_states, dB_q)
+        dq, d_states, q_dq, dg_parts = _backward_dq(q, k, v, g, row_weight, rows, do, saved[0], self.scale,
+                                                    self.plan, self.decay_grad)
+        return dq, (do, d_states, q_dq, dg_parts)
 
     def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True,
                  row_weight=None, rows=None):
         """(dk, dv, dg or None, d initial_state or None)."""
-        _, g_span, final = saved
-        do, d_states, dB_q = partial
+        do, d_states, _, dg_parts = partial
         d_final = None if d_final is None else d_final.float().contiguous()
-        return _backward_kvg(q, k, v, g, row_weight, rows, do, d_final, d_states, g_span, final, dB_q,
-                             self.scale, want_dh0, want_dg and g is not None, self.plan, self.decay_grad,
-                             self.fuse_dkdv)
+        return _backward_kvg(q, k, v, g, row_weight, rows, do, d_final, d_states, saved[1], dg_parts,
+                             self.scale, want_dh0, want_dg and g is not None, self.plan, self.fuse_dkdv)
 
     @staticmethod
     def grad_row_weight(partial, row_weight):
         """d row_weight [B·T]: Σ over heads of <do_t, o_t> (o unweighted), from the dq
-        walk's dB_q: q_t·dq_t / w_t, or q_t·dq_t itself where w_t = 0 (walked with 1)."""
+        walk's q_dq: q_t·dq_t / w_t, or q_t·dq_t itself where w_t = 0 (walked with 1)."""
         q_dq = partial[2].sum((1, 2))
         return torch.where(row_weight != 0, q_dq / row_weight, q_dq)
 
