@@ -155,3 +155,24 @@ def record_overlap(phases_class) -> list:
         return Handle(work) if async_op else work
     comm.all_gather_into_tensor = gather
     return log
+
+
+def assert_layer_shards_match(layer, x, cot, layout, cu_seqlens=None, what="", tol=1e-10) -> None:
+    """Inside a run_distributed body: `layer` on this rank's shard of the whole input `x`
+    (under `layout`) gives the shard of its one-process output, and after `sum_gradients`
+    the gradient of x's shard and of every parameter equal one process's (cotangent `cot`)."""
+    from lasp.loss import sum_gradients
+    from tests.utils import rel_err
+
+    x = x.detach().requires_grad_()
+    out = layer(x, cu_seqlens=cu_seqlens)
+    dx, *dparams = torch.autograd.grad(out, [x, *layer.parameters()], cot)
+    x_local = layout.shard(x.detach()).requires_grad_()
+    out_local = layer(x_local, layout=layout, cu_seqlens=cu_seqlens)
+    assert rel_err(out_local, layout.shard(out)) < tol, what
+    layer.zero_grad()
+    out_local.backward(layout.shard(cot))
+    sum_gradients(layer)
+    assert rel_err(x_local.grad, layout.shard(dx)) < tol, what
+    for (name, p), expected in zip(layer.named_parameters(), dparams):
+        assert rel_err(p.grad, expected) < tol, (what, name)

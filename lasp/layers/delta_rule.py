@@ -26,17 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lasp.layers.checks import positive_int
 from lasp.layers.conv import ShortConv
 from lasp.layers.norm import RMSNorm
 from lasp.layers.ops import linear_attention_op
 
 L2_NORM_EPS = 1e-6  # fla's and Qwen3-Next's l2norm: x / sqrt(Σx² + eps)
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +53,9 @@ class DeltaRuleAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, num_v_heads: int | None = None,
                  *, head_v_dim: int | None = None, conv_size: int = 4, norm_eps: float = 1e-6):
         super().__init__()
-        num_heads, head_dim = _positive_int("num_heads", num_heads), _positive_int("head_dim", head_dim)
-        num_v_heads = num_heads if num_v_heads is None else _positive_int("num_v_heads", num_v_heads)
-        head_v_dim = head_dim if head_v_dim is None else _positive_int("head_v_dim", head_v_dim)
+        num_heads, head_dim = positive_int("num_heads", num_heads), positive_int("head_dim", head_dim)
+        num_v_heads = num_heads if num_v_heads is None else positive_int("num_v_heads", num_v_heads)
+        head_v_dim = head_dim if head_v_dim is None else positive_int("head_v_dim", head_v_dim)
         if num_v_heads % num_heads:
             raise ValueError(f"num_v_heads={num_v_heads} must be a multiple of num_heads={num_heads} "
                              "(each query/key head serves num_v_heads // num_heads value heads)")
@@ -157,7 +152,7 @@ class KimiDeltaAttention(DeltaRuleAttention):
                  norm_eps: float = 1e-6):
         super().__init__(hidden_size, num_heads, head_dim, num_v_heads, head_v_dim=head_v_dim,
                          conv_size=conv_size, norm_eps=norm_eps)
-        rank = self.head_v_dim if decay_rank is None else _positive_int("decay_rank", decay_rank)
+        rank = self.head_v_dim if decay_rank is None else positive_int("decay_rank", decay_rank)
         self.decay_rank = rank
         value_channels = self.num_v_heads * self.head_v_dim
         self.f_proj = nn.Sequential(nn.Linear(hidden_size, rank, bias=False),

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lasp.layers.checks import positive_int
 from lasp.layers.conv import ShortConv
 from lasp.layers.feature_maps import build_feature_map
 from lasp.layers.norm import RMSNorm
@@ -77,12 +78,6 @@ def lightning_log_decay(num_heads: int, dtype=torch.float32, device=None) -> tor
 FIXED_DECAYS = {"retnet": retnet_log_decay, "lightning": lightning_log_decay}
 
 
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class LinearAttention(nn.Module):
     """`head_dim` is the value (and output) head width; `key_dim` the query/key head width
     before the feature map (default `head_dim`), which a polynomial map widens."""
@@ -95,7 +90,7 @@ class LinearAttention(nn.Module):
         num_kv_heads = num_kv_heads or num_heads
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-        key_dim = head_dim if key_dim is None else _positive_int("key_dim", key_dim)
+        key_dim = head_dim if key_dim is None else positive_int("key_dim", key_dim)
         self.num_heads, self.num_kv_heads, self.head_dim, self.key_dim = num_heads, num_kv_heads, head_dim, key_dim
         self.feature_map = build_feature_map(feature_map, key_dim)
         self.decay = decay_kind(decay)
@@ -110,7 +105,7 @@ class LinearAttention(nn.Module):
         self.g_proj = nn.Linear(hidden_size, num_heads, bias=True) if self.decay == "scalar" else None
         self.gk_proj = None
         if self.decay == "diagonal":  # one decay per expanded key dim, like k: per kv head
-            rank = _positive_int("decay_rank", decay_rank)
+            rank = positive_int("decay_rank", decay_rank)
             self.gk_proj = nn.Sequential(nn.Linear(hidden_size, rank, bias=False),
                                          nn.Linear(rank, num_kv_heads * self.feature_map.expanded_dim, bias=True))
         self.o_norm = RMSNorm(head_dim, norm_eps) if output_norm else None

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lasp.layers.conv import short_conv
+from lasp.layers.checks import positive_int
 from lasp.layers.delta_rule import mamba_dt_bias
+from lasp.layers.norm import gated_rms_norm
 from lasp.layers.ops import linear_attention_op
 
 NO_TIME_STEP_LIMIT = (0.0, float("inf"))
@@ -45,23 +47,6 @@ def mamba2_ssd(x, B, C, dt, A_log, dt_bias, D, *, time_step_limit=NO_TIME_STEP_L
     return (y.to(acc) + x.to(acc) * D.to(acc)[:, None]).to(x.dtype)
 
 
-def gated_rms_norm(y, z, weight=None, *, eps: float = 1e-6, groups: int = 1, norm_before_gate: bool = False):
-    """Mamba-2's output norm of y [..., C]: RMSNorm over each of `groups` equal slices of
-    y ⊙ silu(z) (or of y, then ⊙ silu(z), with `norm_before_gate`), times `weight` [C];
-    without a weight, y ⊙ silu(z) alone. In at least fp32, returned in y's dtype."""
-    acc = torch.promote_types(y.dtype, torch.float32)
-    out, gate = y.to(acc), F.silu(z.to(acc))
-    if weight is None:
-        return (out * gate).to(y.dtype)
-    if not norm_before_gate:
-        out = out * gate
-    grouped = out.unflatten(-1, (groups, -1))
-    out = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.to(acc)
-    if norm_before_gate:
-        out = out * gate
-    return out.to(y.dtype)
-
-
 def mamba2_mixer(projected, conv_weight, conv_bias, A_log, dt_bias, D, norm_weight=None, *, num_heads: int,
                  head_dim: int, n_groups: int, state_size: int, time_step_limit=NO_TIME_STEP_LIMIT,
                  activation=F.silu, norm_eps: float = 1e-6, norm_groups: int = 1, norm_before_gate: bool = False,
@@ -70,7 +55,7 @@ def mamba2_mixer(projected, conv_weight, conv_bias, A_log, dt_bias, D, norm_weig
     to the gated, normalised output [B, T, H·P] that out_proj takes (module docstring).
 
     conv_weight [C, K] (C = H·P + 2·G·N; `[:, -1]` weighs the current token), conv_bias [C]
-    or None; A_log, dt_bias, D [H]; norm_weight [H·P] or None (`gated_rms_norm`).
+    or None; A_log, dt_bias, D [H]; norm_weight [H·P] or None (`lasp.layers.norm.gated_rms_norm`).
     """
     inner, groups_state = num_heads * head_dim, n_groups * state_size
     expected = 2 * inner + 2 * groups_state + num_heads
@@ -88,12 +73,6 @@ def mamba2_mixer(projected, conv_weight, conv_bias, A_log, dt_bias, D, norm_weig
                    layout=layout, group=group, cu_seqlens=cu_seqlens)
     return gated_rms_norm(y.flatten(-2), z, norm_weight, eps=norm_eps, groups=norm_groups,
                           norm_before_gate=norm_before_gate)
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _time_step_limit(value) -> tuple[float, float]:
@@ -116,11 +95,11 @@ class Mamba2(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, *, state_size: int = 128, n_groups: int = 1,
                  conv_size: int = 4, time_step_limit=NO_TIME_STEP_LIMIT, norm_eps: float = 1e-6):
         super().__init__()
-        self.num_heads = _positive_int("num_heads", num_heads)
-        self.head_dim = _positive_int("head_dim", head_dim)
-        self.state_size = _positive_int("state_size", state_size)
-        self.n_groups = _positive_int("n_groups", n_groups)
-        self.conv_size = _positive_int("conv_size", conv_size)
+        self.num_heads = positive_int("num_heads", num_heads)
+        self.head_dim = positive_int("head_dim", head_dim)
+        self.state_size = positive_int("state_size", state_size)
+        self.n_groups = positive_int("n_groups", n_groups)
+        self.conv_size = positive_int("conv_size", conv_size)
         if num_heads % n_groups:
             raise ValueError(f"n_groups={n_groups} must divide num_heads={num_heads} (each group of B and C "
                              "serves num_heads // n_groups consecutive heads)")

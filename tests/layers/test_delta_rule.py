@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from lasp.layers import GatedDeltaNet, KimiDeltaAttention
-from lasp.loss import sum_gradients
 from lasp.parallel import SequenceLayout
-from tests.distributed import run_distributed
+from tests.distributed import assert_layer_shards_match, run_distributed
 from tests.utils import assert_layer_gradients_match, random_cu_seqlens, rel_err
 
 HIDDEN, HEADS, HEAD_DIM, HEAD_V_DIM = 24, 2, 8, 6
@@ -93,26 +92,13 @@ def test_delta_layer_matches_its_recurrence(kind, B, lengths, num_v_heads, conv_
 def _sp_body(rank, W):
     lengths = [7, 1, 10, 6]                                       # documents across segment boundaries
     T = sum(lengths)
-    cu = random_cu_seqlens(lengths)
     for kind in LAYERS:
         for layout_kind in ("contiguous", "zigzag"):
             layer = random_layer(kind, seed=2, num_v_heads=4, conv_size=3)
             torch.manual_seed(3)
-            x = torch.randn(1, T, HIDDEN, dtype=torch.float64, requires_grad=True)
-            cot = torch.randn(1, T, HIDDEN, dtype=torch.float64)
-            out = layer(x, cu_seqlens=cu)
-            dx, *dparams = torch.autograd.grad(out, [x, *layer.parameters()], cot)
-
-            layout = SequenceLayout(T, W, rank, layout_kind)
-            x_local = layout.shard(x.detach()).requires_grad_()
-            out_local = layer(x_local, layout=layout, cu_seqlens=cu)
-            assert rel_err(out_local, layout.shard(out)) < 1e-10, (kind, layout_kind)
-            layer.zero_grad()
-            out_local.backward(layout.shard(cot))
-            sum_gradients(layer)
-            assert rel_err(x_local.grad, layout.shard(dx)) < 1e-10, (kind, layout_kind)
-            for (name, p), expected in zip(layer.named_parameters(), dparams):
-                assert rel_err(p.grad, expected) < 1e-10, (kind, layout_kind, name)
+            x, cot = (torch.randn(1, T, HIDDEN, dtype=torch.float64) for _ in range(2))
+            assert_layer_shards_match(layer, x, cot, SequenceLayout(T, W, rank, layout_kind),
+                                      random_cu_seqlens(lengths), (kind, layout_kind))
 
 
 def test_delta_layers_under_sequence_parallelism_equal_one_process():

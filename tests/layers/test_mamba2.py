@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from lasp.layers import Mamba2, SoftmaxAttention
-from lasp.loss import sum_gradients
 from lasp.models import LinearLlamaForCausalLM, linear_llama_config
 from lasp.parallel import SequenceLayout
-from tests.distributed import run_distributed
+from tests.distributed import assert_layer_shards_match, run_distributed
 from tests.utils import assert_layer_gradients_match, random_cu_seqlens, rel_err
 
 HIDDEN, HEADS, HEAD_DIM, STATE, GROUPS = 24, 4, 6, 5, 2
@@ -82,25 +81,12 @@ def test_mamba2_matches_its_recurrence(B, lengths, time_step_limit):
 def _sp_body(rank, W):
     lengths = [7, 1, 10, 6]                                       # documents across segment boundaries
     T = sum(lengths)
-    cu = random_cu_seqlens(lengths)
     for layout_kind in ("contiguous", "zigzag"):
         layer = random_layer(seed=2)
         torch.manual_seed(3)
-        x = torch.randn(1, T, HIDDEN, dtype=torch.float64, requires_grad=True)
-        cot = torch.randn(1, T, HIDDEN, dtype=torch.float64)
-        out = layer(x, cu_seqlens=cu)
-        dx, *dparams = torch.autograd.grad(out, [x, *layer.parameters()], cot)
-
-        layout = SequenceLayout(T, W, rank, layout_kind)
-        x_local = layout.shard(x.detach()).requires_grad_()
-        out_local = layer(x_local, layout=layout, cu_seqlens=cu)
-        assert rel_err(out_local, layout.shard(out)) < 1e-10, layout_kind
-        layer.zero_grad()
-        out_local.backward(layout.shard(cot))
-        sum_gradients(layer)
-        assert rel_err(x_local.grad, layout.shard(dx)) < 1e-10, layout_kind
-        for (name, p), expected in zip(layer.named_parameters(), dparams):
-            assert rel_err(p.grad, expected) < 1e-10, (layout_kind, name)
+        x, cot = (torch.randn(1, T, HIDDEN, dtype=torch.float64) for _ in range(2))
+        assert_layer_shards_match(layer, x, cot, SequenceLayout(T, W, rank, layout_kind), random_cu_seqlens(lengths),
+                                  layout_kind)
 
 
 def test_mamba2_under_sequence_parallelism_equals_one_process():

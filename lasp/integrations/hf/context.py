@@ -36,3 +36,14 @@ def context_of(module) -> HFContext:
         raise RuntimeError(f"{type(module).__name__} runs lasp's forward but its model did not go through "
                            "lasp.parallelize")
     return context
+
+
+def check_training_call(module, cache=None, attention_mask=None, **kwargs) -> None:
+    """Refuse what a replaced forward cannot honour: a generation cache (transformers passes it as
+    `cache` or `cache_params`) or a padding mask (pack the documents and pass `cu_seqlens`)."""
+    name = type(module).__name__
+    if cache is not None or kwargs.get("cache_params") is not None:
+        raise ValueError(f"{name} under lasp.parallelize is for training: it takes no cache (use_cache=False)")
+    if attention_mask is not None:
+        raise ValueError(f"{name} under lasp.parallelize takes no padding attention_mask: pack the documents "
+                         "into one row and pass cu_seqlens")

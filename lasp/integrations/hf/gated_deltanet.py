@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from lasp.integrations.hf.context import context_of
+from lasp.integrations.hf.context import check_training_call, context_of
 from lasp.layers.conv import short_conv
 from lasp.layers.delta_rule import l2_normalize
+from lasp.layers.norm import gated_rms_norm
 from lasp.layers.ops import linear_attention_op
 
 MODEL_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid")
@@ -53,15 +54,6 @@ def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, beta_scale: float = 1.0, 
     dtype = torch.promote_types(a.dtype, torch.float32)  # log-decays are summed over time
     g = -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
     return linear_attention_op(q, k, v, g=g, beta=beta, scale=q.shape[-1] ** -0.5, **op_kwargs)
-
-
-def gated_rms_norm(x, gate, weight, eps: float, activation: str = "silu") -> torch.Tensor:
-    """transformers' RMSNormGated: `weight · x / rms(x) ⊙ act(gate)` over the last dim, the
-    norm and the gate in at least fp32 (fp64 stays fp64), returned in x's dtype."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    y = x.to(dtype)
-    y = weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return (y * ACT2FN[activation](gate.to(dtype))).to(x.dtype)
 
 
 def zero_centred_rms_norm(self, x) -> torch.Tensor:
@@ -95,12 +87,7 @@ def _adapter(projections, norm: str, out_proj: str):
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
         """The Gated DeltaNet forward on lasp's kernels (training: no cache, no padding mask)."""
-        name = type(self).__name__
-        if cache is not None:
-            raise ValueError(f"{name} under lasp.parallelize is for training: it takes no cache (use_cache=False)")
-        if attention_mask is not None:
-            raise ValueError(f"{name} under lasp.parallelize takes no padding attention_mask: pack the documents "
-                             "into one row and pass cu_seqlens")
+        check_training_call(self, cache, attention_mask, **kwargs)
         B, T, _ = hidden_states.shape
         op_kwargs = context_of(self).op_kwargs(T)
         qkv, gate, a, b = projections(self, hidden_states)
@@ -111,7 +98,8 @@ def _adapter(projections, norm: str, out_proj: str):
                              beta_scale=2.0 if getattr(self, "allow_neg_eigval", False) else 1.0, **op_kwargs)
         norm_module = getattr(self, norm)
         o = gated_rms_norm(o, gate.reshape(B, T, -1, self.head_v_dim), norm_module.weight,
-                           norm_module.variance_epsilon, norm_module.activation)
+                           eps=norm_module.variance_epsilon, norm_before_gate=True,
+                           activation=ACT2FN[norm_module.activation])
         return getattr(self, out_proj)(o.reshape(B, T, -1))
 
     return forward

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from lasp.integrations.hf.context import context_of
+from lasp.integrations.hf.context import check_training_call, context_of
 from lasp.layers.conv import short_conv
 from lasp.layers.delta_rule import l2_normalize
+from lasp.layers.norm import gated_rms_norm
 from lasp.layers.ops import linear_attention_op
 
 MODEL_TYPES = ("kimi_linear",)
@@ -46,26 +47,12 @@ def kda_log_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, h
     return -A_log.to(dtype).exp().reshape(-1, 1) * F.softplus(a)
 
 
-def gated_rms_norm(o: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight · o / rms(o) ⊙ σ(gate) over the last dim, in at least fp32, returned in o's dtype
-    (KimiLinearRMSNormGated)."""
-    dtype = torch.promote_types(o.dtype, torch.float32)
-    y = o.to(dtype)
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.to(dtype) * y * torch.sigmoid(gate.to(dtype))).to(o.dtype)
-
-
 def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, **kwargs) -> torch.Tensor:
     """`KimiLinearDeltaAttention.forward` on lasp's kernels: [B, T_local, hidden] → [B, T_local, hidden]
     (module docstring). Training only: no cache; packed documents come from the model's
     `HFContext`, never from a padding mask."""
     context = context_of(self)
-    if cache is not None or kwargs.get("cache_params") is not None:
-        raise ValueError(f"{type(self).__name__} under lasp.parallelize is for training: it takes no cache "
-                         "(set use_cache=False)")
-    if attention_mask is not None:
-        raise ValueError(f"{type(self).__name__} under lasp.parallelize takes no padding attention_mask: pack "
-                         "the documents into one row and pass cu_seqlens=")
+    check_training_call(self, cache, attention_mask, **kwargs)
     B, T, _ = hidden_states.shape
     H, K = self.num_heads, self.head_dim
     op_kwargs = context.op_kwargs(T)
@@ -77,8 +64,8 @@ def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, 
     gk = kda_log_decay(gate.f_b_proj(gate.f_a_proj(x)), gate.A_log, gate.dt_bias, K)
     beta = torch.sigmoid(self.b_proj(x))
     o = linear_attention_op(l2_normalize(q), l2_normalize(k), v, gk=gk, beta=beta, scale=K ** -0.5, **op_kwargs)
-    o = gated_rms_norm(o, self.o_norm.weight, self.g_b_proj(self.g_a_proj(x)).unflatten(-1, (H, K)),
-                       self.o_norm.variance_epsilon)
+    o = gated_rms_norm(o, self.g_b_proj(self.g_a_proj(x)).unflatten(-1, (H, K)), self.o_norm.weight,
+                       eps=self.o_norm.variance_epsilon, norm_before_gate=True, activation=torch.sigmoid)
     return self.o_proj(o.reshape(B, T, H * K))
 
 

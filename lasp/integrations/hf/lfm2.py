@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lasp.integrations.hf.context import context_of
+from lasp.integrations.hf.context import check_training_call, context_of
 from lasp.layers.conv import short_conv
 
 MODEL_TYPES = ("lfm2",)
@@ -30,12 +30,7 @@ def gated_short_conv(bcx, weight, bias=None, **op_kwargs) -> torch.Tensor:
 def short_conv_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
     """`Lfm2ShortConv.forward` with lasp's convolution (SP halo, document masking) → output.
     A cache or padding mask is refused."""
-    if cache is not None:
-        raise ValueError("Lfm2ShortConv under lasp.parallelize is for training: it takes no cache "
-                         "(use_cache=False)")
-    if attention_mask is not None:
-        raise ValueError("Lfm2ShortConv under lasp.parallelize takes no padding attention_mask: pack the "
-                         "documents into one row and pass cu_seqlens")
+    check_training_call(self, cache, attention_mask, **kwargs)
     y = gated_short_conv(self.in_proj(hidden_states), self.conv.weight[:, 0], self.conv.bias,
                          **context_of(self).op_kwargs(hidden_states.shape[1]))
     return self.out_proj(y)

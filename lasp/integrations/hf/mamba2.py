@@ -25,19 +25,10 @@ The softmax layers go through `lasp_sp`; MLPs and MoE blocks are per token.
 
 from __future__ import annotations
 
-from lasp.integrations.hf.context import context_of
+from lasp.integrations.hf.context import check_training_call, context_of
 from lasp.layers.mamba2 import mamba2_mixer
 
 MODEL_TYPES = ("bamba", "nemotron_h", "granitemoehybrid", "zamba2", "falcon_h1")
-
-
-def _refuse_cache_and_mask(module, cache, attention_mask, kwargs) -> None:
-    name = type(module).__name__
-    if cache is not None or kwargs.get("cache_params") is not None:
-        raise ValueError(f"{name} under lasp.parallelize is for training: it takes no cache (use_cache=False)")
-    if attention_mask is not None:
-        raise ValueError(f"{name} under lasp.parallelize takes no padding attention_mask: pack the documents "
-                         "into one row and pass cu_seqlens")
 
 
 def _mix(module, projected, norm_weight, norm_eps, norm_groups, norm_before_gate=False):
@@ -54,7 +45,7 @@ def _mix(module, projected, norm_weight, norm_eps, norm_groups, norm_before_gate
 def mixer_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
     """The forward of `BambaMixer`, `NemotronHMamba2Mixer`, `GraniteMoeHybridMambaLayer` and
     `Zamba2MambaMixer` on lasp's kernels → output. A cache or padding mask is refused."""
-    _refuse_cache_and_mask(self, cache, attention_mask, kwargs)
+    check_training_call(self, cache, attention_mask, **kwargs)
     norm = self.norm
     return _mix(self, self.in_proj(hidden_states), norm.weight, norm.variance_epsilon,
                 self.intermediate_size // norm.group_size)
@@ -63,7 +54,7 @@ def mixer_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs
 def falcon_h1_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
     """`FalconH1Mixer.forward` on lasp's kernels → output: µP multipliers, optional gated norm
     (module docstring). A cache or padding mask is refused."""
-    _refuse_cache_and_mask(self, cache, attention_mask, kwargs)
+    check_training_call(self, cache, attention_mask, **kwargs)
     projected = self.in_proj(hidden_states * self.ssm_in_multiplier) * self.mup_vector
     if not self.mamba_rms_norm:
         return _mix(self, projected, None, 0.0, 1)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from lasp.integrations.hf.context import context_of
+from lasp.integrations.hf.context import check_training_call, context_of
+from lasp.layers.norm import rms_norm
 from lasp.layers.ops import linear_attention_op
 
 MODEL_TYPES = ("minimax",)
@@ -29,25 +30,13 @@ def lightning_attention(q, k, v, slope_rate, **op_kwargs) -> torch.Tensor:
     return linear_attention_op(q, k, v, g_gamma=log_decay, scale=1.0, **op_kwargs)
 
 
-def rms_norm(x, weight, eps: float) -> torch.Tensor:
-    """`weight · x / rms(x)` over the last dim in at least fp32 (fp64 stays fp64)."""
-    y = x.to(torch.promote_types(x.dtype, torch.float32))
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * y.to(x.dtype)
-
-
 def lightning_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
     """`MiniMaxLightningAttention.forward` on lasp's kernels → (output, None).
 
     transformers returns the layer's final state as the second element (for its cache);
     a training forward keeps none, so it is None here. A cache or padding mask is refused.
     """
-    if cache is not None:
-        raise ValueError("MiniMaxLightningAttention under lasp.parallelize is for training: it takes no cache "
-                         "(use_cache=False)")
-    if attention_mask is not None:
-        raise ValueError("MiniMaxLightningAttention under lasp.parallelize takes no padding attention_mask: pack "
-                         "the documents into one row and pass cu_seqlens")
+    check_training_call(self, cache, attention_mask, **kwargs)
     B, T, _ = hidden_states.shape
     H, D = self.num_attention_heads, self.head_dim
     qkv = self.act_fn(self.qkv_proj(hidden_states)).view(B, T, H, 3 * D)
