@@ -30,6 +30,8 @@ from __future__ import annotations
 import inspect
 from types import MethodType
 
+import transformers
+from packaging.version import Version
 from transformers import AttentionInterface
 
 from lasp.integrations.hf import gated_deltanet, kda, lfm2, mamba2, minimax
@@ -42,6 +44,9 @@ SOFTMAX_ONLY_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qw
 FAMILIES = (minimax, mamba2, gated_deltanet, kda, lfm2)
 SUPPORTED_MODEL_TYPES = SOFTMAX_ONLY_MODEL_TYPES + tuple(t for family in FAMILIES for t in family.MODEL_TYPES)
 ADAPTERS = {name: forward for family in FAMILIES for name, forward in family.ADAPTERS.items()}
+# The adapters replace module forwards whose code they mirror, checked against this release;
+# an older one may split its projections or name its parameters differently.
+ADAPTERS_CHECKED_WITH = "5.25.0"
 
 
 def _decoder_hook(context: HFContext):
@@ -109,6 +114,10 @@ def parallelize_hf(model, sp: SPContext):
         raise ValueError(f"lasp.parallelize does not support {type(model).__name__} (model_type "
                          f"{model_type!r}); supported: lasp's Linear-Llama models and transformers "
                          f"model types {list(SUPPORTED_MODEL_TYPES)}")
+    if model_type not in SOFTMAX_ONLY_MODEL_TYPES and Version(transformers.__version__) < Version(ADAPTERS_CHECKED_WITH):
+        raise ValueError(f"lasp.parallelize adapts {model_type!r}'s linear layers as transformers "
+                         f"{ADAPTERS_CHECKED_WITH} writes them; this is transformers {transformers.__version__}: "
+                         f"pip install 'transformers>={ADAPTERS_CHECKED_WITH}'")
     AttentionInterface.register(ATTENTION, lasp_attention)
     model.set_attn_implementation(ATTENTION)
     model.config.use_cache = False  # a KV cache is for generation; training keeps none
