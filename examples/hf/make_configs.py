@@ -53,7 +53,7 @@ CONFIGS = {
     "olmo_hybrid": dict(BASE, num_hidden_layers=4, head_dim=64, layer_types=HYBRID, **LINEAR_GDN,
                         pad_token_id=0, eos_token_id=1),
     # Kimi Linear: KDA and MLA softmax layers, MoE after a dense first layer
-    "kimi_linear": dict(BASE, num_hidden_layers=4, layer_types=HYBRID,
+    "kimi_linear": dict(BASE, num_hidden_layers=4, layer_types=HYBRID, num_key_value_heads=4,   # MLA: no GQA
                         mlp_layer_types=["dense", "sparse", "sparse", "sparse"], kv_lora_rank=128,
                         qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                         linear_attn_config=dict(head_dim=64, num_heads=4, short_conv_kernel_size=4),

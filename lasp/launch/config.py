@@ -23,10 +23,12 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 
-def option(default, help: str, flag: str | None = None):
-    """A config field with its --help text (and its option name when not `--field-name`)."""
+def option(default, help: str, flag: str | None = None, bare=None):
+    """A config field with its --help text (and its option name when not `--field-name`).
+    `bare`: the value of the option given without one (then --no-OPTION, or false in a file,
+    gives the default, and true `bare`)."""
     kwargs = {"default_factory": default} if callable(default) else {"default": default}
-    return field(metadata={"help": help, "flag": flag}, **kwargs)
+    return field(metadata={"help": help, "flag": flag, "bare": bare}, **kwargs)
 
 
 @dataclass
@@ -38,7 +40,17 @@ class ModelConfig:
                                        "linear attention (GLA), D Gated DeltaNet, K Kimi Delta Attention (KDA), "
                                        "N softmax attention, M Mixture-of-Memories (LLN: hybrid, one softmax "
                                        "layer in three; the LASP-2 paper uses LLLN)")
-    activation_checkpointing: bool = option(False, "recompute each layer in the backward (saves activations)")
+    activation_checkpointing: str = option("none", "recompute each block in the backward: none | full | selective "
+                                                   "(keeps the blocks' matmul outputs, recomputes the rest); "
+                                                   "without a value: full", bare="full")
+    compile: bool = option(False, "torch.compile each block (the attention ops run eagerly between its graphs; "
+                                  "not with --activation-checkpointing selective)")
+    offload_activations: bool = option(False, "with --activation-checkpointing: keep each block's checkpointed input "
+                                              "(and the final norm's and the loss's) in pinned host memory until "
+                                              "the backward (long sequences on few GPUs; lasp presets)")
+    tile_tokens: int = option(0, "run each block's norms and MLP over the sequence in tiles of N tokens, each "
+                                 "recomputed in the backward: their [T, intermediate] activations never exist "
+                                 "whole (0: no tiling; lasp presets)")
     model_overrides: dict = option(dict, "more LinearLlamaConfig fields (the transformers config's with "
                                          "hf:PATH), as a mapping (JSON on the command line), e.g. "
                                          "'{\"num_hidden_layers\": 8}'")
@@ -234,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
             if kind is bool:
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=help_text)
+            elif f.metadata["bare"] is not None:
+                group.add_argument(flag, dest=f.name, nargs="?", const=f.metadata["bare"], default=argparse.SUPPRESS,
+                                   metavar=METAVARS[kind], help=help_text)
+                group.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const=default,
+                                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
             else:
                 base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X]: X
                 metavar = "NAME" if f.metadata["flag"] else METAVARS[base]
@@ -257,6 +274,8 @@ def load_config(argv: list[str] | None = None) -> Config:
     for section, f, kind, flag in _options():
         value = file.get(section, {}).pop(f.name, MISSING)
         value = args.pop(f.name, value)
+        if f.metadata["bare"] is not None and isinstance(value, bool):  # a file's true / false
+            value = f.metadata["bare"] if value else f.default
         if value is not MISSING:
             by_section.setdefault(section, {})[f.name] = _coerce(flag, value, kind)
     for section, values in file.items():
@@ -326,6 +345,7 @@ def _check_range(flag, value, low, high=None, *, above=False):
                          f"got {value}")
 
 
+CHECKPOINT_MODES = ("none", "full", "selective")
 NNODES = re.compile(r"(\d+)(?::(\d+))?")  # N or MIN:MAX
 ENDPOINT = re.compile(r"([^\s:\[\]]+|\[[0-9a-fA-F:.]+\])(:\d+)?")  # HOST, HOST:PORT, [IPv6]:PORT
 
@@ -365,6 +385,15 @@ def validate(config: Config, world_size: int | None) -> None:
 
     p, d, t, c, m, launch = (config.parallel, config.data, config.train, config.checkpoint, config.metrics,
                              config.launch)
+    if config.model.offload_activations and config.model.activation_checkpointing == "none":
+        raise ValueError("--offload-activations needs --activation-checkpointing (it offloads the checkpointed inputs)")
+    if (config.model.offload_activations or config.model.tile_tokens) and config.model.name.startswith("hf:"):
+        raise ValueError("--offload-activations and --tile-tokens apply to lasp presets, not --model hf:PATH")
+    _check_range("--tile-tokens", config.model.tile_tokens, 0)
+    _check_choice("--activation-checkpointing", config.model.activation_checkpointing, CHECKPOINT_MODES)
+    if config.model.compile and config.model.activation_checkpointing == "selective":
+        raise ValueError("--compile does not combine with --activation-checkpointing selective yet: its policy sees "
+                         "no matmul inside a compiled graph (use full, or drop --compile)")
     check_model(config.model)
     _check_choice("--layout", p.layout, KINDS)
     _check_choice("--engine", p.engine, ("fsdp", "deepspeed"))

@@ -21,8 +21,8 @@ HF_PREFIX = "hf:"
 
 
 def build_model_config(config, vocab_size: int | None):
-    """The LinearLlamaConfig of --model, --layer-pattern, --activation-checkpointing and
-    --model-overrides; its vocabulary is the tokenizer's (`vocab_size`) unless overridden
+    """The LinearLlamaConfig of --model, --layer-pattern, --activation-checkpointing,
+    --offload-activations, --tile-tokens and --model-overrides; its vocabulary is the tokenizer's (`vocab_size`) unless overridden
     with a larger one. ValueError (naming the option) for a bad name or field."""
     from lasp.models import LinearLlamaConfig, linear_llama_config
     from lasp.models.config import PRESETS
@@ -41,9 +41,17 @@ def build_model_config(config, vocab_size: int | None):
         overrides.setdefault("vocab_size", vocab_size)
     try:
         return linear_llama_config(config.name, layer_pattern=config.layer_pattern,
-                                   activation_checkpointing=config.activation_checkpointing, **overrides)
+                                   activation_checkpointing=model_checkpointing(config.activation_checkpointing),
+                                   offload_activations=config.offload_activations, tile_tokens=config.tile_tokens,
+                                   **overrides)
     except (ValueError, TypeError, NotImplementedError) as error:
         raise ValueError(f"--model {config.name} --layer-pattern {config.layer_pattern}: {error}") from None
+
+
+def model_checkpointing(mode):
+    """The models' `activation_checkpointing` for --activation-checkpointing: False, True (full)
+    or "selective" (a bool, from code that builds its ModelConfig itself, passes through)."""
+    return {"none": False, "full": True}.get(mode, mode)
 
 
 def hf_path(config) -> Path | None:
@@ -134,8 +142,11 @@ def build_model(config, vocab_size: int, device: torch.device, seed: int):
         else:
             with torch.device(device):
                 model = _hf_model(hf_config)
-        if config.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing = model_checkpointing(config.activation_checkpointing)
+        if checkpointing:
+            from lasp.models.checkpointing import checkpoint_context_fn
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+                "use_reentrant": False, "context_fn": checkpoint_context_fn(checkpointing)})
         return HFCausalLM(model)
     with torch.device(device):
         return LinearLlamaForCausalLM(build_model_config(config, vocab_size))

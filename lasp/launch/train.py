@@ -120,6 +120,7 @@ def train(config: Config, stop: GracefulStop | None = None) -> dict:
 def _train(config: Config, stop: GracefulStop) -> dict:
     import lasp
     from lasp.launch.checkpoint import Checkpointer
+    from lasp.launch.compile import compile_blocks
     from lasp.launch.data import build_data, build_tokenizer
     from lasp.launch.mesh import build_engine, compute_dtype, init_distributed
     from lasp.launch.metrics import Metrics, flops_per_token, peak_flops
@@ -146,6 +147,8 @@ def _train(config: Config, stop: GracefulStop) -> dict:
         flops = flops_per_token(model, config.data.seq_len)
         lasp.parallelize(model.hf_model if isinstance(model, HFCausalLM) else model, d.sp_mesh,
                          kind=config.parallel.layout)
+        if config.model.compile:
+            compile_blocks(model)  # in place, before the engine shards the blocks
         dtype = compute_dtype(config.parallel.dtype, d.device)
         engine = build_engine(config.parallel.engine, model, partial(adamw, config.train), d, dtype,
                               config.train.grad_clip, config.parallel.zero_stage)

@@ -1,10 +1,14 @@
-"""SwiGLU feed-forward block (Llama's MLP; parameter names match Hugging Face Llama)."""
+"""SwiGLU feed-forward block (Llama's MLP; parameter names match Hugging Face Llama), and
+`token_tiles`, which runs a token-wise function over the sequence a tile at a time."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class SwiGLU(nn.Module):
@@ -18,3 +22,19 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def token_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
+    """fn(x) for a token-wise `fn` of x [B, T, ...], `tile_tokens` tokens at a time (0: all at once).
+
+    Under autograd each tile runs under activation checkpointing, so fn's intermediates (the
+    SwiGLU's four [tile, intermediate] tensors, a norm's fp32 copies) exist for one tile at a
+    time, in the forward and in the backward, and only the tiles' inputs are saved (views of x).
+    The same per-token math as fn(x); weight gradients add the tiles' shares (DeepSpeed ALST's
+    tiled MLP, here also for the norms)."""
+    if tile_tokens <= 0 or x.shape[1] <= tile_tokens:
+        return fn(x)
+    tiles = x.split(tile_tokens, dim=1)   # one SplitBackward joins the tiles' input gradients
+    if torch.is_grad_enabled():
+        return torch.cat([checkpoint(fn, tile, use_reentrant=False) for tile in tiles], dim=1)
+    return torch.cat([fn(tile) for tile in tiles], dim=1)

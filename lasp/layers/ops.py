@@ -8,9 +8,11 @@ Tensors are [B, T, H, D]; `cu_seqlens` describes the whole packed sequence.
 from __future__ import annotations
 
 from lasp.kernels import linear_attention
+from lasp.kernels.compiled import eager_under_compile
 from lasp.kernels.softmax_attention import softmax_attention
 
 
+@eager_under_compile
 def linear_attention_op(q, k, v, g=None, g_gamma=None, *, gk=None, beta=None, scale=None, layout=None,
                         group=None, cu_seqlens=None):
     """Causal linear attention of the local tokens (LASP-2 across the group under a layout).
@@ -23,6 +25,7 @@ def linear_attention_op(q, k, v, g=None, g_gamma=None, *, gk=None, beta=None, sc
                                   cu_seqlens=cu_seqlens)
 
 
+@eager_under_compile
 def softmax_attention_op(q, k, v, *, scale=None, layout=None, group=None, cu_seqlens=None):
     """Causal softmax attention of the local queries (LASP-2H under a layout); GQA k, v."""
     if layout is None:

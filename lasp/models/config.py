@@ -89,6 +89,17 @@ def _check_mamba_options(kinds, num_heads, mamba_num_heads, state_size, num_grou
                          "B and C serves heads // groups consecutive heads")
 
 
+def _check_memory_options(activation_checkpointing, offload_activations, tile_tokens) -> None:
+    """The training-memory options, checked before any model (or process) is built."""
+    if not isinstance(offload_activations, bool):
+        raise ValueError(f"offload_activations must be a bool, got {offload_activations!r}")
+    if offload_activations and not activation_checkpointing:
+        raise ValueError("offload_activations=True needs activation_checkpointing=True: it offloads the checkpointed "
+                         "blocks' inputs (without checkpointing every activation would cross to the host)")
+    if not isinstance(tile_tokens, int) or isinstance(tile_tokens, bool) or tile_tokens < 0:
+        raise ValueError(f"tile_tokens must be an int >= 0 (0: no tiling), got {tile_tokens!r}")
+
+
 class LinearLlamaConfig(PretrainedConfig):
     """Defaults are `linear-llama3-1b`: Llama-3.2-1B's sizes with every layer linear.
 
@@ -123,6 +134,15 @@ class LinearLlamaConfig(PretrainedConfig):
       router_aux_loss_coef: weight of the MoM layers' mean load-balancing loss in the loss.
     Training:
       activation_checkpointing: recompute each layer in the backward.
+      offload_activations: with activation_checkpointing, what the forward saves outside the
+          checkpointed blocks (each block's input [B, T, hidden], the final norm's and the loss's
+          inputs) goes to pinned host memory until the backward needs it
+          (`lasp.models.linear_llama.HostOffload`): GPU activation memory no longer grows with
+          the depth.
+      tile_tokens: 0, or run each block's norms and its SwiGLU MLP (and the final norm) over
+          the sequence in tiles of this many tokens, each under checkpointing
+          (`lasp.layers.mlp.token_tiles`): their [T, intermediate] and fp32 intermediates
+          never exist whole. The same result.
       loss_chunk_size: tokens per chunk of the output projection + cross-entropy.
     """
 
@@ -137,7 +157,7 @@ class LinearLlamaConfig(PretrainedConfig):
                  kda_decay_rank=None, mamba_num_heads=None, mamba_state_size=128, mamba_num_groups=1,
                  mamba_conv_size=4, mom_num_memories=4, mom_top_k=2,
                  mom_shared_memory=True, router_aux_loss_coef=0.01, activation_checkpointing=False,
-                 loss_chunk_size=4096, **kwargs):
+                 offload_activations=False, tile_tokens=0, loss_chunk_size=4096, **kwargs):
         kinds = parse_layer_pattern(layer_pattern, num_hidden_layers)
         _check_linear_options(kinds, head_dim, linear_feature_map, linear_decay, linear_fixed_decays,
                               linear_key_dim)
@@ -146,6 +166,7 @@ class LinearLlamaConfig(PretrainedConfig):
                              mamba_conv_size)
         if not 1 <= mom_top_k <= mom_num_memories:
             raise ValueError(f"mom_top_k={mom_top_k} must be in [1, mom_num_memories={mom_num_memories}]")
+        _check_memory_options(activation_checkpointing, offload_activations, tile_tokens)
         if num_attention_heads % num_key_value_heads:
             raise ValueError(f"num_attention_heads={num_attention_heads} must be a multiple of "
                              f"num_key_value_heads={num_key_value_heads}")
@@ -182,6 +203,8 @@ class LinearLlamaConfig(PretrainedConfig):
         self.mom_shared_memory = mom_shared_memory
         self.router_aux_loss_coef = router_aux_loss_coef
         self.activation_checkpointing = activation_checkpointing
+        self.offload_activations = offload_activations
+        self.tile_tokens = tile_tokens
         self.loss_chunk_size = loss_chunk_size
         super().__init__(**kwargs)
 

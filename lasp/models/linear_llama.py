@@ -11,10 +11,17 @@ and every layer runs under it. Without it the whole sequence is local.
 Mixture-of-Memories layers (``M``) also return a load-balancing loss; the model output
 carries their mean as `aux_loss`, and the causal-LM loss adds
 `config.router_aux_loss_coef` times it.
+
+Long sequences on few GPUs (DeepSpeed ALST's recipe): `activation_checkpointing` keeps one
+[B, T, hidden] input per block; `offload_activations` moves those, and what the final norm
+and the loss save, to pinned host memory (`HostOffload`); `tile_tokens` runs the norms and
+the MLP a tile of tokens at a time (`lasp.layers.mlp.token_tiles`); the loss is chunked
+already. What stays on the GPU is then one block's recomputation at a time.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +34,56 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 from lasp.batch import next_token_labels
 from lasp.layers import (GatedDeltaNet, GatedLinearAttention, KimiDeltaAttention, LinearAttention, Mamba2,
                          MixtureOfMemories, RMSNorm, ShortConv, SoftmaxAttention, SwiGLU)
+from lasp.layers.mlp import token_tiles
 from lasp.layers.delta_rule import DeltaRuleAttention
 from lasp.layers.feature_maps import ReBasedMap
 from lasp.layers.linear_attention import decay_kind
 from lasp.layers.mom import MemoryProjection
 from lasp.loss import IGNORE_INDEX, chunked_cross_entropy
+from lasp.models.checkpointing import checkpoint_context_fn
 from lasp.models.config import LinearLlamaConfig
+
+
+# Saved tensors smaller than this stay on the device under `offload_activations` (positions,
+# cu_seqlens, scalars: not worth a copy); the blocks' inputs are B·T·hidden·2 bytes.
+OFFLOAD_MIN_BYTES = 1 << 20
+
+
+class HostOffload(torch.autograd.graph.saved_tensors_hooks):
+    """Within it, every tensor autograd saves for the backward — but parameters and tensors under
+    `OFFLOAD_MIN_BYTES` — is copied to host memory (pinned, asynchronously on the current stream)
+    and copied back to its device when the backward unpacks it (`save_on_cpu`, filtered: the
+    lm_head weight that each loss chunk saves must not cross the bus once per chunk).
+
+    Around a forward with non-reentrant activation checkpointing, what gets offloaded is what is
+    saved outside the checkpointed code: each block's inputs (the checkpoint saves them through
+    autograd), the final norm's intermediates and each loss chunk's hidden states. Inside a
+    checkpointed block the checkpoint's own hooks come first and nothing is saved."""
+
+    def __init__(self):
+        pin = torch.cuda.is_available()
+
+        def pack(tensor):
+            if isinstance(tensor, nn.Parameter) or tensor.numel() * tensor.element_size() < OFFLOAD_MIN_BYTES:
+                return tensor
+            host = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=pin and tensor.is_cuda)
+            host.copy_(tensor, non_blocking=True)
+            return tensor.device, host
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            device, host = packed
+            return host.to(device, non_blocking=True)
+
+        super().__init__(pack, unpack)
+
+
+def activation_offload(config: LinearLlamaConfig):
+    """`HostOffload()` when the config asks for it and autograd records, else a no-op context."""
+    if config.offload_activations and config.activation_checkpointing and torch.is_grad_enabled():
+        return HostOffload()
+    return nullcontext()
 
 
 # MixtureOfMemories takes the decays under their earlier names.
@@ -93,13 +144,20 @@ class LinearLlamaBlock(nn.Module):
         self.self_attn = _attention(config, kind)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.tile_tokens = config.tile_tokens
 
     def forward(self, x, layout=None, group=None, cu_seqlens=None):
-        """Returns (x, aux_loss): the layer's load-balancing loss for MoM, else None."""
-        out = self.self_attn(self.input_layernorm(x), layout=layout, group=group, cu_seqlens=cu_seqlens)
+        """Returns (x, aux_loss): the layer's load-balancing loss for MoM, else None. The norms
+        and the MLP run in tiles of `config.tile_tokens` tokens (when set)."""
+        hidden = token_tiles(self.input_layernorm, x, self.tile_tokens)
+        out = self.self_attn(hidden, layout=layout, group=group, cu_seqlens=cu_seqlens)
         out, aux = out if isinstance(self.self_attn, MixtureOfMemories) else (out, None)
         x = x + out
-        return x + self.mlp(self.post_attention_layernorm(x)), aux
+        return x + token_tiles(self.feed_forward, x, self.tile_tokens), aux
+
+    def feed_forward(self, x):
+        """The MLP sublayer without its residual: `mlp(post_attention_layernorm(x))`."""
+        return self.mlp(self.post_attention_layernorm(x))
 
 
 class LinearLlamaPreTrainedModel(PreTrainedModel):
@@ -155,6 +213,10 @@ class LinearLlamaModel(LinearLlamaPreTrainedModel):
         this rank's share of the whole sequence's (the shares sum to it)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        with activation_offload(self.config):
+            return self._forward(input_ids, inputs_embeds, cu_seqlens)
+
+    def _forward(self, input_ids, inputs_embeds, cu_seqlens) -> LinearLlamaModelOutput:
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         sp = self.lasp_sp
         layout = None if sp is None else sp.local_layout(x.shape[1])
@@ -162,13 +224,15 @@ class LinearLlamaModel(LinearLlamaPreTrainedModel):
         aux_losses = []
         for layer in self.layers:
             if self.config.activation_checkpointing and torch.is_grad_enabled():
-                x, aux = checkpoint(layer, x, layout, group, cu_seqlens, use_reentrant=False)
+                x, aux = checkpoint(layer, x, layout, group, cu_seqlens, use_reentrant=False,
+                                    context_fn=checkpoint_context_fn(self.config.activation_checkpointing))
             else:
                 x, aux = layer(x, layout, group, cu_seqlens)
             if aux is not None:
                 aux_losses.append(aux)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
-        return LinearLlamaModelOutput(last_hidden_state=self.norm(x), aux_loss=aux_loss)
+        hidden = token_tiles(self.norm, x, self.config.tile_tokens)
+        return LinearLlamaModelOutput(last_hidden_state=hidden, aux_loss=aux_loss)
 
 
 class LinearLlamaForCausalLM(LinearLlamaPreTrainedModel):
@@ -220,8 +284,9 @@ class LinearLlamaForCausalLM(LinearLlamaPreTrainedModel):
             return LinearLlamaCausalLMOutput(logits=self.lm_head(hidden), aux_loss=aux_loss)
         if shift_labels is None:
             shift_labels = next_token_labels(labels, cu_seqlens)
-        total = chunked_cross_entropy(hidden, self.lm_head.weight, shift_labels,
-                                      chunk_size=self.config.loss_chunk_size)
+        with activation_offload(self.config):  # each chunk's hidden states, B·chunk·hidden
+            total = chunked_cross_entropy(hidden, self.lm_head.weight, shift_labels,
+                                          chunk_size=self.config.loss_chunk_size)
         if num_items_in_batch is None:
             num_items_in_batch = (shift_labels != IGNORE_INDEX).sum()
         lm_loss = total / num_items_in_batch

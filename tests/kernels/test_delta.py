@@ -154,10 +154,11 @@ def _check_triton(decay, B, T, H, K, V, *, lengths=None, with_h0=True, strong=Fa
 @cpu_only
 @pytest.mark.parametrize("decay", DECAYS, ids=["delta", "g", "gk"])
 def test_triton_matches_chunk_form(monkeypatch, decay):
-    """Unpacked rows without h0 (chunks of 32); head dims that are not powers of two
-    (masked tiles); packed documents (length 1, empty, several chunks, partial last
-    chunks, trailing unused chunk slots), h0, strong decay, K ≠ V, two V-tiles in every
-    kernel (16-wide tiles)."""
+    """Unpacked rows without h0 (chunks of 32: one halving level of gk's scores); head
+    dims that are not powers of two (masked tiles); packed documents (length 1, empty,
+    several chunks, partial last chunks, trailing unused chunk slots), h0, strong decay
+    (for gk e^-30 per token on a third of the key dims: e^{−Γ} would overflow), K ≠ V,
+    two V-tiles in every kernel (16-wide tiles)."""
     _check_triton(decay, 2, 45, 1, 32, 16, with_h0=False, chunk_size=32)
     _check_triton(decay, 1, 20, 1, 48, 24)
     for row in ("delta.state", "delta.state_grad", "delta.wy", "delta.output", "delta.output_grad",
@@ -168,11 +169,13 @@ def test_triton_matches_chunk_form(monkeypatch, decay):
 
 
 @cpu_only
-@pytest.mark.parametrize("decay", DECAYS[:2], ids=["delta", "g"])
+@pytest.mark.parametrize("decay", DECAYS, ids=["delta", "g", "gk"])
 def test_triton_default_chunk(decay):
     """Chunks of 64 (the default): four 16×16 diagonal blocks of the UT transform and two
-    product levels below them; a partial last chunk. Chunks under 16 tokens are refused."""
-    _check_triton(decay, 1, 100, 1, 16, 16, chunk_size=64)
+    product levels below them (for gk also two halving levels of the per-key scores), a
+    strong decay across blocks and levels, a partial last chunk. Chunks under 16 tokens
+    are refused."""
+    _check_triton(decay, 1, 100, 1, 16, 16, strong=True, chunk_size=64)
     _, k, _, beta, g, _ = _inputs(1, 8, 1, 16, 16, decay, n_states=None, dtype=torch.float32)
     with pytest.raises(ValueError, match="chunk_size"):
         dtri.run_transitions(k, g, beta, chunk_size=8)

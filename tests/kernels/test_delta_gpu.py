@@ -5,9 +5,9 @@
 The Triton path (`lasp.kernels.delta.triton`) against the torch chunk form in fp32 on
 the same (rounded) inputs, at real shapes, for DeltaNet, Gated DeltaNet (g) and KDA (gk):
 the output, the final state and every gradient (dq dk dv dbeta ddecay dh0), forward and
-backward under `no_host_sync()`. DeltaNet and Gated DeltaNet run the fused kernels
-(UT transform, outputs, chunk backward: TF32 dots, the inverse's products 3×TF32), KDA
-the torch pieces around the Triton state walks. The torch chunk form itself is checked
+backward under `no_host_sync()`. All three run the fused kernels (UT transform, outputs,
+chunk backward: TF32 dots, the inverse's products 3×TF32; KDA's per-key scores exact in
+fp32 inside 16-token blocks, TF32 products across them). The torch chunk form itself is checked
 against the token loop in float64 on CPU (tests/kernels/test_delta.py). Triton 3.6 on
 Hopper miscompiles some of fla's gated backward kernels, hence gradients checked here, on
 the GPU:
@@ -15,7 +15,8 @@ the GPU:
 - bf16 inputs: relative error <= 3e-3 (TOL). Measured on an H100 (2026-12-06, before the
   fused kernels, benchmarks/results/gpu_tests_delta_h100_2026-12-06.txt): at most 1.9e-3
   (o, dq, dk, dv: the rounding of the bf16 results themselves; final, dbeta, ddecay, dh0
-  <= 9.7e-4). The fused kernels are not yet measured on a GPU.
+  <= 9.7e-4; KDA then ran torch pieces). The fused kernels (KDA's included) are not yet
+  measured on a GPU.
 - fp32 inputs (TF32 dots): <= 3e-3 as well; measured at most 1.3e-3 (before the fused kernels).
 
 Each case prints its errors (run with -s to see the table); with $OUT set, every case

@@ -45,7 +45,7 @@ def test_help_documents_every_option(capsys):
             flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
             assert flag in text, flag
     assert "--model NAME" in text and "--sp-size" in text and "--max-restarts" in text
-    assert "--activation-checkpointing, --no-activation-checkpointing" in text
+    assert "--shuffle, --no-shuffle" in text and "--activation-checkpointing [TEXT]" in text
 
 
 def test_bad_values(tmp_path):

@@ -1,6 +1,5 @@
-"""The delta rule on the GPU: fused Triton kernels for DeltaNet and Gated DeltaNet
-(decay none or g), forward and backward; KDA (gk) keeps the batched torch pieces around
-the Triton state pass.
+"""The delta rule on the GPU: fused Triton kernels for DeltaNet, Gated DeltaNet and KDA
+(decay none, g or gk: the kernels' DECAY 0 / 1 / 2), forward and backward.
 
 The chunkwise WY / UT-transform form (`lasp.kernels.delta.wy`): per chunk of C tokens,
 with Γ the chunk-local inclusive cumulative log-decay (zero without a decay), γ its last
@@ -9,9 +8,19 @@ value and E_ts = e^{Γ_t − Γ_s} (s ≤ t, masked to −inf before the exp els
     N = StrictTril(diag(β) K Kᵀ ⊙ E)       R = (I + N)⁻¹
     w = R diag(β) (K ⊙ e^Γ)                 u = R diag(β) V
     δ = u − w S                             S_next = e^γ S + (K ⊙ e^{γ−Γ})ᵀ δ
-    o = scale [(Q ⊙ e^Γ) S + (tril(Q Kᵀ) ⊙ E) δ]
+    o = scale [(Q ⊙ e^Γ) S + A δ],          A = tril(Q Kᵀ ⊙ E)
 
-Launches (g and none; one program per chunk slot and head unless said):
+(with a per-key gk, Γ is [C, K] and the products with E are per key:
+N_ts = β_t Σ_k k_tk k_sk e^{Γ_tk − Γ_sk}, A likewise).
+
+Per-key decays never form e^{−Γ}: pairs inside a 16-token block are summed exactly,
+column by column, with exponents Σ_{s<u≤t} gk_u (`_block_pairs`); pairs across blocks go
+through a reference token between them, one halving level of the chunk per
+tensor-core product (`_halving`, as `lasp.kernels.delta.wy._per_key_scores`), so both
+factors are ≤ 1. The walk's factors K ⊙ e^{γ−Γ}, Q ⊙ e^Γ and K ⊙ e^Γ are ≤ 1 too: any
+decay (gk ~ −30 per token) stays finite and exact.
+
+Launches (one program per chunk slot and head unless said):
 
 forward
   1. `_wy_kernel`: R (the 16×16 diagonal blocks of I + N inverted by forward
@@ -23,14 +32,14 @@ forward
   3. `_output_kernel`, per (chunk, head, V-tile): o.
 
 backward
-  1. `_output_grad_kernel`, per (chunk, head, V-tile): the outputs' dδ = scale (tril(QKᵀ) ⊙ E)ᵀ do.
+  1. `_output_grad_kernel`, per (chunk, head, V-tile): the outputs' dδ = scale Aᵀ do.
   2. `_state_pass_grad_kernel`, per (document, head, V-tile), walking back: the total
      dδ = dδ(outputs) + k_end dS_next, and dS = e^γ dS_next + scale (Q ⊙ e^Γ)ᵀ do − wᵀ dδ
      (the outputs' share computed in the walk), d initial state.
   3. `_chunk_grad_kernel`: dq, dk, dv, dβ and dg of the chunk from S, dS_next, δ, dδ
      and R (V in tiles, all of K): the outputs' terms, the walk's (k_end, γ), then u and
-     w through R = (I + N)⁻¹ (dN = −Rᵀ dR Rᵀ); dg is the chunk's reverse cumulative sum
-     of dΓ plus dγ.
+     w through R = (I + N)⁻¹ (dN = −Rᵀ dR Rᵀ); dg / dgk is the chunk's reverse
+     cumulative sum of dΓ plus dγ (chunk-local: per key for gk).
 
 Intermediates live in chunk slots ([n_slots, H, C, ·], fp32; `ChunkLayout`); inputs and
 gradients stay token-major [B, T, H, ·]. Packed documents: a slot table on the device (no
@@ -39,15 +48,11 @@ accumulator are fp32; the `tl.dot`s take fp32 operands (TF32 on the GPU), the in
 block products 3×TF32 (`INVERSE_PRECISION`). Launch parameters: the `delta.*` rows of
 `lasp.kernels.common.launch.LAUNCH`.
 
-KDA (gk) runs the batched torch pieces (one triangular solve per chunk, the outputs) and
-autograd around the same state walks (`_StatePass`): a fused per-key path is still to be
-written.
-
 Speed (H100, H=16, D=128, bf16, fwd+bwd, before these fused kernels): at 1×32K DeltaNet
-25 ms, Gated DeltaNet 31 ms and KDA 186 ms
-(benchmarks/results/kernels_delta_1x32768_h100_2026-12-06.json), against fla's
-`chunk_delta_rule` 4.3 ms. The fused kernels are checked under the interpreter only;
-their GPU times are still to be measured.
+25 ms, Gated DeltaNet 31 ms and KDA 186 ms (KDA then ran batched torch pieces around the
+state walks; benchmarks/results/kernels_delta_1x32768_h100_2026-12-06.json), against
+fla's `chunk_delta_rule` 4.3 ms and `chunk_kda` 13.0 ms. The fused kernels are checked
+under the interpreter only; their GPU times are still to be measured.
 """
 
 from __future__ import annotations
@@ -55,7 +60,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -66,7 +70,6 @@ from lasp.kernels.common.plan import document_chunk_slots
 from lasp.kernels.common.scan import DECAY_NONE, DECAY_PER_KEY, DECAY_SCALAR
 from lasp.kernels.common.tiles import load_tile, span_range, store_tile
 from lasp.kernels.delta.chunk import check_chunk_size
-from lasp.kernels.delta.wy import chunk_log_decay, chunk_outputs, chunk_pieces
 
 # The diagonal blocks of the UT transform are inverted exactly, BLOCK×BLOCK each, by forward
 # substitution; the blocks below the diagonal by products. Chunks are whole blocks.
@@ -90,9 +93,7 @@ class ChunkLayout:
     `doc_chunk0` / `doc_chunks` (int32 [N], device): each document's first slot and
     number of chunks. Unpacked rows have `per_row` slots each; packed input has
     `slot_bounds` (int64 [n_slots, 2], device: each slot's token range on the flattened
-    B·T axis, empty for the trailing slots no document uses, `slot_valid` bool [n_slots])
-    and `token_slot` (int64 [T]: each token's row in the flattened slots, for the torch
-    pieces of the gk path). Unpacked: those three are None.
+    B·T axis, empty for the trailing slots no document uses); unpacked: None.
     """
 
     B: int
@@ -103,8 +104,6 @@ class ChunkLayout:
     doc_chunk0: torch.Tensor
     doc_chunks: torch.Tensor
     slot_bounds: torch.Tensor | None
-    token_slot: torch.Tensor | None
-    slot_valid: torch.Tensor | None
 
     @property
     def n_docs(self) -> int:
@@ -118,31 +117,6 @@ class ChunkLayout:
         """The slot arguments of the per-chunk kernels: (slot table or `dummy`, T, per_row)."""
         return (self.slot_bounds if self.varlen else dummy), self.T, self.per_row
 
-    def to_chunks(self, x, dtype=torch.float32):
-        """[B, T, H, ...] -> [n_slots, H, C, ...] in `dtype`, contiguous (every batched
-        product then reads it in place), zero-padded; differentiable."""
-        C = self.chunk
-        if self.token_slot is None:
-            pad = [0, 0] * (x.dim() - 2) + [0, self.n_slots // self.B * C - self.T]
-            x = F.pad(x, pad).reshape(self.n_slots, C, *x.shape[2:])
-        else:
-            flat = x.new_zeros(self.n_slots * C, *x.shape[2:]).index_copy(0, self.token_slot, x[0])
-            x = flat.view(self.n_slots, C, *x.shape[2:])
-        return x.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
-
-    def from_chunks(self, y):
-        """[n_slots, H, C, ...] -> [B, T, H, ...] (differentiable)."""
-        y = y.transpose(1, 2)
-        if self.token_slot is None:
-            return y.reshape(self.B, -1, *y.shape[2:])[:, :self.T]
-        return y.reshape(-1, *y.shape[2:]).index_select(0, self.token_slot)[None]
-
-    def used(self, x):
-        """x [n_slots, ...] with unused slots (which no walk writes) set to zero."""
-        if self.slot_valid is None:
-            return x
-        return torch.where(self.slot_valid.view(-1, *([1] * (x.dim() - 1))), x, 0.0)
-
 
 def chunk_layout(B: int, T: int, cu_seqlens, chunk: int, device) -> ChunkLayout:
     """The `ChunkLayout` of B rows of T tokens, packed by `cu_seqlens` (None, or an int
@@ -151,7 +125,7 @@ def chunk_layout(B: int, T: int, cu_seqlens, chunk: int, device) -> ChunkLayout:
         per_row = triton.cdiv(T, chunk)
         doc_chunks = torch.full((B,), per_row, dtype=torch.int32, device=device)
         doc_chunk0 = torch.arange(B, dtype=torch.int32, device=device) * per_row
-        return ChunkLayout(B, T, chunk, B * per_row, per_row, doc_chunk0, doc_chunks, None, None, None)
+        return ChunkLayout(B, T, chunk, B * per_row, per_row, doc_chunk0, doc_chunks, None)
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     n_docs = cu.numel() - 1
     chunk0, n_slots = document_chunk_slots(cu, T, chunk)
@@ -162,12 +136,7 @@ def chunk_layout(B: int, T: int, cu_seqlens, chunk: int, device) -> ChunkLayout:
     start = cu[slot_doc] + (slot - chunk0[slot_doc]) * chunk
     end = torch.minimum(start + chunk, cu[slot_doc + 1])
     slot_bounds = torch.stack([start * slot_valid, end * slot_valid], 1).contiguous()
-    t = torch.arange(T, device=device)
-    doc = torch.searchsorted(cu[1:], t, right=True)
-    local = t - cu[doc]
-    token_slot = (chunk0[doc] + local // chunk) * chunk + local % chunk
-    return ChunkLayout(B, T, chunk, n_slots, 0, chunk0[:-1].to(torch.int32), chunks.to(torch.int32), slot_bounds,
-                       token_slot, slot_valid)
+    return ChunkLayout(B, T, chunk, n_slots, 0, chunk0[:-1].to(torch.int32), chunks.to(torch.int32), slot_bounds)
 
 
 # --------------------------------------------------------------------------------------
@@ -205,14 +174,28 @@ def _slot_dims(start, end, offs_k, offs_v, K: tl.constexpr, V: tl.constexpr):
 
 
 @triton.jit
-def _chunk_gates(g, offs_t, mask_t, h, H: tl.constexpr, C: tl.constexpr, USE_G: tl.constexpr):
-    """Γ [C], the chunk-local inclusive cumulative log-decay of g [tokens, H] (zero without
-    a decay), and γ, its last value. Padded tokens load g = 0: Γ stays flat after them."""
-    if USE_G:
+def _chunk_gates(g, offs_t, mask_t, h, offs_k, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                 DECAY: tl.constexpr):
+    """Γ, the chunk-local inclusive cumulative log-decay, and γ, its last value: [C] and a
+    number for g [tokens, H] (zero without a decay, DECAY 0), [C, BK] and [BK] for gk
+    [tokens, H, K] (DECAY 2). Padded tokens load zero: Γ stays flat after them."""
+    if DECAY == 2:
+        b_g = load_tile(g, offs_t, mask_t, h, offs_k, K, H)
+    elif DECAY == 1:
         b_g = tl.load(g + offs_t * H + h, mask=mask_t, other=0.0)
     else:
         b_g = tl.zeros([C], dtype=tl.float32)
     return tl.cumsum(b_g, 0), tl.sum(b_g, 0)
+
+
+@triton.jit
+def _decayed(x, factor, DECAY: tl.constexpr):
+    """x [C, BK] times a decay factor: one per row ([C]), or per element ([C, BK], DECAY 2)."""
+    if DECAY == 2:
+        out = x * factor
+    else:
+        out = x * factor[:, None]
+    return out
 
 
 @triton.jit
@@ -225,19 +208,165 @@ def _pair_decays(gam, offs_c, STRICT: tl.constexpr):
     return tl.exp(tl.where(keep, gam[:, None] - gam[None, :], float("-inf")))
 
 
+# Per-key decays (KDA). A pair s ≤ t of a chunk is either in one 16-token block (the
+# diagonal blocks, computed exactly: `_block_pairs`, `_block_pairs_t`) or split by one
+# level of a binary halving of the chunk into blocks of 32, 64, … tokens: s in the left
+# half and t in the right half of one block, whose right half starts at r (s < r ≤ t), so
+# e^{Γ_t − Γ_s} = e^{Γ_t − Γ_r} e^{Γ_r − Γ_s} with both factors ≤ 1 (`_halving`): one
+# tensor-core product per level (log2(C/16) levels), no exponent ever positive.
+
+
+@triton.jit
+def _row(x, rows, r):
+    """Row r of a [C, D] register tile, as [D]."""
+    return tl.sum(tl.where((rows == r)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _halving(gam, rows, LEVEL: tl.constexpr, C: tl.constexpr):
+    """Halving level LEVEL (blocks of 32·2^LEVEL tokens) of a per-key Γ [C, BK]: (e^{Γ_t − Γ_r}
+    on right-half rows, e^{Γ_r − Γ_s} on left-half rows, zero on the other rows, [C, BK]
+    each, both ≤ 1; the [C, C] mask of pairs in one block)."""
+    HALF: tl.constexpr = 16 << LEVEL
+    ref = tl.zeros_like(gam)
+    for i in tl.static_range(C // (2 * HALF)):
+        ref = tl.where((rows // (2 * HALF) == i)[:, None], _row(gam, rows, i * 2 * HALF + HALF)[None, :], ref)
+    right = ((rows % (2 * HALF)) >= HALF)[:, None]
+    to_ref = tl.exp(tl.where(right, gam - ref, float("-inf")))
+    from_ref = tl.exp(tl.where(right, float("-inf"), ref - gam))
+    return to_ref, from_ref, (rows[:, None] // (2 * HALF)) == (rows[None, :] // (2 * HALF))
+
+
+@triton.jit
+def _block_pairs(a, w, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
+                 C: tl.constexpr, STRICT: tl.constexpr, APPLY: tl.constexpr):
+    """The 16×16 diagonal blocks of a chunk starting at token `start` (`rows` its C local
+    rows), exactly, for a per-key decay gk (`g`, token-major): the [C, C] scores
+    Σ_k a_tk b_sk e^{Γ_tk − Γ_sk}, or (APPLY) the [C, BK] Σ_s w_ts b_s ⊙ e^{Γ_t − Γ_s}, over
+    s ≤ t (s < t when STRICT) in t's block; zero elsewhere. b's rows are read from the
+    token-major `b_ptr`; each exponent is the sum Σ_{s<u≤t} gk_u (never positive, no
+    cancellation), so any decay is exact."""
+    pos = rows % 16
+    first = rows - pos
+    expo = tl.zeros_like(a)                 # Σ_{first+j < u ≤ t} gk_u for column j of t's block
+    if APPLY:
+        out = tl.zeros_like(a)
+    else:
+        out = tl.zeros([C, C], dtype=tl.float32)
+    for jj in range(16):
+        j = 15 - jj
+        nxt = start + first + j + 1
+        later = pos > j
+        expo += load_tile(g, nxt, later & (nxt < end), h, offs_k, K, H)
+        src = start + first + j
+        b_s = load_tile(b_ptr, src, src < end, h, offs_k, K, H).to(tl.float32)
+        if STRICT:
+            keep = later
+        else:
+            keep = pos >= j
+        term = b_s * tl.exp(tl.where(keep[:, None], expo, float("-inf")))
+        column = rows[None, :] == (first + j)[:, None]
+        if APPLY:
+            out += tl.sum(tl.where(column, w, 0.0), 1)[:, None] * term
+        else:
+            out += tl.where(column, tl.sum(a * term, 1)[:, None], 0.0)
+    return out
+
+
+@triton.jit
+def _block_pairs_t(w, a_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
+                   BK: tl.constexpr, C: tl.constexpr, STRICT: tl.constexpr):
+    """[C, BK] Σ_t w_ts a_t ⊙ e^{Γ_t − Γ_s} over t ≥ s (t > s when STRICT) in s's 16-token
+    block, exactly (as `_block_pairs`; a's rows read from the token-major `a_ptr`)."""
+    pos = rows % 16
+    first = rows - pos
+    w_t = tl.trans(w)
+    expo = tl.zeros([C, BK], dtype=tl.float32)  # Σ_{s < u ≤ t} gk_u, t = first + j
+    out = tl.zeros([C, BK], dtype=tl.float32)
+    for j in range(16):
+        tok = start + first + j
+        later = j > pos
+        expo += load_tile(g, tok, later & (tok < end), h, offs_k, K, H)
+        a_t = load_tile(a_ptr, tok, tok < end, h, offs_k, K, H).to(tl.float32)
+        if STRICT:
+            keep = later
+        else:
+            keep = j >= pos
+        weight = tl.sum(tl.where(rows[None, :] == (first + j)[:, None], w_t, 0.0), 1)
+        out += weight[:, None] * a_t * tl.exp(tl.where(keep[:, None], expo, float("-inf")))
+    return out
+
+
+@triton.jit
+def _key_scores(a, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
+                C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr, BLOCKS: tl.constexpr):
+    """[C, C] M_ts = Σ_k a_tk b_sk e^{Γ_tk − Γ_sk} for a per-key Γ [C, BK], s ≤ t (s < t when
+    STRICT), else 0: the halving levels, plus the diagonal blocks when BLOCKS."""
+    if BLOCKS:
+        out = _block_pairs(a, a, b_ptr, g, start, end, h, rows, offs_k, H, K, C, STRICT, False)
+    else:
+        out = tl.zeros([C, C], dtype=tl.float32)
+    for level in tl.static_range(LEVELS):
+        to_ref, from_ref, same = _halving(gam, rows, level, C)
+        out += tl.where(same, tl.dot(a * to_ref, tl.trans(b * from_ref)), 0.0)
+    return out
+
+
+@triton.jit
+def _key_apply(w, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
+               C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr):
+    """[C, BK] Σ_s w_ts b_s ⊙ e^{Γ_t − Γ_s} (w [C, C] masked to s ≤ t, or s < t when STRICT):
+    the gradient of the left factor of `_key_scores` for dM = w."""
+    out = _block_pairs(b, w, b_ptr, g, start, end, h, rows, offs_k, H, K, C, STRICT, True)
+    for level in tl.static_range(LEVELS):
+        to_ref, from_ref, same = _halving(gam, rows, level, C)
+        out += to_ref * tl.dot(tl.where(same, w, 0.0), b * from_ref)
+    return out
+
+
+@triton.jit
+def _key_apply_t(w, a, gam, a_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
+                 BK: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr):
+    """[C, BK] Σ_t w_ts a_t ⊙ e^{Γ_t − Γ_s} (w masked as in `_key_apply`): the gradient of
+    the right factor of `_key_scores` for dM = w."""
+    out = _block_pairs_t(w, a_ptr, g, start, end, h, rows, offs_k, H, K, BK, C, STRICT)
+    for level in tl.static_range(LEVELS):
+        to_ref, from_ref, same = _halving(gam, rows, level, C)
+        out += from_ref * tl.dot(tl.trans(tl.where(same, w, 0.0)), a * to_ref)
+    return out
+
+
+@triton.jit
+def _scores(b_q, b_k, gam, k, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+            LEVELS: tl.constexpr, DECAY: tl.constexpr):
+    """A [C, C], A_ts = Σ_k q_tk k_sk e^{Γ_tk − Γ_sk} for s ≤ t, else 0 (fp32 tiles; k also
+    token-major for the per-key diagonal blocks)."""
+    if DECAY == 2:
+        out = _key_scores(b_q, b_k, gam, k, g, start, end, h, rows, offs_k, H, K, C, LEVELS, False, True)
+    else:
+        out = tl.dot(b_q, tl.trans(b_k)) * _pair_decays(gam, rows, False)
+    return out
+
+
 @triton.jit
 def _diagonal_block_inverse(k, beta, g, a_inv, base, start, end, h, b,
                             H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                            USE_G: tl.constexpr):
+                            DECAY: tl.constexpr):
     """Rows [16b, 16b + 16) of chunk `base`'s a_inv [C, C]: the inverse of the b-th diagonal
     16×16 block of I + N by forward substitution, row by row in fp32; zero elsewhere."""
     offs_i = tl.arange(0, 16)
     offs_t = start + b * 16 + offs_i
     mask_t = offs_t < end
-    b_k = load_tile(k, offs_t, mask_t, h, tl.arange(0, BK), K, H)
+    offs_k = tl.arange(0, BK)
+    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
     b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
-    gam, _ = _chunk_gates(g, offs_t, mask_t, h, H, 16, USE_G)
-    n_block = tl.dot(b_k, tl.trans(b_k)) * b_beta[:, None] * _pair_decays(gam, offs_i, True)
+    if DECAY == 2:
+        gram = _block_pairs(b_k.to(tl.float32), b_k, k, g, start + b * 16, end, h, offs_i, offs_k, H, K, 16,
+                            True, False)
+    else:
+        gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, 16, DECAY)
+        gram = tl.dot(b_k, tl.trans(b_k)) * _pair_decays(gam, offs_i, True)
+    n_block = gram * b_beta[:, None]
     cols = tl.arange(0, C)
     inv = tl.where(cols[None, :] == (b * 16 + offs_i)[:, None], 1.0, 0.0)
     for i in range(1, 16):
@@ -251,15 +380,16 @@ def _diagonal_block_inverse(k, beta, g, a_inv, base, start, end, h, b,
 def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, PRECISION: tl.constexpr,
-               USE_G: tl.constexpr, VARLEN: tl.constexpr):
+               DECAY: tl.constexpr, VARLEN: tl.constexpr):
     """The UT transform of one chunk slot and head: R = (I + N)⁻¹ (`a_inv`, [C, C]), w,
-    u, k_end = K ⊙ e^{γ−Γ} and γ (`g_end`, USE_G). Padded rows come out zero in w, u and
-    k_end (their k, v and β are zero).
+    u, k_end = K ⊙ e^{γ−Γ} and γ (`g_end` [1] or [K] per slot and head, with a decay).
+    Padded rows come out zero in w, u and k_end (their k, v and β are zero).
 
     R: the diagonal blocks D⁻¹ first (`_diagonal_block_inverse`, stored in `a_inv` and
     read back whole), then with N_below the entries of N under the diagonal blocks and
     P = −D⁻¹ N_below (nilpotent: C/16 blocks), R = (I + P)(I + P²)…(I + P^{2^(LEVELS−1)}) D⁻¹
-    = Σ_{j < C/16} Pʲ D⁻¹, LEVELS = log2(C/16).
+    = Σ_{j < C/16} Pʲ D⁻¹, LEVELS = log2(C/16). With a per-key decay N_below is the sum
+    of the halving levels (`_key_scores`): every exponent ≤ 0.
     """
     s = tl.program_id(0)
     h = tl.program_id(1)
@@ -272,16 +402,21 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
     rows, cols = offs_c[:, None], offs_c[None, :]
 
     for b in tl.static_range(C // 16):
-        _diagonal_block_inverse(k, beta, g, a_inv, base, start, end, h, b, H, K, C, BK, USE_G)
+        _diagonal_block_inverse(k, beta, g, a_inv, base, start, end, h, b, H, K, C, BK, DECAY)
     tl.debug_barrier()                      # the blocks' stores, visible to every thread
     a_ptrs = a_inv + (base * C + rows) * C + cols
     inv = tl.load(a_ptrs)
     b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
     b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
-    gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H, C, USE_G)
-    below = (rows // 16) > (cols // 16)
-    n_below = tl.dot(b_k, tl.trans(b_k)) * b_beta[:, None] * tl.exp(
-        tl.where(below, gam[:, None] - gam[None, :], float("-inf")))
+    gam, g_last = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
+    if DECAY == 2:
+        b_kf = b_k.to(tl.float32)
+        n_below = _key_scores(b_kf, b_kf, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, True,
+                              False) * b_beta[:, None]
+    else:
+        below = (rows // 16) > (cols // 16)
+        n_below = tl.dot(b_k, tl.trans(b_k)) * b_beta[:, None] * tl.exp(
+            tl.where(below, gam[:, None] - gam[None, :], float("-inf")))
     power = -tl.dot(inv, n_below, input_precision=PRECISION)
     for _ in tl.static_range(LEVELS):
         inv += tl.dot(power, inv, input_precision=PRECISION)
@@ -291,11 +426,14 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
 
     b_k = b_k.to(tl.float32)
     k_mask = (offs_k < K)[None, :]
-    b_w = tl.dot(inv, b_k * (b_beta * tl.exp(gam))[:, None])
+    b_w = tl.dot(inv, _decayed(b_k * b_beta[:, None], tl.exp(gam), DECAY))
     tl.store(w + (base * C + rows) * K + offs_k[None, :], b_w, mask=k_mask)
-    tl.store(k_end + (base * C + rows) * K + offs_k[None, :], b_k * tl.exp(g_last - gam)[:, None], mask=k_mask)
-    if USE_G:
+    tl.store(k_end + (base * C + rows) * K + offs_k[None, :], _decayed(b_k, tl.exp(g_last - gam), DECAY),
+             mask=k_mask)
+    if DECAY == 1:
         tl.store(g_end + base, g_last)
+    elif DECAY == 2:
+        tl.store(g_end + base * K + offs_k, g_last, mask=offs_k < K)
     for vt in tl.static_range(triton.cdiv(V, BV)):
         offs_v = vt * BV + tl.arange(0, BV)
         b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
@@ -339,8 +477,10 @@ def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, d
 @triton.jit
 def _output_kernel(q, k, g, slot_bounds, states, delta, o, scale, T, PER_ROW,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, VARLEN: tl.constexpr):
-    """Outputs of one chunk slot, head and V-tile: scale [(Q ⊙ e^Γ) S + (tril(Q Kᵀ) ⊙ E) δ]."""
+                   BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
+                   VARLEN: tl.constexpr):
+    """Outputs of one chunk slot, head and V-tile: scale [(Q ⊙ e^Γ) S + A δ], A the
+    decayed causal scores (`_scores`)."""
     NV: tl.constexpr = triton.cdiv(V, BV)
     s = tl.program_id(0) // NV
     h = tl.program_id(1)
@@ -355,20 +495,22 @@ def _output_kernel(q, k, g, slot_bounds, states, delta, o, scale, T, PER_ROW,
     k_ok, v_ok = _slot_dims(start, end, offs_k, offs_v, K, V)
     b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
     b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
-    gam, _ = _chunk_gates(g, offs_t, mask_t, h, H, C, USE_G)
+    gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
     b_s = tl.load(_state_tile(states, base, offs_k, offs_v, K, V)[0], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
     b_delta = tl.load(delta + (base * C + offs_c[:, None]) * V + offs_v[None, :], mask=v_ok[None, :], other=0.0)
-    b_o = tl.dot(b_q * tl.exp(gam)[:, None], b_s)
-    b_o = tl.dot(tl.dot(b_q, tl.trans(b_k)) * _pair_decays(gam, offs_c, False), b_delta, b_o)
+    b_o = tl.dot(_decayed(b_q, tl.exp(gam), DECAY), b_s)
+    scores = _scores(b_q, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, DECAY)
+    b_o = tl.dot(scores, b_delta, b_o)
     store_tile(o, b_o * scale, offs_t, mask_t, h, offs_v, V, H)
 
 
 @triton.jit
 def _output_grad_kernel(q, k, g, do, slot_bounds, d_delta_out, scale, T, PER_ROW,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, VARLEN: tl.constexpr):
-    """The outputs' gradient of δ for one chunk slot, head and V-tile:
-    scale (tril(Q Kᵀ) ⊙ E)ᵀ do, every row of the slot (zero past its tokens)."""
+                        BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
+                        VARLEN: tl.constexpr):
+    """The outputs' gradient of δ for one chunk slot, head and V-tile: scale Aᵀ do
+    (`_scores`), every row of the slot (zero past its tokens)."""
     NV: tl.constexpr = triton.cdiv(V, BV)
     s = tl.program_id(0) // NV
     h = tl.program_id(1)
@@ -382,8 +524,8 @@ def _output_grad_kernel(q, k, g, do, slot_bounds, d_delta_out, scale, T, PER_ROW
     b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
     b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
     b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
-    gam, _ = _chunk_gates(g, offs_t, mask_t, h, H, C, USE_G)
-    scores = tl.dot(b_q, tl.trans(b_k)) * _pair_decays(gam, offs_c, False)
+    gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
+    scores = _scores(b_q, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, DECAY)
     b_dd = tl.dot(tl.trans(scores), b_do) * scale
     tl.store(d_delta_out + (base * C + offs_c[:, None]) * V + offs_v[None, :], b_dd, mask=(offs_v < V)[None, :])
 
@@ -400,7 +542,7 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_states, d_delta_out, d_final, doc
     OUTPUT_GRAD, how the outputs' gradients enter: 0 not at all (final states only); 1 as
     `d_states` and `d_delta_out`, their gradients of each chunk's incoming state and δ;
     2 as `d_delta_out` and scale (Q ⊙ e^Γ)ᵀ do, computed here from q, do and g (token-major,
-    the chunk's tokens from the slot table; DECAY 0 or 1).
+    the chunk's tokens from the slot table).
     """
     n = tl.program_id(0)
     h = tl.program_id(1)
@@ -439,8 +581,8 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_states, d_delta_out, d_final, doc
             mask_t = offs_t < end
             b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
             b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
-            gam, _ = _chunk_gates(g, offs_t, mask_t, h, H, C, DECAY == 1)
-            d_state = tl.dot(tl.trans(b_q * (tl.exp(gam) * scale)[:, None]), b_do, d_state)
+            gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
+            d_state = tl.dot(tl.trans(_decayed(b_q * scale, tl.exp(gam), DECAY)), b_do, d_state)
         d_state -= tl.dot(tl.trans(b_w), b_dd.to(b_w.dtype))
     ptrs, mask = _state_tile(dh0, doc, offs_k, offs_v, K, V)
     tl.store(ptrs, d_state, mask=mask)
@@ -450,16 +592,18 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_states, d_delta_out, d_final, doc
 def _chunk_grad_kernel(q, k, v, beta, g, do, slot_bounds, a_inv, states, delta, d_next, d_delta,
                        dq, dk, dv, dbeta, dg, scale, T, PER_ROW,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, HAS_Q: tl.constexpr,
-                       VARLEN: tl.constexpr):
-    """dq, dk, dv, dβ and dg (USE_G) of one chunk slot and head, all of K, V in tiles.
+                       BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
+                       HAS_Q: tl.constexpr, VARLEN: tl.constexpr):
+    """dq, dk, dv, dβ and dg (with a decay) of one chunk slot and head, all of K, V in tiles.
 
     From the walks: S (incoming state), dS' (`d_next`, of the state leaving), δ and the
     total dδ. Per V-tile: dq ← do Sᵀ, dP ← do δᵀ (HAS_Q), dw ← −dδ Sᵀ, dk_end ← δ dS'ᵀ,
     and u's share: d(βV) = Rᵀ dδ (dv), dR ← dδ (βV)ᵀ. Then the outputs' dq, dk, the walk's
     k_end and γ, w = R B (B = β K ⊙ e^Γ: dB = Rᵀ dw, dR ← dw Bᵀ), and R = (I + N)⁻¹:
     dN = −Rᵀ dR Rᵀ under the diagonal. dΓ gathers every e^Γ factor's share; dg is its
-    reverse cumulative sum over the chunk plus dγ (γ holds every g of the chunk).
+    reverse cumulative sum over the chunk plus dγ (γ holds every g of the chunk). A
+    per-key decay (DECAY 2) keeps dΓ, dγ and Σ S ⊙ dS' per key, and takes the products
+    through the decayed scores by `_key_apply` / `_key_apply_t` (every exponent ≤ 0).
     """
     s = tl.program_id(0)
     h = tl.program_id(1)
@@ -472,7 +616,7 @@ def _chunk_grad_kernel(q, k, v, beta, g, do, slot_bounds, a_inv, states, delta, 
     rows, cols = offs_c[:, None], offs_c[None, :]
     b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
     b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
-    gam, g_last = _chunk_gates(g, offs_t, mask_t, h, H, C, USE_G)
+    gam, g_last = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
     inv = tl.load(a_inv + (base * C + rows) * C + cols)
 
     d_out_k = tl.zeros([C, BK], dtype=tl.float32)      # do Sᵀ
@@ -481,7 +625,7 @@ def _chunk_grad_kernel(q, k, v, beta, g, do, slot_bounds, a_inv, states, delta, 
     d_scores = tl.zeros([C, C], dtype=tl.float32)      # do δᵀ
     d_inv = tl.zeros([C, C], dtype=tl.float32)         # dR
     d_beta = tl.zeros([C], dtype=tl.float32)
-    state_dot = 0.0                                    # Σ S ⊙ dS'
+    state_dot = tl.zeros([BK], dtype=tl.float32)       # Σ_v S ⊙ dS', per key
     for vt in tl.static_range(triton.cdiv(V, BV)):
         offs_v = vt * BV + tl.arange(0, BV)
         # A trailing slot of packed input (no tokens): the walks wrote nothing there.
@@ -500,7 +644,7 @@ def _chunk_grad_kernel(q, k, v, beta, g, do, slot_bounds, a_inv, states, delta, 
             d_scores = tl.dot(b_do, tl.trans(b_delta), d_scores)
         d_w = tl.dot(b_dd, tl.trans(b_s), d_w)
         d_k_end = tl.dot(b_delta, tl.trans(b_dn), d_k_end)
-        state_dot += tl.sum(tl.sum(b_s * b_dn, 1), 0)
+        state_dot += tl.sum(b_s * b_dn, 1)
         b_dbv = tl.dot(tl.trans(inv), b_dd)                # d(βV)
         store_tile(dv, b_dbv * b_beta[:, None], offs_t, mask_t, h, offs_v, V, H)
         d_beta += tl.sum(b_dbv * b_v, 1)
@@ -508,45 +652,69 @@ def _chunk_grad_kernel(q, k, v, beta, g, do, slot_bounds, a_inv, states, delta, 
     d_w = -d_w
 
     e_gam = tl.exp(gam)
-    # o = scale [(Q ⊙ e^Γ) S + (tril(Q Kᵀ) ⊙ E) δ]
+    # o = scale [(Q ⊙ e^Γ) S + A δ]
     if HAS_Q:
         b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
-        d_qk = d_scores * _pair_decays(gam, offs_c, False) * scale
-        b_dq = tl.dot(d_qk, b_k, d_out_k * (e_gam * scale)[:, None])
-        b_dk = tl.dot(tl.trans(d_qk), b_q)
-        d_gam = tl.sum(b_q * b_dq, 1) - tl.sum(b_k * b_dk, 1)
+        d_out_k = _decayed(d_out_k * scale, e_gam, DECAY)
+        if DECAY == 2:
+            d_qk = tl.where(rows >= cols, d_scores, 0.0) * scale
+            b_dq = _key_apply(d_qk, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, False) + d_out_k
+            b_dk = _key_apply_t(d_qk, b_q, gam, q, g, start, end, h, offs_c, offs_k, H, K, BK, C, LEVELS, False)
+            d_gam = b_q * b_dq - b_k * b_dk
+        else:
+            d_qk = d_scores * _pair_decays(gam, offs_c, False) * scale
+            b_dq = tl.dot(d_qk, b_k, d_out_k)
+            b_dk = tl.dot(tl.trans(d_qk), b_q)
+            d_gam = tl.sum(b_q * b_dq, 1) - tl.sum(b_k * b_dk, 1)
         store_tile(dq, b_dq, offs_t, mask_t, h, offs_k, K, H)
     else:
         b_dk = tl.zeros([C, BK], dtype=tl.float32)
-        d_gam = tl.zeros([C], dtype=tl.float32)
+        d_gam = tl.zeros_like(gam)
     # S' = e^γ S + (K ⊙ e^{γ−Γ})ᵀ δ
-    e_end = tl.exp(g_last - gam)
-    b_dk += d_k_end * e_end[:, None]
-    k_end_dot = tl.sum(b_k * d_k_end, 1) * e_end
-    d_gam -= k_end_dot
-    d_last = tl.sum(k_end_dot, 0) + tl.exp(g_last) * state_dot
+    d_k_end = _decayed(d_k_end, tl.exp(g_last - gam), DECAY)
+    b_dk += d_k_end
+    k_end_dot = b_k * d_k_end
+    if DECAY == 2:
+        d_gam -= k_end_dot
+        d_last = tl.sum(k_end_dot, 0) + tl.exp(g_last) * state_dot
+    else:
+        d_gam -= tl.sum(k_end_dot, 1)
+        d_last = tl.sum(tl.sum(k_end_dot, 1), 0) + tl.exp(g_last) * tl.sum(state_dot, 0)
     # w = R B, B = diag(β) (K ⊙ e^Γ)
-    b_kg = b_k * e_gam[:, None]
+    b_kg = _decayed(b_k, e_gam, DECAY)
     d_b = tl.dot(tl.trans(inv), d_w)
     d_inv = tl.dot(d_w, tl.trans(b_kg * b_beta[:, None]), d_inv)
-    b_dk += d_b * (b_beta * e_gam)[:, None]
-    kg_dot = tl.sum(b_kg * d_b, 1)
-    d_beta += kg_dot
-    d_gam += kg_dot * b_beta
+    b_dk += _decayed(d_b * b_beta[:, None], e_gam, DECAY)
+    kg_dot = b_kg * d_b
+    d_beta += tl.sum(kg_dot, 1)
+    if DECAY == 2:
+        d_gam += kg_dot * b_beta[:, None]
+    else:
+        d_gam += tl.sum(kg_dot, 1) * b_beta
     # R = (I + N)⁻¹, N = diag(β) (K Kᵀ ⊙ E) strictly lower
     d_n = -tl.dot(tl.dot(tl.trans(inv), d_inv), tl.trans(inv))
-    gram = tl.dot(b_k, tl.trans(b_k)) * _pair_decays(gam, offs_c, True)       # zero on and above the diagonal
     d_n = tl.where(rows > cols, d_n, 0.0)
-    d_beta += tl.sum(d_n * gram, 1)
-    d_gram = d_n * b_beta[:, None] * _pair_decays(gam, offs_c, True)
-    b_dk = tl.dot(d_gram, b_k, b_dk)
-    b_dk = tl.dot(tl.trans(d_gram), b_k, b_dk)
-    d_pair = d_n * gram * b_beta[:, None]
-    d_gam += tl.sum(d_pair, 1) - tl.sum(d_pair, 0)
+    if DECAY == 2:
+        d_left = _key_apply(d_n, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, True)
+        d_right = _key_apply_t(d_n * b_beta[:, None], b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, BK, C,
+                               LEVELS, True)
+        d_beta += tl.sum(b_k * d_left, 1)
+        b_dk += d_left * b_beta[:, None] + d_right
+        d_gam += b_k * (d_left * b_beta[:, None] - d_right)
+    else:
+        gram = tl.dot(b_k, tl.trans(b_k)) * _pair_decays(gam, offs_c, True)       # zero on and above the diagonal
+        d_beta += tl.sum(d_n * gram, 1)
+        d_gram = d_n * b_beta[:, None] * _pair_decays(gam, offs_c, True)
+        b_dk = tl.dot(d_gram, b_k, b_dk)
+        b_dk = tl.dot(tl.trans(d_gram), b_k, b_dk)
+        d_pair = d_n * gram * b_beta[:, None]
+        d_gam += tl.sum(d_pair, 1) - tl.sum(d_pair, 0)
     store_tile(dk, b_dk, offs_t, mask_t, h, offs_k, K, H)
     tl.store(dbeta + offs_t * H + h, d_beta, mask=mask_t)
-    if USE_G:
+    if DECAY == 1:
         tl.store(dg + offs_t * H + h, tl.cumsum(d_gam, 0, reverse=True) + d_last, mask=mask_t)
+    elif DECAY == 2:
+        store_tile(dg, tl.cumsum(d_gam, 0, reverse=True) + d_last[None, :], offs_t, mask_t, h, offs_k, K, H)
 
 
 # --------------------------------------------------------------------------------------
@@ -555,9 +723,17 @@ def _chunk_grad_kernel(q, k, v, beta, g, do, slot_bounds, a_inv, states, delta, 
 
 
 def _decay_kind(g_end) -> int:
+    """The kernels' DECAY of a chunk's γ (None, [n, H, 1] or [n, H, K])."""
     if g_end is None:
         return DECAY_NONE
     return DECAY_SCALAR if g_end.shape[-1] == 1 else DECAY_PER_KEY
+
+
+def _decay_of(decay) -> int:
+    """The kernels' DECAY of the decay input: None, g [B,T,H] or gk [B,T,H,K]."""
+    if decay is None:
+        return DECAY_NONE
+    return DECAY_SCALAR if decay.dim() == 3 else DECAY_PER_KEY
 
 
 def _walk_grid(layout: ChunkLayout, H: int, K: int, V: int, row: str):
@@ -607,35 +783,37 @@ def _walk_back(w, k_end, g_end, d_final, V: int, layout: ChunkLayout, *, d_state
     return d_delta, d_next, dh0
 
 
-def _chunk_kw(layout: ChunkLayout, row: str, H: int, K: int, V: int, use_g: bool) -> dict:
-    """Keywords of a per-chunk launch: sizes, tiles (all of K; V-tiles of `row`), switches."""
-    return dict(H=H, K=K, V=V, C=layout.chunk, BK=triton.next_power_of_2(K), BV=tile(row, V, K), USE_G=use_g,
-                VARLEN=layout.varlen, **launch_kw(row, K))
+def _chunk_kw(layout: ChunkLayout, row: str, H: int, K: int, V: int, decay: int) -> dict:
+    """Keywords of a per-chunk launch: sizes, tiles (all of K; V-tiles of `row`), the
+    halving levels of 16-token blocks in a chunk, switches."""
+    return dict(H=H, K=K, V=V, C=layout.chunk, BK=triton.next_power_of_2(K), BV=tile(row, V, K),
+                LEVELS=(layout.chunk // BLOCK).bit_length() - 1, DECAY=decay, VARLEN=layout.varlen,
+                **launch_kw(row, K))
 
 
 def _wy(k, v, beta, g, layout: ChunkLayout):
     """The UT transform of every chunk slot (`_wy_kernel`): R, w, u, k_end and γ (None
-    without a decay), fp32."""
+    without a decay; [n_slots, H, 1] for g, [n_slots, H, K] for gk), fp32."""
     H, K = k.shape[2:]
     V, C, NS, dev = v.shape[-1], layout.chunk, layout.n_slots, k.device
     a_inv = launch.new_tensor((NS, H, C, C), torch.float32, dev)
     w = launch.new_tensor((NS, H, C, K), torch.float32, dev)
     u = launch.new_tensor((NS, H, C, V), torch.float32, dev)
     k_end = launch.new_tensor((NS, H, C, K), torch.float32, dev)
-    g_end = None if g is None else launch.new_tensor((NS, H, 1), torch.float32, dev)
-    kw = _chunk_kw(layout, "delta.wy", H, K, V, g is not None)
+    decay = _decay_of(g)
+    g_end = None if g is None else launch.new_tensor((NS, H, K if decay == DECAY_PER_KEY else 1), torch.float32, dev)
+    kw = _chunk_kw(layout, "delta.wy", H, K, V, decay)
     if NS:
         bounds, T, per_row = layout.slot_args(k)
         _wy_kernel[(NS, H)](k, v, beta, k if g is None else g, bounds, a_inv, w, u, k_end,
-                            w if g_end is None else g_end, T, per_row, LEVELS=(C // BLOCK).bit_length() - 1,
-                            PRECISION=INVERSE_PRECISION, **kw)
+                            w if g_end is None else g_end, T, per_row, PRECISION=INVERSE_PRECISION, **kw)
     return a_inv, w, u, k_end, g_end
 
 
-def _slot_launch(kernel, layout: ChunkLayout, row: str, K: int, V: int, H: int, use_g: bool, tiled_v: bool):
+def _slot_launch(kernel, layout: ChunkLayout, row: str, K: int, V: int, H: int, decay: int, tiled_v: bool):
     """Launch `kernel` once per (chunk slot, head), or per (chunk slot, V-tile, head) when
     `tiled_v`, with the per-chunk keywords of `row`; returns the launcher."""
-    kw = _chunk_kw(layout, row, H, K, V, use_g)
+    kw = _chunk_kw(layout, row, H, K, V, decay)
     n_v = triton.cdiv(V, kw["BV"]) if tiled_v else 1
 
     def run(*args, **switches):
@@ -645,9 +823,10 @@ def _slot_launch(kernel, layout: ChunkLayout, row: str, K: int, V: int, H: int, 
 
 
 class _FusedDeltaRule(torch.autograd.Function):
-    """DeltaNet / Gated DeltaNet on the fused kernels (module docstring). Inputs q (or
-    None: final states only), k, v (one dtype, contiguous), β and g (or None) fp32 [B,T,H],
-    h0 (or None) fp32; returns (o or None, final states fp32), differentiable in all."""
+    """The delta rule on the fused kernels (module docstring). Inputs q (or None: final
+    states only), k, v (one dtype, contiguous), β fp32 [B,T,H], the decay (None, g
+    [B,T,H] or gk [B,T,H,K]) fp32, h0 (or None) fp32; returns (o or None, final states
+    fp32), differentiable in all."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, layout, scale):
@@ -658,7 +837,7 @@ class _FusedDeltaRule(torch.autograd.Function):
         if q is not None:
             o = launch.new_tensor(v.shape[:3] + (V,), q.dtype, q.device)
             bounds, T, per_row = layout.slot_args(k)
-            _slot_launch(_output_kernel, layout, "delta.output", K, V, H, g is not None, True)(
+            _slot_launch(_output_kernel, layout, "delta.output", K, V, H, _decay_of(g), True)(
                 q, k, k if g is None else g, bounds, states, delta, o, scale, T, per_row)
         ctx.save_for_backward(q, k, v, beta, g, a_inv, w, k_end, g_end, states, delta)
         ctx.layout, ctx.scale, ctx.has_h0 = layout, scale, h0 is not None
@@ -678,7 +857,7 @@ class _FusedDeltaRule(torch.autograd.Function):
         if has_q:
             do = do.contiguous()
             d_delta_out = launch.new_tensor((layout.n_slots, H, layout.chunk, V), torch.float32, k.device)
-            _slot_launch(_output_grad_kernel, layout, "delta.output_grad", K, V, H, g is not None, True)(
+            _slot_launch(_output_grad_kernel, layout, "delta.output_grad", K, V, H, _decay_of(g), True)(
                 q, k, k if g is None else g, do, bounds, d_delta_out, scale, T, per_row)
         d_delta, d_next, dh0 = _walk_back(w, k_end, g_end, d_final, V, layout, d_delta_out=d_delta_out,
                                           q=q if has_q else None, do=do if has_q else None, g=g, scale=scale)
@@ -687,58 +866,13 @@ class _FusedDeltaRule(torch.autograd.Function):
         dv = launch.new_tensor(v.shape, v.dtype, v.device)
         dbeta = launch.new_tensor(beta.shape, torch.float32, k.device)
         dg = None if g is None else launch.new_tensor(g.shape, torch.float32, k.device)
-        _slot_launch(_chunk_grad_kernel, layout, "delta.chunk_grad", K, V, H, g is not None, False)(
+        _slot_launch(_chunk_grad_kernel, layout, "delta.chunk_grad", K, V, H, _decay_of(g), False)(
             k if q is None else q, k, v, beta, k if g is None else g, k if do is None else do, bounds, a_inv, states,
             delta, d_next, d_delta, k if dq is None else dq, dk, dv, dbeta, k if dg is None else dg, scale, T,
             per_row, HAS_Q=has_q)
         if q is not None and dq is None:
             dq = torch.zeros_like(q)
         return dq, dk, dv, dbeta, dg, dh0 if ctx.has_h0 else None, None, None
-
-
-class _StatePass(torch.autograd.Function):
-    """The state walks for the torch pieces of the gk path: (every chunk's incoming state,
-    δ, the final states) from the WY pieces (fp32) and the initial states; differentiable
-    in all."""
-
-    @staticmethod
-    def forward(ctx, w, u, k_end, g_end, h0, layout):
-        w, k_end = w.contiguous(), k_end.contiguous()
-        g_end = None if g_end is None else g_end.contiguous()
-        states, delta, final = _walk(w, u.contiguous(), k_end, g_end, None if h0 is None else h0.contiguous(),
-                                     layout)
-        states, delta = layout.used(states), layout.used(delta)
-        ctx.save_for_backward(w, k_end, g_end, states, delta)
-        ctx.layout = layout
-        ctx.has_h0 = h0 is not None
-        ctx.set_materialize_grads(False)
-        return states, delta, final
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, d_states, d_delta_out, d_final):
-        w, k_end, g_end, states, delta = ctx.saved_tensors
-        layout = ctx.layout
-        d_states = torch.zeros_like(states) if d_states is None else d_states.float().contiguous()
-        d_delta_out = torch.zeros_like(delta) if d_delta_out is None else d_delta_out.float().contiguous()
-        d_final = None if d_final is None else d_final.float().contiguous()
-        d_delta, d_next, dh0 = _walk_back(w, k_end, g_end, d_final, delta.shape[-1], layout, d_states=d_states,
-                                          d_delta_out=d_delta_out)
-        d_delta, d_next = layout.used(d_delta), layout.used(d_next)
-        dw = -(d_delta @ states.transpose(-1, -2))
-        dk_end = delta @ d_next.transpose(-1, -2)
-        dg_end = None
-        if g_end is not None:
-            per_key = (states * d_next).sum(-1)
-            dg_end = g_end.exp() * (per_key.sum(-1, keepdim=True) if g_end.shape[-1] == 1 else per_key)
-        return dw, d_delta, dk_end, dg_end, dh0 if ctx.has_h0 else None, None
-
-
-def _pieces(k, v, decay, beta, layout: ChunkLayout):
-    """gk path: the chunk tensors of k, v (fp32) and Γ, and the WY pieces of every chunk slot."""
-    kc, vc = (layout.to_chunks(x) for x in (k, v))
-    gam = chunk_log_decay(None if decay is None else layout.to_chunks(decay))
-    return kc, gam, chunk_pieces(kc, vc, layout.to_chunks(beta), gam)
 
 
 def _check_chunk(chunk_size: int) -> None:
@@ -748,14 +882,9 @@ def _check_chunk(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be at least {BLOCK} on the Triton backend, got {chunk_size}")
 
 
-def _per_key(decay) -> bool:
-    return decay is not None and decay.dim() == 4
-
-
 def triton_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, output_final_state=False,
                             cu_seqlens=None, chunk_size=CHUNK_SIZE):
-    """The delta rule on the Triton backend (validated arguments): fused kernels for decay
-    None or g, the torch pieces around the Triton state pass for gk.
+    """The delta rule on the Triton backend (validated arguments): the fused kernels.
 
     Args:
         q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32); CUDA tensors (or CPU
@@ -771,20 +900,11 @@ def triton_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, 
     _check_chunk(chunk_size)
     B, T = k.shape[:2]
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
-    h0 = None if initial_state is None else initial_state.float()
-    if not _per_key(decay):
-        o, final = _FusedDeltaRule.apply(
-            None if q is None else q.contiguous(), k.contiguous(), v.contiguous(), beta.float().contiguous(),
-            None if decay is None else decay.float().contiguous(), None if h0 is None else h0.contiguous(), layout,
-            float(scale))
-        return o, final if output_final_state else None
-    kc, gam, pieces = _pieces(k, v, decay, beta, layout)
-    states, delta, final = _StatePass.apply(pieces.w, pieces.u, pieces.k_end, pieces.g_end, h0, layout)
-    final = final if output_final_state else None
-    if q is None:
-        return None, final
-    o = chunk_outputs(layout.to_chunks(q), kc, gam, delta, states, scale)
-    return layout.from_chunks(o).to(q.dtype), final
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    o, final = _FusedDeltaRule.apply(
+        None if q is None else q.contiguous(), k.contiguous(), v.contiguous(), beta.float().contiguous(),
+        None if decay is None else decay.float().contiguous(), h0, layout, float(scale))
+    return o, final if output_final_state else None
 
 
 def run_transitions(k, decay, beta, *, cu_seqlens=None, chunk_size=CHUNK_SIZE):
@@ -795,11 +915,8 @@ def run_transitions(k, decay, beta, *, cu_seqlens=None, chunk_size=CHUNK_SIZE):
     B, T, H, K = k.shape
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
     eye = torch.eye(K, dtype=torch.float32, device=k.device).expand(layout.n_docs, H, K, K).contiguous()
-    if not _per_key(decay):
-        return _FusedDeltaRule.apply(None, k.contiguous(), torch.zeros_like(k), beta.float().contiguous(),
-                                     None if decay is None else decay.float().contiguous(), eye, layout, 1.0)[1]
-    kc, gam, pieces = _pieces(k, k[..., :0], decay, beta, layout)
-    return _StatePass.apply(pieces.w, torch.zeros_like(kc), pieces.k_end, pieces.g_end, eye, layout)[2]
+    return _FusedDeltaRule.apply(None, k.contiguous(), torch.zeros_like(k), beta.float().contiguous(),
+                                 None if decay is None else decay.float().contiguous(), eye, layout, 1.0)[1]
 
 
 def linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, output_final_state=False,

@@ -1,0 +1,101 @@
+"""`--compile` and `--activation-checkpointing full | selective | none`: a compiled model and a
+selectively checkpointed one give the eager model's loss and gradients; the attention ops stay
+out of the compiled graphs; the options parse (the boolean flag of earlier versions included)."""
+
+import pytest
+import torch
+
+from lasp.launch.compile import compile_blocks
+from lasp.launch.config import load_config, validate
+from lasp.layers.ops import linear_attention_op
+from lasp.models import LinearLlamaForCausalLM, linear_llama_config
+from lasp.models import checkpointing
+
+# aot_eager: Dynamo and AOTAutograd's forward/backward split as under inductor, without the C++
+# compile of each graph (inductor works here too; it takes minutes on a shared CPU).
+BACKEND = "aot_eager"
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _tiny(activation_checkpointing):
+    torch.manual_seed(0)
+    config = linear_llama_config("tiny", layer_pattern="LN", activation_checkpointing=activation_checkpointing)
+    return LinearLlamaForCausalLM(config), torch.randint(0, config.vocab_size, (1, 96))
+
+
+def _assert_same(expected, got, tol):
+    (loss0, grads0), (loss1, grads1) = expected, got
+    assert torch.allclose(loss0, loss1, rtol=0, atol=tol)
+    for name, grad in grads0.items():
+        assert torch.allclose(grad, grads1[name], rtol=0, atol=tol), name
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_compiled_blocks_match_eager(activation_checkpointing):
+    torch._dynamo.reset()
+    model, ids = _tiny(activation_checkpointing)
+    eager = _loss_and_grads(model, ids)
+    assert compile_blocks(model, backend=BACKEND) == len(model.blocks()) == 3
+    for _ in range(2):  # the tracing step, then the compiled graphs as they are
+        _assert_same(eager, _loss_and_grads(model, ids), 1e-5)
+    stats = torch._dynamo.utils.counters["stats"]
+    assert stats["unique_graphs"] >= 4  # each block: the graphs before and after its attention op
+    assert set(model.state_dict()) == set(_tiny(False)[0].state_dict())  # names unchanged
+
+
+def test_attention_ops_run_eagerly_under_compile(monkeypatch):
+    """The op breaks the graph and runs as it is: its body never sees a tracer."""
+    import lasp.layers.ops as ops
+    seen = []
+    real = ops.linear_attention
+
+    def recording(*args, **kwargs):
+        seen.append(torch.compiler.is_compiling())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "linear_attention", recording)
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 32, 2, 16) for _ in range(3))
+    explained = torch._dynamo.explain(lambda q, k, v: linear_attention_op(q.sin(), k, v).cos())(q, k, v)
+    assert explained.graph_count == 2 and explained.graph_break_count == 1
+    assert seen and not any(seen)
+    assert torch.allclose(torch.compile(lambda q: linear_attention_op(q.sin(), k, v).cos(), backend=BACKEND)(q),
+                          linear_attention_op(q.sin(), k, v).cos(), atol=1e-6)
+
+
+def test_selective_checkpointing_matches_full_and_keeps_matmuls(monkeypatch):
+    decisions = []
+    policy = checkpointing.save_matmuls
+    monkeypatch.setattr(checkpointing, "save_matmuls", lambda ctx, op, *a, **k: decisions.append(
+        (ctx.is_recompute, op)) or policy(ctx, op, *a, **k))
+    model, ids = _tiny(True)
+    full = _loss_and_grads(model, ids)
+    model.config.activation_checkpointing = "selective"
+    _assert_same(full, _loss_and_grads(model, ids), 1e-6)
+    assert any(op in checkpointing.SAVED_OPS for _, op in decisions)  # the forward kept matmul outputs
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        checkpointing.checkpoint_context_fn("sometimes")
+
+
+def test_options(tmp_path):
+    assert load_config([]).model.activation_checkpointing == "none" and not load_config([]).model.compile
+    assert load_config(["--activation-checkpointing"]).model.activation_checkpointing == "full"
+    assert load_config(["--activation-checkpointing", "--steps", "3"]).model.activation_checkpointing == "full"
+    assert load_config(["--activation-checkpointing", "selective"]).model.activation_checkpointing == "selective"
+    assert load_config(["--no-activation-checkpointing"]).model.activation_checkpointing == "none"
+    path = tmp_path / "run.yaml"
+    for text, mode in (("true", "full"), ("false", "none"), ("selective", "selective")):
+        path.write_text(f"model:\n  activation_checkpointing: {text}\n  compile: true\n")
+        config = load_config(["--config", str(path)])
+        assert (config.model.activation_checkpointing, config.model.compile) == (mode, True)
+    validate(load_config(["--compile", "--activation-checkpointing", "full"]), world_size=2)
+    with pytest.raises(ValueError, match="--activation-checkpointing must be one of none, full, selective"):
+        validate(load_config(["--activation-checkpointing", "yes"]), world_size=2)
+    with pytest.raises(ValueError, match="--compile does not combine with --activation-checkpointing selective"):
+        validate(load_config(["--compile", "--activation-checkpointing", "selective"]), world_size=2)
