@@ -37,8 +37,9 @@ GPU, per token of L:
     offloaded     layers · hidden · 2          (each checkpointed block input, bf16; to host)
                   + hidden · (4 + 2 + 2)       (the final norm's fp32 input and bf16 output,
                                                 the loss chunks' hidden states; to host)
-    tiled         TILED_SAVING_PER_TOKEN       (one block's recomputation with its norms and
-                                                MLP tiled, against untiled: `--profile-cpu`
+    tiled         TILED_SAVING_PER_TOKEN       (one block's recomputation with its norms, the
+                                                MLP and the linear attention's output path
+                                                tiled, against untiled: `--profile-cpu`
                                                 measures it at linear-llama3-1b's widths on the
                                                 CPU, torch's MemTracker, the linear-attention
                                                 kernel replaced by a stand-in that saves and
@@ -67,8 +68,9 @@ GATHER_BUDGET_BYTES = 1 << 30                                   # lasp.parallel.
 HIDDEN = 2048
 LONG_SEQUENCE_TILE = 16384
 # `--profile-cpu` (2026-12-06, torch 2.13 CPU): one block's peak recomputation 120.0 KiB/token
-# untiled, 60.1 KiB/token with tile_tokens (its norms and MLP a tile at a time).
-TILED_SAVING_PER_TOKEN = (120.0 - 60.1) * KiB
+# untiled, 36.0 KiB/token with tile_tokens (its norms, MLP and the linear attention's output
+# path a tile at a time; 60.1 KiB/token when only the norms and the MLP were tiled).
+TILED_SAVING_PER_TOKEN = (120.0 - 36.0) * KiB
 
 
 def offloaded_bytes_per_token(layers: int = SHAPE["layers"], hidden: int = HIDDEN) -> float:

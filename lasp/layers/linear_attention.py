@@ -33,6 +33,7 @@ from torch import nn
 from lasp.layers.checks import positive_int
 from lasp.layers.conv import ShortConv
 from lasp.layers.feature_maps import build_feature_map
+from lasp.layers.mlp import token_tiles
 from lasp.layers.norm import RMSNorm
 from lasp.layers.ops import linear_attention_op
 
@@ -100,6 +101,7 @@ class LinearAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.tile_tokens = 0  # the output path's tile (`output`); the model sets config.tile_tokens
         qkv_channels = (num_heads + num_kv_heads) * key_dim + num_kv_heads * head_dim
         self.conv = ShortConv(qkv_channels, conv_size) if conv_size else None
         self.g_proj = nn.Linear(hidden_size, num_heads, bias=True) if self.decay == "scalar" else None
@@ -140,11 +142,17 @@ class LinearAttention(nn.Module):
         g, g_gamma, gk = self.log_decays(x)
         o = linear_attention_op(q, k, v, g, g_gamma, gk=gk, scale=self.feature_map.scale, layout=layout,
                                 group=group, cu_seqlens=cu_seqlens)
+        return token_tiles(self.output, o, self.tile_tokens, x)
+
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The op's heads o [B, t, H, D] to the layer's output [B, t, hidden]: per-head norm,
+        output gate from the layer's input x, o_proj. Token-wise (tiled by `tile_tokens`)."""
+        B, t, H, D = o.shape
         if self.o_norm is not None:
             o = self.o_norm(o)
         if self.gate_proj is not None:
-            o = o * GATES[self.output_gate](self.gate_proj(x)).view(B, T, H, D)
-        return self.o_proj(o.reshape(B, T, H * D))
+            o = o * GATES[self.output_gate](self.gate_proj(x)).view(B, t, H, D)
+        return self.o_proj(o.reshape(B, t, H * D))
 
     def attention_flops_per_token(self, chunk_size: int) -> float:
         """Training FLOPs (3 × forward) per token of the linear-attention op alone (the

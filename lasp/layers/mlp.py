@@ -24,8 +24,10 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def token_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
-    """fn(x) for a token-wise `fn` of x [B, T, ...], `tile_tokens` tokens at a time (0: all at once).
+def token_tiles(fn: Callable[..., torch.Tensor], x: torch.Tensor, tile_tokens: int, *more: torch.Tensor
+                ) -> torch.Tensor:
+    """fn(x, *more) for a token-wise `fn` of x [B, T, ...] (and of further [B, T, ...] tensors
+    `more`, tiled alike), `tile_tokens` tokens at a time (0: all at once).
 
     Under autograd each tile runs under activation checkpointing, so fn's intermediates (the
     SwiGLU's four [tile, intermediate] tensors, a norm's fp32 copies) exist for one tile at a
@@ -33,8 +35,9 @@ def token_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, til
     The same per-token math as fn(x); weight gradients add the tiles' shares (DeepSpeed ALST's
     tiled MLP, here also for the norms)."""
     if tile_tokens <= 0 or x.shape[1] <= tile_tokens:
-        return fn(x)
-    tiles = x.split(tile_tokens, dim=1)   # one SplitBackward joins the tiles' input gradients
+        return fn(x, *more)
+    # one SplitBackward per input joins the tiles' input gradients
+    tiles = zip(*(t.split(tile_tokens, dim=1) for t in (x, *more)))
     if torch.is_grad_enabled():
-        return torch.cat([checkpoint(fn, tile, use_reentrant=False) for tile in tiles], dim=1)
-    return torch.cat([fn(tile) for tile in tiles], dim=1)
+        return torch.cat([checkpoint(fn, *tile, use_reentrant=False) for tile in tiles], dim=1)
+    return torch.cat([fn(*tile) for tile in tiles], dim=1)

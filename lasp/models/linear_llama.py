@@ -145,6 +145,8 @@ class LinearLlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
         self.tile_tokens = config.tile_tokens
+        if isinstance(self.self_attn, LinearAttention):   # its norm, gate and o_proj, tiled alike
+            self.self_attn.tile_tokens = config.tile_tokens
 
     def forward(self, x, layout=None, group=None, cu_seqlens=None):
         """Returns (x, aux_loss): the layer's load-balancing loss for MoM, else None. The norms

@@ -1,11 +1,12 @@
 """Long-sequence memory options of Linear-Llama: activation offload to host memory and
-tiled norms + MLP give the same loss and gradients; their config and lasp-train checks."""
+tiled norms, MLP and linear-attention output path give the same loss and gradients; their config and lasp-train checks."""
 
 import pytest
 import torch
 
 import lasp.models.linear_llama as linear_llama
 from lasp.launch.config import load_config, validate
+from lasp.layers import LinearAttention
 from lasp.layers.mlp import token_tiles
 from lasp.models import LinearLlamaForCausalLM, linear_llama_config
 from tests.utils import random_cu_seqlens
@@ -15,13 +16,16 @@ T = 24
 
 def loss_and_grads(seed=0, tokens_seen=None, **overrides):
     """Loss and gradients of the tiny model on two packed documents; `tokens_seen` collects
-    the number of tokens each MLP and norm call gets."""
+    the number of tokens each MLP, norm and linear-attention output projection call gets."""
     torch.manual_seed(seed)
     model = LinearLlamaForCausalLM(linear_llama_config("tiny", **overrides)).double()
     if tokens_seen is not None:
         for name, module in model.named_modules():
+            tiled = [module.o_proj] if isinstance(module, LinearAttention) else []
             if name.endswith(("mlp", "layernorm")) or name == "model.norm":
-                module.register_forward_pre_hook(lambda _, args: tokens_seen.append(args[0].shape[1]))
+                tiled.append(module)
+            for part in tiled:
+                part.register_forward_pre_hook(lambda _, args: tokens_seen.append(args[0].shape[1]))
     ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(1))
     loss = model(ids, cu_seqlens=random_cu_seqlens([10, 14]), labels=ids).loss
     loss.backward()
@@ -71,13 +75,14 @@ def test_offload_gives_the_same_loss_and_gradients_and_offloads_only_outside_the
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_tiled_norms_and_mlp_give_the_same_loss_and_gradients(checkpointing):
+def test_tiled_norms_mlp_and_attention_output_give_the_same_loss_and_gradients(checkpointing):
     """Tiles of 7 tokens (the last one shorter) over two packed documents."""
     reference = loss_and_grads(activation_checkpointing=checkpointing)
     tokens_seen = []
     tiled = loss_and_grads(activation_checkpointing=checkpointing, tile_tokens=7, tokens_seen=tokens_seen)
     assert_same(tiled, reference, 1e-12)
-    assert max(tokens_seen) == 7 and sum(tokens_seen) >= (3 * 3 + 1) * T   # 3 blocks × 2 norms + MLP, final norm
+    # 3 blocks × (2 norms + MLP), the final norm, and the linear layers' output path
+    assert max(tokens_seen) == 7 and sum(tokens_seen) >= (3 * 3 + 1 + 1) * T
     if checkpointing:
         both = loss_and_grads(activation_checkpointing=True, offload_activations=True, tile_tokens=7)
         assert_same(both, reference, 1e-12)
