@@ -76,3 +76,37 @@ def assert_layer_gradients_match(layer, x, out, expected, tol=1e-11):
     for name, a, b in zip(names, torch.autograd.grad(out, leaves, cot), torch.autograd.grad(expected, leaves, cot)):
         assert rel_err(a, b) < tol, name
         assert b.abs().sum() > 0, f"{name} gets no gradient"
+
+
+def assert_layer_matches_recurrence(layer, x, lengths, expected, tol=1e-12):
+    """`layer(x)` on the packed documents `lengths` equals `expected` (its token-loop oracle),
+    the packed run equals each document run alone, and every gradient matches the oracle's."""
+    cu = random_cu_seqlens(lengths) if len(lengths) > 1 else None
+    out = layer(x, cu_seqlens=cu)
+    assert rel_err(out, expected) < tol
+    if cu is not None:
+        alone = torch.cat([layer(doc) for doc in x.split(lengths, dim=1)], 1)
+        assert rel_err(out, alone) < tol
+    assert_layer_gradients_match(layer, x, out, expected)
+
+
+def assert_bf16_gpu_layer_matches_fp64(layer, hidden: int, lengths, out_tol=3e-2, grad_tol=5e-2):
+    """`layer` in bf16 on the GPU, under `no_host_sync`, against its float64 copy on the CPU
+    on packed documents `lengths`: output and every parameter gradient."""
+    import copy
+
+    from lasp.sync import no_host_sync
+    oracle = copy.deepcopy(layer).double()
+    x = torch.randn(1, sum(lengths), hidden, dtype=torch.float64)
+    cot = torch.randn_like(x)
+    cu = random_cu_seqlens(lengths)
+    expected = oracle(x, cu_seqlens=cu)
+    expected_grads = torch.autograd.grad(expected, list(oracle.parameters()), cot)
+    layer = layer.cuda().bfloat16()
+    x, cot, cu = x.cuda().bfloat16(), cot.cuda().bfloat16(), cu.cuda()
+    with no_host_sync():
+        out = layer(x, cu_seqlens=cu)
+        grads = torch.autograd.grad(out, list(layer.parameters()), cot)
+    assert rel_err(out.cpu(), expected) < out_tol
+    for (name, _), a, b in zip(layer.named_parameters(), grads, expected_grads):
+        assert rel_err(a.cpu(), b) < grad_tol, name

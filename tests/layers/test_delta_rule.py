@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lasp.layers import GatedDeltaNet, KimiDeltaAttention
 from lasp.parallel import SequenceLayout
 from tests.distributed import assert_layer_shards_match, run_distributed
-from tests.utils import assert_layer_gradients_match, random_cu_seqlens, rel_err
+from tests.utils import assert_layer_matches_recurrence, random_cu_seqlens
 
 HIDDEN, HEADS, HEAD_DIM, HEAD_V_DIM = 24, 2, 8, 6
 LAYERS = {"gdn": GatedDeltaNet, "kda": KimiDeltaAttention}
@@ -80,14 +80,7 @@ def delta_rule_by_recurrence(layer, x, lengths):
 def test_delta_layer_matches_its_recurrence(kind, B, lengths, num_v_heads, conv_size):
     layer = random_layer(kind, num_v_heads=num_v_heads, conv_size=conv_size)
     x = torch.randn(B, sum(lengths), HIDDEN, dtype=torch.float64, requires_grad=True)
-    cu = random_cu_seqlens(lengths) if len(lengths) > 1 else None
-    out, expected = layer(x, cu_seqlens=cu), delta_rule_by_recurrence(layer, x, lengths)
-    assert rel_err(out, expected) < 1e-12
-    if cu is not None:  # packed documents are kept apart: the packed run is each document run alone
-        alone = torch.cat([layer(doc) for doc in x.split(lengths, dim=1)], 1)
-        assert rel_err(out, alone) < 1e-12
-    assert_layer_gradients_match(layer, x, out, expected)
-
+    assert_layer_matches_recurrence(layer, x, lengths, delta_rule_by_recurrence(layer, x, lengths))
 
 def _sp_body(rank, W):
     lengths = [7, 1, 10, 6]                                       # documents across segment boundaries
