@@ -5,7 +5,7 @@
     run_distributed(body, world_size, *args, cuda=True)   # W ranks on CUDA (below)
 
 Each process calls `body` with the group initialised; a failure on any rank (assertion
-or exception) fails the calling test with that rank's traceback. A rank that hangs is
+or exception) fails the calling test with every failing rank's traceback. A rank that hangs is
 killed after `timeout` seconds and fails the test.
 
 GPU runs (`cuda=True`, the multi-rank GPU tests): with W GPUs, rank r runs on GPU r over
@@ -63,15 +63,23 @@ def _init_group(rank: int, world_size: int, cuda: bool) -> None:
 
 def _worker(rank, world_size, port, cuda, body, args, errors):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    status = 0
     try:
         _init_group(rank, world_size, cuda)
         body(rank, world_size, *args)
         dist.barrier()      # no rank tears the group down while a peer still uses it
     except BaseException:  # report every failure, including assertion errors
         errors.put((rank, traceback.format_exc()))
+        status = 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Leave without the interpreter's teardown: gloo's threads can abort it now and then
+    # ("terminate called without an active exception") after a body that passed. The
+    # report is flushed first; a crash inside the body still shows as an abnormal exit.
+    errors.close()
+    errors.join_thread()
+    os._exit(status)
 
 
 def run_distributed(body, world_size: int, *args, timeout: float = 300.0, cuda: bool = False) -> None:
@@ -91,9 +99,8 @@ def run_distributed(body, world_size: int, *args, timeout: float = 300.0, cuda: 
     failures = []
     while not errors.empty():
         failures.append(errors.get())
-    if failures:
-        rank, tb = sorted(failures)[0]
-        raise AssertionError(f"rank {rank} of {world_size} failed:\n{tb}")
+    if failures:  # every rank's report: a peer's "connection closed" is not the cause
+        raise AssertionError("\n".join(f"rank {rank} of {world_size} failed:\n{tb}" for rank, tb in sorted(failures)))
     if hung:
         raise AssertionError(f"ranks {hung} of {world_size} did not finish within {timeout}s")
     bad = [r for r, p in enumerate(procs) if p.exitcode != 0]

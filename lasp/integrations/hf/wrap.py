@@ -30,9 +30,9 @@ from __future__ import annotations
 import inspect
 from types import MethodType
 
-import transformers
 from packaging.version import Version
 from transformers import AttentionInterface
+from transformers import __version__ as TRANSFORMERS_VERSION
 
 from lasp.integrations.hf import gated_deltanet, kda, lfm2, mamba2, minimax
 from lasp.integrations.hf.attention import ATTENTION, attention_windows, lasp_attention
@@ -114,9 +114,9 @@ def parallelize_hf(model, sp: SPContext):
         raise ValueError(f"lasp.parallelize does not support {type(model).__name__} (model_type "
                          f"{model_type!r}); supported: lasp's Linear-Llama models and transformers "
                          f"model types {list(SUPPORTED_MODEL_TYPES)}")
-    if model_type not in SOFTMAX_ONLY_MODEL_TYPES and Version(transformers.__version__) < Version(ADAPTERS_CHECKED_WITH):
+    if model_type not in SOFTMAX_ONLY_MODEL_TYPES and Version(TRANSFORMERS_VERSION) < Version(ADAPTERS_CHECKED_WITH):
         raise ValueError(f"lasp.parallelize adapts {model_type!r}'s linear layers as transformers "
-                         f"{ADAPTERS_CHECKED_WITH} writes them; this is transformers {transformers.__version__}: "
+                         f"{ADAPTERS_CHECKED_WITH} writes them; this is transformers {TRANSFORMERS_VERSION}: "
                          f"pip install 'transformers>={ADAPTERS_CHECKED_WITH}'")
     AttentionInterface.register(ATTENTION, lasp_attention)
     model.set_attn_implementation(ATTENTION)
