@@ -118,3 +118,16 @@ def test_hybrid_adapters_refuse_an_older_transformers(monkeypatch):
     monkeypatch.setattr(wrap, "TRANSFORMERS_VERSION", "5.17.0")
     with pytest.raises(ValueError, match=r"transformers 5\.17\.0.*transformers>=5\.25"):
         wrap.parallelize_hf(model, lasp.layers.SPContext(1, 0))
+
+
+def test_position_ids_must_be_the_global_positions():
+    """transformers' padding-free packing (positions restarting per document) would mix the
+    documents in lasp's linear layers: refused; the layout's own positions are accepted."""
+    torch.manual_seed(0)
+    model = lasp.parallelize(tiny_model("qwen3", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    ids = torch.randint(0, VOCAB, (1, 12))
+    expected = model(ids).logits
+    assert rel_err(model(ids, position_ids=torch.arange(12)[None]).logits, expected) < 1e-15
+    with pytest.raises(ValueError, match="position_ids must be the global positions.*cu_seqlens"):
+        model(ids, position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None])

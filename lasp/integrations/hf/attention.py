@@ -10,7 +10,7 @@ there transformers would build each mask on the LOCAL tokens (wrong under SP) an
 and what its masks would carry is honoured or refused here instead:
 - causal: always (by global position); padding: refused; packed documents: `cu_seqlens`
   only (`position_ids` that restart at each document, transformers' padding-free packing,
-  are not read as document boundaries);
+  are refused by the decoder hook in `wrap.py`: given position_ids must be the global ones);
 - sliding windows and chunked attention, which some models convey only through their mask
   (e.g. Qwen2-MoE's ``sliding_attention`` layers): read from the config by
   `attention_windows` when the model is parallelized, and a layer whose window is shorter

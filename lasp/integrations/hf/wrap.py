@@ -4,7 +4,8 @@
 - linear layers (the families' modules, `ADAPTERS`): their forward replaced by lasp's,
   on the HF module's own parameters;
 - a forward pre-hook on the decoder passes the layout's global positions as
-  ``position_ids`` when the caller gives none (RoPE rotates by global positions), records
+  ``position_ids`` when the caller gives none (RoPE rotates by global positions) and checks
+  given ones against them (on the device, no host sync), records
   this forward's ``cu_seqlens`` in the model's `HFContext`, and refuses a padding
   ``attention_mask`` (pack documents and pass ``cu_seqlens``).
 
@@ -38,6 +39,7 @@ from lasp.integrations.hf import gated_deltanet, kda, lfm2, mamba2, minimax
 from lasp.integrations.hf.attention import ATTENTION, attention_windows, lasp_attention
 from lasp.integrations.hf.context import HFContext
 from lasp.integrations.hf.moe import routes_aux_loss
+from lasp.kernels.checks import check_value
 from lasp.layers.sequence import SPContext
 
 SOFTMAX_ONLY_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
@@ -61,12 +63,19 @@ def _decoder_hook(context: HFContext):
             raise ValueError("a model wrapped by lasp.parallelize takes no attention_mask: pack the documents "
                              "into one row and pass cu_seqlens= (offsets of the whole sequence) instead of padding")
         context.cu_seqlens = bound.get("cu_seqlens", kwargs.get("cu_seqlens"))
-        if "position_ids" in signatures[type(module)].parameters and bound.get("position_ids") is None:
-            tokens = bound.get("input_ids")
-            if tokens is None:
-                tokens = bound["inputs_embeds"]
-            positions = context.sp.local_layout(tokens.shape[1]).positions(tokens.device)
-            kwargs["position_ids"] = positions.expand(tokens.shape[0], -1)
+        if "position_ids" not in signatures[type(module)].parameters:
+            return args, kwargs
+        tokens = bound.get("input_ids")
+        if tokens is None:
+            tokens = bound["inputs_embeds"]
+        positions = context.sp.local_layout(tokens.shape[1]).positions(tokens.device).expand(tokens.shape[0], -1)
+        given = bound.get("position_ids")
+        if given is None:
+            kwargs["position_ids"] = positions
+        else:   # transformers' padding-free packing restarts them per document; lasp would mix documents
+            check_value(given.to(positions.device) == positions,
+                        "position_ids must be the global positions of the local tokens (lasp.shard_batch gives "
+                        "them); for packed documents pass cu_seqlens= instead of restarting position_ids")
         return args, kwargs
     return hook
 
