@@ -13,8 +13,8 @@ NCCL. With fewer GPUs than ranks, or with the environment variable **`LASP_SHARE
 the W ranks share GPU 0 over gloo instead: NCCL refuses two ranks on one device, while
 gloo moves CUDA tensors through host memory (`lasp.parallel.comm`). That checks
 correctness and stream ordering across ranks on a one-GPU machine, not NCCL's speed, so
-the multi-rank GPU tier runs on any GPU machine. `gpu_skip_reason` says why a GPU run
-cannot happen here (no CUDA GPU), for `pytest.skip`.
+the multi-rank GPU tier runs on any GPU machine (tests/conftest.py skips `gpu` tests only
+where there is no CUDA GPU).
 """
 
 from __future__ import annotations
@@ -29,12 +29,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 SHARED_GPU = os.environ.get("LASP_SHARED_GPU") == "1"
-
-
-def gpu_skip_reason(world_size: int) -> str | None:
-    """Why `run_distributed(..., cuda=True)` cannot run `world_size` ranks here (None: it can;
-    ranks share one GPU when there are fewer GPUs than ranks)."""
-    return None if torch.cuda.is_available() else "needs a CUDA GPU"
 
 
 def shares_gpu(world_size: int) -> bool:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import lasp
 from lasp.models import LinearLlamaForCausalLM, linear_llama_config
 from lasp.parallel import SequenceLayout, comm
-from tests.distributed import gpu_skip_reason, report, run_distributed
+from tests.distributed import report, run_distributed
 from tests.utils import random_cu_seqlens, rel_err
 
 W, T, VOCAB = 2, 1024, 256
@@ -130,7 +130,4 @@ def _body(rank, world_size):
 
 @pytest.mark.gpu
 def test_hybrid_training_step_is_sync_free_and_matches_one_process():
-    reason = gpu_skip_reason(W)
-    if reason:
-        pytest.skip(reason)
     run_distributed(_body, W, cuda=True, timeout=900)

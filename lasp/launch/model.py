@@ -10,6 +10,7 @@ set config fields; --layer-pattern does not apply. `HFCausalLM` gives it the for
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from dataclasses import dataclass
@@ -111,21 +112,17 @@ def check_model(config) -> None:
     from lasp.models import LinearLlamaForCausalLM
 
     if hf_path(config) is not None:
-        hf_config = build_hf_config(config, vocab_size=None)
-        try:
-            with torch.device("meta"):
-                _hf_model(hf_config)
-        except Exception as error:  # whatever the model's constructor raises for such a config
-            raise ValueError(f"--model {config.name} --model-overrides {json.dumps(config.model_overrides)}: "
-                             f"{type(error).__name__}: {error}") from None
-        return
-    model_config = build_model_config(config, vocab_size=None)
+        options = f"--model {config.name}"
+        build = functools.partial(_hf_model, build_hf_config(config, vocab_size=None))
+    else:
+        options = f"--model {config.name} --layer-pattern {config.layer_pattern}"
+        build = functools.partial(LinearLlamaForCausalLM, build_model_config(config, vocab_size=None))
     try:
         with torch.device("meta"):
-            LinearLlamaForCausalLM(model_config)
+            build()
     except Exception as error:  # whatever the model's constructor raises for such a config
-        raise ValueError(f"--model {config.name} --layer-pattern {config.layer_pattern} --model-overrides "
-                         f"{json.dumps(config.model_overrides)}: {type(error).__name__}: {error}") from None
+        raise ValueError(f"{options} --model-overrides {json.dumps(config.model_overrides)}: "
+                         f"{type(error).__name__}: {error}") from None
 
 
 def build_model(config, vocab_size: int, device: torch.device, seed: int):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from lasp.kernels import mixture_of_memories, mom_dispatch, mom_projection, mom_route
 from lasp.layers import MixtureOfMemories
 from lasp.sync import no_host_sync
-from tests.distributed import gpu_skip_reason, report, run_distributed
+from tests.distributed import report, run_distributed
 from tests.parallel.test_lasp2 import documents
 from tests.utils import random_cu_seqlens, rel_err
 
@@ -242,7 +242,4 @@ def _sp_body(rank, W):
 
 
 def test_sequence_parallel_matches_single_gpu():
-    reason = gpu_skip_reason(2)
-    if reason:
-        pytest.skip(reason)
     run_distributed(_sp_body, 2, cuda=True, timeout=900)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import lasp
 from lasp.parallel import comm
-from tests.distributed import gpu_skip_reason, run_distributed
+from tests.distributed import run_distributed
 
 
 def _check_collectives(rank, W, device):
@@ -99,7 +99,4 @@ def _check_collectives_without_host_values(rank, W):
 @pytest.mark.gpu
 @pytest.mark.parametrize("W", [2])
 def test_collectives_on_cuda_stay_sync_free(W):
-    reason = gpu_skip_reason(W)
-    if reason:
-        pytest.skip(reason)
     run_distributed(_gpu_body, W, cuda=True, timeout=300)

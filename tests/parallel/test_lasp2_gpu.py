@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lasp.kernels import linear_attention
 from lasp.parallel import SequenceLayout, lasp1_linear_attention, lasp2_linear_attention
-from tests.distributed import gpu_skip_reason, report, run_distributed
+from tests.distributed import report, run_distributed
 from tests.parallel.test_lasp2 import documents
 from tests.utils import grads, rel_err
 
@@ -86,7 +86,4 @@ def _body(rank, W):
 @pytest.mark.gpu
 @pytest.mark.parametrize("W", [2, 4])
 def test_matches_single_gpu(W):
-    reason = gpu_skip_reason(W)
-    if reason:
-        pytest.skip(reason)
     run_distributed(_body, W, cuda=True, timeout=900)

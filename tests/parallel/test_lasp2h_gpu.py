@@ -28,7 +28,7 @@ import torch.distributed as dist
 from lasp.kernels.softmax_attention import softmax_attention
 from lasp.parallel.lasp2h import lasp2h_attention, ring_attention
 from lasp.parallel.layout import SequenceLayout
-from tests.distributed import gpu_skip_reason, report, run_distributed
+from tests.distributed import report, run_distributed
 from tests.utils import rel_err
 
 T, HQ, HKV, D = 8192, 8, 2, 128
@@ -80,7 +80,4 @@ def _body(rank, W):
 @pytest.mark.gpu
 @pytest.mark.parametrize("W", [2, 4])
 def test_ranks_match_single_gpu_fp32(W):
-    reason = gpu_skip_reason(W)
-    if reason:
-        pytest.skip(reason)
     run_distributed(_body, W, cuda=True, timeout=900)

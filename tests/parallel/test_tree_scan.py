@@ -17,7 +17,7 @@ from lasp.kernels import linear_attention
 from lasp.kernels.transition import KINDS, Transition
 from lasp.parallel import SequenceLayout, comm, lasp2_linear_attention, scan
 from lasp.parallel.scan import AllGatherScan, PrefixScan, default_exchange, prefix_scan
-from tests.distributed import gpu_skip_reason, run_distributed
+from tests.distributed import run_distributed
 from tests.parallel.test_lasp2 import documents, random_transitions, sequential_chains
 from tests.utils import grads, random_decay, random_inputs, rel_err
 
@@ -72,9 +72,6 @@ def test_prefix_scan_at_eight_ranks():
 def test_prefix_scan_on_gpus():
     """W = 2 on CUDA tensors: NCCL on two GPUs, or (one GPU, or LASP_SHARED_GPU=1) two ranks on one
     GPU over gloo, whose CUDA tensors go through host memory (tests/distributed.py)."""
-    reason = gpu_skip_reason(2)
-    if reason:
-        pytest.skip(reason)
     run_distributed(_scan_body, 2, ("contiguous", "zigzag"), KINDS, "cuda", cuda=True)
 
 

@@ -42,11 +42,19 @@ def documents(batch: int, total: int, cu_seqlens):
             yield 0, start, end
 
 
+def _document_slice(x, b, start, end, dtype):
+    """x[b, start:end] in `dtype`, for a tensor, None or a tuple of them."""
+    if isinstance(x, tuple):
+        return tuple(_document_slice(t, b, start, end, dtype) for t in x)
+    return None if x is None else x[b, start:end].to(dtype)
+
+
 def run_documents(step, q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens):
     """Apply `step(q, k, v, decay, scale, state) -> (o, state)` to each document and assemble.
 
-    `decay` is None or a per-token tensor [B, T, H, ...] (sliced per document like k);
-    q None computes the states only (the steps then return o None). Returns
+    `decay` is None, a per-token tensor [B, T, H, ...] or a tuple of such tensors (or None),
+    sliced per document like k; q None computes the states only (the steps then return
+    o None). Returns
     (o [B,T,H,V] in q's dtype or None, final states [N,H,K,V] or None).
     """
     B, T, H, K = k.shape
@@ -56,7 +64,7 @@ def run_documents(step, q, k, v, decay, scale, initial_state, output_final_state
     for n, (b, start, end) in enumerate(documents(B, T, cu_seqlens)):
         state = (k.new_zeros(H, K, V, dtype=acc) if initial_state is None
                  else initial_state[n].to(acc))
-        gate = None if decay is None else decay[b, start:end].to(acc)
+        gate = _document_slice(decay, b, start, end, acc)
         o, state = step(None if q is None else q[b, start:end].to(acc), k[b, start:end].to(acc),
                         v[b, start:end].to(acc), gate, scale, state)
         outs.append(o)

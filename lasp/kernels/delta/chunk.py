@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lasp.kernels.common.documents import TorchPhases, accumulation_dtype, documents
+from lasp.kernels.common.documents import TorchPhases, accumulation_dtype, documents, run_documents
 from lasp.kernels.common.launch import CHUNK_SIZE
 from lasp.kernels.delta.wy import carry, chunk_log_decay, chunk_outputs, chunk_pieces, chunk_transitions
 
@@ -70,21 +70,10 @@ def chunk_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, o
     if not causal:
         raise ValueError("the delta rule (beta) needs causal=True")
     check_chunk_size(chunk_size)
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    acc = accumulation_dtype(k.dtype)
-    outs, finals = [], []
-    for n, (b, start, end) in enumerate(documents(B, T, cu_seqlens)):
-        state = k.new_zeros(H, K, V, dtype=acc) if initial_state is None else initial_state[n].to(acc)
-        part = [None if x is None else x[b, start:end].to(acc) for x in (q, k, v, beta, decay)]
-        o, state = document_step(*part, scale, state, chunk_size)
-        outs.append(o)
-        finals.append(state)
-    final = torch.stack(finals) if output_final_state else None
-    if q is None:
-        return None, final
-    o = torch.cat(outs, 0).view(1, T, H, V) if cu_seqlens is not None else torch.stack(outs)
-    return o.to(q.dtype), final
+
+    def step(q, k, v, gates, scale, state):
+        return document_step(q, k, v, *gates, scale, state, chunk_size)
+    return run_documents(step, q, k, v, (beta, decay), scale, initial_state, output_final_state, cu_seqlens)
 
 
 def run_transitions(k, decay, beta, *, cu_seqlens=None, chunk_size=CHUNK_SIZE):
