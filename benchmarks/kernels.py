@@ -101,6 +101,17 @@ def measure(fn, inputs, do, backward, decay):
     return ms, peak
 
 
+def kernel_times(step, reps=3) -> dict[str, float]:
+    """CUDA time per kernel (µs per step, largest first) of `step`, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    return {e.key[:80]: e.device_time_total / reps for e in events if e.device_time_total > 0}
+
+
 def _add_speedups(results):
     """speedup_vs_fla: fla's time for the same decay, shape and mode ÷ this row's;
     vs_plain: this row's time ÷ lasp-triton plain's (None for FAIL rows)."""
@@ -153,10 +164,11 @@ def delta_oracle(decay, q, k, v, beta, g, gk):
     return delta_chunk(q, k, v, None if gate is None else gate[:, :, :2], beta, scale=D ** -0.5)[0]
 
 
-def run_delta_rows(B, T, rows, results, meta, path, bandwidth):
+def run_delta_rows(B, T, rows, results, meta, path, bandwidth, profile=False):
     """Time the delta rows at one shape (same run, same GPU); a row that misses the oracle
     by > 1e-2, runs out of memory or refuses (fla's gated backward on triton 3.6 /
-    Hopper) is recorded with ms None and its reason in `note`."""
+    Hopper) is recorded with ms None and its reason in `note`. `profile`: each timed
+    row also records (and prints) its CUDA time per kernel."""
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def rand(*shape):
@@ -185,7 +197,7 @@ def run_delta_rows(B, T, rows, results, meta, path, bandwidth):
         if err is not None and not err <= 1e-2:
             note = "forward off the oracle by more than 1e-2"
         for mode in ("fwd", "fwd+bwd"):
-            ms = peak = None
+            ms = peak = per_kernel = None
             if err is not None and err <= 1e-2:
                 def step():
                     o = fn(*inputs)
@@ -200,15 +212,18 @@ def run_delta_rows(B, T, rows, results, meta, path, bandwidth):
                     torch.cuda.synchronize()
                     peak = torch.cuda.max_memory_allocated() - base
                     ms = do_bench(step, warmup=10, rep=50, return_mode="median")
+                    per_kernel = kernel_times(step) if profile else None
                 except Exception as e:  # noqa: BLE001
                     note = f"{type(e).__name__}: {e}"[:200]
                     torch.cuda.empty_cache()
             results.append(dict(method=name, variant="dense", decay=decay, B=B, T=T, mode=mode, ms=ms,
                                 mtok_s=ms and B * T / ms / 1e3, peak_gb=peak and peak / 1e9,
                                 rel_err=float("nan") if err is None else err, floor_ms=floor_ms[mode],
-                                note=None if ms else note))
+                                note=None if ms else note, kernels_us=per_kernel if ms else None))
             shown = f"{ms:8.3f} ms" if ms else f"FAIL ({note})"
             print(f"{name:22s} B={B} T={T:6d} {mode:7s} {shown}  err={err}", flush=True)
+            for kernel, us in list((per_kernel or {}).items())[:8] if ms else ():
+                print(f"    {us:9.1f} us  {kernel}", flush=True)
             _add_speedups(results)
             with open(path, "w") as f:
                 json.dump(meta, f, indent=1)
@@ -222,6 +237,8 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--only", default=None,
                         help="comma-separated method names to run (default: all)")
+    parser.add_argument("--profile", action="store_true",
+                        help="delta rows: also record each row's CUDA time per kernel")
     parser.add_argument("--fla-gla-shapes", default="1x32768,1x131072",
                         help="shapes BxT at which fla chunk_gla runs (its autotune is long)")
     args = parser.parse_args()
@@ -281,7 +298,7 @@ def main():
                     json.dump(meta, f, indent=1)
     delta_rows = {name: row for name, row in delta_methods().items() if not args.only or name in args.only.split(",")}
     for B, T in shapes if delta_rows else ():
-        run_delta_rows(B, T, delta_rows, results, meta, path, bandwidth)
+        run_delta_rows(B, T, delta_rows, results, meta, path, bandwidth, args.profile)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
           f"copy {bandwidth / 1e9:.0f} GB/s -> {path}")
     print(f"{'method':22s} {'B x T':>10s} {'mode':7s} {'ms':>8s} {'Mtok/s':>7s} {'peakGB':>7s} "

@@ -279,20 +279,25 @@ class _Ring(torch.autograd.Function):
             if pending is not None:
                 kv = _finish(pending)
         ctx.layout, ctx.group, ctx.steps, ctx.q_leaves, ctx.o, ctx.lse = layout, group, steps, q_leaves, o, lse
+        ctx.input_dtype = q.dtype
         return torch.cat(o, 1).to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
         layout, steps, o, lse = ctx.layout, ctx.steps, ctx.o, ctx.lse
         W, L = layout.world_size, layout.segment_len
+        acc = torch.promote_types(ctx.input_dtype, KV_GRAD_ACCUMULATION)
         do_segments = [do.narrow(1, i * L, L).to(o[0].dtype) for i in range(len(o))]
-        dq = [torch.zeros_like(x) for x in ctx.q_leaves]
-        # The accumulator of source rank (r - 1 - j) travels r-1-j+1 -> ... -> r-1-j: at step j
-        # this rank adds its part for that source, whose forward step was (1 + j) % W.
+        # Gradients are summed over the ring's steps in `KV_GRAD_ACCUMULATION` and rounded once,
+        # as LASP-2H's are: summed in bf16, rank 1 of 2 on an H100 reached dq / dk 3.5e-3 /
+        # 3.7e-3 against the single GPU's 2.5e-3 / 3.0e-3 (2026-12-06). The accumulator of
+        # source rank (r - 1 - j) travels r-1-j+1 -> ... -> r-1-j: at step j this rank adds its
+        # part for that source, whose forward step was (1 + j) % W.
+        dq = [torch.zeros_like(x, dtype=acc) for x in ctx.q_leaves]
         dkv, pending = None, None
         for j in range(W):
             kv_leaf, blocks = steps[(1 + j) % W]
-            part = torch.zeros_like(kv_leaf)
+            part = torch.zeros_like(kv_leaf, dtype=acc)
             if blocks:
                 outputs, cotangents = [], []
                 for a, o_blk, lse_blk in blocks:
@@ -305,12 +310,13 @@ class _Ring(torch.autograd.Function):
                 for i, g in enumerate(grads[:-1]):
                     if g is not None:
                         dq[i] += g
-                part = grads[-1]
+                part = grads[-1].to(acc)
             dkv = part if pending is None else _finish(pending) + part
             if j + 1 < W:
                 pending = comm.shift(dkv, ctx.group)
         ctx.steps = ctx.q_leaves = None
-        return torch.cat(dq, 1), dkv[0], dkv[1], None, None, None, None, None
+        dtype = ctx.input_dtype
+        return torch.cat(dq, 1).to(dtype), dkv[0].to(dtype), dkv[1].to(dtype), None, None, None, None, None
 
 
 def _merge(o, lse, o_blk, lse_blk):

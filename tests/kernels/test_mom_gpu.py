@@ -39,6 +39,11 @@ from tests.utils import random_cu_seqlens, rel_err
 
 pytestmark = pytest.mark.gpu
 TOL = dict(o=3e-3, dq=3e-3, dk=3e-3, dv=3e-3, dlogits=5e-3, dg=5e-3, dgk=5e-3, dbeta=5e-3)
+# Delta-rule memories run the dense kernels on materialised query copies: a token's output
+# and dq are rounded to bf16 per copy, then summed over its top_k copies (two roundings,
+# where the gathered scalar / per-key path rounds once). On an H100 (2026-12-06) dq
+# measured 3.15e-3 (DeltaNet and Gated DeltaNet, k = 2), o 2.7e-3.
+DELTA_TOL = {**TOL, "o": 4e-3, "dq": 4e-3}
 
 
 
@@ -94,8 +99,9 @@ def check_bf16_against_fp32(decay, B, T, M, top_k, H, D, lengths, device, contex
     errors = {"o": rel_err(o16, o32), **{name: rel_err(a, b) for name, a, b in zip(names, got, want)}}
     _record(f"{decay or 'plain'}{'+beta' if delta else ''} B={B} T={T} M={M} k={top_k} H={H} D={D}"
             f"{' packed' if lengths else ''}", errors)
+    tol = DELTA_TOL if delta else TOL
     for name, err in errors.items():
-        assert err <= TOL[name], f"{name}: {err:.2e}"
+        assert err <= tol[name], f"{name}: {err:.2e}"
 
 
 def _record(case: str, errors: dict) -> None:

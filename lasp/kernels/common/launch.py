@@ -19,6 +19,20 @@ CHUNK_SIZE = 64
 # Head dims (K and V) the Triton kernels take.
 TRITON_HEAD_DIMS = (16, 256)
 
+# Head dims above 128 take chunks of CHUNK_SIZE // 2 tokens in the per-key and delta
+# families: their [C, K] fp32 tiles at C = 64, K = 256 need more shared memory than a Hopper
+# GPU has (the delta chunk backward 320 KB of 227 KB, compiled for sm_90 with Triton 3.6;
+# tests/kernels/test_hopper_resources.py), and on an H100 the per-key dq walk at K = V = 256
+# with 64-token chunks hits an illegal memory access, with 32 it runs
+# (benchmarks/results/diagonal_phases_probe_h100_2026-12-06.txt).
+WIDE_HEAD_CHUNK = CHUNK_SIZE // 2
+
+
+def chunk_for_head_dims(K: int, V: int) -> int:
+    """Tokens per chunk of the per-key and delta kernels: CHUNK_SIZE, or WIDE_HEAD_CHUNK
+    when a head dim exceeds 128."""
+    return CHUNK_SIZE if max(K, V) <= 128 else WIDE_HEAD_CHUNK
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -50,7 +64,11 @@ LAUNCH = {
     # Delta rule: the sequential state pass per (document, head, V-tile) and its backward
     # walk; narrow V-tiles give more programs (first guesses, not yet swept by --tune).
     "delta.state": Launch(num_warps=4, num_stages=2, block=32),
-    "delta.state_grad": Launch(num_warps=4, num_stages=2, block=32),
+    # V-tiles of 16: with 32 the per-key walk at K = 128 (bf16) needs 228 KB of shared
+    # memory (it failed on an H100, 2026-12-06); 16 gives it 218 KB. The per-key walk with
+    # fp32 inputs still needs 236 KB pipelined, so it runs unpipelined (its own row).
+    "delta.state_grad": Launch(num_warps=4, num_stages=2, block=16),
+    "delta.state_grad_per_key": Launch(num_warps=4, num_stages=1, block=16),
     # The per-chunk kernels of the delta rule (one program per chunk and head; block = the
     # V-tile): the UT transform, the outputs, the outputs' dδ, the chunk backward (first guesses).
     "delta.wy": Launch(num_warps=4, num_stages=1, block=64),

@@ -48,11 +48,14 @@ accumulator are fp32; the `tl.dot`s take fp32 operands (TF32 on the GPU), the in
 block products 3×TF32 (`INVERSE_PRECISION`). Launch parameters: the `delta.*` rows of
 `lasp.kernels.common.launch.LAUNCH`.
 
-Speed (H100, H=16, D=128, bf16, fwd+bwd, before these fused kernels): at 1×32K DeltaNet
-25 ms, Gated DeltaNet 31 ms and KDA 186 ms (KDA then ran batched torch pieces around the
-state walks; benchmarks/results/kernels_delta_1x32768_h100_2026-12-06.json), against
-fla's `chunk_delta_rule` 4.3 ms and `chunk_kda` 13.0 ms. The fused kernels are checked
-under the interpreter only; their GPU times are still to be measured.
+Speed (H100, H=16, D=128, bf16, 1×32K, fwd+bwd; benchmarks/results/
+kernels_delta_*_h100_2026-12-06-s3): DeltaNet 14.1 ms (fwd 4.3), Gated DeltaNet 17.9 (4.6),
+KDA 50.3 (13.1), against 25 / 31 / 186 ms before these fused kernels and fla's
+`chunk_delta_rule` 4.3 ms / `chunk_kda` 13.0 ms (earlier runs, same GPU kind). Per kernel
+(DeltaNet): chunk backward 5.6 ms, backward walk 3.9, forward walk 2.2, UT transform 1.4,
+outputs 0.6, outputs' dδ 0.3; KDA's chunk backward alone takes 28.6 ms (the exact
+per-key diagonal blocks). fp32 intermediates and TF32 products are the cost of their
+accuracy (≤ 2.5e-3 against the fp32 chunk form on an H100).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ import triton.language as tl
 
 from lasp.kernels.common import launch
 from lasp.kernels.common.documents import TorchPhases
-from lasp.kernels.common.launch import CHUNK_SIZE, launch_kw, tile
+from lasp.kernels.common.launch import chunk_for_head_dims, launch_kw, tile
 from lasp.kernels.common.plan import document_chunk_slots
 from lasp.kernels.common.scan import DECAY_NONE, DECAY_PER_KEY, DECAY_SCALAR
 from lasp.kernels.common.tiles import load_tile, span_range, store_tile
@@ -773,7 +776,8 @@ def _walk_back(w, k_end, g_end, d_final, V: int, layout: ChunkLayout, *, d_state
     dh0 = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, dev)
     mode = 0 if d_delta_out is None else (1 if d_states is not None else 2)
     bounds, T, per_row = layout.slot_args(w)
-    grid, launch_args = _walk_grid(layout, H, K, V, "delta.state_grad")
+    row = "delta.state_grad_per_key" if _decay_kind(g_end) == DECAY_PER_KEY else "delta.state_grad"
+    grid, launch_args = _walk_grid(layout, H, K, V, row)
     _state_pass_grad_kernel[grid](
         w, k_end, w if g_end is None else g_end, w if d_states is None else d_states,
         w if d_delta_out is None else d_delta_out, w if d_final is None else d_final, layout.doc_chunk0,
@@ -883,7 +887,7 @@ def _check_chunk(chunk_size: int) -> None:
 
 
 def triton_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, output_final_state=False,
-                            cu_seqlens=None, chunk_size=CHUNK_SIZE):
+                            cu_seqlens=None, chunk_size=None):
     """The delta rule on the Triton backend (validated arguments): the fused kernels.
 
     Args:
@@ -892,11 +896,13 @@ def triton_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, 
         decay: None, g [B,T,H] or gk [B,T,H,K] (natural-log decays ≤ 0); beta [B,T,H].
         initial_state: None or [N,H,K,V] (N = B, or len(cu_seqlens) - 1).
         cu_seqlens: None or an int device tensor [N+1] of packed offsets (B == 1).
-        chunk_size: a power of two ≥ 16.
+        chunk_size: a power of two ≥ 16; None: `common.launch.chunk_for_head_dims`.
 
     Returns (o [B,T,H,V] in q.dtype or None, final_state [N,H,K,V] fp32 or None),
     differentiable in q, k, v, decay, beta and initial_state. No host sync.
     """
+    if chunk_size is None:
+        chunk_size = chunk_for_head_dims(k.shape[-1], v.shape[-1])
     _check_chunk(chunk_size)
     B, T = k.shape[:2]
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
@@ -907,10 +913,12 @@ def triton_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, 
     return o, final if output_final_state else None
 
 
-def run_transitions(k, decay, beta, *, cu_seqlens=None, chunk_size=CHUNK_SIZE):
+def run_transitions(k, decay, beta, *, cu_seqlens=None, chunk_size=None):
     """Each document's dense transition M [N, H, K, K] (fp32), as
     `lasp.kernels.delta.chunk.run_transitions`, on the Triton kernels: the final state of
     a walk from the identity with no writes (v = 0). No host sync."""
+    if chunk_size is None:
+        chunk_size = chunk_for_head_dims(k.shape[-1], k.shape[-1])
     _check_chunk(chunk_size)
     B, T, H, K = k.shape
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from lasp.kernels.common import launch
-from lasp.kernels.common.launch import CHUNK_SIZE, LAUNCH, fuses_dkdv, launch_kw, tile
+from lasp.kernels.common.launch import LAUNCH, chunk_for_head_dims, fuses_dkdv, launch_kw, tile
 from lasp.kernels.common.plan import SpanPlan, make_span_plan, span_chunk_slots
 from lasp.kernels.common.scan import scan_spans
 from lasp.kernels.common.tiles import load_tile, query_rows, span_range, state_ptrs, store_tile
@@ -68,10 +68,6 @@ from lasp.kernels.common.tiles import load_tile, query_rows, span_range, state_p
 # e^SAFE (bf16 / fp32 / TF32 reach 3e38; fp16 only 65504, hence its smaller bound).
 SAFE_LOG_DECAY = {torch.float16: 8.0}
 DEFAULT_SAFE_LOG_DECAY = 60.0
-# Head dims above 128 walk chunks of CHUNK_SIZE // 2 tokens: on an H100 (Triton 3.6) the
-# dq walk at K = V = 256 with 64-token chunks hits an illegal memory access, with 32 it
-# runs (benchmarks/results/diagonal_phases_probe_h100_2026-12-06.txt).
-WIDE_HEAD_CHUNK = CHUNK_SIZE // 2
 
 
 # --------------------------------------------------------------------------------------
@@ -572,7 +568,7 @@ def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, *, chunk_size=No
     inputs in the form its phases take: (q, k, v, gk, initial_state), contiguous, the decay
     and the state in fp32 (differentiable conversions)."""
     if chunk_size is None:
-        chunk_size = CHUNK_SIZE if max(k.shape[-1], v.shape[-1]) <= 128 else WIDE_HEAD_CHUNK
+        chunk_size = chunk_for_head_dims(k.shape[-1], v.shape[-1])
     plan = make_span_plan(k, v, cu_seqlens, chunk_size, span_chunks)
     if fuse_dkdv is None:
         fuse_dkdv = fuses_dkdv(plan.K, plan.V)
@@ -595,7 +591,7 @@ def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state
         output_final_state: also return the state after each document's last token.
         cu_seqlens: None or int32/int64 device tensor [N+1] of packed offsets (B == 1).
         chunk_size, span_chunks, fuse_dkdv: as in the scalar family (tuning and test knobs);
-            chunk_size None: CHUNK_SIZE, or WIDE_HEAD_CHUNK when a head dim exceeds 128.
+            chunk_size None: `common.launch.chunk_for_head_dims`.
 
     Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] float32 or None), differentiable
     in q, k, v, g and initial_state.

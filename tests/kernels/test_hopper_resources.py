@@ -1,0 +1,31 @@
+"""The delta rule's Triton launches fit a Hopper GPU's shared memory, checked on the CPU
+by compiling each launch for sm_90 (`hopper_resources.py`). The cases are the widest: K = 128
+with a per-key decay (bf16 and fp32 inputs: three launches of these failed on an H100 with
+OutOfResources on 2026-12-06), K = 128 fp32 without one, and K = 256 (wide-head chunks)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.kernels.hopper_resources import HOPPER_SHARED_BYTES
+
+pytest.importorskip("triton")
+
+
+def test_delta_rule_launches_fit_hopper_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "hopper_resources.py")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    cases = ["128:gk:bfloat16", "128:gk:float32", "128:none:float32", "256:none:bfloat16", "256:gk:float32"]
+    run = subprocess.run([sys.executable, script, *cases], env=env, cwd=repo,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(results) == len(cases)
+    for case in results:
+        assert len(case["shared"]) == 6, case       # every forward and backward kernel compiled
+        over = {name: size for name, size in case["shared"].items() if size > HOPPER_SHARED_BYTES}
+        assert not over, f"D={case['D']} {case['decay']} {case['dtype']}: over {HOPPER_SHARED_BYTES} B: {over}"
