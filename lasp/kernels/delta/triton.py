@@ -445,24 +445,33 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
 
 
 @triton.jit
+def _walk_start(start_state, doc_chunk0, doc_chunks, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, HAS_START: tl.constexpr):
+    """The program of a state walk (document n, head h, V-tile): (n·H + h, h, its K and V
+    offsets, the [BK, BV] state it starts from: `start_state`'s tile or zeros unless
+    HAS_START, the document's first chunk slot, its number of chunks)."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_k = tl.arange(0, BK)
+    offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    doc = n.to(tl.int64) * H + h
+    if HAS_START:
+        ptrs, mask = _state_tile(start_state, doc, offs_k, offs_v, K, V)
+        state = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    return doc, h, offs_k, offs_v, state, tl.load(doc_chunk0 + n).to(tl.int64), tl.load(doc_chunks + n)
+
+
+@triton.jit
 def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, delta, final,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, HAS_INIT: tl.constexpr):
     """One document, head and V-tile: every chunk's incoming state (`states`), its
     δ = U − W S (`delta`, fp32) and the document's final state."""
-    n = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_k = tl.arange(0, BK)
-    offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    doc, h, offs_k, offs_v, state, first, count = _walk_start(h0, doc_chunk0, doc_chunks, H, K, V, BK, BV, HAS_INIT)
     offs_c = tl.arange(0, C)
-    doc = n.to(tl.int64) * H + h
-    ptrs, mask = _state_tile(h0, doc, offs_k, offs_v, K, V)
-    if HAS_INIT:
-        state = tl.load(ptrs, mask=mask, other=0.0)
-    else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
-    first = tl.load(doc_chunk0 + n).to(tl.int64)
-    for i in range(tl.load(doc_chunks + n)):
+    for i in range(count):
         base = (first + i) * H + h
         ptrs, mask = _state_tile(states, base, offs_k, offs_v, K, V)
         tl.store(ptrs, state, mask=mask)
@@ -547,19 +556,9 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_states, d_delta_out, d_final, doc
     2 as `d_delta_out` and scale (Q ⊙ e^Γ)ᵀ do, computed here from q, do and g (token-major,
     the chunk's tokens from the slot table).
     """
-    n = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_k = tl.arange(0, BK)
-    offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    doc, h, offs_k, offs_v, d_state, first, count = _walk_start(d_final, doc_chunk0, doc_chunks, H, K, V, BK, BV,
+                                                                HAS_D_FINAL)
     offs_c = tl.arange(0, C)
-    doc = n.to(tl.int64) * H + h
-    ptrs, mask = _state_tile(d_final, doc, offs_k, offs_v, K, V)
-    if HAS_D_FINAL:
-        d_state = tl.load(ptrs, mask=mask, other=0.0)
-    else:
-        d_state = tl.zeros([BK, BV], dtype=tl.float32)
-    first = tl.load(doc_chunk0 + n).to(tl.int64)
-    count = tl.load(doc_chunks + n)
     for j in range(count):
         slot = first + count - 1 - j
         base = slot * H + h
