@@ -16,8 +16,8 @@ feature blocks from per-block partials (no atomics). The torch formula in
 for plain, g and g_gamma; the diagonal family's for gk) with the queries and output
 gradients read by token index (no copies of them), the routing weights applied in fp32
 inside the kernels, and each copy's output and dq kept in fp32 until the combine kernel
-sums a token's copies: bf16 rounds once per output and per gradient. Both families'
-`TritonPhases` take the same `row_weight` / `rows` arguments.
+sums a token's copies: bf16 rounds once per output and per gradient. Both families run
+through the same `lasp.kernels.common.span_phases.TritonPhases`, with `row_weight` / `rows`.
 """
 
 from __future__ import annotations

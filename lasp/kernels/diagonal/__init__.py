@@ -2,8 +2,10 @@
 
 - `chunk`: the chunkwise torch form (any dtype; the oracle of the Triton kernels) and
   its `TorchPhases`.
-- `triton`: the Triton kernels, `TritonPhases`, `triton_linear_attention` and
-  `triton_phases` (imported on use: Triton is optional for the torch backend).
+- `triton`: the Triton kernels, their launches (`LAUNCHES`), `triton_linear_attention` and
+  `triton_phases` (the host side shared with the other span-walk family:
+  `lasp.kernels.common.span_phases`; imported on use: Triton is optional for the torch
+  backend).
 """
 
 from lasp.kernels.diagonal.chunk import chunk_linear_attention

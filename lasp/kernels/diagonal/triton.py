@@ -52,15 +52,13 @@ operands are in the input dtype. Launch parameters: the `diagonal.*` rows of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from lasp.kernels.common import launch
-from lasp.kernels.common.launch import LAUNCH, chunk_for_head_dims, fuses_dkdv, launch_kw, tile
-from lasp.kernels.common.plan import SpanPlan, make_span_plan, span_chunk_slots
+from lasp.kernels.common import launch, span_phases
+from lasp.kernels.common.launch import LAUNCH, chunk_for_head_dims, launch_kw, tile
+from lasp.kernels.common.plan import SpanPlan, span_chunk_slots
 from lasp.kernels.common.scan import scan_spans
 from lasp.kernels.common.tiles import load_tile, query_rows, span_range, state_ptrs, store_tile
 
@@ -384,7 +382,7 @@ def _dkdv_kernel(q, k, v, gk, w, rows, do, span_bounds, dH_out, dk, dv, dgk, chu
 
 
 # --------------------------------------------------------------------------------------
-# Host side: launches, autograd
+# Host side: launches (the phases and autograd: lasp.kernels.common.span_phases)
 # --------------------------------------------------------------------------------------
 
 
@@ -425,9 +423,9 @@ def _forward_output(q, k, v, gk, w, rows, states, scale, plan: SpanPlan):
 
 def _backward_dq(q, k, v, gk, w, rows, do, states, scale, plan: SpanPlan, decay_grad: bool):
     """dq launch: dq (per position and fp32 with `rows`), every span's local state
-    gradient, for dgk (`decay_grad`) the buffer holding q ⊙ dq and the chunk states
-    (else None), and for a row weight `w` dB_w (Σ_k q ⊙ dq per token, head and K-tile;
-    else None)."""
+    gradient, for a row weight `w` dB_w (Σ_k q ⊙ dq per token, head and K-tile; else
+    None), and for dgk (`decay_grad`) the buffer holding q ⊙ dq, the chunk states and each
+    span's first chunk slot (else None)."""
     H, K, V, NS = plan.H, plan.K, plan.V, plan.n_spans
     dev = q.device
     span_bounds, sizes = plan.span_args(q)
@@ -448,7 +446,7 @@ def _backward_dq(q, k, v, gk, w, rows, do, states, scale, plan: SpanPlan, decay_
         H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, SAFE=_safe_log_decay(q.dtype), DG=decay_grad,
         ROW_WEIGHT=w is not None, GATHER=rows is not None, VARLEN=plan.varlen,
         **launch_kw("diagonal.dq", max(plan.K, plan.V)))
-    return dq, d_states, (q_dq, chunk_states, span_chunk0), dB_w
+    return dq, d_states, dB_w, (q_dq, chunk_states, span_chunk0) if decay_grad else None
 
 
 def _backward_kvg(q, k, v, gk, w, rows, do, d_final, d_states, g_span, dgk_parts, scale, want_dh0, want_dg,
@@ -458,7 +456,7 @@ def _backward_kvg(q, k, v, gk, w, rows, do, d_final, d_states, g_span, dgk_parts
     H, K, V, NS = plan.H, plan.K, plan.V, plan.n_spans
     dev = q.device
     span_bounds, sizes = plan.span_args(q)
-    q_dq, chunk_states, span_chunk0 = dgk_parts
+    q_dq, chunk_states, span_chunk0 = dgk_parts or (None, None, None)
     if want_dg and q_dq is None:
         raise RuntimeError("dgk was asked for, but gk did not require grad when the call was planned")
 
@@ -482,123 +480,21 @@ def _backward_kvg(q, k, v, gk, w, rows, do, d_final, d_states, g_span, dgk_parts
     return dk, dv, q_dq if want_dg else None, dh0
 
 
-@dataclass(frozen=True)
-class TritonPhases:
-    """The launches of one call grouped at their data dependencies, in the phases of
-    `lasp.kernels.linear_attention_phases`: summary + scan | output | dq | reverse scan +
-    dk/dv (+ dgk). Holds the launch geometry only; tensors are passed in.
-
-    `decay_grad`: gk requires grad, so the dq walk keeps what dgk needs (q ⊙ dq and one
-    state per chunk). `fuse_dkdv`: one backward launch for dk and dv.
-
-    `saved` = (every span's incoming state, the spans' log-decays [NS, H, K], the final
-    states): one K×V state per span and head. `partial` = (do, the spans' local state
-    gradients, the dgk parts of the dq walk, dB_w or None).
-
-    `row_weight` and `rows` (MoM; the same for every phase of a call) as in the scalar
-    family's `TritonPhases`: the output is w_t · o_t with w applied in fp32 inside the
-    kernels, and position t reads its query and output gradient from row rows[t] of q
-    and do; the output and dq are then per position and fp32.
-    """
-
-    plan: SpanPlan
-    scale: float
-    decay_grad: bool
-    fuse_dkdv: bool
-
-    def summarize(self, k, v, g, initial_state):
-        states, g_span, final = _forward_states(k, v, g, initial_state, self.plan)
-        return final, (states, g_span, final)
-
-    def output(self, q, k, v, g, saved, row_weight=None, rows=None):
-        return _forward_output(q, k, v, g, row_weight, rows, saved[0], self.scale, self.plan)
-
-    def grad_q(self, q, k, v, g, saved, do, row_weight=None, rows=None):
-        do = do.contiguous()
-        dq, d_states, dgk_parts, dB_w = _backward_dq(q, k, v, g, row_weight, rows, do, saved[0], self.scale,
-                                                     self.plan, self.decay_grad)
-        return dq, (do, d_states, dgk_parts, dB_w)
-
-    def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True,
-                 row_weight=None, rows=None):
-        """(dk, dv, dgk or None, d initial_state or None)."""
-        do, d_states, dgk_parts, _ = partial
-        d_final = None if d_final is None else d_final.float().contiguous()
-        return _backward_kvg(q, k, v, g, row_weight, rows, do, d_final, d_states, saved[1], dgk_parts, self.scale,
-                             want_dh0, want_dg, self.plan, self.fuse_dkdv)
-
-    @staticmethod
-    def grad_row_weight(partial, row_weight):
-        """d row_weight [B·T]: Σ over heads of <do_t, o_t> (o unweighted), from the dq
-        walk's dB_w: q_t·dq_t / w_t, or q_t·dq_t itself where w_t = 0 (walked with 1)."""
-        q_dq = partial[3].sum((1, 2))
-        return torch.where(row_weight != 0, q_dq / row_weight, q_dq)
+LAUNCHES = span_phases.SpanLaunches(_forward_states, _forward_output, _backward_dq, _backward_kvg,
+                                    default_chunk=chunk_for_head_dims)
 
 
-class _TritonLinearAttention(torch.autograd.Function):
-    """Differentiable in q, k, v, gk and the initial state, and through the final state:
-    the phases run back to back."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, gk, initial_state, phases, output_final_state):
-        final, saved = phases.summarize(k, v, gk, initial_state)
-        o = phases.output(q, k, v, gk, saved)
-        ctx.save_for_backward(q, k, v, gk, *saved)
-        ctx.phases = phases
-        ctx.has_initial_state = initial_state is not None
-        ctx.set_materialize_grads(False)
-        return o, final if output_final_state else None
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do, d_final):
-        q, k, v, gk, *saved = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, partial = ctx.phases.grad_q(q, k, v, gk, saved, do)
-        dk, dv, dgk, dh0 = ctx.phases.grad_kvg(
-            q, k, v, gk, saved, partial, d_final, want_dg=ctx.needs_input_grad[3] and ctx.phases.decay_grad,
-            want_dh0=ctx.has_initial_state and ctx.needs_input_grad[4])
-        return dq, dk, dv, dgk, dh0, None, None
+def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, **knobs):
+    """`span_phases.triton_phases` on this family's kernels (g: gk [B,T,H,K])."""
+    return span_phases.triton_phases(LAUNCHES, q, k, v, g, scale, initial_state, cu_seqlens, **knobs)
 
 
-def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, *, chunk_size=None, span_chunks=None,
-                  fuse_dkdv=None):
-    """`TritonPhases` for these inputs (arguments as in `triton_linear_attention`), and the
-    inputs in the form its phases take: (q, k, v, gk, initial_state), contiguous, the decay
-    and the state in fp32 (differentiable conversions)."""
-    if chunk_size is None:
-        chunk_size = chunk_for_head_dims(k.shape[-1], v.shape[-1])
-    plan = make_span_plan(k, v, cu_seqlens, chunk_size, span_chunks)
-    if fuse_dkdv is None:
-        fuse_dkdv = fuses_dkdv(plan.K, plan.V)
-    inputs = (q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(),
-              None if initial_state is None else initial_state.float().contiguous())
-    return TritonPhases(plan, float(scale), g.requires_grad, bool(fuse_dkdv)), inputs
-
-
-def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, *,
-                            chunk_size=None, span_chunks=None, fuse_dkdv=None):
-    """Causal chunkwise linear attention with a per-key decay on the Triton backend (inputs
-    already validated).
-
-    Args:
-        q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32); CUDA tensors (or CPU
-            under TRITON_INTERPRET=1); K and V in 16..256.
-        g: [B,T,H,K] float32 natural-log decay per key dimension (≤ 0), fla's `gk`.
-        scale: python float multiplying q.
-        initial_state: None or [N,H,K,V] float32 (N = B, or len(cu_seqlens) - 1).
-        output_final_state: also return the state after each document's last token.
-        cu_seqlens: None or int32/int64 device tensor [N+1] of packed offsets (B == 1).
-        chunk_size, span_chunks, fuse_dkdv: as in the scalar family (tuning and test knobs);
-            chunk_size None: `common.launch.chunk_for_head_dims`.
-
-    Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] float32 or None), differentiable
-    in q, k, v, g and initial_state.
-    """
-    phases, inputs = triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, chunk_size=chunk_size,
-                                   span_chunks=span_chunks, fuse_dkdv=fuse_dkdv)
-    return _TritonLinearAttention.apply(*inputs, phases, bool(output_final_state))
+def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, **knobs):
+    """`span_phases.triton_linear_attention` on this family's kernels: g the per-key
+    log-decay [B,T,H,K] (≤ 0), fla's `gk`; knobs row_weight, chunk_size (None:
+    `common.launch.chunk_for_head_dims`), span_chunks, fuse_dkdv."""
+    return span_phases.triton_linear_attention(LAUNCHES, q, k, v, g, scale, initial_state, output_final_state,
+                                               cu_seqlens, **knobs)
 
 
 def linear_attention(q, k, v, g, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None,

@@ -61,7 +61,7 @@ them. A fixed decay (g_gamma as a buffer) skips all of it.
 A row weight w (MoM's routing weights) makes the output w_t·o_t; the backward applies
 w in fp32 inside the kernels rather than receiving w·do rounded to bf16.
 
-`TritonPhases` groups these launches at their data dependencies: summary + scan (reads
+`span_phases.TritonPhases` groups these launches at their data dependencies: summary + scan (reads
 k, v, g; gives the final states) | output | dq (needs no d final_state) | reverse scan +
 dk/dv (+ dg), so that LASP-2 can run its collectives in between
 (`lasp.kernels.linear_attention_phases`); `triton_linear_attention` runs them back to back.
@@ -75,15 +75,13 @@ tensor cores' default TF32 on GPUs). Launch parameters: the `scalar.*` rows of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from lasp.kernels.common import launch
-from lasp.kernels.common.launch import CHUNK_SIZE, LAUNCH, fuses_dkdv, launch_kw, tile
-from lasp.kernels.common.plan import SpanPlan, make_span_plan, span_chunk_slots
+from lasp.kernels.common import launch, span_phases
+from lasp.kernels.common.launch import CHUNK_SIZE, LAUNCH, launch_kw, tile
+from lasp.kernels.common.plan import SpanPlan, span_chunk_slots
 from lasp.kernels.common.scan import scan_spans
 from lasp.kernels.common.tiles import decayed_outer_acc, load_tile, query_rows, span_range, state_ptrs, store_tile
 
@@ -385,7 +383,7 @@ def _bwd_dkdv_kernel(q, k, v, g, w, rows, do, span_bounds, dH_out, dk, dv, dg_k,
 
 
 # --------------------------------------------------------------------------------------
-# Host side: launches, autograd
+# Host side: launches (the phases and autograd: lasp.kernels.common.span_phases)
 # --------------------------------------------------------------------------------------
 
 
@@ -487,144 +485,27 @@ def _backward_kvg(q, k, v, g, w, rows, do, d_final, d_states, g_span, dg_parts, 
     return dk, dv, dg, dh0
 
 
-@dataclass(frozen=True)
-class TritonPhases:
-    """The launches of one call grouped at their data dependencies, in the phases of
-    `lasp.kernels.linear_attention_phases`: summary + scan | output | dq | reverse scan +
-    dk/dv (+ dg). Holds the launch geometry only; tensors are passed in.
-
-    `decay_grad`: g requires grad, so the backward computes dg's chunk-local terms (their
-    DG switch; the dq walk then keeps one fp32 K×V state per chunk for the dk walk); a
-    fixed decay (g_gamma as a buffer) skips that work. `fuse_dkdv`: one backward launch
-    for dk and dv.
-
-    `saved` = (every span's incoming state, the spans' log-decays): small, one K×V state
-    per span and head; the backward recomputes every chunk state from those. `partial` =
-    (do, the spans' local state gradients, q_dq for a row weight, the dq walk's parts of
-    dg).
-
-    `row_weight` (fp32 [B·T] or None, the same for every phase of a call): the output is
-    w_t · o_t. MoM passes its routing weights here, so that the backward applies them in
-    fp32 rather than receiving w·do rounded to the dot dtype.
-
-    `rows` (int64 [B·T] or None, the same for every phase of a call): position t's query
-    and output gradient are row rows[t] of q and do, which may then have any number of
-    rows (MoM: its routed copies read their token's row, no copies are materialised).
-    The output and dq are per position and fp32, for the caller to sum and round once.
-    """
-
-    plan: SpanPlan
-    scale: float
-    decay_grad: bool
-    fuse_dkdv: bool
-
-    def summarize(self, k, v, g, initial_state):
-        states, g_span, final = _forward_states(k, v, g, initial_state, self.plan)
-        return final, (states, g_span)
-
-    def output(self, q, k, v, g, saved, row_weight=None, rows=None):
-        return _forward_output(q, k, v, g, row_weight, rows, saved[0], self.scale, self.plan)
-
-    def grad_q(self, q, k, v, g, saved, do, row_weight=None, rows=None):
-        do = do.contiguous()
-        dq, d_states, q_dq, dg_parts = _backward_dq(q, k, v, g, row_weight, rows, do, saved[0], self.scale,
-                                                    self.plan, self.decay_grad)
-        return dq, (do, d_states, q_dq, dg_parts)
-
-    def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True,
-                 row_weight=None, rows=None):
-        """(dk, dv, dg or None, d initial_state or None)."""
-        do, d_states, _, dg_parts = partial
-        d_final = None if d_final is None else d_final.float().contiguous()
-        return _backward_kvg(q, k, v, g, row_weight, rows, do, d_final, d_states, saved[1], dg_parts,
-                             self.scale, want_dh0, want_dg and g is not None, self.plan, self.fuse_dkdv)
-
-    @staticmethod
-    def grad_row_weight(partial, row_weight):
-        """d row_weight [B·T]: Σ over heads of <do_t, o_t> (o unweighted), from the dq
-        walk's q_dq: q_t·dq_t / w_t, or q_t·dq_t itself where w_t = 0 (walked with 1)."""
-        q_dq = partial[2].sum((1, 2))
-        return torch.where(row_weight != 0, q_dq / row_weight, q_dq)
+LAUNCHES = span_phases.SpanLaunches(_forward_states, _forward_output, _backward_dq, _backward_kvg,
+                                    default_chunk=lambda K, V: CHUNK_SIZE)
 
 
-class _TritonLinearAttention(torch.autograd.Function):
-    """Differentiable in q, k, v, g, the initial state and the row weight, and through the
-    final state: the phases run back to back."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, row_weight, phases, output_final_state):
-        final, saved = phases.summarize(k, v, g, initial_state)
-        o = phases.output(q, k, v, g, saved, row_weight)
-        ctx.save_for_backward(q, k, v, g, row_weight, *saved)
-        ctx.phases = phases
-        ctx.has_initial_state = initial_state is not None
-        ctx.set_materialize_grads(False)
-        return o, final if output_final_state else None
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do, d_final):
-        q, k, v, g, row_weight, *saved = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, partial = ctx.phases.grad_q(q, k, v, g, saved, do, row_weight)
-        dk, dv, dg, dh0 = ctx.phases.grad_kvg(
-            q, k, v, g, saved, partial, d_final, want_dg=ctx.needs_input_grad[3],
-            want_dh0=ctx.has_initial_state and ctx.needs_input_grad[4], row_weight=row_weight)
-        dw = ctx.phases.grad_row_weight(partial, row_weight) if ctx.needs_input_grad[5] else None
-        return dq, dk, dv, dg, dh0, dw, None, None
+def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, **knobs):
+    """`span_phases.triton_phases` on this family's kernels (g: None or [B,T,H])."""
+    return span_phases.triton_phases(LAUNCHES, q, k, v, g, scale, initial_state, cu_seqlens, **knobs)
 
 
-def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, *, chunk_size=CHUNK_SIZE, span_chunks=None,
-                  fuse_dkdv=None):
-    """`TritonPhases` for these inputs (arguments as in `triton_linear_attention`), and the
-    inputs in the form its phases take: (q, k, v, g, initial_state), contiguous, the decay
-    and the state in fp32 (differentiable conversions)."""
-    plan = make_span_plan(k, v, cu_seqlens, chunk_size, span_chunks)
-    if fuse_dkdv is None:
-        fuse_dkdv = fuses_dkdv(plan.K, plan.V)
-    inputs = (q.contiguous(), k.contiguous(), v.contiguous(),
-              None if g is None else g.float().contiguous(),
-              None if initial_state is None else initial_state.float().contiguous())
-    return TritonPhases(plan, float(scale), g is not None and g.requires_grad, bool(fuse_dkdv)), inputs
-
-
-def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, *,
-                            row_weight=None, chunk_size=CHUNK_SIZE, span_chunks=None, fuse_dkdv=None):
-    """Causal chunkwise linear attention on the Triton backend (inputs already validated).
-
-    Args:
-        q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32); CUDA tensors (or CPU
-            under TRITON_INTERPRET=1); K and V in 16..256.
-        g: None or [B,T,H] float32 natural-log decay per token (≤ 0).
-        scale: python float multiplying q.
-        initial_state: None or [N,H,K,V] float32 (N = B, or len(cu_seqlens) - 1).
-        output_final_state: also return the state after each document's last token.
-        cu_seqlens: None or int32/int64 device tensor [N+1] of packed offsets (B == 1).
-        row_weight: None or fp32 [B·T]: returns w_t·o_t, with w's gradient, and its
-            backward applies w in fp32 (`TritonPhases`).
-        chunk_size, span_chunks: tokens per chunk (power of two ≥ 16) and chunks per span
-            (default from the shapes, `default_span_chunks`). fuse_dkdv: one backward
-            launch for dk and dv (default when the K×V state gradient fits one program,
-            `common.launch.fuses_dkdv`). Tuning and test knobs.
-
-    Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] float32 or None), differentiable
-    in q, k, v, g, initial_state and row_weight.
-    """
-    phases, inputs = triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, chunk_size=chunk_size,
-                                   span_chunks=span_chunks, fuse_dkdv=fuse_dkdv)
-    if row_weight is not None:
-        row_weight = row_weight.float().contiguous()
-    return _TritonLinearAttention.apply(*inputs, row_weight, phases, bool(output_final_state))
+def triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, **knobs):
+    """`span_phases.triton_linear_attention` on this family's kernels: g None or the
+    per-token log-decay [B,T,H] (≤ 0); knobs row_weight, chunk_size, span_chunks, fuse_dkdv."""
+    return span_phases.triton_linear_attention(LAUNCHES, q, k, v, g, scale, initial_state, output_final_state,
+                                               cu_seqlens, **knobs)
 
 
 def linear_attention(q, k, v, g, *, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
                      causal=True):
     """The family's entry for `lasp.kernels.linear_attention` (validated arguments, causal;
     `g` the per-token log-decay [B,T,H] or None): `triton_linear_attention`."""
-    return triton_linear_attention(q, k, v, None if g is None else g.float().contiguous(), float(scale),
-                                   None if initial_state is None else initial_state.float(), output_final_state,
-                                   cu_seqlens)
+    return triton_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def phases(q, k, v, g, *, scale, initial_state=None, cu_seqlens=None, causal=True):

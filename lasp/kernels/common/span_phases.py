@@ -1,0 +1,179 @@
+"""The host side of the span-walk Triton families (`lasp.kernels.scalar.triton` for g /
+g_gamma, `lasp.kernels.diagonal.triton` for gk): their launches grouped into the phases of
+`lasp.kernels.linear_attention_phases`, the autograd function over those phases, and the
+two entry points each family exposes.
+
+A family hands over its launches as a `SpanLaunches`; everything else here is the same for
+both. This module launches nothing itself and does not import Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lasp.kernels.common.launch import fuses_dkdv
+from lasp.kernels.common.plan import SpanPlan, make_span_plan
+
+
+@dataclass(frozen=True)
+class SpanLaunches:
+    """One family's launch functions (their contracts; `w` the row weight, `rows` the query
+    gather, both None or as in `TritonPhases`):
+
+    - forward_states(k, v, g, h0, plan) -> (every span's incoming state, the spans'
+      log-decays or None, each document's final state): summary + scan.
+    - forward_output(q, k, v, g, w, rows, states, scale, plan) -> o.
+    - backward_dq(q, k, v, g, w, rows, do, states, scale, plan, decay_grad) -> (dq, the
+      spans' local state gradients, the row weight's part or None, the decay gradient's
+      parts or None).
+    - backward_kvg(q, k, v, g, w, rows, do, d_final, d_states, g_span, decay_parts, scale,
+      want_dh0, want_dg, plan, fuse_dkdv) -> (dk, dv, dg or None, d initial state or None).
+    - default_chunk(K, V) -> tokens per chunk when the caller gives none.
+    """
+
+    forward_states: Callable
+    forward_output: Callable
+    backward_dq: Callable
+    backward_kvg: Callable
+    default_chunk: Callable[[int, int], int]
+
+
+@dataclass(frozen=True)
+class TritonPhases:
+    """The launches of one call grouped at their data dependencies: summary + scan |
+    output | dq | reverse scan + dk/dv (+ the decay's gradient). Holds the launch geometry
+    only; tensors are passed in.
+
+    `decay_grad`: the decay requires grad, so the backward computes its chunk-local terms
+    (the dq walk then keeps one fp32 K×V state per chunk for the dk walk); a fixed decay
+    (g_gamma as a buffer) skips that work. `fuse_dkdv`: one backward launch for dk and dv.
+
+    `saved` = (every span's incoming state, the spans' log-decays): one K×V state per span
+    and head; the backward recomputes every chunk state from those. `partial` = (do, the
+    spans' local state gradients, the row weight's part, the decay gradient's parts).
+
+    `row_weight` (fp32 [B·T] or None, the same for every phase of a call): the output is
+    w_t · o_t. MoM passes its routing weights here, so that the backward applies them in
+    fp32 rather than receiving w·do rounded to the dot dtype.
+
+    `rows` (int64 [B·T] or None, the same for every phase of a call): position t's query
+    and output gradient are row rows[t] of q and do, which may then have any number of
+    rows (MoM: its routed copies read their token's row, no copies are materialised).
+    The output and dq are per position and fp32, for the caller to sum and round once.
+    """
+
+    launches: SpanLaunches
+    plan: SpanPlan
+    scale: float
+    decay_grad: bool
+    fuse_dkdv: bool
+
+    def summarize(self, k, v, g, initial_state):
+        states, g_span, final = self.launches.forward_states(k, v, g, initial_state, self.plan)
+        return final, (states, g_span)
+
+    def output(self, q, k, v, g, saved, row_weight=None, rows=None):
+        return self.launches.forward_output(q, k, v, g, row_weight, rows, saved[0], self.scale, self.plan)
+
+    def grad_q(self, q, k, v, g, saved, do, row_weight=None, rows=None):
+        do = do.contiguous()
+        dq, d_states, row_part, decay_parts = self.launches.backward_dq(
+            q, k, v, g, row_weight, rows, do, saved[0], self.scale, self.plan, self.decay_grad)
+        return dq, (do, d_states, row_part, decay_parts)
+
+    def grad_kvg(self, q, k, v, g, saved, partial, d_final, want_dg=True, want_dh0=True,
+                 row_weight=None, rows=None):
+        """(dk, dv, the decay's gradient or None, d initial_state or None)."""
+        do, d_states, _, decay_parts = partial
+        d_final = None if d_final is None else d_final.float().contiguous()
+        return self.launches.backward_kvg(q, k, v, g, row_weight, rows, do, d_final, d_states, saved[1],
+                                          decay_parts, self.scale, want_dh0, want_dg and g is not None, self.plan,
+                                          self.fuse_dkdv)
+
+    @staticmethod
+    def grad_row_weight(partial, row_weight):
+        """d row_weight [B·T]: Σ over heads of <do_t, o_t> (o unweighted), from the dq
+        walk's row weight part: q_t·dq_t / w_t, or q_t·dq_t itself where w_t = 0 (walked
+        with 1)."""
+        q_dq = partial[2].sum((1, 2))
+        return torch.where(row_weight != 0, q_dq / row_weight, q_dq)
+
+
+class TritonLinearAttention(torch.autograd.Function):
+    """Differentiable in q, k, v, the decay, the initial state and the row weight, and
+    through the final state: the phases run back to back."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, row_weight, phases, output_final_state):
+        final, saved = phases.summarize(k, v, g, initial_state)
+        o = phases.output(q, k, v, g, saved, row_weight)
+        ctx.save_for_backward(q, k, v, g, row_weight, *saved)
+        ctx.phases = phases
+        ctx.has_initial_state = initial_state is not None
+        ctx.set_materialize_grads(False)
+        return o, final if output_final_state else None
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, d_final):
+        q, k, v, g, row_weight, *saved = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+        dq, partial = ctx.phases.grad_q(q, k, v, g, saved, do, row_weight)
+        dk, dv, dg, dh0 = ctx.phases.grad_kvg(
+            q, k, v, g, saved, partial, d_final, want_dg=ctx.needs_input_grad[3],
+            want_dh0=ctx.has_initial_state and ctx.needs_input_grad[4], row_weight=row_weight)
+        dw = ctx.phases.grad_row_weight(partial, row_weight) if ctx.needs_input_grad[5] else None
+        return dq, dk, dv, dg, dh0, dw, None, None
+
+
+def triton_phases(launches: SpanLaunches, q, k, v, g, scale, initial_state, cu_seqlens, *, chunk_size=None,
+                  span_chunks=None, fuse_dkdv=None):
+    """`TritonPhases` of a family for these inputs (arguments as in `triton_linear_attention`),
+    and the inputs in the form its phases take: (q, k, v, g, initial_state), contiguous,
+    the decay and the state in fp32 (differentiable conversions)."""
+    if chunk_size is None:
+        chunk_size = launches.default_chunk(k.shape[-1], v.shape[-1])
+    plan = make_span_plan(k, v, cu_seqlens, chunk_size, span_chunks)
+    if fuse_dkdv is None:
+        fuse_dkdv = fuses_dkdv(plan.K, plan.V)
+    inputs = (q.contiguous(), k.contiguous(), v.contiguous(),
+              None if g is None else g.float().contiguous(),
+              None if initial_state is None else initial_state.float().contiguous())
+    decay_grad = g is not None and g.requires_grad
+    return TritonPhases(launches, plan, float(scale), decay_grad, bool(fuse_dkdv)), inputs
+
+
+def triton_linear_attention(launches: SpanLaunches, q, k, v, g, scale, initial_state, output_final_state,
+                            cu_seqlens, *, row_weight=None, chunk_size=None, span_chunks=None, fuse_dkdv=None):
+    """Causal chunkwise linear attention on a family's Triton kernels (inputs already
+    validated).
+
+    Args:
+        q, k: [B,T,H,K]; v: [B,T,H,V]; one dtype (bf16/fp16/fp32); CUDA tensors (or CPU
+            under TRITON_INTERPRET=1); K and V in 16..256.
+        g: the family's decay (None or [B,T,H] for the scalar family, [B,T,H,K] for the
+            per-key one), natural-log, ≤ 0.
+        scale: python float multiplying q.
+        initial_state: None or [N,H,K,V] (N = B, or len(cu_seqlens) - 1).
+        output_final_state: also return the state after each document's last token.
+        cu_seqlens: None or int32/int64 device tensor [N+1] of packed offsets (B == 1).
+        row_weight: None or [B·T]: returns w_t·o_t, with w's gradient, and its backward
+            applies w in fp32 (`TritonPhases`).
+        chunk_size, span_chunks: tokens per chunk (power of two ≥ 16; None: the family's
+            `default_chunk`) and chunks per span (default from the shapes,
+            `default_span_chunks`). fuse_dkdv: one backward launch for dk and dv (default
+            when the K×V state gradient fits one program, `common.launch.fuses_dkdv`).
+            Tuning and test knobs.
+
+    Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] float32 or None), differentiable
+    in q, k, v, g, initial_state and row_weight.
+    """
+    phases, inputs = triton_phases(launches, q, k, v, g, scale, initial_state, cu_seqlens, chunk_size=chunk_size,
+                                   span_chunks=span_chunks, fuse_dkdv=fuse_dkdv)
+    if row_weight is not None:
+        row_weight = row_weight.float().contiguous()
+    return TritonLinearAttention.apply(*inputs, row_weight, phases, bool(output_final_state))
