@@ -36,7 +36,8 @@ from lasp.parallel.layout import SequenceLayout
 # Default head grouping: gather as many key/value heads at once as fit this many bytes.
 GATHER_BUDGET_BYTES = 1 << 30
 # The dtype in which key/value gradients are summed (over the local query segments, then over
-# the ranks) before their one rounding to the input dtype (never below it: fp64 stays fp64).
+# the ranks; the ring baseline's over its steps, dq too) before their one rounding to the
+# input dtype (never below it: fp64 stays fp64).
 KV_GRAD_ACCUMULATION = torch.float32
 
 
