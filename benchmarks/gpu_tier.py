@@ -23,11 +23,13 @@ import subprocess
 import sys
 import time
 
-# name -> (pytest paths, seconds): first-call times on an H100 with cold Triton caches.
+# name -> (pytest paths, seconds): limits a little above what the groups took on an H100
+# with cold Triton caches (2026-12-06: kernels ~300 s, the HF tests 31 s; parallel passed
+# 200 s before reaching LASP-2H at W = 4).
 GROUPS = {
-    "kernels": (["tests/kernels"], 300),
+    "kernels": (["tests/kernels"], 330),
     "layers": (["tests/layers", "tests/test_sync.py"], 90),
-    "parallel": (["tests/parallel", "tests/test_hybrid_step_gpu.py"], 300),
+    "parallel": (["tests/parallel", "tests/test_hybrid_step_gpu.py"], 400),
     "integrations": (["tests/integrations"], 90),
 }
 

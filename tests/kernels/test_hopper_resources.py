@@ -16,9 +16,10 @@ pytest.importorskip("triton")
 
 
 def test_delta_rule_launches_fit_hopper_shared_memory():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "hopper_resources.py")
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])     # this checkout's lasp
     cases = ["128:gk:bfloat16", "128:gk:float32", "128:none:float32", "256:none:bfloat16", "256:gk:float32"]
     run = subprocess.run([sys.executable, script, *cases], env=env, cwd=repo,
                          capture_output=True, text=True, timeout=900)

@@ -487,13 +487,12 @@ def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, d
 
 
 @triton.jit
-def _output_kernel(q, k, g, slot_bounds, states, delta, o, scale, T, PER_ROW,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
-                   VARLEN: tl.constexpr):
-    """Outputs of one chunk slot, head and V-tile: scale [(Q ⊙ e^Γ) S + A δ], A the
-    decayed causal scores (`_scores`)."""
-    NV: tl.constexpr = triton.cdiv(V, BV)
+def _chunk_scores(q, k, g, slot_bounds, T, PER_ROW, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
+                  NV: tl.constexpr, VARLEN: tl.constexpr):
+    """The program of a per-chunk kernel over (chunk slot, V-tile) × head: (slot·H + h, h,
+    its V offsets, the slot's token range, its rows' tokens and mask, the K offsets, q as
+    fp32, Γ, and the decayed causal scores A (`_scores`))."""
     s = tl.program_id(0) // NV
     h = tl.program_id(1)
     base = s.to(tl.int64) * H + h
@@ -503,15 +502,28 @@ def _output_kernel(q, k, g, slot_bounds, states, delta, o, scale, T, PER_ROW,
     offs_t = start + offs_c
     mask_t = offs_t < end
     offs_k = tl.arange(0, BK)
-    # A trailing slot of packed input (no tokens): the walk wrote no state, nothing is read.
-    k_ok, v_ok = _slot_dims(start, end, offs_k, offs_v, K, V)
     b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
     b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
     gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
+    scores = _scores(b_q, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, DECAY)
+    return base, h, offs_v, start, end, offs_t, mask_t, offs_k, b_q, gam, scores
+
+
+@triton.jit
+def _output_kernel(q, k, g, slot_bounds, states, delta, o, scale, T, PER_ROW,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
+                   VARLEN: tl.constexpr):
+    """Outputs of one chunk slot, head and V-tile: scale [(Q ⊙ e^Γ) S + A δ], A the
+    decayed causal scores (`_scores`)."""
+    base, h, offs_v, start, end, offs_t, mask_t, offs_k, b_q, gam, scores = _chunk_scores(
+        q, k, g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, LEVELS, DECAY, triton.cdiv(V, BV), VARLEN)
+    offs_c = tl.arange(0, C)
+    # A trailing slot of packed input (no tokens): the walk wrote no state, nothing is read.
+    k_ok, v_ok = _slot_dims(start, end, offs_k, offs_v, K, V)
     b_s = tl.load(_state_tile(states, base, offs_k, offs_v, K, V)[0], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
     b_delta = tl.load(delta + (base * C + offs_c[:, None]) * V + offs_v[None, :], mask=v_ok[None, :], other=0.0)
     b_o = tl.dot(_decayed(b_q, tl.exp(gam), DECAY), b_s)
-    scores = _scores(b_q, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, DECAY)
     b_o = tl.dot(scores, b_delta, b_o)
     store_tile(o, b_o * scale, offs_t, mask_t, h, offs_v, V, H)
 
@@ -523,21 +535,10 @@ def _output_grad_kernel(q, k, g, do, slot_bounds, d_delta_out, scale, T, PER_ROW
                         VARLEN: tl.constexpr):
     """The outputs' gradient of δ for one chunk slot, head and V-tile: scale Aᵀ do
     (`_scores`), every row of the slot (zero past its tokens)."""
-    NV: tl.constexpr = triton.cdiv(V, BV)
-    s = tl.program_id(0) // NV
-    h = tl.program_id(1)
-    base = s.to(tl.int64) * H + h
-    offs_v = (tl.program_id(0) % NV) * BV + tl.arange(0, BV)
-    start, end = span_range(slot_bounds, s, T, C, PER_ROW, VARLEN)
+    base, h, offs_v, _, _, offs_t, mask_t, _, _, _, scores = _chunk_scores(
+        q, k, g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, LEVELS, DECAY, triton.cdiv(V, BV), VARLEN)
     offs_c = tl.arange(0, C)
-    offs_t = start + offs_c
-    mask_t = offs_t < end
-    offs_k = tl.arange(0, BK)
-    b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
-    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
     b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
-    gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
-    scores = _scores(b_q, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, DECAY)
     b_dd = tl.dot(tl.trans(scores), b_do) * scale
     tl.store(d_delta_out + (base * C + offs_c[:, None]) * V + offs_v[None, :], b_dd, mask=(offs_v < V)[None, :])
 
