@@ -1,7 +1,7 @@
 """What each Triton kernel of lasp asks of a Hopper GPU, found on any machine, GPU or not:
 shared memory per block, registers per thread and the bytes spilled to local memory.
 
-    python benchmarks/kernel_resources.py FAMILY:D:DECAY:DTYPE ...
+    python benchmarks/kernel_resources.py [--launch=ROW=w,s,b[;...]] FAMILY:D:DECAY:DTYPE ...
     e.g.  delta:128:gk:bfloat16  scalar:128:g:bfloat16  diagonal:256:gk:float32
 
 FAMILY is delta (beta with DECAY none, g or gk), scalar (DECAY none or g) or diagonal
@@ -110,7 +110,11 @@ def kernel_resources(family: str, D: int, decay: str, dtype: str) -> dict[str, d
 
 
 if __name__ == "__main__":
-    for case in sys.argv[1:]:
+    cases = sys.argv[1:]
+    if cases and cases[0].startswith("--launch="):         # as benchmarks/kernels.py --launch
+        from kernels import override_launches
+        override_launches(cases.pop(0).removeprefix("--launch="))
+    for case in cases:
         family, dim, decay, dtype = case.split(":")
         kernels = kernel_resources(family, int(dim), decay, dtype)
         print(json.dumps(dict(family=family, D=int(dim), decay=decay, dtype=dtype, kernels=kernels)), flush=True)

@@ -101,6 +101,20 @@ def measure(fn, inputs, do, backward, decay):
     return ms, peak
 
 
+def override_launches(specs: str) -> None:
+    """Apply `ROW=warps,stages,block[;ROW=...]` to `lasp.kernels.common.launch.LAUNCH` (rows
+    must exist): to time a launch change against the defaults of a run beside it."""
+    from lasp.kernels.common.launch import LAUNCH, Launch
+    for spec in filter(None, specs.split(";")):
+        row, _, values = spec.partition("=")
+        if row not in LAUNCH:
+            raise ValueError(f"--launch: no LAUNCH row {row!r}; rows: {sorted(LAUNCH)}")
+        try:
+            LAUNCH[row] = Launch(*(int(x) for x in values.split(",")))
+        except (TypeError, ValueError):
+            raise ValueError(f"--launch: {spec!r} is not ROW=warps,stages,block") from None
+
+
 def kernel_times(step, reps=3) -> dict[str, float]:
     """CUDA time per kernel (µs per step, largest first) of `step`, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -131,14 +145,16 @@ def _add_speedups(results):
 DELTA_ARG = {"delta": None, "g+beta": "g", "gk+beta": "gk"}
 
 
-def delta_methods():
-    """name -> (decay, fn(q, k, v, beta, g, gk) -> o) for the delta rule."""
+def delta_methods(chunk_size=None):
+    """name -> (decay, fn(q, k, v, beta, g, gk) -> o) for the delta rule; lasp's rows with
+    `chunk_size` tokens per chunk (None: the kernels' default)."""
     from lasp.kernels.delta import triton as delta_triton
 
     def lasp_row(decay):
         def fn(q, k, v, beta, g, gk):
             gate = {"delta": None, "g+beta": g, "gk+beta": gk}[decay]
-            return delta_triton.triton_linear_attention(q, k, v, gate, beta, scale=D ** -0.5)[0]
+            return delta_triton.triton_linear_attention(q, k, v, gate, beta, scale=D ** -0.5,
+                                                        chunk_size=chunk_size)[0]
         return decay, fn
     rows = {f"lasp-triton {decay}": lasp_row(decay) for decay in DELTA_ARG}
     try:
@@ -237,11 +253,16 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--only", default=None,
                         help="comma-separated method names to run (default: all)")
+    parser.add_argument("--launch", default="",
+                        help="LAUNCH overrides, ROW=warps,stages,block[;...], e.g. delta.chunk_grad=8,1,16")
+    parser.add_argument("--delta-chunk", type=int, default=None,
+                        help="tokens per chunk of lasp's delta rows (default: the kernels' own)")
     parser.add_argument("--profile", action="store_true",
                         help="delta rows: also record each row's CUDA time per kernel")
     parser.add_argument("--fla-gla-shapes", default="1x32768,1x131072",
                         help="shapes BxT at which fla chunk_gla runs (its autotune is long)")
     args = parser.parse_args()
+    override_launches(args.launch)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     bandwidth = copy_bandwidth()
     rows = methods()
@@ -255,6 +276,7 @@ def main():
     except ImportError:
         fla_version = None
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, fla=fla_version,
+                launch_overrides=args.launch or None, delta_chunk=args.delta_chunk,
                 python=platform.python_version(), H=H, D=D, dtype="bf16",
                 copy_bandwidth_gb_s=bandwidth / 1e9, results=results)
     os.makedirs(args.out, exist_ok=True)
@@ -296,7 +318,8 @@ def main():
                 _add_speedups(results)
                 with open(path, "w") as f:      # after every row: a run cut short keeps its rows
                     json.dump(meta, f, indent=1)
-    delta_rows = {name: row for name, row in delta_methods().items() if not args.only or name in args.only.split(",")}
+    delta_rows = {name: row for name, row in delta_methods(args.delta_chunk).items()
+                  if not args.only or name in args.only.split(",")}
     for B, T in shapes if delta_rows else ():
         run_delta_rows(B, T, delta_rows, results, meta, path, bandwidth, args.profile)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
