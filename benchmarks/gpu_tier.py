@@ -3,13 +3,17 @@ its own time limit, so a slow or hanging group costs only its share and every ot
 group's failures still print with their tracebacks.
 
     python benchmarks/gpu_tier.py [--groups kernels,parallel,...] [--budget-s 540] [--out DIR]
+                                  [--wheels .whl]
 
 Groups run in the order given (default: all, in GROUPS order); each gets
 min(its limit, what is left of the budget). Writes DIR/gpu_tier.log (every group's pytest
 output, `-rfE --tb=short`) and DIR/gpu_tier.json (per group: passed, failed, skipped,
 seconds, the FAILED lines, or "timed out"), and prints a table last. Ranks of the
 multi-rank groups share one GPU over gloo when the machine has fewer GPUs than ranks
-(tests/distributed.py). The HF group needs transformers >= 5.25 (carry its wheels).
+(tests/distributed.py). The HF group needs transformers >= 5.25: `--wheels DIR` installs
+every wheel in DIR (no dependencies resolved, one by one so that one unusable wheel does not
+stop the rest) into a private folder that the groups import first; carry DIR to the GPU
+machine (the device tool's `carry`: a git-ignored folder does not travel otherwise).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 # name -> (pytest paths, seconds): limits a little above what the groups took on an H100
@@ -32,6 +37,19 @@ GROUPS = {
     "parallel": (["tests/parallel", "tests/test_hybrid_step_gpu.py"], 400),
     "integrations": (["tests/integrations"], 90),
 }
+
+
+def install_wheels(folder: str, target: str) -> list[str]:
+    """pip-install each wheel of `folder` into `target` without dependencies; returns the
+    wheels that failed (with pip's last line)."""
+    failed = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".whl"):
+            run = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade",
+                                  "--target", target, os.path.join(folder, name)], capture_output=True, text=True)
+            if run.returncode:
+                failed.append(f"{name}: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
+    return failed
 
 
 def run_group(paths, limit_s, log):
@@ -66,6 +84,7 @@ def main():
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, of {', '.join(GROUPS)}")
     parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for all groups together")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--wheels", default=None, help="a folder of wheels to install first (see above)")
     args = parser.parse_args()
     names = args.groups.split(",")
     unknown = [n for n in names if n not in GROUPS]
@@ -73,6 +92,11 @@ def main():
         parser.error(f"--groups: unknown {unknown}; known: {list(GROUPS)}")
     os.makedirs(args.out, exist_ok=True)
     deadline = time.monotonic() + args.budget_s
+    if args.wheels:
+        site = os.path.join(tempfile.gettempdir(), "gpu_tier_site")
+        for line in install_wheels(args.wheels, site):
+            print(f"wheel not installed: {line}", flush=True)
+        os.environ["PYTHONPATH"] = os.pathsep.join([site, os.getcwd(), os.environ.get("PYTHONPATH", "")])
     results = {}
     with open(os.path.join(args.out, "gpu_tier.log"), "w") as log:
         for name in names:
