@@ -125,10 +125,14 @@ def test_head_dims(K, V):
 
 
 @cpu_only
-def test_wide_heads_take_the_split_dkdv_path():
-    """K = V = 256: the K×V state gradient does not fit one program, dk and dv split."""
-    x = torch.empty(1, 1, 1, 256)
-    assert not tla.triton_phases(x, x, x, None, 1.0, None, None)[0].fuse_dkdv
+def test_wide_heads_and_fp32_take_the_split_dkdv_path():
+    """K = V = 256: the K×V state gradient does not fit one program, dk and dv split; so do
+    fp32 inputs at K = V = 128, whose fused launch needs more shared memory than a Hopper
+    GPU has (benchmarks/kernel_resources.py), while bf16 ones fuse."""
+    def fused(D, dtype):
+        x = torch.empty(1, 1, 1, D, dtype=dtype)
+        return tla.triton_phases(x, x, x, None, 1.0, None, None)[0].fuse_dkdv
+    assert (fused(256, torch.bfloat16), fused(128, torch.float32), fused(128, torch.bfloat16)) == (False, False, True)
     _check(1, 40, 1, 256, 256, None, **SMALL)
 
 

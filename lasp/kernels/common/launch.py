@@ -19,9 +19,9 @@ CHUNK_SIZE = 64
 # Head dims (K and V) the Triton kernels take.
 TRITON_HEAD_DIMS = (16, 256)
 
-# Head dims above 128 take chunks of CHUNK_SIZE // 2 tokens in the per-key and delta
-# families: their [C, K] fp32 tiles at C = 64, K = 256 need more shared memory than a Hopper
-# GPU has (the delta chunk backward 320 KB of 227 KB, compiled for sm_90 with Triton 3.6;
+# Head dims above 128 take chunks of CHUNK_SIZE // 2 tokens: their [C, K] tiles at C = 64,
+# K = 256 need more shared memory than a Hopper GPU has (compiled for sm_90 with Triton 3.6:
+# the delta chunk backward 320 KB, the scalar dk/dv with fp32 inputs 304 KB, of 227 KB;
 # tests/kernels/test_hopper_resources.py), and on an H100 the per-key dq walk at K = V = 256
 # with 64-token chunks hits an illegal memory access, with 32 it runs
 # (benchmarks/results/diagonal_phases_probe_h100_2026-12-06.txt).
@@ -29,8 +29,8 @@ WIDE_HEAD_CHUNK = CHUNK_SIZE // 2
 
 
 def chunk_for_head_dims(K: int, V: int) -> int:
-    """Tokens per chunk of the per-key and delta kernels: CHUNK_SIZE, or WIDE_HEAD_CHUNK
-    when a head dim exceeds 128."""
+    """Tokens per chunk of the Triton kernels: CHUNK_SIZE, or WIDE_HEAD_CHUNK when a head
+    dim exceeds 128."""
     return CHUNK_SIZE if max(K, V) <= 128 else WIDE_HEAD_CHUNK
 
 
@@ -100,12 +100,17 @@ def launch_kw(row: str, widest_dim: int = 0) -> dict:
 # K-tiles with all of V), which reads q, k, v and do twice: on an H200 at B=1, T=32K,
 # H=16, D=128 the split launch costs 1.24 / 1.81 / 2.77 ms fwd+bwd against the fused
 # one's 0.92 / 1.44 / 2.32 (plain / g_gamma / g; benchmarks/results/tune_launch_*-s4).
+# Inputs of 4 bytes (fp32) always take the split launch: their tiles need twice the shared
+# memory, and the per-key fused dk/dv at K = V = 128 asked for 256 KB of a Hopper GPU's 227
+# (compiled for sm_90, benchmarks/kernel_resources.py).
 FUSED_DKDV_MAX_ELEMENTS = 128 * 128
 
 
-def fuses_dkdv(K: int, V: int) -> bool:
-    """Whether one dk/dv launch holds the whole K×V state gradient (`FUSED_DKDV_MAX_ELEMENTS`)."""
-    return (1 << (K - 1).bit_length()) * (1 << (V - 1).bit_length()) <= FUSED_DKDV_MAX_ELEMENTS
+def fuses_dkdv(K: int, V: int, element_size: int) -> bool:
+    """Whether one dk/dv launch holds the whole K×V state gradient (`FUSED_DKDV_MAX_ELEMENTS`,
+    inputs of at most 2 bytes an element)."""
+    fits = (1 << (K - 1).bit_length()) * (1 << (V - 1).bit_length()) <= FUSED_DKDV_MAX_ELEMENTS
+    return fits and element_size <= 2
 
 
 def check_triton_head_dims(q, v) -> None:

@@ -139,7 +139,7 @@ def triton_phases(launches: SpanLaunches, q, k, v, g, scale, initial_state, cu_s
         chunk_size = launches.default_chunk(k.shape[-1], v.shape[-1])
     plan = make_span_plan(k, v, cu_seqlens, chunk_size, span_chunks)
     if fuse_dkdv is None:
-        fuse_dkdv = fuses_dkdv(plan.K, plan.V)
+        fuse_dkdv = fuses_dkdv(plan.K, plan.V, q.element_size())
     inputs = (q.contiguous(), k.contiguous(), v.contiguous(),
               None if g is None else g.float().contiguous(),
               None if initial_state is None else initial_state.float().contiguous())
@@ -166,7 +166,8 @@ def triton_linear_attention(launches: SpanLaunches, q, k, v, g, scale, initial_s
         chunk_size, span_chunks: tokens per chunk (power of two ≥ 16; None: the family's
             `default_chunk`) and chunks per span (default from the shapes,
             `default_span_chunks`). fuse_dkdv: one backward launch for dk and dv (default
-            when the K×V state gradient fits one program, `common.launch.fuses_dkdv`).
+            when the K×V state gradient fits one program and the inputs are 16-bit,
+            `common.launch.fuses_dkdv`).
             Tuning and test knobs.
 
     Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] float32 or None), differentiable

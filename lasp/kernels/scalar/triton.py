@@ -80,7 +80,7 @@ import triton
 import triton.language as tl
 
 from lasp.kernels.common import launch, span_phases
-from lasp.kernels.common.launch import CHUNK_SIZE, LAUNCH, launch_kw, tile
+from lasp.kernels.common.launch import LAUNCH, chunk_for_head_dims, launch_kw, tile
 from lasp.kernels.common.plan import SpanPlan, span_chunk_slots
 from lasp.kernels.common.scan import scan_spans
 from lasp.kernels.common.tiles import decayed_outer_acc, load_tile, query_rows, span_range, state_ptrs, store_tile
@@ -486,7 +486,7 @@ def _backward_kvg(q, k, v, g, w, rows, do, d_final, d_states, g_span, dg_parts, 
 
 
 LAUNCHES = span_phases.SpanLaunches(_forward_states, _forward_output, _backward_dq, _backward_kvg,
-                                    default_chunk=lambda K, V: CHUNK_SIZE)
+                                    default_chunk=chunk_for_head_dims)
 
 
 def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, **knobs):
