@@ -40,6 +40,14 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return (y * torch.rsqrt(y.pow(2).sum(-1, keepdim=True) + L2_NORM_EPS)).to(x.dtype)
 
 
+def gated_log_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """The log-decay of Gated DeltaNet and KDA (Mamba-2's form), −exp(A_log) · softplus(a + dt_bias),
+    in at least fp32 (log-decays are summed over time); the three broadcast together (per
+    head: a [..., H]; per key dim: a [..., H, K] with A_log [H, 1] and dt_bias [H, K])."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
+
+
 def mamba_dt_bias(n: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:
     """softplus⁻¹(dt) with dt log-uniform in [dt_min, dt_max] (Mamba's init, fla's Gated DeltaNet)."""
     dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
@@ -136,9 +144,7 @@ class GatedDeltaNet(DeltaRuleAttention):
                 "dt_bias": mamba_dt_bias(self.num_v_heads).to(self.dt_bias)}
 
     def log_decays(self, x: torch.Tensor):
-        dtype = torch.promote_types(x.dtype, torch.float32)  # log-decays are summed over time
-        a = self.a_proj(x).to(dtype)
-        return -self.A_log.to(dtype).exp() * F.softplus(a + self.dt_bias.to(dtype)), None
+        return gated_log_decay(self.a_proj(x), self.A_log, self.dt_bias), None
 
 
 class KimiDeltaAttention(DeltaRuleAttention):
@@ -169,7 +175,6 @@ class KimiDeltaAttention(DeltaRuleAttention):
         return {"A_log": torch.empty_like(self.A_log).uniform_(1, 16).log(), "dt_bias": torch.zeros_like(self.dt_bias)}
 
     def log_decays(self, x: torch.Tensor):
-        dtype = torch.promote_types(x.dtype, torch.float32)  # log-decays are summed over time
-        B, T, _ = x.shape
-        a = (self.f_proj(x).to(dtype) + self.dt_bias.to(dtype)).view(B, T, self.num_v_heads, self.head_dim)
-        return None, -self.A_log.to(dtype).exp()[:, None] * F.softplus(a)
+        per_key = (self.num_v_heads, self.head_dim)
+        return None, gated_log_decay(self.f_proj(x).unflatten(-1, per_key), self.A_log[:, None],
+                                     self.dt_bias.view(per_key))

@@ -27,12 +27,11 @@ the same operations as transformers' in bf16/fp16/fp32 and float64 for float64.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from lasp.integrations.hf.context import check_training_call, context_of
 from lasp.layers.conv import short_conv
-from lasp.layers.delta_rule import l2_normalize
+from lasp.layers.delta_rule import gated_log_decay, l2_normalize
 from lasp.layers.norm import gated_rms_norm
 from lasp.layers.ops import linear_attention_op
 
@@ -51,8 +50,7 @@ def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, beta_scale: float = 1.0, 
     q = l2_normalize(q).repeat_interleave(repeat, 2)
     k = l2_normalize(k).repeat_interleave(repeat, 2)
     beta = torch.sigmoid(b) * beta_scale
-    dtype = torch.promote_types(a.dtype, torch.float32)  # log-decays are summed over time
-    g = -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
+    g = gated_log_decay(a, A_log, dt_bias)
     return linear_attention_op(q, k, v, g=g, beta=beta, scale=q.shape[-1] ** -0.5, **op_kwargs)
 
 

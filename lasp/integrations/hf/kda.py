@@ -28,7 +28,7 @@ from transformers.activations import ACT2FN
 
 from lasp.integrations.hf.context import check_training_call, context_of
 from lasp.layers.conv import short_conv
-from lasp.layers.delta_rule import l2_normalize
+from lasp.layers.delta_rule import gated_log_decay, l2_normalize
 from lasp.layers.norm import gated_rms_norm
 from lasp.layers.ops import linear_attention_op
 
@@ -36,15 +36,12 @@ MODEL_TYPES = ("kimi_linear",)
 
 
 def kda_log_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """KDA's per-key log-decay −exp(A_log[h]) · softplus(a + dt_bias), [B, T, H, head_dim].
-
-    a: [B, T, H·head_dim] (the low-rank projection f_b(f_a x)); A_log: H values (any shape);
-    dt_bias: [H·head_dim]. In at least fp32 (log-decays are summed over time), as the
-    reference. softplus is linear above 20, as KimiLinearForgetGate's.
-    """
-    dtype = torch.promote_types(a.dtype, torch.float32)
-    a = (a.to(dtype) + dt_bias.to(dtype)).unflatten(-1, (-1, head_dim))
-    return -A_log.to(dtype).exp().reshape(-1, 1) * F.softplus(a)
+    """KDA's per-key log-decay −exp(A_log[h]) · softplus(a + dt_bias), [B, T, H, head_dim]
+    (`gated_log_decay`): a [B, T, H·head_dim] (the low-rank projection f_b(f_a x)); A_log: H
+    values (any shape); dt_bias: [H·head_dim]. softplus is linear above 20, as
+    KimiLinearForgetGate's."""
+    per_key = (-1, head_dim)
+    return gated_log_decay(a.unflatten(-1, per_key), A_log.reshape(-1, 1), dt_bias.unflatten(-1, per_key))
 
 
 def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, **kwargs) -> torch.Tensor:

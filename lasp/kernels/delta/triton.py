@@ -352,6 +352,25 @@ def _scores(b_q, b_k, gam, k, g, start, end, h, rows, offs_k, H: tl.constexpr, K
 
 
 @triton.jit
+def _slot_tokens(slot_bounds, s, T, PER_ROW, C: tl.constexpr, VARLEN: tl.constexpr):
+    """Chunk slot s's token range (start, end) and its C rows' token indices and mask."""
+    start, end = span_range(slot_bounds, s, T, C, PER_ROW, VARLEN)
+    offs_t = start + tl.arange(0, C)
+    return start, end, offs_t, offs_t < end
+
+
+@triton.jit
+def _slot_program(slot_bounds, T, PER_ROW, H: tl.constexpr, C: tl.constexpr, NV: tl.constexpr,
+                  VARLEN: tl.constexpr):
+    """The chunk slot and head of a per-chunk program (grid (slots · NV V-tiles, H)):
+    (slot·H + h, h, `_slot_tokens` of the slot)."""
+    s = tl.program_id(0) // NV
+    h = tl.program_id(1)
+    start, end, offs_t, mask_t = _slot_tokens(slot_bounds, s, T, PER_ROW, C, VARLEN)
+    return s.to(tl.int64) * H + h, h, start, end, offs_t, mask_t
+
+
+@triton.jit
 def _diagonal_block_inverse(k, beta, g, a_inv, base, start, end, h, b,
                             H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                             DECAY: tl.constexpr):
@@ -394,13 +413,8 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
     = Σ_{j < C/16} Pʲ D⁻¹, LEVELS = log2(C/16). With a per-key decay N_below is the sum
     of the halving levels (`_key_scores`): every exponent ≤ 0.
     """
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    base = s.to(tl.int64) * H + h
-    start, end = span_range(slot_bounds, s, T, C, PER_ROW, VARLEN)
+    base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, 1, VARLEN)
     offs_c = tl.arange(0, C)
-    offs_t = start + offs_c
-    mask_t = offs_t < end
     offs_k = tl.arange(0, BK)
     rows, cols = offs_c[:, None], offs_c[None, :]
 
@@ -493,14 +507,9 @@ def _chunk_scores(q, k, g, slot_bounds, T, PER_ROW, H: tl.constexpr, K: tl.const
     """The program of a per-chunk kernel over (chunk slot, V-tile) × head: (slot·H + h, h,
     its V offsets, the slot's token range, its rows' tokens and mask, the K offsets, q as
     fp32, Γ, and the decayed causal scores A (`_scores`))."""
-    s = tl.program_id(0) // NV
-    h = tl.program_id(1)
-    base = s.to(tl.int64) * H + h
+    base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, NV, VARLEN)
     offs_v = (tl.program_id(0) % NV) * BV + tl.arange(0, BV)
-    start, end = span_range(slot_bounds, s, T, C, PER_ROW, VARLEN)
     offs_c = tl.arange(0, C)
-    offs_t = start + offs_c
-    mask_t = offs_t < end
     offs_k = tl.arange(0, BK)
     b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
     b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
@@ -579,9 +588,7 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_states, d_delta_out, d_final, doc
             ptrs, mask = _state_tile(d_states, base, offs_k, offs_v, K, V)
             d_state += tl.load(ptrs, mask=mask, other=0.0)
         elif OUTPUT_GRAD == 2:
-            start, end = span_range(slot_bounds, slot, T, C, PER_ROW, VARLEN)
-            offs_t = start + offs_c
-            mask_t = offs_t < end
+            _, _, offs_t, mask_t = _slot_tokens(slot_bounds, slot, T, PER_ROW, C, VARLEN)
             b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
             b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
             gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
@@ -608,13 +615,8 @@ def _chunk_grad_kernel(q, k, v, beta, g, do, slot_bounds, a_inv, states, delta, 
     per-key decay (DECAY 2) keeps dΓ, dγ and Σ S ⊙ dS' per key, and takes the products
     through the decayed scores by `_key_apply` / `_key_apply_t` (every exponent ≤ 0).
     """
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    base = s.to(tl.int64) * H + h
-    start, end = span_range(slot_bounds, s, T, C, PER_ROW, VARLEN)
+    base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, 1, VARLEN)
     offs_c = tl.arange(0, C)
-    offs_t = start + offs_c
-    mask_t = offs_t < end
     offs_k = tl.arange(0, BK)
     rows, cols = offs_c[:, None], offs_c[None, :]
     b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
