@@ -13,7 +13,9 @@ by more than 1e-2 is reported as FAIL instead of a time. `variant` is the transi
 (identity, scalar, diagonal; dense for the delta rule), `decay` the argument (plain,
 g_gamma, g, gk; delta, g+beta, gk+beta). Delta rows: lasp-triton against fla's
 `chunk_delta_rule`, `chunk_gated_delta_rule` and `chunk_kda`, with L2-normalised keys, each
-checked against lasp's torch chunk form on the first two heads (`run_delta_rows`). fla's
+checked against lasp's torch chunk form on the first two heads (`run_delta_rows`); lasp's
+delta rows come twice, with the kernels' default walk operands (fp32: TF32 products) and
+with the other mode ("(bf16 walks)": bf16 products), timed in the same run. fla's
 `chunk_gla` autotunes on its first call (> 150 s at 8x4096 on an H100): `--fla-gla-shapes`
 says at which shapes it runs.
 
@@ -147,16 +149,23 @@ DELTA_ARG = {"delta": None, "g+beta": "g", "gk+beta": "gk"}
 
 def delta_methods(chunk_size=None):
     """name -> (decay, fn(q, k, v, beta, g, gk) -> o) for the delta rule; lasp's rows with
-    `chunk_size` tokens per chunk (None: the kernels' default)."""
+    `chunk_size` tokens per chunk (None: the kernels' default): "lasp-triton <decay>" with
+    the kernels' default walk operands (`WALK_OPERANDS`), and "lasp-triton <decay> (bf16
+    walks)" or "(fp32 walks)" with the other mode, to time both in one run."""
     from lasp.kernels.delta import triton as delta_triton
 
-    def lasp_row(decay):
+    def lasp_row(decay, walk_operands=None):
         def fn(q, k, v, beta, g, gk):
             gate = {"delta": None, "g+beta": g, "gk+beta": gk}[decay]
             return delta_triton.triton_linear_attention(q, k, v, gate, beta, scale=D ** -0.5,
-                                                        chunk_size=chunk_size)[0]
+                                                        chunk_size=chunk_size, walk_operands=walk_operands)[0]
         return decay, fn
-    rows = {f"lasp-triton {decay}": lasp_row(decay) for decay in DELTA_ARG}
+    other = "float32" if delta_triton.WALK_OPERANDS == "bfloat16" else "bfloat16"
+    label = {"bfloat16": "bf16 walks", "float32": "fp32 walks"}[other]
+    rows = {}
+    for decay in DELTA_ARG:
+        rows[f"lasp-triton {decay}"] = lasp_row(decay)
+        rows[f"lasp-triton {decay} ({label})"] = lasp_row(decay, other)
     try:
         from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
@@ -178,6 +187,12 @@ def delta_oracle(decay, q, k, v, beta, g, gk):
     gate = {"delta": None, "g+beta": g, "gk+beta": gk}[decay]
     q, k, v, beta = (x[:, :, :2].float() for x in (q, k, v, beta))
     return delta_chunk(q, k, v, None if gate is None else gate[:, :, :2], beta, scale=D ** -0.5)[0]
+
+
+def _delta_walk_operands():
+    """The delta rows' default walk operands (`lasp.kernels.delta.triton.WALK_OPERANDS`)."""
+    from lasp.kernels.delta import triton as delta_triton
+    return delta_triton.WALK_OPERANDS
 
 
 def run_delta_rows(B, T, rows, results, meta, path, bandwidth, profile=False):
@@ -277,6 +292,7 @@ def main():
         fla_version = None
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, fla=fla_version,
                 launch_overrides=args.launch or None, delta_chunk=args.delta_chunk,
+                delta_walk_operands=_delta_walk_operands(),
                 python=platform.python_version(), H=H, D=D, dtype="bf16",
                 copy_bandwidth_gb_s=bandwidth / 1e9, results=results)
     os.makedirs(args.out, exist_ok=True)

@@ -1,7 +1,7 @@
 """The delta rule (DeltaNet, Gated DeltaNet, KDA): the chunk form against the token loop
 in float64, each document's dense transition against the product of its tokens', and the
-Triton path (interpreter, fp32, NaN-poisoned outputs) against the chunk form; every
-gradient by name (dq dk dv dbeta dg/dgk dh0).
+Triton path (interpreter, fp32, NaN-poisoned outputs; bf16 in both walk-operand modes)
+against the chunk form; every gradient by name (dq dk dv dbeta dg/dgk dh0).
 
 Keys are L2-normalised and β = sigmoid(·), as the layers feed them: with raw keys the
 recurrence itself is unstable (I − β k kᵀ has eigenvalues 1 − β|k|²).
@@ -15,6 +15,7 @@ import lasp.kernels.delta.triton as dtri
 from lasp.kernels.common import launch
 from lasp.kernels.delta import chunk_linear_attention, run_transitions
 from lasp.kernels.naive import naive_linear_attention
+from tests.bf16_interpreter import bf16_interpreter
 from tests.utils import random_cu_seqlens, rel_err
 
 DECAYS = (None, "g", "gk")
@@ -204,3 +205,64 @@ def test_phases_as_lasp2_drives_them():
         assert rel_err(a, b) < 2e-5, name
     with pytest.raises(ValueError, match="causal"):
         dtri.phases(*leaves[:3], leaves[4], leaves[3], scale=0.3, causal=False)
+
+
+@cpu_only
+@pytest.mark.parametrize("walk_operands", ["bfloat16", "float32"])
+@pytest.mark.parametrize("decay", ["g", "gk"])
+def test_triton_bf16_walk_operands(monkeypatch, decay, walk_operands):
+    """bf16 inputs, both walk-operand modes (`dtri.WALK_OPERANDS`), packed documents, h0,
+    two V-tiles, against the float64 chunk form on the same (rounded) inputs: every result
+    within bf16 rounding, and the stored products' operands (w, k_end, S, δ, dδ, dS') in
+    the mode's dtype while R, u, the outputs' dδ and the final state stay fp32. fp32 walks
+    leave the fp32 results (final, dbeta, ddecay, dh0) at fp32 accuracy. The interpreter
+    computes bf16 as a GPU does (`bf16_interpreter`). An unknown mode: ValueError."""
+    for row in ("delta.state_bf16", "delta.state_grad_bf16", "delta.state_grad_per_key_bf16", "delta.state",
+                "delta.state_grad", "delta.state_grad_per_key", "delta.output", "delta.output_grad",
+                "delta.chunk_grad"):
+        monkeypatch.setitem(launch.LAUNCH, row, launch.Launch(4, 2, 16))
+    allocations = []
+    new_tensor = launch.new_tensor
+
+    def recording(shape, dtype, device):
+        allocations.append((tuple(shape), dtype))
+        return new_tensor(shape, dtype, device)
+    monkeypatch.setattr(launch, "new_tensor", recording)
+    lengths, H, K, V, C = [1, 40, 0, 23], 2, 16, 32, 16
+    cu = random_cu_seqlens(lengths)
+    leaves = _inputs(1, sum(lengths), H, K, V, decay, n_states=len(lengths), dtype=torch.bfloat16, strong=True)
+    q, k, v, beta, g, h0 = leaves
+    gen = torch.Generator().manual_seed(1)
+    d_o = torch.randn(v.shape, generator=gen).bfloat16()
+    d_s = torch.randn(h0.shape, generator=gen)
+    kw = dict(scale=K ** -0.5, output_final_state=True, cu_seqlens=cu)
+    with bf16_interpreter():
+        o, s = dtri.triton_linear_attention(q, k, v, g, beta, initial_state=h0, chunk_size=C,
+                                            walk_operands=walk_operands, **kw)
+        got = _grads([o, s], leaves, [d_o, d_s])
+    ref = [x.detach().double().requires_grad_() for x in leaves]
+    o_ref, s_ref = chunk_linear_attention(*ref[:3], ref[4], ref[3], initial_state=ref[5], **kw)
+    want = _grads([o_ref, s_ref], ref, [d_o.double(), d_s.double()])
+    errors = {"o": rel_err(o, o_ref), "final": rel_err(s, s_ref)}
+    errors.update({name: rel_err(a, b) for name, a, b in zip(_names(leaves), got, want)})
+    print(f"\n{decay} bf16 inputs, {walk_operands} walk operands: "
+          + " ".join(f"{name}={e:.1e}" for name, e in errors.items()))
+
+    n_slots = dtri.chunk_layout(1, sum(lengths), cu, C, "cpu").n_slots
+    narrow = sorted(shape for shape, dtype in allocations if shape[0] == n_slots and dtype == torch.bfloat16)
+    wide = sorted(shape for shape, dtype in allocations if shape[0] == n_slots and dtype == torch.float32)
+    operands = [(n_slots, H, C, K)] * 2 + [(n_slots, H, C, V)] * 2 + [(n_slots, H, K, V)] * 2
+    fp32_only = [(n_slots, H, C, C), (n_slots, H, C, V), (n_slots, H, C, V)]    # R, u, the outputs' dδ
+    if walk_operands == "bfloat16":
+        assert (narrow, wide) == (sorted(operands), sorted(fp32_only + [(n_slots, H, K if decay == "gk" else 1)]))
+        # bf16 results' rounding plus the products' rounded operands (measured at most 2.9e-3)
+        bound = {name: 5e-3 for name in errors}
+    else:
+        assert not narrow and sorted(operands + fp32_only) == [x for x in wide if len(x) == 4]
+        bound = {name: 3e-3 for name in errors}         # the rounding of bf16 results
+        bound.update(final=1e-5, dbeta=1e-5, ddecay=1e-5, dh0=1e-5)
+    assert s.dtype == torch.float32 and o.dtype == torch.bfloat16
+    bad = {name: e for name, e in errors.items() if not e <= bound[name]}
+    assert not bad, f"relative errors above the bounds: {bad} (all: {errors})"
+    with pytest.raises(ValueError, match="walk_operands"):
+        dtri.triton_linear_attention(q, k, v, g, beta, walk_operands="float16", **kw)

@@ -12,12 +12,22 @@ against the token loop in float64 on CPU (tests/kernels/test_delta.py). Triton 3
 Hopper miscompiles some of fla's gated backward kernels, hence gradients checked here, on
 the GPU:
 
-- bf16 inputs: relative error <= 3e-3 (TOL). Measured on an H100 (2026-12-06, before the
-  fused kernels, benchmarks/results/gpu_tests_delta_h100_2026-12-06.txt): at most 1.9e-3
+- bf16 inputs, fp32 walk operands: relative error <= 3e-3 (TOL). Measured on an H100
+  (2026-12-06, before the fused kernels, benchmarks/results/gpu_tests_delta_h100_2026-12-06.txt): at most 1.9e-3
   (o, dq, dk, dv: the rounding of the bf16 results themselves; final, dbeta, ddecay, dh0
-  <= 9.7e-4; KDA then ran torch pieces). The fused kernels (KDA's included) are not yet
-  measured on a GPU.
-- fp32 inputs (TF32 dots): <= 3e-3 as well; measured at most 1.3e-3 (before the fused kernels).
+  <= 9.7e-4; KDA then ran torch pieces). The fused kernels, KDA's included (H100,
+  2026-12-06, benchmarks/results/delta_gpu_walks_h100_2026-12-06-s4.txt): at most 2.5e-3.
+- fp32 inputs (TF32 dots): <= 3e-3 as well; measured at most 2.5e-3 (fused kernels).
+- bf16 inputs, bf16 walk operands (`walk_operands="bfloat16"`, opt-in: `dtri.WALK_OPERANDS`;
+  w, k_end, states, δ, dδ, dS' stored in bf16, bf16 × bf16 → fp32 products): <= 6e-3
+  (TOL_BF16_WALKS). Each stored operand then rounds by up to
+  2^-9 = 2.0e-3 relative (TF32 by 2^-11 = 4.9e-4), and a result meets two or three such
+  roundings (operand, state cast, its own bf16 rounding): fla, which stores the same
+  operands in bf16, measures 4.9e-3 on its forward at 1x32K (ours with fp32 operands
+  1.8e-3; benchmarks/results/kernels_delta_1x32768_h100_2026-12-06.json); the CPU
+  interpreter (bf16 as on a GPU) measures at most 2.9e-3 at a small shape
+  (tests/kernels/test_delta.py). On an H100 (same file as above): at most 4.3e-3 (DeltaNet's
+  dk; Gated DeltaNet and KDA <= 2.7e-3), so the mode is not the default (DESIGN.md §5: TOL).
 
 Each case prints its errors (run with -s to see the table); with $OUT set, every case
 so far is written to `delta_gpu.json` there.
@@ -36,17 +46,20 @@ from tests.utils import random_cu_seqlens, rel_err
 
 pytestmark = pytest.mark.gpu
 TOL = 3e-3
+TOL_BF16_WALKS = 6e-3
 NAMES = ("dq", "dk", "dv", "dbeta", "ddecay", "dh0")
 RESULTS = []
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dtype, walk_operands", [
+    (torch.bfloat16, "bfloat16"), (torch.bfloat16, "float32"), (torch.float32, "float32"),
+], ids=["bf16-bf16walks", "bf16-fp32walks", "fp32"])
 @pytest.mark.parametrize("decay", [None, "g", "gk"], ids=["delta", "g", "gk"])
 @pytest.mark.parametrize("B, T, H, K, V, lengths", [
     (1, 4096, 4, 128, 128, [1000, 1, 0, 2047, 1048]),
     (2, 2048, 4, 64, 128, None),
 ], ids=["packed", "rows"])
-def test_triton_matches_fp32_chunk_form(dtype, decay, B, T, H, K, V, lengths):
+def test_triton_matches_fp32_chunk_form(dtype, walk_operands, decay, B, T, H, K, V, lengths):
     from lasp.kernels.delta import triton as dtri
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -65,7 +78,8 @@ def test_triton_matches_fp32_chunk_form(dtype, decay, B, T, H, K, V, lengths):
     ref = [x.detach().float().requires_grad_() for x in low]          # the same (rounded) values
     with no_host_sync():
         o, s = dtri.triton_linear_attention(*low[:3], g if g is None else low[4], low[3], scale=K ** -0.5,
-                                            initial_state=low[-1], output_final_state=True, cu_seqlens=cu)
+                                            initial_state=low[-1], output_final_state=True, cu_seqlens=cu,
+                                            walk_operands=walk_operands)
         got = torch.autograd.grad([o, s], low, [do, d_final])
     o_ref, s_ref = chunk_linear_attention(*ref[:3], g if g is None else ref[4], ref[3], scale=K ** -0.5,
                                           initial_state=ref[-1], output_final_state=True, cu_seqlens=cu)
@@ -74,11 +88,12 @@ def test_triton_matches_fp32_chunk_form(dtype, decay, B, T, H, K, V, lengths):
     errors = {"o": rel_err(o, o_ref), "final": rel_err(s, s_ref)}
     errors.update({name: rel_err(a, b) for name, a, b in zip(names, got, want)})
     shown = " ".join(f"{name}={e:.1e}" for name, e in errors.items())
-    print(f"\n{decay or 'delta'} {dtype} {B}x{T} H={H} K={K} V={V}: {shown}")
-    RESULTS.append(dict(decay=decay or "delta", dtype=str(dtype), B=B, T=T, H=H, K=K, V=V, lengths=lengths,
-                        errors=errors, device=torch.cuda.get_device_name()))
+    print(f"\n{decay or 'delta'} {dtype} {walk_operands} walks {B}x{T} H={H} K={K} V={V}: {shown}")
+    RESULTS.append(dict(decay=decay or "delta", dtype=str(dtype), walk_operands=walk_operands, B=B, T=T, H=H, K=K,
+                        V=V, lengths=lengths, errors=errors, device=torch.cuda.get_device_name()))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "delta_gpu.json"), "w") as f:
             json.dump(dict(torch=torch.__version__, results=RESULTS), f, indent=1)
-    bad = {name: e for name, e in errors.items() if not e <= TOL}
-    assert not bad, f"relative errors above {TOL}: {bad}"
+    tol = TOL_BF16_WALKS if dtri.walk_operand_dtype(dtype, walk_operands) == torch.bfloat16 else TOL
+    bad = {name: e for name, e in errors.items() if not e <= tol}
+    assert not bad, f"relative errors above {tol}: {bad}"

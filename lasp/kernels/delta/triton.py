@@ -41,12 +41,23 @@ backward
      w through R = (I + N)⁻¹ (dN = −Rᵀ dR Rᵀ); dg / dgk is the chunk's reverse
      cumulative sum of dΓ plus dγ (chunk-local: per key for gk).
 
-Intermediates live in chunk slots ([n_slots, H, C, ·], fp32; `ChunkLayout`); inputs and
+Intermediates live in chunk slots ([n_slots, H, C, ·]; `ChunkLayout`); inputs and
 gradients stay token-major [B, T, H, ·]. Packed documents: a slot table on the device (no
-host sync; the number of slots is a bound from shapes). States, R, w, u, δ and every
-accumulator are fp32; the `tl.dot`s take fp32 operands (TF32 on the GPU), the inverse's
-block products 3×TF32 (`INVERSE_PRECISION`). Launch parameters: the `delta.*` rows of
-`lasp.kernels.common.launch.LAUNCH`.
+host sync; the number of slots is a bound from shapes).
+
+Precision. The stored operands of the tensor-core products, the "walk operands" w, k_end,
+the states S, δ, dδ and dS', take `WALK_OPERANDS` for 16-bit inputs: bf16 (as fla: the
+walks' and the chunk backward's products bf16 × bf16 → fp32, half the bytes and shared
+memory of a pipeline stage), or fp32 (the default: TF32 products, the accuracy baseline;
+fp32 inputs always). One code path: the kernels take the loaded tiles' dtype, the carried
+state and every accumulator stay fp32 in registers, and the state is rounded only as a
+product's operand. R = (I + N)⁻¹ stays fp32 (every w, u and gradient goes through it,
+dN = −Rᵀ dR Rᵀ through it twice, and at [C, C] a chunk it is no big read), as do u and
+the outputs' dδ (addends, never operands) and the final states; a product with an fp32
+factor computed in registers (R, βV, Q ⊙ e^Γ, the scores A) takes its narrow tile widened
+(TF32), except the backward walk's (Q ⊙ e^Γ)ᵀ do, a walk product as in fla. The inverse's
+block products are 3×TF32 (`INVERSE_PRECISION`). Launch parameters: the `delta.*` rows of
+`lasp.kernels.common.launch.LAUNCH` (the walks' `_bf16` rows for bf16 operands).
 
 Speed (H100, H=16, D=128, bf16, 1×32K, fwd+bwd; benchmarks/results/
 kernels_delta_*_h100_2026-12-06-s3): DeltaNet 14.1 ms (fwd 4.3), Gated DeltaNet 17.9 (4.6),
@@ -54,8 +65,12 @@ KDA 50.3 (13.1), against 25 / 31 / 186 ms before these fused kernels and fla's
 `chunk_delta_rule` 4.3 ms / `chunk_kda` 13.0 ms (earlier runs, same GPU kind). Per kernel
 (DeltaNet): chunk backward 5.6 ms, backward walk 3.9, forward walk 2.2, UT transform 1.4,
 outputs 0.6, outputs' dδ 0.3; KDA's chunk backward alone takes 28.6 ms (the exact
-per-key diagonal blocks). With fp32 intermediates and TF32 products, bf16 runs stay within
-2.5e-3 of the fp32 chunk form on an H100 (tests/kernels/test_delta_gpu.py).
+per-key diagonal blocks). These were fp32 walk operands: with them bf16 runs stay within
+2.5e-3 of the fp32 chunk form on an H100 (tests/kernels/test_delta_gpu.py). bf16 walk
+operands (same H100, same run, benchmarks/results/kernels_delta_walks_h100_2026-12-06-s4):
+DeltaNet 9.65 ms against 13.9, Gated DeltaNet 12.7 against 18.0, KDA 44.0 against 48.8,
+with errors up to 4.3e-3 (DeltaNet dk; Gated DeltaNet and KDA ≤ 2.7e-3), hence not the
+default.
 """
 
 from __future__ import annotations
@@ -81,6 +96,16 @@ BLOCK = 16
 # Precision of the products that assemble (I + N)⁻¹ from its diagonal blocks: 3×TF32
 # (about fp32), since every w and u goes through it.
 INVERSE_PRECISION = "tf32x3"
+
+# Element type of the stored tensor-core operands (w, k_end, S, δ, dδ, dS': "walk
+# operands") for 16-bit inputs: "bfloat16" (bf16 × bf16 → fp32 products, as fla; fp16
+# inputs take bf16 too, for fp32's range: states and their gradients grow with a
+# document) or "float32" (TF32 products, the accuracy baseline). fp32 inputs always take
+# float32. `triton_linear_attention(walk_operands=...)` overrides it per call. The default
+# stays float32 until bf16 operands are measured on a GPU within DESIGN.md §5's ~3e-3 for
+# bf16 (fla, with bf16 operands, measures 4.9e-3; tests/kernels/test_delta_gpu.py).
+WALK_OPERANDS = "float32"
+WALK_OPERAND_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # --------------------------------------------------------------------------------------
@@ -532,8 +557,8 @@ def _output_kernel(q, k, g, slot_bounds, states, delta, o, scale, T, PER_ROW,
     k_ok, v_ok = _slot_dims(start, end, offs_k, offs_v, K, V)
     b_s = tl.load(_state_tile(states, base, offs_k, offs_v, K, V)[0], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
     b_delta = tl.load(delta + (base * C + offs_c[:, None]) * V + offs_v[None, :], mask=v_ok[None, :], other=0.0)
-    b_o = tl.dot(_decayed(b_q, tl.exp(gam), DECAY), b_s)
-    b_o = tl.dot(scores, b_delta, b_o)
+    b_o = tl.dot(_decayed(b_q, tl.exp(gam), DECAY), b_s.to(tl.float32))
+    b_o = tl.dot(scores, b_delta.to(tl.float32), b_o)
     store_tile(o, b_o * scale, offs_t, mask_t, h, offs_v, V, H)
 
 
@@ -592,7 +617,8 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_states, d_delta_out, d_final, doc
             b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
             b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
             gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
-            d_state = tl.dot(tl.trans(_decayed(b_q * scale, tl.exp(gam), DECAY)), b_do, d_state)
+            b_qg = _decayed(b_q * scale, tl.exp(gam), DECAY)
+            d_state = tl.dot(tl.trans(b_qg.to(b_w.dtype)), b_do.to(b_w.dtype), d_state)
         d_state -= tl.dot(tl.trans(b_w), b_dd.to(b_w.dtype))
     ptrs, mask = _state_tile(dh0, doc, offs_k, offs_v, K, V)
     tl.store(ptrs, d_state, mask=mask)
@@ -643,13 +669,16 @@ def _chunk_grad_kernel(q, k, v, beta, g, do, slot_bounds, a_inv, states, delta, 
         b_delta = tl.load(delta + c_ptrs, mask=c_mask, other=0.0)
         b_dd = tl.load(d_delta + c_ptrs, mask=c_mask, other=0.0)
         b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
+        # S, dS', δ and dδ in the walks' operand dtype (do too): their products as stored
         if HAS_Q:
-            b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
+            b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(b_s.dtype)
             d_out_k = tl.dot(b_do, tl.trans(b_s), d_out_k)
             d_scores = tl.dot(b_do, tl.trans(b_delta), d_scores)
         d_w = tl.dot(b_dd, tl.trans(b_s), d_w)
         d_k_end = tl.dot(b_delta, tl.trans(b_dn), d_k_end)
-        state_dot += tl.sum(b_s * b_dn, 1)
+        state_dot += tl.sum(b_s.to(tl.float32) * b_dn.to(tl.float32), 1)
+        # R and βV stay fp32: dδ meets them widened
+        b_dd = b_dd.to(tl.float32)
         b_dbv = tl.dot(tl.trans(inv), b_dd)                # d(βV)
         store_tile(dv, b_dbv * b_beta[:, None], offs_t, mask_t, h, offs_v, V, H)
         d_beta += tl.sum(b_dbv * b_v, 1)
@@ -741,23 +770,26 @@ def _decay_of(decay) -> int:
     return DECAY_SCALAR if decay.dim() == 3 else DECAY_PER_KEY
 
 
-def _walk_grid(layout: ChunkLayout, H: int, K: int, V: int, row: str):
+def _walk_grid(layout: ChunkLayout, H: int, K: int, V: int, row: str, operands: torch.dtype):
     """Grid and launch keywords of a state walk: one program per (document, head, V-tile);
-    each pipeline stage holds a [C, K] fp32 tile of W and of k_end (`launch_kw`)."""
+    each pipeline stage holds a [C, K] tile of W and of k_end in `operands` (`launch_kw`
+    of `row`, or of its `_bf16` row for bf16 operands)."""
+    row = f"{row}_bf16" if operands == torch.bfloat16 else row
     BV = tile(row, V, K)
     kw = launch_kw(row, K)
     return (layout.n_docs, H, triton.cdiv(V, BV)), dict(BK=triton.next_power_of_2(K), BV=BV, **kw)
 
 
 def _walk(w, u, k_end, g_end, h0, layout: ChunkLayout):
-    """The forward state pass: (every chunk's incoming state [n_slots,H,K,V], δ
-    [n_slots,H,C,V], the final states [N,H,K,V]); slots no document uses are not written."""
+    """The forward state pass: (every chunk's incoming state [n_slots,H,K,V] and δ
+    [n_slots,H,C,V], in w's dtype, the final states [N,H,K,V] fp32); slots no document uses
+    are not written."""
     n_slots, H, C, K = w.shape
     V = u.shape[-1]
-    states = launch.new_tensor((n_slots, H, K, V), torch.float32, w.device)
-    delta = launch.new_tensor((n_slots, H, C, V), torch.float32, w.device)
+    states = launch.new_tensor((n_slots, H, K, V), w.dtype, w.device)
+    delta = launch.new_tensor((n_slots, H, C, V), w.dtype, w.device)
     final = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, w.device)
-    grid, launch_args = _walk_grid(layout, H, K, V, "delta.state")
+    grid, launch_args = _walk_grid(layout, H, K, V, "delta.state", w.dtype)
     _state_pass_kernel[grid](
         w, u, k_end, w if g_end is None else g_end, w if h0 is None else h0, layout.doc_chunk0, layout.doc_chunks,
         states, delta, final, H=H, K=K, V=V, C=C, DECAY=_decay_kind(g_end), HAS_INIT=h0 is not None,
@@ -767,19 +799,19 @@ def _walk(w, u, k_end, g_end, h0, layout: ChunkLayout):
 
 def _walk_back(w, k_end, g_end, d_final, V: int, layout: ChunkLayout, *, d_states=None, d_delta_out=None, q=None,
                do=None, g=None, scale=1.0):
-    """The backward state pass: (each chunk's total dδ, the gradient of the state leaving
-    each chunk, d initial states). The outputs' gradients: none; `d_states` and
-    `d_delta_out` (tensors per chunk); or `d_delta_out` with q, do, g (token-major: the
-    walk adds scale (Q ⊙ e^Γ)ᵀ do itself)."""
+    """The backward state pass: (each chunk's total dδ and the gradient of the state leaving
+    each chunk, in w's dtype, d initial states fp32). The outputs' gradients: none;
+    `d_states` and `d_delta_out` (tensors per chunk); or `d_delta_out` with q, do, g
+    (token-major: the walk adds scale (Q ⊙ e^Γ)ᵀ do itself)."""
     n_slots, H, C, K = w.shape
     dev = w.device
-    d_delta = launch.new_tensor((n_slots, H, C, V), torch.float32, dev)
-    d_next = launch.new_tensor((n_slots, H, K, V), torch.float32, dev)
+    d_delta = launch.new_tensor((n_slots, H, C, V), w.dtype, dev)
+    d_next = launch.new_tensor((n_slots, H, K, V), w.dtype, dev)
     dh0 = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, dev)
     mode = 0 if d_delta_out is None else (1 if d_states is not None else 2)
     bounds, T, per_row = layout.slot_args(w)
     row = "delta.state_grad_per_key" if _decay_kind(g_end) == DECAY_PER_KEY else "delta.state_grad"
-    grid, launch_args = _walk_grid(layout, H, K, V, row)
+    grid, launch_args = _walk_grid(layout, H, K, V, row, w.dtype)
     _state_pass_grad_kernel[grid](
         w, k_end, w if g_end is None else g_end, w if d_states is None else d_states,
         w if d_delta_out is None else d_delta_out, w if d_final is None else d_final, layout.doc_chunk0,
@@ -797,15 +829,17 @@ def _chunk_kw(layout: ChunkLayout, row: str, H: int, K: int, V: int, decay: int)
                 **launch_kw(row, K))
 
 
-def _wy(k, v, beta, g, layout: ChunkLayout):
+def _wy(k, v, beta, g, layout: ChunkLayout, operands: torch.dtype):
     """The UT transform of every chunk slot (`_wy_kernel`): R, w, u, k_end and γ (None
-    without a decay; [n_slots, H, 1] for g, [n_slots, H, K] for gk), fp32."""
+    without a decay; [n_slots, H, 1] for g, [n_slots, H, K] for gk); w and k_end, the
+    walks' operands, in `operands`, the rest fp32 (R: every w, u and gradient goes through
+    it; u: an addend of δ, never a product's operand)."""
     H, K = k.shape[2:]
     V, C, NS, dev = v.shape[-1], layout.chunk, layout.n_slots, k.device
     a_inv = launch.new_tensor((NS, H, C, C), torch.float32, dev)
-    w = launch.new_tensor((NS, H, C, K), torch.float32, dev)
+    w = launch.new_tensor((NS, H, C, K), operands, dev)
     u = launch.new_tensor((NS, H, C, V), torch.float32, dev)
-    k_end = launch.new_tensor((NS, H, C, K), torch.float32, dev)
+    k_end = launch.new_tensor((NS, H, C, K), operands, dev)
     decay = _decay_of(g)
     g_end = None if g is None else launch.new_tensor((NS, H, K if decay == DECAY_PER_KEY else 1), torch.float32, dev)
     kw = _chunk_kw(layout, "delta.wy", H, K, V, decay)
@@ -831,13 +865,14 @@ def _slot_launch(kernel, layout: ChunkLayout, row: str, K: int, V: int, H: int, 
 class _FusedDeltaRule(torch.autograd.Function):
     """The delta rule on the fused kernels (module docstring). Inputs q (or None: final
     states only), k, v (one dtype, contiguous), β fp32 [B,T,H], the decay (None, g
-    [B,T,H] or gk [B,T,H,K]) fp32, h0 (or None) fp32; returns (o or None, final states
-    fp32), differentiable in all."""
+    [B,T,H] or gk [B,T,H,K]) fp32, h0 (or None) fp32, the walk operands' dtype; returns
+    (o or None, final states fp32), differentiable in all. The backward's walk operands
+    take the forward's (w's) dtype."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, h0, layout, scale):
+    def forward(ctx, q, k, v, beta, g, h0, layout, scale, operands):
         H, K, V = k.shape[2], k.shape[3], v.shape[-1]
-        a_inv, w, u, k_end, g_end = _wy(k, v, beta, g, layout)
+        a_inv, w, u, k_end, g_end = _wy(k, v, beta, g, layout, operands)
         states, delta, final = _walk(w, u, k_end, g_end, h0, layout)
         o = None
         if q is not None:
@@ -878,7 +913,7 @@ class _FusedDeltaRule(torch.autograd.Function):
             per_row, HAS_Q=has_q)
         if q is not None and dq is None:
             dq = torch.zeros_like(q)
-        return dq, dk, dv, dbeta, dg, dh0 if ctx.has_h0 else None, None, None
+        return dq, dk, dv, dbeta, dg, dh0 if ctx.has_h0 else None, None, None, None
 
 
 def _check_chunk(chunk_size: int) -> None:
@@ -888,8 +923,17 @@ def _check_chunk(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be at least {BLOCK} on the Triton backend, got {chunk_size}")
 
 
+def walk_operand_dtype(dtype: torch.dtype, walk_operands: str | None = None) -> torch.dtype:
+    """The walk operands' dtype for inputs of `dtype`: fp32 for fp32 inputs, else
+    `walk_operands` (None: `WALK_OPERANDS`), "bfloat16" or "float32"."""
+    choice = WALK_OPERANDS if walk_operands is None else walk_operands
+    if choice not in WALK_OPERAND_DTYPES:
+        raise ValueError(f"walk_operands must be one of {sorted(WALK_OPERAND_DTYPES)}, got {choice!r}")
+    return WALK_OPERAND_DTYPES[choice] if dtype.itemsize == 2 else torch.float32
+
+
 def triton_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, output_final_state=False,
-                            cu_seqlens=None, chunk_size=None):
+                            cu_seqlens=None, chunk_size=None, walk_operands=None):
     """The delta rule on the Triton backend (validated arguments): the fused kernels.
 
     Args:
@@ -899,6 +943,8 @@ def triton_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, 
         initial_state: None or [N,H,K,V] (N = B, or len(cu_seqlens) - 1).
         cu_seqlens: None or an int device tensor [N+1] of packed offsets (B == 1).
         chunk_size: a power of two ≥ 16; None: `common.launch.chunk_for_head_dims`.
+        walk_operands: "bfloat16" or "float32", the stored products' operands' dtype for
+            16-bit inputs; None: `WALK_OPERANDS`. fp32 inputs always take float32.
 
     Returns (o [B,T,H,V] in q.dtype or None, final_state [N,H,K,V] fp32 or None),
     differentiable in q, k, v, decay, beta and initial_state. No host sync.
@@ -906,12 +952,13 @@ def triton_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, 
     if chunk_size is None:
         chunk_size = chunk_for_head_dims(k.shape[-1], v.shape[-1])
     _check_chunk(chunk_size)
+    operands = walk_operand_dtype(k.dtype, walk_operands)
     B, T = k.shape[:2]
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     o, final = _FusedDeltaRule.apply(
         None if q is None else q.contiguous(), k.contiguous(), v.contiguous(), beta.float().contiguous(),
-        None if decay is None else decay.float().contiguous(), h0, layout, float(scale))
+        None if decay is None else decay.float().contiguous(), h0, layout, float(scale), operands)
     return o, final if output_final_state else None
 
 
@@ -926,7 +973,8 @@ def run_transitions(k, decay, beta, *, cu_seqlens=None, chunk_size=None):
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
     eye = torch.eye(K, dtype=torch.float32, device=k.device).expand(layout.n_docs, H, K, K).contiguous()
     return _FusedDeltaRule.apply(None, k.contiguous(), torch.zeros_like(k), beta.float().contiguous(),
-                                 None if decay is None else decay.float().contiguous(), eye, layout, 1.0)[1]
+                                 None if decay is None else decay.float().contiguous(), eye, layout, 1.0,
+                                 walk_operand_dtype(k.dtype))[1]
 
 
 def linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, output_final_state=False,
