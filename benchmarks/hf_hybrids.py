@@ -57,7 +57,6 @@ import platform
 import signal
 import socket
 import statistics
-import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -65,10 +64,7 @@ from pathlib import Path
 
 import torch
 
-# Run as a script, this folder comes first on sys.path, and its kernels.py would shadow the
-# `kernels` package that transformers looks for: import from the repository root instead.
-HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (HERE, ROOT)]
+ROOT = Path(__file__).resolve().parents[1]
 if not torch.cuda.is_available():          # Triton kernels on CPU run under the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -839,6 +839,7 @@ def calibrate(out_dir: Path, budget_s: float = 200.0) -> Path:
                                     "(NCCL's transfers run as kernels on SMs)", log=log),
         meta=dict(torch=torch.__version__, triton=triton.__version__, seconds=time.perf_counter() - start))
     name = "h200" if "H200" in data["device"] else "h100" if "H100" in data["device"] else "gpu"
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"scaling_calibration_{name}.json"
     path.write_text(json.dumps(data, indent=1))
     print(f"calibration: {data['device']} in {data['meta']['seconds']:.0f} s -> {path}")

@@ -1,8 +1,8 @@
-"""benchmarks/kernels.py --launch: LAUNCH rows overridden by name, bad specs refused."""
+"""benchmarks/kernel_speed.py --launch: LAUNCH rows overridden by name, bad specs refused."""
 
 import pytest
 
-from benchmarks.kernels import override_launches
+from benchmarks.kernel_speed import override_launches
 from lasp.kernels.common.launch import LAUNCH, Launch
 
 

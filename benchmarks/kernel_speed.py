@@ -1,7 +1,7 @@
 """Single-GPU linear-attention kernels: lasp (Triton, torch) vs fla 0.6.0, fwd and fwd+bwd;
 then the delta rule (DeltaNet, Gated DeltaNet, KDA).
 
-    python benchmarks/kernels.py [--shapes 8x4096,1x32768,1x131072] [--out DIR]
+    python benchmarks/kernel_speed.py [--shapes 8x4096,1x32768,1x131072] [--out DIR]
 
 bf16, H=16, D=128. Rows: lasp-triton (plain, g_gamma, g, gk), fla `chunk_linear_attn`
 (normalize=False), `chunk_simple_gla` (g_gamma) and `chunk_gla` (gk) when fla-core is importable, and
