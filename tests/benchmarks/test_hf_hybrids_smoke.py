@@ -1,7 +1,10 @@
 """CPU smoke runs of benchmarks/hf_hybrids.py on tiny configs (fp32, Triton interpreter):
 the lasp-wrapped model against transformers' own path, and W = 2 ranks against W = 1."""
 
+import copy
 import json
+
+import torch
 
 from benchmarks import hf_hybrids
 
@@ -27,3 +30,26 @@ def test_ranks_sharing_a_device(tmp_path):
     for r in rows:
         assert r["world_size"] == 2 and r["loss_rel_diff"] < 1e-6 and r["grad_rel_diff"]["all"] < 1e-5, r
     assert json.loads((tmp_path / "hf_hybrids_shared.json").read_text())["rows"] == rows
+
+
+def test_bf16_gradients_judged_against_an_fp32_run():
+    """`native_fp32`: a bf16 model's gradients are held to an fp32 run of the native model,
+    within GRAD_FLOOR_FACTOR × the bf16 native model's own distance to it: an identical twin
+    passes, a twin whose gradients are off by more than that fails."""
+    args = hf_hybrids.parse_args(TINY + ["--models", "lfm2"])
+    args.dtype = torch.bfloat16
+    native, _ = hf_hybrids.build_model("lfm2", args)
+    twin = copy.deepcopy(native)
+    ids = hf_hybrids.batches(16, 1, args)[0]
+    for model in (native, twin):
+        hf_hybrids.native_step(model, ids)
+    same = hf_hybrids.native_fp32(native, twin, ids, args)
+    distances = same["grad_rel_diff_to_fp32"]
+    assert same["grad_ok"] and distances["lasp"] == distances["reference_bf16"]
+    assert 0 < distances["reference_bf16"]["all"] < 5e-2, distances     # bf16 against fp32: rounding only
+    torch.manual_seed(0)
+    for p in twin.parameters():
+        if p.grad is not None:
+            p.grad += 0.2 * p.grad.float().norm() / p.numel() ** 0.5 * torch.randn_like(p.grad)
+    worse = hf_hybrids.native_fp32(native, twin, ids, args)
+    assert not worse["grad_ok"], worse["grad_rel_diff_to_fp32"]
