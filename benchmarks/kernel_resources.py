@@ -112,7 +112,7 @@ def kernel_resources(family: str, D: int, decay: str, dtype: str) -> dict[str, d
 if __name__ == "__main__":
     cases = sys.argv[1:]
     if cases and cases[0].startswith("--launch="):         # as benchmarks/kernel_speed.py --launch
-        from kernels import override_launches
+        from kernel_speed import override_launches
         override_launches(cases.pop(0).removeprefix("--launch="))
     for case in cases:
         family, dim, decay, dtype = case.split(":")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import lasp.kernels.diagonal.triton as dtri
 from lasp.kernels import linear_attention, linear_attention_phases
+from lasp.kernels.common.launch import chunk_for_head_dims
 from lasp.kernels.diagonal import chunk_linear_attention
 from lasp.kernels.naive import naive_linear_attention
 from tests.bf16_interpreter import bf16_interpreter
@@ -125,8 +126,10 @@ def test_triton_head_dims(K, V, fuse):
 
 
 @cpu_only
-def test_triton_production_chunk_size():
-    _check(1, 150, 1, 32, 32, with_h0=False, chunk_size=64, span_chunks=2)
+@pytest.mark.parametrize("chunk_size", [64, chunk_for_head_dims("diagonal", 128, 128)], ids=["64", "default"])
+def test_triton_production_chunk_size(chunk_size):
+    """The chunk the family takes by default (`common.launch.FAMILY_CHUNK`) and 64."""
+    _check(1, 150, 1, 32, 32, with_h0=False, chunk_size=chunk_size, span_chunks=2)
 
 
 @cpu_only

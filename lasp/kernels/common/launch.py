@@ -28,10 +28,19 @@ TRITON_HEAD_DIMS = (16, 256)
 WIDE_HEAD_CHUNK = CHUNK_SIZE // 2
 
 
-def chunk_for_head_dims(K: int, V: int) -> int:
-    """Tokens per chunk of the Triton kernels: CHUNK_SIZE, or WIDE_HEAD_CHUNK when a head
-    dim exceeds 128."""
-    return CHUNK_SIZE if max(K, V) <= 128 else WIDE_HEAD_CHUNK
+# Tokens per chunk of each family's Triton kernels at head dims up to 128. The per-key
+# family (diagonal) takes 32: at 64 its output / dq / dk-dv kernels spill 1.3 / 1.1 / 2.3 KB
+# a thread at D = 128 (compiled for sm_90 with Triton 3.6; 0.2 / 0.7 / 0.9 KB at 32), and on
+# an H100 its four phases took 10.2 ms fwd+bwd at B=1, T=32K, H=16 against 7.9 ms at 32
+# (benchmarks/results/diagonal_phases_probe_h100_2026-12-06.txt).
+FAMILY_CHUNK = {"scalar": CHUNK_SIZE, "diagonal": CHUNK_SIZE // 2, "delta": CHUNK_SIZE}
+
+
+def chunk_for_head_dims(family: str, K: int, V: int) -> int:
+    """Tokens per chunk of `family`'s Triton kernels: its FAMILY_CHUNK, at most
+    WIDE_HEAD_CHUNK when a head dim exceeds 128."""
+    chunk = FAMILY_CHUNK[family]
+    return chunk if max(K, V) <= 128 else min(chunk, WIDE_HEAD_CHUNK)
 
 
 @dataclass(frozen=True)

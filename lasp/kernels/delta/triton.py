@@ -950,7 +950,7 @@ def triton_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, 
     differentiable in q, k, v, decay, beta and initial_state. No host sync.
     """
     if chunk_size is None:
-        chunk_size = chunk_for_head_dims(k.shape[-1], v.shape[-1])
+        chunk_size = chunk_for_head_dims("delta", k.shape[-1], v.shape[-1])
     _check_chunk(chunk_size)
     operands = walk_operand_dtype(k.dtype, walk_operands)
     B, T = k.shape[:2]
@@ -967,7 +967,7 @@ def run_transitions(k, decay, beta, *, cu_seqlens=None, chunk_size=None):
     `lasp.kernels.delta.chunk.run_transitions`, on the Triton kernels: the final state of
     a walk from the identity with no writes (v = 0). No host sync."""
     if chunk_size is None:
-        chunk_size = chunk_for_head_dims(k.shape[-1], k.shape[-1])
+        chunk_size = chunk_for_head_dims("delta", k.shape[-1], k.shape[-1])
     _check_chunk(chunk_size)
     B, T, H, K = k.shape
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)

@@ -52,6 +52,8 @@ operands are in the input dtype. Launch parameters: the `diagonal.*` rows of
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
@@ -481,7 +483,7 @@ def _backward_kvg(q, k, v, gk, w, rows, do, d_final, d_states, g_span, dgk_parts
 
 
 LAUNCHES = span_phases.SpanLaunches(_forward_states, _forward_output, _backward_dq, _backward_kvg,
-                                    default_chunk=chunk_for_head_dims)
+                                    default_chunk=partial(chunk_for_head_dims, "diagonal"))
 
 
 def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, **knobs):
