@@ -57,7 +57,10 @@ def run_group(paths, limit_s, log):
     its summary of the tests so far) at `limit_s`: (summary dict)."""
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *paths, "-q", "-rfE", "--tb=short", "-p", "no:cacheprovider"]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT restored in the child: a shell's background job ignores it, and Python keeps an
+    # ignored SIGINT ignored, so pytest would never stop to print its summary.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         out, _ = proc.communicate(timeout=limit_s)
         timed_out = False

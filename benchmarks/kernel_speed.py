@@ -84,6 +84,18 @@ def oracle(decay, q, k, v, g, gg, gk):
     return linear_attention(q.float(), k.float(), v.float(), backend="torch", **kw)[0]
 
 
+def time_and_peak(step, warmup=25, rep=100):
+    """(median ms, peak bytes above what was allocated before) of `step()`, after a first call."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return do_bench(step, warmup=warmup, rep=rep, return_mode="median"), peak
+
+
 def measure(fn, inputs, do, backward, decay):
     q, k, v, g, gg, gk = inputs
     leaves = [q, k, v] + ([g] if decay == "g" else []) + ([gk] if decay == "gk" else [])
@@ -92,15 +104,7 @@ def measure(fn, inputs, do, backward, decay):
         o = fn(q, k, v, g, gg, gk)
         if backward:
             torch.autograd.grad(o, leaves, do)
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    ms = do_bench(step, warmup=25, rep=100, return_mode="median")
-    return ms, peak
+    return time_and_peak(step)
 
 
 def override_launches(specs: str) -> None:
@@ -235,14 +239,7 @@ def run_delta_rows(B, T, rows, results, meta, path, bandwidth, profile=False):
                     if mode == "fwd+bwd":
                         torch.autograd.grad(o, leaves, do)
                 try:
-                    step()
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    step()
-                    torch.cuda.synchronize()
-                    peak = torch.cuda.max_memory_allocated() - base
-                    ms = do_bench(step, warmup=10, rep=50, return_mode="median")
+                    ms, peak = time_and_peak(step, warmup=10, rep=50)
                     per_kernel = kernel_times(step) if profile else None
                 except Exception as e:  # noqa: BLE001
                     note = f"{type(e).__name__}: {e}"[:200]

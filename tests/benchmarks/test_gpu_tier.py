@@ -26,7 +26,7 @@ def test_group_interrupted_at_its_limit_keeps_its_failures(tmp_path, monkeypatch
     (tmp_path / "test_slow.py").write_text(SLOW_GROUP)
     monkeypatch.chdir(tmp_path)
     log = io.StringIO()
-    result = gpu_tier.run_group(["test_slow.py"], 8, log)
+    result = gpu_tier.run_group(["test_slow.py"], 10, log)
     assert result["timed_out"] and result["seconds"] < 60
     assert (result["passed"], result["failed"]) == (1, 1)
     assert result["failures"] == ["FAILED test_slow.py::test_fails - AssertionError: boom"]
