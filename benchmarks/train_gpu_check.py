@@ -11,9 +11,9 @@ lasp.launch.train` run: `linear-llama3-1b` with its 128K vocabulary, synthetic p
 documents (no `datasets`, no download), bf16 under FSDP2, `--steps` steps. A variant
 names the speed and memory switches (`VARIANTS`): `auto` checkpoints every block from
 131K tokens per GPU; `long` adds host offload of the checkpointed inputs and 16K-token
-tiles of norms and MLP (the ALST way to 1M tokens on one GPU). Throughput excludes the first `--log-every` steps (compilation and
-warm-up). Prints a table and writes JSON to $OUT (or benchmarks/results/) after every run,
-so an interrupted check keeps what it measured.
+tiles of norms and MLP (the ALST way to 1M tokens on one GPU). Throughput excludes the
+first `--log-every` steps (compilation and warm-up). Prints a table and writes JSON to $OUT
+(or benchmarks/results/) after every run, so an interrupted check keeps what it measured.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """CPU smoke runs of benchmarks/hf_hybrids.py on tiny configs (fp32, Triton interpreter):
-the lasp-wrapped model against transformers' own path, and W = 2 ranks against W = 1."""
+the lasp-wrapped model against transformers' own path, W = 2 ranks against W = 1, and the
+fp32 run that bf16 gradients are judged against."""
 
 import copy
 import json
