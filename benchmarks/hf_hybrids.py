@@ -17,9 +17,10 @@ In the same process, on the same weights (the wrapped model is a deepcopy, W = 1
   (here mostly its torch fallbacks: no mamba_ssm / causal_conv1d; fla, where installed,
   refuses GDN's backward on triton 3.6 / Hopper). It runs at min(--tokens,
   --native-max-tokens) tokens, under a time limit (--native-timeout-s; checked between
-  Python operations, so a backward pass in progress finishes first) and with
-  out-of-memory and errors caught, so one family cannot eat the device budget; the JSON
-  says why it did not run when it did not;
+  Python operations, so a backward pass in progress finishes first; over it, again at a
+  quarter of the length, `NATIVE_RETRY_SHORTER`) and with out-of-memory and errors
+  caught, so one family cannot eat the device budget; the JSON says why it did not run
+  when it did not;
 - lasp: ``lasp.causal_lm_loss(model, lasp.shard_batch(...))`` and backward, at --tokens
   and, when native ran shorter, again at native's length (same batches as native).
 
@@ -154,6 +155,9 @@ LOSS_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-4}   # native vs lasp, relat
 GRAD_TOL = {torch.bfloat16: 5e-2, torch.float32: 1e-3}
 GRAD_FLOOR_FACTOR = 1.5     # bf16 lasp's gradient distance to fp32 over the bf16 reference's
 SHARED_TIMEOUT_S = 480      # --shared-gpu-ranks: a rank still running after this is killed
+# A native run over its time limit is tried again NATIVE_RETRY_SHORTER times shorter, down to
+# NATIVE_MIN_TOKENS (transformers' torch fallback of Gated DeltaNet took over 45 s at 8K on an H100).
+NATIVE_RETRY_SHORTER, NATIVE_MIN_TOKENS = 4, 512
 
 
 def tiny_configs() -> dict:
@@ -246,6 +250,7 @@ def measure(step, model, steps_ids, args, limit_s: float | None = None) -> dict:
         torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated() / 2**30 if cuda else None
     started = time.perf_counter()
+    timed_out = False
     try:
         with time_limit(limit_s):
             for _ in range(args.warmup):
@@ -267,7 +272,7 @@ def measure(step, model, steps_ids, args, limit_s: float | None = None) -> dict:
     except torch.OutOfMemoryError:
         why = f"out of memory at {T} tokens"
     except StepTimeout as error:
-        why = f"{error} at {T} tokens ({args.warmup} warm-up + {len(steps_ids)} steps)"
+        why, timed_out = f"{error} at {T} tokens ({args.warmup} warm-up + {len(steps_ids)} steps)", True
     except Exception as error:  # a path that refuses this stack (e.g. fla's GDN backward) is a result
         why = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
     else:
@@ -279,7 +284,7 @@ def measure(step, model, steps_ids, args, limit_s: float | None = None) -> dict:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    return dict(tokens=T, skipped=why, wall_s=time.perf_counter() - started)
+    return dict(tokens=T, skipped=why, timed_out=timed_out, wall_s=time.perf_counter() - started)
 
 
 def gradient_error(model, reference) -> dict:
@@ -328,10 +333,15 @@ def run_family(family: str, args) -> dict:
                   params=sum(p.numel() for p in native.parameters()), dtype=str(args.dtype).removeprefix("torch."),
                   checkpointing=args.checkpointing)
     T, T_native = args.tokens, min(args.tokens, args.native_max_tokens)
-    long_ids, native_ids = batches(T, args.steps, args), batches(T_native, args.steps, args)
-    record["lasp"] = measure(lasp_step, wrapped, long_ids, args)
+    record["lasp"] = measure(lasp_step, wrapped, batches(T, args.steps, args), args)
     wrapped.zero_grad(set_to_none=True)
-    record["native"] = measure(native_step, native, native_ids, args, limit_s=args.native_timeout_s)
+    while True:
+        native_ids = batches(T_native, args.steps, args)
+        record["native"] = measure(native_step, native, native_ids, args, limit_s=args.native_timeout_s)
+        if not record["native"].get("timed_out") or T_native // NATIVE_RETRY_SHORTER < NATIVE_MIN_TOKENS:
+            break
+        record.setdefault("native_over_time", []).append(record["native"])
+        T_native //= NATIVE_RETRY_SHORTER
     if T_native != T:
         record["native_note"] = f"native at {T_native} tokens (--native-max-tokens), lasp at both {T} and {T_native}"
         record["lasp_at_native_tokens"] = measure(lasp_step, wrapped, native_ids, args)

@@ -54,3 +54,15 @@ def test_bf16_gradients_judged_against_an_fp32_run():
             p.grad += 0.2 * p.grad.float().norm() / p.numel() ** 0.5 * torch.randn_like(p.grad)
     worse = hf_hybrids.native_fp32(native, twin, ids, args)
     assert not worse["grad_ok"], worse["grad_rel_diff_to_fp32"]
+
+
+def test_native_over_its_time_limit_runs_shorter(monkeypatch):
+    """A native run over --native-timeout-s is tried again NATIVE_RETRY_SHORTER times
+    shorter, down to NATIVE_MIN_TOKENS, and the comparison runs at the last length tried."""
+    monkeypatch.setattr(hf_hybrids, "NATIVE_MIN_TOKENS", 4)
+    args = hf_hybrids.parse_args(TINY + ["--models", "lfm2", "--native-timeout-s", "1e-4"])
+    record = hf_hybrids.run_family("lfm2", args)
+    # --tiny: 32 tokens, over the limit; 8, over it again; 2 would be under NATIVE_MIN_TOKENS
+    assert [r["tokens"] for r in record["native_over_time"]] == [32]
+    assert record["native"]["tokens"] == 8 and record["native"]["timed_out"]
+    assert record["lasp_at_native_tokens"]["tokens"] == 8 and "compare" not in record
