@@ -20,7 +20,8 @@ Where things are:
 
 Glossary (each word means one thing in lasp):
 
-    chunk       the C tokens a kernel tiles (`common.launch.CHUNK_SIZE`)
+    chunk       the C tokens a kernel tiles (`common.launch.CHUNK_SIZE`; per Triton family
+                `FAMILY_CHUNK`)
     span        consecutive chunks one Triton program walks
     segment     a `lasp.parallel.SequenceLayout` unit (W or 2W per sequence); never
                 used inside a kernel
