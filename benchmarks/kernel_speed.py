@@ -121,6 +121,20 @@ def override_launches(specs: str) -> None:
             raise ValueError(f"--launch: {spec!r} is not ROW=warps,stages,block") from None
 
 
+def override_chunks(specs: str) -> None:
+    """Apply `FAMILY=tokens[,FAMILY=tokens]` to `lasp.kernels.common.launch.FAMILY_CHUNK`
+    (families must exist; powers of two from 16): to time a family's chunk size against
+    its default in a run beside it."""
+    from lasp.kernels.common.launch import FAMILY_CHUNK
+    for spec in filter(None, specs.split(",")):
+        family, _, value = spec.partition("=")
+        if family not in FAMILY_CHUNK:
+            raise ValueError(f"--chunk: no family {family!r}; families: {sorted(FAMILY_CHUNK)}")
+        if not value.isdigit() or int(value) < 16 or int(value) & (int(value) - 1):
+            raise ValueError(f"--chunk: {spec!r} is not FAMILY=tokens with tokens a power of two >= 16")
+        FAMILY_CHUNK[family] = int(value)
+
+
 def kernel_times(step, reps=3) -> dict[str, float]:
     """CUDA time per kernel (µs per step, largest first) of `step`, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -151,18 +165,18 @@ def _add_speedups(results):
 DELTA_ARG = {"delta": None, "g+beta": "g", "gk+beta": "gk"}
 
 
-def delta_methods(chunk_size=None):
-    """name -> (decay, fn(q, k, v, beta, g, gk) -> o) for the delta rule; lasp's rows with
-    `chunk_size` tokens per chunk (None: the kernels' default): "lasp-triton <decay>" with
-    the kernels' default walk operands (`WALK_OPERANDS`), and "lasp-triton <decay> (bf16
-    walks)" or "(fp32 walks)" with the other mode, to time both in one run."""
+def delta_methods():
+    """name -> (decay, fn(q, k, v, beta, g, gk) -> o) for the delta rule; lasp's rows:
+    "lasp-triton <decay>" with the kernels' default walk operands (`WALK_OPERANDS`), and
+    "lasp-triton <decay> (bf16 walks)" or "(fp32 walks)" with the other mode, to time both
+    in one run."""
     from lasp.kernels.delta import triton as delta_triton
 
     def lasp_row(decay, walk_operands=None):
         def fn(q, k, v, beta, g, gk):
             gate = {"delta": None, "g+beta": g, "gk+beta": gk}[decay]
             return delta_triton.triton_linear_attention(q, k, v, gate, beta, scale=D ** -0.5,
-                                                        chunk_size=chunk_size, walk_operands=walk_operands)[0]
+                                                        walk_operands=walk_operands)[0]
         return decay, fn
     other = "float32" if delta_triton.WALK_OPERANDS == "bfloat16" else "bfloat16"
     label = {"bfloat16": "bf16 walks", "float32": "fp32 walks"}[other]
@@ -267,14 +281,15 @@ def main():
                         help="comma-separated method names to run (default: all)")
     parser.add_argument("--launch", default="",
                         help="LAUNCH overrides, ROW=warps,stages,block[;...], e.g. delta.chunk_grad=8,1,16")
-    parser.add_argument("--delta-chunk", type=int, default=None,
-                        help="tokens per chunk of lasp's delta rows (default: the kernels' own)")
+    parser.add_argument("--chunk", default="",
+                        help="FAMILY_CHUNK overrides, FAMILY=tokens[,...], e.g. diagonal=64,delta=32")
     parser.add_argument("--profile", action="store_true",
                         help="delta rows: also record each row's CUDA time per kernel")
     parser.add_argument("--fla-gla-shapes", default="1x32768,1x131072",
                         help="shapes BxT at which fla chunk_gla runs (its autotune is long)")
     args = parser.parse_args()
     override_launches(args.launch)
+    override_chunks(args.chunk)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     bandwidth = copy_bandwidth()
     rows = methods()
@@ -288,7 +303,7 @@ def main():
     except ImportError:
         fla_version = None
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, fla=fla_version,
-                launch_overrides=args.launch or None, delta_chunk=args.delta_chunk,
+                launch_overrides=args.launch or None, chunk_overrides=args.chunk or None,
                 delta_walk_operands=_delta_walk_operands(),
                 python=platform.python_version(), H=H, D=D, dtype="bf16",
                 copy_bandwidth_gb_s=bandwidth / 1e9, results=results)
@@ -331,7 +346,7 @@ def main():
                 _add_speedups(results)
                 with open(path, "w") as f:      # after every row: a run cut short keeps its rows
                     json.dump(meta, f, indent=1)
-    delta_rows = {name: row for name, row in delta_methods(args.delta_chunk).items()
+    delta_rows = {name: row for name, row in delta_methods().items()
                   if not args.only or name in args.only.split(",")}
     for B, T in shapes if delta_rows else ():
         run_delta_rows(B, T, delta_rows, results, meta, path, bandwidth, args.profile)
