@@ -37,6 +37,8 @@ GROUPS = {
     "parallel": (["tests/parallel", "tests/test_hybrid_step_gpu.py"], 400),
     "integrations": (["tests/integrations"], 90),
 }
+# A count of pytest's summary line, e.g. "3 failed, 40 passed, 2 skipped, 1 error in 10.2s".
+SUMMARY_COUNT = re.compile(r"(\d+) (passed|failed|skipped|error)")
 
 
 def install_wheels(folder: str, target: str) -> list[str]:
@@ -72,8 +74,8 @@ def run_group(paths, limit_s, log):
             proc.kill()
             out, _ = proc.communicate()
         timed_out = True
-    totals = [line for line in out.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
-    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error)", totals[-1] if totals else "")}
+    totals = [line for line in out.splitlines() if SUMMARY_COUNT.search(line)]
+    counts = {kind: int(n) for n, kind in SUMMARY_COUNT.findall(totals[-1] if totals else "")}
     log.write(f"\n===== {' '.join(paths)} ({'interrupted at the limit' if timed_out else 'done'}) =====\n{out}")
     log.flush()
     return dict(paths=paths, seconds=round(time.monotonic() - start, 1), timed_out=timed_out,

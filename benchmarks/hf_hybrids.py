@@ -343,7 +343,8 @@ def run_family(family: str, args) -> dict:
         record.setdefault("native_over_time", []).append(record["native"])
         T_native //= NATIVE_RETRY_SHORTER
     if T_native != T:
-        record["native_note"] = f"native at {T_native} tokens (--native-max-tokens), lasp at both {T} and {T_native}"
+        why = "its time limit" if "native_over_time" in record else "--native-max-tokens"
+        record["native_note"] = f"native at {T_native} tokens ({why}), lasp at both {T} and {T_native}"
         record["lasp_at_native_tokens"] = measure(lasp_step, wrapped, native_ids, args)
     same_length = record.get("lasp_at_native_tokens", record["lasp"])
     if "losses" in record["native"] and "losses" in same_length:
@@ -507,7 +508,7 @@ def shared_gpu(args) -> list[dict]:
     write("hf_hybrids_shared.json", record, args)
     print(f"\n{rows[0]['family']}: W = {W} ranks sharing one device over gloo against W = 1 "
           f"({rows[0]['tokens']} tokens, {record['args']['dtype']})")
-    print("layout      loss rel diff  grad rel diff (all)  to fp32 W=2/W=1  grad ok  worst parameter")
+    print(f"layout      loss rel diff  grad rel diff (all)  {f'to fp32 W={W}/W=1':>15}  grad ok  worst parameter")
     for r in rows:
         g = r["grad_rel_diff"]
         print(f"{r['kind']:<11} {r['loss_rel_diff']:13.1e}  {g['all']:19.1e}  {to_fp32(r):>15}  {str(r['grad_ok']):>7}  "

@@ -38,6 +38,8 @@ import triton
 from triton.testing import do_bench
 
 from lasp.kernels import linear_attention
+from lasp.kernels.delta import chunk_linear_attention as delta_chunk
+from lasp.kernels.delta import triton as delta_triton
 
 H, D = 16, 128
 
@@ -48,6 +50,13 @@ def copy_bandwidth(nbytes=2 << 30) -> float:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
     return 2 * nbytes / (ms * 1e-3)
+
+
+def memory_floor_ms(B, T, bandwidth) -> dict[str, float]:
+    """Per mode, the ms to move the bytes that must move at `bandwidth` (bytes/s): read q, k, v,
+    write o; backward: read q, k, v, do, write dq, dk, dv (bf16 [B, T, H, D] each)."""
+    unit = B * T * H * D * 2
+    return {"fwd": 4 * unit / bandwidth * 1e3, "fwd+bwd": 11 * unit / bandwidth * 1e3}
 
 
 KIND = {"plain": "identity", "g_gamma": "scalar", "g": "scalar", "gk": "diagonal"}
@@ -162,7 +171,12 @@ def _add_speedups(results):
 # -- The delta rule (beta): DeltaNet, Gated DeltaNet (g), KDA (gk) --------------------------------
 # Own rows, inputs and oracle: keys arrive L2-normalised (as the layers feed them), beta in (0, 1).
 
-DELTA_ARG = {"delta": None, "g+beta": "g", "gk+beta": "gk"}
+DELTA_DECAYS = ("delta", "g+beta", "gk+beta")
+
+
+def delta_gate(decay, g, gk):
+    """The decay the delta rule's `decay` row takes: none, per token (g) or per key (gk)."""
+    return {"delta": None, "g+beta": g, "gk+beta": gk}[decay]
 
 
 def delta_methods():
@@ -170,18 +184,15 @@ def delta_methods():
     "lasp-triton <decay>" with the kernels' default walk operands (`WALK_OPERANDS`), and
     "lasp-triton <decay> (bf16 walks)" or "(fp32 walks)" with the other mode, to time both
     in one run."""
-    from lasp.kernels.delta import triton as delta_triton
-
     def lasp_row(decay, walk_operands=None):
         def fn(q, k, v, beta, g, gk):
-            gate = {"delta": None, "g+beta": g, "gk+beta": gk}[decay]
-            return delta_triton.triton_linear_attention(q, k, v, gate, beta, scale=D ** -0.5,
+            return delta_triton.triton_linear_attention(q, k, v, delta_gate(decay, g, gk), beta, scale=D ** -0.5,
                                                         walk_operands=walk_operands)[0]
         return decay, fn
     other = "float32" if delta_triton.WALK_OPERANDS == "bfloat16" else "bfloat16"
     label = {"bfloat16": "bf16 walks", "float32": "fp32 walks"}[other]
     rows = {}
-    for decay in DELTA_ARG:
+    for decay in DELTA_DECAYS:
         rows[f"lasp-triton {decay}"] = lasp_row(decay)
         rows[f"lasp-triton {decay} ({label})"] = lasp_row(decay, other)
     try:
@@ -200,17 +211,9 @@ def delta_methods():
 
 def delta_oracle(decay, q, k, v, beta, g, gk):
     """lasp's torch chunk form in fp32 on the first two heads."""
-    from lasp.kernels.delta import chunk_linear_attention as delta_chunk
-
-    gate = {"delta": None, "g+beta": g, "gk+beta": gk}[decay]
+    gate = delta_gate(decay, g, gk)
     q, k, v, beta = (x[:, :, :2].float() for x in (q, k, v, beta))
     return delta_chunk(q, k, v, None if gate is None else gate[:, :, :2], beta, scale=D ** -0.5)[0]
-
-
-def _delta_walk_operands():
-    """The delta rows' default walk operands (`lasp.kernels.delta.triton.WALK_OPERANDS`)."""
-    from lasp.kernels.delta import triton as delta_triton
-    return delta_triton.WALK_OPERANDS
 
 
 def run_delta_rows(B, T, rows, results, meta, path, bandwidth, profile=False):
@@ -229,11 +232,11 @@ def run_delta_rows(B, T, rows, results, meta, path, bandwidth, profile=False):
     gk = F.logsigmoid(rand(B, T, H, D) + 4).requires_grad_()
     do = rand(B, T, H, D).bfloat16()
     inputs = (q, k, v, beta, g, gk)
-    unit = B * T * H * D * 2
-    floor_ms = {"fwd": 4 * unit / bandwidth * 1e3, "fwd+bwd": 11 * unit / bandwidth * 1e3}
+    floor_ms = memory_floor_ms(B, T, bandwidth)
     refs = {}
     for name, (decay, fn) in rows.items():
-        leaves = [q, k, v, beta] + ([g] if decay == "g+beta" else []) + ([gk] if decay == "gk+beta" else [])
+        gate = delta_gate(decay, g, gk)
+        leaves = [q, k, v, beta] + ([] if gate is None else [gate])
         err, note = None, None
         try:
             with torch.no_grad():
@@ -261,10 +264,10 @@ def run_delta_rows(B, T, rows, results, meta, path, bandwidth, profile=False):
             results.append(dict(method=name, variant="dense", decay=decay, B=B, T=T, mode=mode, ms=ms,
                                 mtok_s=ms and B * T / ms / 1e3, peak_gb=peak and peak / 1e9,
                                 rel_err=float("nan") if err is None else err, floor_ms=floor_ms[mode],
-                                note=None if ms else note, kernels_us=per_kernel if ms else None))
+                                note=None if ms else note, kernels_us=per_kernel))
             shown = f"{ms:8.3f} ms" if ms else f"FAIL ({note})"
             print(f"{name:22s} B={B} T={T:6d} {mode:7s} {shown}  err={err}", flush=True)
-            for kernel, us in list((per_kernel or {}).items())[:8] if ms else ():
+            for kernel, us in list((per_kernel or {}).items())[:8]:
                 print(f"    {us:9.1f} us  {kernel}", flush=True)
             _add_speedups(results)
             with open(path, "w") as f:
@@ -304,7 +307,7 @@ def main():
         fla_version = None
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, fla=fla_version,
                 launch_overrides=args.launch or None, chunk_overrides=args.chunk or None,
-                delta_walk_operands=_delta_walk_operands(),
+                delta_walk_operands=delta_triton.WALK_OPERANDS,
                 python=platform.python_version(), H=H, D=D, dtype="bf16",
                 copy_bandwidth_gb_s=bandwidth / 1e9, results=results)
     os.makedirs(args.out, exist_ok=True)
@@ -319,8 +322,7 @@ def main():
         gk = F.logsigmoid(rand(B, T, H, D) + 4).requires_grad_()
         gg = F.logsigmoid(torch.linspace(3, 7, H, device="cuda"))
         do = rand(B, T, H, D).bfloat16()
-        unit = B * T * H * D * 2                      # one bf16 [B,T,H,D] tensor
-        floor_ms = {"fwd": 4 * unit / bandwidth * 1e3, "fwd+bwd": 11 * unit / bandwidth * 1e3}
+        floor_ms = memory_floor_ms(B, T, bandwidth)
         refs = {}
         inputs = (q, k, v, g, gg, gk)
         for name, (decay, fn) in rows.items():

@@ -268,7 +268,7 @@ def measure(out_dir: Path, lengths=(16384, 32768, 65536, 131072), long_sequence:
         ok = [p for p in points[pattern] if "peak_bytes" in p]
         fixed[pattern], slope[pattern] = fit_line([p["tokens"] for p in ok], [p["working_bytes"] for p in ok])
         states[pattern] = ok[0]["base_bytes"]
-        del model, opt
+        model = opt = None      # freed (not `del`: step() names them)
         torch.cuda.empty_cache()
     if long_sequence:   # the projection's other pattern, so that the fit file keeps its shape
         for table in (points, params, fixed, slope, states):

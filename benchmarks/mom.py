@@ -51,26 +51,18 @@ import traceback
 
 import torch
 import triton
-from triton.testing import do_bench
 
 import lasp.kernels.mom as mom_kernels
 from lasp.kernels import linear_attention, mixture_of_memories, mom_dispatch, mom_route
 from lasp.layers import LinearAttention, MixtureOfMemories
 from lasp.layers.linear_attention import retnet_log_decay
 
+try:                                # imported as benchmarks.mom, or the repository root on sys.path
+    from benchmarks.kernel_speed import time_and_peak
+except ModuleNotFoundError:         # run as a script: benchmarks/ is sys.path[0]
+    from kernel_speed import time_and_peak
+
 HIDDEN, H, D, M, TOP_K = 2048, 16, 128, 4, 2
-
-
-def measure(step):
-    """(median ms, peak GB above what was allocated before) of `step()`."""
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-    return do_bench(step, warmup=25, rep=200, return_mode="median"), peak
 
 
 def profile_table(step, label, path):
@@ -198,15 +190,15 @@ def main():
 
     def record(name, T, fn, **extra):
         try:
-            ms, peak = measure(fn)
+            ms, peak = time_and_peak(fn, rep=200)
         except Exception as e:                              # noqa: BLE001 - a row that fails says why
             notes[f"{name} T={T}"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"{name:34s} T={T:7d} failed: {notes[f'{name} T={T}']}", flush=True)
             traceback.print_exc()
             return None
-        row = dict(method=name, T=T, ms=ms, mtok_s=T / ms / 1e3, peak_gb=peak, **extra)
+        row = dict(method=name, T=T, ms=ms, mtok_s=T / ms / 1e3, peak_gb=peak / 1e9, **extra)
         results.append(row)
-        print(f"{name:34s} T={T:7d} {ms:9.3f} ms  peak {peak:6.2f} GB", flush=True)
+        print(f"{name:34s} T={T:7d} {ms:9.3f} ms  peak {row['peak_gb']:6.2f} GB", flush=True)
         with open(path, "w") as f:                           # after every row: a cut-short run keeps its rows
             json.dump(meta, f, indent=1)
         return row

@@ -723,7 +723,7 @@ def calibrate(out_dir: Path, budget_s: float = 200.0) -> Path:
         linear["state_output_fwd"].append(so_f)
         linear["state_output_bwd"].append(max(0.0, so_fb - so_f))
         measured_tokens.append(L)
-        del q, k, v, do, phases, saved, partial
+        q = k = v = do = phases = saved = partial = None    # freed (not `del`: the lambdas above name them)
     torch.cuda.empty_cache()
 
     # LASP-2's walk over W gathered summaries (the arithmetic of lasp.parallel.scan's walk).
@@ -772,7 +772,7 @@ def calibrate(out_dir: Path, budget_s: float = 200.0) -> Path:
         t_both = bench(both)
         eta = (t_out + t_copy - t_both) / min(t_out, t_copy)
         overlap[name] = dict(output_ms=t_out, copy_ms=t_copy, both_ms=t_both, efficiency=min(1.0, max(0.0, eta)))
-    del q, k, v, src, dst, phases, saved
+    q = k = v = src = dst = phases = saved = None           # freed (not `del`: the lambdas above name them)
     torch.cuda.empty_cache()
 
     # Softmax: LASP-2H's local step (lower-right causal, the default backend) at a few

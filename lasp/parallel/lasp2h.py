@@ -290,8 +290,10 @@ class _Ring(torch.autograd.Function):
         acc = torch.promote_types(ctx.input_dtype, KV_GRAD_ACCUMULATION)
         do_segments = [do.narrow(1, i * L, L).to(o[0].dtype) for i in range(len(o))]
         # Gradients are summed over the ring's steps in `KV_GRAD_ACCUMULATION` and rounded once,
-        # as LASP-2H's are: summed in bf16, rank 1 of 2 on an H100 reached dq / dk 3.5e-3 /
-        # 3.7e-3 against the single GPU's 2.5e-3 / 3.0e-3 (2026-12-06). The accumulator of
+        # as LASP-2H's are: bf16 sums grow with the steps (W = 4, tests/parallel/test_lasp2h.py:
+        # dk 3.55e-3 with bf16 sums, 3.13e-3 with fp32). Each block's own bf16 rounding stays:
+        # at W = 2 on an H100 rank 1 reached dq / dk 3.5e-3 / 3.65e-3 with either sum, against
+        # 2.4e-3 / 2.9e-3 for one GPU on the same rows (2026-12-06). The accumulator of
         # source rank (r - 1 - j) travels r-1-j+1 -> ... -> r-1-j: at step j this rank adds its
         # part for that source, whose forward step was (1 + j) % W.
         dq = [torch.zeros_like(x, dtype=acc) for x in ctx.q_leaves]

@@ -508,7 +508,8 @@ def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, d
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, HAS_INIT: tl.constexpr):
     """One document, head and V-tile: every chunk's incoming state (`states`), its
-    δ = U − W S (`delta`, fp32) and the document's final state."""
+    δ = U − W S (`delta`; both in the walk operands' dtype) and the document's final state
+    (fp32)."""
     doc, h, offs_k, offs_v, state, first, count = _walk_start(h0, doc_chunk0, doc_chunks, H, K, V, BK, BV, HAS_INIT)
     offs_c = tl.arange(0, C)
     for i in range(count):
