@@ -105,7 +105,8 @@ def time_and_peak(step, warmup=25, rep=100):
     return do_bench(step, warmup=warmup, rep=rep, return_mode="median"), peak
 
 
-def measure(fn, inputs, do, backward, decay):
+def measure(fn, inputs, do, backward, decay, profile=False):
+    """(median ms, peak bytes, CUDA µs per kernel or None) of one row's step."""
     q, k, v, g, gg, gk = inputs
     leaves = [q, k, v] + ([g] if decay == "g" else []) + ([gk] if decay == "gk" else [])
 
@@ -113,7 +114,7 @@ def measure(fn, inputs, do, backward, decay):
         o = fn(q, k, v, g, gg, gk)
         if backward:
             torch.autograd.grad(o, leaves, do)
-    return time_and_peak(step)
+    return *time_and_peak(step), kernel_times(step) if profile else None
 
 
 def override_launches(specs: str) -> None:
@@ -153,6 +154,11 @@ def kernel_times(step, reps=3) -> dict[str, float]:
         torch.cuda.synchronize()
     events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
     return {e.key[:80]: e.device_time_total / reps for e in events if e.device_time_total > 0}
+
+
+def print_kernel_times(per_kernel, top=8):
+    for kernel, us in list((per_kernel or {}).items())[:top]:
+        print(f"    {us:9.1f} us  {kernel}", flush=True)
 
 
 def _add_speedups(results):
@@ -267,8 +273,7 @@ def run_delta_rows(B, T, rows, results, meta, path, bandwidth, profile=False):
                                 note=None if ms else note, kernels_us=per_kernel))
             shown = f"{ms:8.3f} ms" if ms else f"FAIL ({note})"
             print(f"{name:22s} B={B} T={T:6d} {mode:7s} {shown}  err={err}", flush=True)
-            for kernel, us in list((per_kernel or {}).items())[:8]:
-                print(f"    {us:9.1f} us  {kernel}", flush=True)
+            print_kernel_times(per_kernel)
             _add_speedups(results)
             with open(path, "w") as f:
                 json.dump(meta, f, indent=1)
@@ -287,7 +292,7 @@ def main():
     parser.add_argument("--chunk", default="",
                         help="FAMILY_CHUNK overrides, FAMILY=tokens[,...], e.g. diagonal=64,delta=32")
     parser.add_argument("--profile", action="store_true",
-                        help="delta rows: also record each row's CUDA time per kernel")
+                        help="also record each row's CUDA time per kernel")
     parser.add_argument("--fla-gla-shapes", default="1x32768,1x131072",
                         help="shapes BxT at which fla chunk_gla runs (its autotune is long)")
     args = parser.parse_args()
@@ -339,12 +344,15 @@ def main():
                     o = o[:, :, :2]
                 err = ((o - refs[decay]).norm() / refs[decay].norm()).item()
             for mode in ("fwd", "fwd+bwd"):
-                ms, peak = (None, None) if not err <= 1e-2 else measure(fn, inputs, do, mode == "fwd+bwd", decay)
+                ms = peak = per_kernel = None
+                if err <= 1e-2:
+                    ms, peak, per_kernel = measure(fn, inputs, do, mode == "fwd+bwd", decay, args.profile)
                 results.append(dict(method=name, variant=KIND[decay], decay=decay, B=B, T=T, mode=mode, ms=ms,
                                     mtok_s=ms and B * T / ms / 1e3, peak_gb=peak and peak / 1e9, rel_err=err,
-                                    floor_ms=floor_ms[mode]))
+                                    floor_ms=floor_ms[mode], kernels_us=per_kernel))
                 shown = "FAIL" if ms is None else f"{ms:8.3f} ms"
                 print(f"{name:22s} B={B} T={T:6d} {mode:7s} {shown}  err={err:.1e}", flush=True)
+                print_kernel_times(per_kernel)
                 _add_speedups(results)
                 with open(path, "w") as f:      # after every row: a run cut short keeps its rows
                     json.dump(meta, f, indent=1)
