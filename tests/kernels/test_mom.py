@@ -508,9 +508,9 @@ def test_bad_inputs_raise():
         mixture_of_memories(q, kv, kv, weights[..., :1], plan)
     with pytest.raises(ValueError, match="g must have 4 dimensions"):
         mixture_of_memories(q, kv, kv, weights, plan, -torch.rand(1, 8, 2))
-    with pytest.raises(ValueError, match="log-decays and must be <= 0"):
+    with pytest.raises(ValueError, match="log-decays and must be finite and <= 0"):
         mixture_of_memories(q, kv, kv, weights, plan, torch.rand(1, 8, 4, 2))
-    with pytest.raises(ValueError, match="must be <= 0 and finite"):
+    with pytest.raises(ValueError, match="must be finite and <= 0"):
         mixture_of_memories(q, kv, kv, weights, plan, torch.full((1, 8, 4, 2), float("-inf")))
     with pytest.raises(ValueError, match=r"beta must have shape \(1, 8, 4, 2\)"):
         mixture_of_memories(q, kv, kv, weights, plan, beta=torch.rand(1, 8, 3, 2))
