@@ -39,6 +39,7 @@ VARIANTS = {
     "selective": ["--activation-checkpointing", "selective"],
     "compile": ["--compile", "--activation-checkpointing", "none"],
     "compile+full": ["--compile", "--activation-checkpointing", "full"],
+    "compile+selective": ["--compile", "--activation-checkpointing", "selective"],
     "long": ["--activation-checkpointing", "full", "--offload-activations", "--tile-tokens", "16384"],
 }
 

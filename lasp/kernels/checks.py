@@ -4,7 +4,8 @@ Shape and dtype errors raise at once. Checks on tensor *values* (log-decays ≤ 
 `cu_seqlens` increasing) must not synchronise the host with the GPU, so on CUDA they
 become device-side asserts (`torch._assert_async`): a violation stops the program at
 the next launch instead of producing a silent wrong result. On CPU they raise
-`ValueError` immediately.
+`ValueError` immediately, except under `torch.compile`, which traces them as device
+asserts too (a Python branch on a tensor's value would break its graph).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 def check_value(condition: torch.Tensor, message: str) -> None:
     """Assert a boolean tensor is all true without a host sync on CUDA."""
     condition = condition.all()
-    if condition.device.type == "cpu":
+    if condition.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(condition):
             raise ValueError(message)
     else:

@@ -17,7 +17,6 @@ any device and dtype) or its Triton kernels:
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 
@@ -85,8 +84,17 @@ def family_module(call: Call, causal: bool = True):
     (non-causal attention is two matmuls per document: the torch form always). Each
     exposes `linear_attention(q, k, v, *call.gates, ...)` and `phases(...)`; the delta
     family also `run_transitions(k, *call.gates, cu_seqlens=...)`."""
-    part = "triton" if call.backend == "triton" and causal else "chunk"
-    return importlib.import_module(f"lasp.kernels.{call.family}.{part}")
+    # Import statements, not importlib: torch.compile traces them (a single-device call
+    # compiles into its caller's graph); the Triton modules only when they run.
+    if call.backend == "triton" and causal:
+        from lasp.kernels.delta import triton as delta
+        from lasp.kernels.diagonal import triton as diagonal
+        from lasp.kernels.scalar import triton as scalar
+    else:
+        from lasp.kernels.delta import chunk as delta
+        from lasp.kernels.diagonal import chunk as diagonal
+        from lasp.kernels.scalar import chunk as scalar
+    return {"scalar": scalar, "diagonal": diagonal, "delta": delta}[call.family]
 
 
 def run_linear_attention(q, k, v, call: Call, *, initial_state=None, output_final_state=False,

@@ -49,10 +49,13 @@ BACKENDS = ("flash_attn", "sdpa", "flex", "math")
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-@functools.cache
+# Looked up once, at import (not in a cached function: torch.compile would trace through it).
+_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
 def flash_attn_available() -> bool:
     """Whether the optional flash-attn package is importable."""
-    return importlib.util.find_spec("flash_attn") is not None
+    return _FLASH_ATTN
 
 
 @functools.cache

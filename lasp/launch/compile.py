@@ -2,13 +2,19 @@
 
 Each block of `model_blocks(model)` is compiled in place (`nn.Module.compile`), so parameter
 names, checkpoints and FSDP2's per-block sharding stay as they are, and blocks of one kind
-share their compiled graphs. The attention ops are not traced (`lasp.kernels.compiled`):
-the graph breaks at each op, which runs eagerly as without compile (Triton kernels, LASP-2
-and LASP-2H collectives), and what surrounds it — norms, projections, RoPE, feature maps,
-gates, the SwiGLU MLP, residuals — is compiled. FSDP2's hooks run eagerly too (Dynamo's
-default). Full activation checkpointing wraps the compiled block; selective checkpointing
-does not combine with it yet (its policy sees no matmul of a compiled graph: it would
-recompute everything, as full does).
+share their compiled graphs. On one GPU (--sp-size 1) a block compiles whole, attention
+included: lasp's Triton kernels are custom ops that Dynamo records as single calls
+(`lasp.kernels.compiled`) and softmax attention's backends trace. Under sequence
+parallelism the graph breaks at each attention op, which runs eagerly as without compile
+(Triton kernels, LASP-2 and LASP-2H collectives); what surrounds it — norms, projections,
+RoPE, feature maps, gates, the SwiGLU MLP, residuals — is compiled. FSDP2's hooks run
+eagerly (Dynamo's default).
+
+Full activation checkpointing wraps the compiled block (the backward runs its compiled
+forward again). Selective checkpointing sits inside it (torchtitan's order: checkpoint,
+then compile; `LinearLlamaBlock.forward`): AOT autograd's partitioner applies its policy,
+keeping the matmuls' and the attention ops' outputs and recomputing the element-wise work in
+the compiled backward. It needs the block to compile whole: --sp-size 1, lasp presets.
 """
 
 from __future__ import annotations

@@ -43,8 +43,9 @@ class ModelConfig:
     activation_checkpointing: str = option("none", "recompute each block in the backward: none | full | selective "
                                                    "(keeps the blocks' matmul outputs, recomputes the rest); "
                                                    "without a value: full", bare="full")
-    compile: bool = option(False, "torch.compile each block (the attention ops run eagerly between its graphs; "
-                                  "not with --activation-checkpointing selective)")
+    compile: bool = option(False, "torch.compile each block (one graph with its attention op at --sp-size 1; "
+                                  "under sequence parallelism the attention ops run eagerly between its graphs); "
+                                  "with --activation-checkpointing selective: --sp-size 1, lasp presets")
     offload_activations: bool = option(False, "with --activation-checkpointing: keep each block's checkpointed input "
                                               "(and the final norm's and the loss's) in pinned host memory until "
                                               "the backward (long sequences on few GPUs; lasp presets)")
@@ -392,8 +393,12 @@ def validate(config: Config, world_size: int | None) -> None:
     _check_range("--tile-tokens", config.model.tile_tokens, 0)
     _check_choice("--activation-checkpointing", config.model.activation_checkpointing, CHECKPOINT_MODES)
     if config.model.compile and config.model.activation_checkpointing == "selective":
-        raise ValueError("--compile does not combine with --activation-checkpointing selective yet: its policy sees "
-                         "no matmul inside a compiled graph (use full, or drop --compile)")
+        # The checkpoint must sit inside the compiled graph (lasp.launch.compile): LASP-2's ops break
+        # it, and a Hugging Face model checkpoints its layers from outside.
+        if p.sp_size > 1 or config.model.name.startswith("hf:"):
+            raise ValueError("--compile with --activation-checkpointing selective needs --sp-size 1 and a lasp "
+                             "preset: under sequence parallelism the attention ops break the compiled graph, and "
+                             "the policy would see none of its matmuls (use full there)")
     check_model(config.model)
     _check_choice("--layout", p.layout, KINDS)
     _check_choice("--engine", p.engine, ("fsdp", "deepspeed"))

@@ -3,6 +3,10 @@
 Under a `SequenceLayout` the linear op is LASP-2 and the softmax op is LASP-2H; without
 one (the whole sequence is local) they are the single-device kernels of `lasp.kernels`.
 Tensors are [B, T, H, D]; `cu_seqlens` describes the whole packed sequence.
+
+Under torch.compile the single-device ops compile into their caller's graph (the Triton
+kernels are custom ops: `lasp.kernels.compiled`); the sequence-parallel ones break it and
+run eagerly (`eager_under_compile`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from lasp.kernels.compiled import eager_under_compile
 from lasp.kernels.softmax_attention import softmax_attention
 
 
-@eager_under_compile
 def linear_attention_op(q, k, v, g=None, g_gamma=None, *, gk=None, beta=None, scale=None, layout=None,
                         group=None, cu_seqlens=None):
     """Causal linear attention of the local tokens (LASP-2 across the group under a layout).
@@ -20,16 +23,25 @@ def linear_attention_op(q, k, v, g=None, g_gamma=None, *, gk=None, beta=None, sc
     `beta` [B, T, H] selects the delta rule (keys normalised by the caller)."""
     if layout is None:
         return linear_attention(q, k, v, g, g_gamma, gk=gk, beta=beta, scale=scale, cu_seqlens=cu_seqlens)[0]
-    from lasp.parallel.lasp2 import lasp2_linear_attention
-    return lasp2_linear_attention(q, k, v, g, g_gamma, gk=gk, beta=beta, layout=layout, group=group, scale=scale,
-                                  cu_seqlens=cu_seqlens)
+    return _lasp2_linear_attention(q, k, v, g, g_gamma, gk=gk, beta=beta, layout=layout, group=group, scale=scale,
+                                   cu_seqlens=cu_seqlens)
 
 
-@eager_under_compile
 def softmax_attention_op(q, k, v, *, scale=None, layout=None, group=None, cu_seqlens=None):
     """Causal softmax attention of the local queries (LASP-2H under a layout); GQA k, v."""
     if layout is None:
         return softmax_attention(q, k, v, scale=scale, causal=True, cu_seqlens_q=cu_seqlens,
                                  cu_seqlens_k=cu_seqlens)
+    return _lasp2h_attention(q, k, v, layout=layout, group=group, scale=scale, cu_seqlens=cu_seqlens)
+
+
+@eager_under_compile
+def _lasp2_linear_attention(*args, **kwargs):
+    from lasp.parallel.lasp2 import lasp2_linear_attention
+    return lasp2_linear_attention(*args, **kwargs)
+
+
+@eager_under_compile
+def _lasp2h_attention(*args, **kwargs):
     from lasp.parallel.lasp2h import lasp2h_attention
-    return lasp2h_attention(q, k, v, layout=layout, group=group, scale=scale, cu_seqlens=cu_seqlens)
+    return lasp2h_attention(*args, **kwargs)

@@ -40,7 +40,7 @@ from lasp.layers.feature_maps import ReBasedMap
 from lasp.layers.linear_attention import decay_kind
 from lasp.layers.mom import MemoryProjection
 from lasp.loss import IGNORE_INDEX, chunked_cross_entropy
-from lasp.models.checkpointing import checkpoint_context_fn
+from lasp.models.checkpointing import checkpoint_context_fn, selective_context
 from lasp.models.config import LinearLlamaConfig
 
 
@@ -148,9 +148,18 @@ class LinearLlamaBlock(nn.Module):
         if isinstance(self.self_attn, LinearAttention):   # its norm, gate and o_proj, tiled alike
             self.self_attn.tile_tokens = config.tile_tokens
 
-    def forward(self, x, layout=None, group=None, cu_seqlens=None):
+    def forward(self, x, layout=None, group=None, cu_seqlens=None, selective_checkpoint=False):
         """Returns (x, aux_loss): the layer's load-balancing loss for MoM, else None. The norms
-        and the MLP run in tiles of `config.tile_tokens` tokens (when set)."""
+        and the MLP run in tiles of `config.tile_tokens` tokens (when set). With
+        `selective_checkpoint` (and autograd recording) the block checkpoints itself under the
+        selective policy (`lasp.models.checkpointing`): inside its forward, so that a compiled
+        block holds the checkpoint in its graph and AOT autograd applies the policy."""
+        if selective_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, layout, group, cu_seqlens, use_reentrant=False,
+                              context_fn=selective_context)
+        return self._forward(x, layout, group, cu_seqlens)
+
+    def _forward(self, x, layout, group, cu_seqlens):
         hidden = token_tiles(self.input_layernorm, x, self.tile_tokens)
         out = self.self_attn(hidden, layout=layout, group=group, cu_seqlens=cu_seqlens)
         out, aux = out if isinstance(self.self_attn, MixtureOfMemories) else (out, None)
@@ -224,10 +233,13 @@ class LinearLlamaModel(LinearLlamaPreTrainedModel):
         layout = None if sp is None else sp.local_layout(x.shape[1])
         group = None if sp is None else sp.group
         aux_losses = []
+        mode = self.config.activation_checkpointing if torch.is_grad_enabled() else False
         for layer in self.layers:
-            if self.config.activation_checkpointing and torch.is_grad_enabled():
+            if mode == "selective":  # inside the block (compiled with it under --compile)
+                x, aux = layer(x, layout, group, cu_seqlens, selective_checkpoint=True)
+            elif mode:  # around the block: recompute all of it
                 x, aux = checkpoint(layer, x, layout, group, cu_seqlens, use_reentrant=False,
-                                    context_fn=checkpoint_context_fn(self.config.activation_checkpointing))
+                                    context_fn=checkpoint_context_fn(mode))
             else:
                 x, aux = layer(x, layout, group, cu_seqlens)
             if aux is not None:

@@ -1,10 +1,12 @@
-"""`--compile` and `--activation-checkpointing full | selective | none`: a compiled model and a
-selectively checkpointed one give the eager model's loss and gradients; the attention ops stay
-out of the compiled graphs; the options parse (the boolean flag of earlier versions included)."""
+"""`--compile` and `--activation-checkpointing full | selective | none`: a compiled model (each block one
+graph, attention included, at SP = 1) and a selectively checkpointed one, compiled or not, give the
+eager model's loss and gradients; the sequence-parallel ops stay out of the compiled graphs; the
+options parse (the boolean flag of earlier versions included)."""
 
 import pytest
 import torch
 
+from lasp.kernels.compiled import eager_under_compile
 from lasp.launch.compile import compile_blocks
 from lasp.launch.config import load_config, validate
 from lasp.layers.ops import linear_attention_op
@@ -36,37 +38,39 @@ def _assert_same(expected, got, tol):
         assert torch.allclose(grad, grads1[name], rtol=0, atol=tol), name
 
 
-@pytest.mark.parametrize("activation_checkpointing", [False, True])
-def test_compiled_blocks_match_eager(activation_checkpointing):
+@pytest.mark.parametrize("activation_checkpointing", [False, True, "selective"])
+def test_compiled_blocks_match_eager(activation_checkpointing, monkeypatch):
+    decisions = []
+    policy = checkpointing.save_matmuls
+    monkeypatch.setattr(checkpointing, "save_matmuls", lambda ctx, op, *a, **k: decisions.append(op) or
+                        policy(ctx, op, *a, **k))
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model, ids = _tiny(activation_checkpointing)
     eager = _loss_and_grads(model, ids)
     assert compile_blocks(model, backend=BACKEND) == len(model.blocks()) == 3
+    decisions.clear()
     for _ in range(2):  # the tracing step, then the compiled graphs as they are
         _assert_same(eager, _loss_and_grads(model, ids), 1e-5)
-    stats = torch._dynamo.utils.counters["stats"]
-    assert stats["unique_graphs"] >= 4  # each block: the graphs before and after its attention op
+    assert not torch._dynamo.utils.counters["graph_break"]  # each block one graph, attention included
+    # Selective: the checkpoint is inside the compiled graph, so its policy saw the traced matmuls.
+    assert (torch.ops.aten.mm.default in decisions) == (activation_checkpointing == "selective")
     assert set(model.state_dict()) == set(_tiny(False)[0].state_dict())  # names unchanged
 
 
-def test_attention_ops_run_eagerly_under_compile(monkeypatch):
-    """The op breaks the graph and runs as it is: its body never sees a tracer."""
-    import lasp.layers.ops as ops
-    seen = []
-    real = ops.linear_attention
-
-    def recording(*args, **kwargs):
-        seen.append(torch.compiler.is_compiling())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "linear_attention", recording)
+def test_sequence_parallel_ops_run_eagerly_under_compile():
+    """The single-device op compiles into its caller's graph; a sequence-parallel op
+    (`eager_under_compile`) breaks it and runs as it is: its body never sees a tracer."""
     torch._dynamo.reset()
     q, k, v = (torch.randn(1, 32, 2, 16) for _ in range(3))
     explained = torch._dynamo.explain(lambda q, k, v: linear_attention_op(q.sin(), k, v).cos())(q, k, v)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    seen = []
+    sp_op = eager_under_compile(lambda x: seen.append(torch.compiler.is_compiling()) or x * 2)
+    explained = torch._dynamo.explain(lambda q: sp_op(q.sin()).cos())(q)
     assert explained.graph_count == 2 and explained.graph_break_count == 1
     assert seen and not any(seen)
-    assert torch.allclose(torch.compile(lambda q: linear_attention_op(q.sin(), k, v).cos(), backend=BACKEND)(q),
-                          linear_attention_op(q.sin(), k, v).cos(), atol=1e-6)
+    assert torch.allclose(torch.compile(lambda q: sp_op(q.sin()).cos(), backend=BACKEND)(q), (q.sin() * 2).cos())
 
 
 def test_selective_checkpointing_matches_full_and_keeps_matmuls(monkeypatch):
@@ -97,5 +101,7 @@ def test_options(tmp_path):
     validate(load_config(["--compile", "--activation-checkpointing", "full"]), world_size=2)
     with pytest.raises(ValueError, match="--activation-checkpointing must be one of none, full, selective"):
         validate(load_config(["--activation-checkpointing", "yes"]), world_size=2)
-    with pytest.raises(ValueError, match="--compile does not combine with --activation-checkpointing selective"):
-        validate(load_config(["--compile", "--activation-checkpointing", "selective"]), world_size=2)
+    validate(load_config(["--compile", "--activation-checkpointing", "selective", "--sp-size", "1"]), world_size=2)
+    with pytest.raises(ValueError, match="selective needs --sp-size 1 and a lasp preset"):
+        validate(load_config(["--compile", "--activation-checkpointing", "selective", "--sp-size", "2"]),
+                 world_size=2)

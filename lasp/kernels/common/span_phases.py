@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from lasp.kernels.common.launch import fuses_dkdv
-from lasp.kernels.common.plan import SpanPlan, make_span_plan
+from lasp.kernels import compiled
+from lasp.kernels.common.plan import SpanPlan, default_span_chunks, make_span_plan
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class SpanLaunches:
     - backward_kvg(q, k, v, g, w, rows, do, d_final, d_states, g_span, decay_parts, scale,
       want_dh0, want_dg, plan, fuse_dkdv) -> (dk, dv, dg or None, d initial state or None).
     - default_chunk(K, V) -> tokens per chunk when the caller gives none.
+    - family: the family's name ("scalar" or "diagonal"), by which the custom ops
+      (`lasp.kernels.compiled`) find these launches again.
     """
 
     forward_states: Callable
@@ -39,6 +42,7 @@ class SpanLaunches:
     backward_dq: Callable
     backward_kvg: Callable
     default_chunk: Callable[[int, int], int]
+    family: str
 
 
 @dataclass(frozen=True)
@@ -104,14 +108,18 @@ class TritonPhases:
 
 class TritonLinearAttention(torch.autograd.Function):
     """Differentiable in q, k, v, the decay, the initial state and the row weight, and
-    through the final state: the phases run back to back."""
+    through the final state: the phases run back to back, as the custom ops
+    `lasp::span_forward` and `lasp::span_backward` (`lasp.kernels.compiled`: torch.compile
+    traces this Function and sees each op as one call). `knobs` = (family, scale, chunk,
+    span_chunks, fuse_dkdv)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, row_weight, phases, output_final_state):
-        final, saved = phases.summarize(k, v, g, initial_state)
-        o = phases.output(q, k, v, g, saved, row_weight)
-        ctx.save_for_backward(q, k, v, g, row_weight, *saved)
-        ctx.phases = phases
+    def forward(ctx, q, k, v, g, initial_state, row_weight, cu_seqlens, knobs, output_final_state):
+        family, scale, chunk, span_chunks, _ = knobs
+        o, final, states, g_span = compiled.span_forward(q, k, v, g, initial_state, row_weight, cu_seqlens,
+                                                         family, scale, chunk, span_chunks)
+        ctx.save_for_backward(q, k, v, g, row_weight, cu_seqlens, states, g_span)
+        ctx.knobs = knobs
         ctx.has_initial_state = initial_state is not None
         ctx.set_materialize_grads(False)
         return o, final if output_final_state else None
@@ -119,15 +127,16 @@ class TritonLinearAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, d_final):
-        q, k, v, g, row_weight, *saved = ctx.saved_tensors
+        q, k, v, g, row_weight, cu_seqlens, states, g_span = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, partial = ctx.phases.grad_q(q, k, v, g, saved, do, row_weight)
-        dk, dv, dg, dh0 = ctx.phases.grad_kvg(
-            q, k, v, g, saved, partial, d_final, want_dg=ctx.needs_input_grad[3],
-            want_dh0=ctx.has_initial_state and ctx.needs_input_grad[4], row_weight=row_weight)
-        dw = ctx.phases.grad_row_weight(partial, row_weight) if ctx.needs_input_grad[5] else None
-        return dq, dk, dv, dg, dh0, dw, None, None
+        want_dg, want_dh0, want_dw = (ctx.needs_input_grad[3], ctx.has_initial_state and ctx.needs_input_grad[4],
+                                      ctx.needs_input_grad[5])
+        dq, dk, dv, dg, dh0, dw = compiled.span_backward(
+            q, k, v, g, row_weight, cu_seqlens, states, g_span, do.contiguous(), d_final, *ctx.knobs,
+            want_dg and g is not None, want_dh0, want_dw)
+        return (dq, dk, dv, dg if want_dg else None, dh0 if want_dh0 else None, dw if want_dw else None,
+                None, None, None)
 
 
 def triton_phases(launches: SpanLaunches, q, k, v, g, scale, initial_state, cu_seqlens, *, chunk_size=None,
@@ -173,8 +182,16 @@ def triton_linear_attention(launches: SpanLaunches, q, k, v, g, scale, initial_s
     Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] float32 or None), differentiable
     in q, k, v, g, initial_state and row_weight.
     """
-    phases, inputs = triton_phases(launches, q, k, v, g, scale, initial_state, cu_seqlens, chunk_size=chunk_size,
-                                   span_chunks=span_chunks, fuse_dkdv=fuse_dkdv)
+    if chunk_size is None:
+        chunk_size = launches.default_chunk(k.shape[-1], v.shape[-1])
+    if span_chunks is None:
+        span_chunks = default_span_chunks(k.shape[0] * k.shape[1], k.shape[2], chunk_size)
+    if fuse_dkdv is None:
+        fuse_dkdv = fuses_dkdv(k.shape[-1], v.shape[-1], q.element_size())
     if row_weight is not None:
         row_weight = row_weight.float().contiguous()
-    return TritonLinearAttention.apply(*inputs, row_weight, phases, bool(output_final_state))
+    knobs = (launches.family, float(scale), chunk_size, span_chunks, bool(fuse_dkdv))
+    return TritonLinearAttention.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), None if g is None else g.float().contiguous(),
+        None if initial_state is None else initial_state.float().contiguous(), row_weight, cu_seqlens, knobs,
+        bool(output_final_state))

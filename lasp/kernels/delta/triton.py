@@ -81,6 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lasp.kernels import compiled
 from lasp.kernels.common import launch
 from lasp.kernels.common.documents import TorchPhases
 from lasp.kernels.common.launch import chunk_for_head_dims, launch_kw, tile
@@ -864,58 +865,75 @@ def _slot_launch(kernel, layout: ChunkLayout, row: str, K: int, V: int, H: int, 
     return run
 
 
-class _FusedDeltaRule(torch.autograd.Function):
+def fused_forward(q, k, v, beta, g, h0, layout: ChunkLayout, scale, operands):
+    """The forward launches: (o or None, final states fp32, what `fused_backward` needs)."""
+    H, K, V = k.shape[2], k.shape[3], v.shape[-1]
+    a_inv, w, u, k_end, g_end = _wy(k, v, beta, g, layout, operands)
+    states, delta, final = _walk(w, u, k_end, g_end, h0, layout)
+    o = None
+    if q is not None:
+        o = launch.new_tensor(v.shape[:3] + (V,), q.dtype, q.device)
+        bounds, T, per_row = layout.slot_args(k)
+        _slot_launch(_output_kernel, layout, "delta.output", K, V, H, _decay_of(g), True)(
+            q, k, k if g is None else g, bounds, states, delta, o, scale, T, per_row)
+    return o, final, (a_inv, w, k_end, g_end, states, delta)
+
+
+def fused_backward(q, k, v, beta, g, saved, do, d_final, layout: ChunkLayout, scale):
+    """The backward launches: (dq or None, dk, dv, dβ, d decay or None, d initial states)."""
+    a_inv, w, k_end, g_end, states, delta = saved
+    H, K, V = k.shape[2], k.shape[3], v.shape[-1]
+    bounds, T, per_row = layout.slot_args(k)
+    has_q = q is not None and do is not None
+    d_final = None if d_final is None else d_final.float().contiguous()
+    d_delta_out = None
+    if has_q:
+        do = do.contiguous()
+        d_delta_out = launch.new_tensor((layout.n_slots, H, layout.chunk, V), torch.float32, k.device)
+        _slot_launch(_output_grad_kernel, layout, "delta.output_grad", K, V, H, _decay_of(g), True)(
+            q, k, k if g is None else g, do, bounds, d_delta_out, scale, T, per_row)
+    d_delta, d_next, dh0 = _walk_back(w, k_end, g_end, d_final, V, layout, d_delta_out=d_delta_out,
+                                      q=q if has_q else None, do=do if has_q else None, g=g, scale=scale)
+    dq = launch.new_tensor(k.shape, k.dtype, k.device) if has_q else None
+    dk = launch.new_tensor(k.shape, k.dtype, k.device)
+    dv = launch.new_tensor(v.shape, v.dtype, v.device)
+    dbeta = launch.new_tensor(beta.shape, torch.float32, k.device)
+    dg = None if g is None else launch.new_tensor(g.shape, torch.float32, k.device)
+    _slot_launch(_chunk_grad_kernel, layout, "delta.chunk_grad", K, V, H, _decay_of(g), False)(
+        k if q is None else q, k, v, beta, k if g is None else g, k if do is None else do, bounds, a_inv, states,
+        delta, d_next, d_delta, k if dq is None else dq, dk, dv, dbeta, k if dg is None else dg, scale, T,
+        per_row, HAS_Q=has_q)
+    if q is not None and dq is None:
+        dq = torch.zeros_like(q)
+    return dq, dk, dv, dbeta, dg, dh0
+
+
+class FusedDeltaRule(torch.autograd.Function):
     """The delta rule on the fused kernels (module docstring). Inputs q (or None: final
     states only), k, v (one dtype, contiguous), β fp32 [B,T,H], the decay (None, g
-    [B,T,H] or gk [B,T,H,K]) fp32, h0 (or None) fp32, the walk operands' dtype; returns
-    (o or None, final states fp32), differentiable in all. The backward's walk operands
-    take the forward's (w's) dtype."""
+    [B,T,H] or gk [B,T,H,K]) fp32, h0 (or None) fp32, cu_seqlens (or None), the chunk
+    size, the scale, the walk operands' dtype; returns (o or None, final states fp32),
+    differentiable in all. The backward's walk operands take the forward's (w's) dtype.
+    Forward and backward run as the custom ops `lasp::delta_forward` / `lasp::delta_backward`
+    (`fused_forward`, `fused_backward`; `lasp.kernels.compiled`), which torch.compile records
+    as one call each."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, h0, layout, scale, operands):
-        H, K, V = k.shape[2], k.shape[3], v.shape[-1]
-        a_inv, w, u, k_end, g_end = _wy(k, v, beta, g, layout, operands)
-        states, delta, final = _walk(w, u, k_end, g_end, h0, layout)
-        o = None
-        if q is not None:
-            o = launch.new_tensor(v.shape[:3] + (V,), q.dtype, q.device)
-            bounds, T, per_row = layout.slot_args(k)
-            _slot_launch(_output_kernel, layout, "delta.output", K, V, H, _decay_of(g), True)(
-                q, k, k if g is None else g, bounds, states, delta, o, scale, T, per_row)
-        ctx.save_for_backward(q, k, v, beta, g, a_inv, w, k_end, g_end, states, delta)
-        ctx.layout, ctx.scale, ctx.has_h0 = layout, scale, h0 is not None
+    def forward(ctx, q, k, v, beta, g, h0, cu_seqlens, chunk, scale, operands):
+        o, final, *saved = compiled.delta_forward(q, k, v, beta, g, h0, cu_seqlens, chunk, scale, operands)
+        ctx.save_for_backward(q, k, v, beta, g, cu_seqlens, *saved)
+        ctx.chunk, ctx.scale, ctx.has_q, ctx.has_h0 = chunk, scale, q is not None, h0 is not None
         ctx.set_materialize_grads(False)
-        return o, final
+        return o if ctx.has_q else None, final
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, d_final):
-        q, k, v, beta, g, a_inv, w, k_end, g_end, states, delta = ctx.saved_tensors
-        layout, scale = ctx.layout, ctx.scale
-        H, K, V = k.shape[2], k.shape[3], v.shape[-1]
-        bounds, T, per_row = layout.slot_args(k)
-        has_q = q is not None and do is not None
-        d_final = None if d_final is None else d_final.float().contiguous()
-        d_delta_out = None
-        if has_q:
-            do = do.contiguous()
-            d_delta_out = launch.new_tensor((layout.n_slots, H, layout.chunk, V), torch.float32, k.device)
-            _slot_launch(_output_grad_kernel, layout, "delta.output_grad", K, V, H, _decay_of(g), True)(
-                q, k, k if g is None else g, do, bounds, d_delta_out, scale, T, per_row)
-        d_delta, d_next, dh0 = _walk_back(w, k_end, g_end, d_final, V, layout, d_delta_out=d_delta_out,
-                                          q=q if has_q else None, do=do if has_q else None, g=g, scale=scale)
-        dq = launch.new_tensor(k.shape, k.dtype, k.device) if has_q else None
-        dk = launch.new_tensor(k.shape, k.dtype, k.device)
-        dv = launch.new_tensor(v.shape, v.dtype, v.device)
-        dbeta = launch.new_tensor(beta.shape, torch.float32, k.device)
-        dg = None if g is None else launch.new_tensor(g.shape, torch.float32, k.device)
-        _slot_launch(_chunk_grad_kernel, layout, "delta.chunk_grad", K, V, H, _decay_of(g), False)(
-            k if q is None else q, k, v, beta, k if g is None else g, k if do is None else do, bounds, a_inv, states,
-            delta, d_next, d_delta, k if dq is None else dq, dk, dv, dbeta, k if dg is None else dg, scale, T,
-            per_row, HAS_Q=has_q)
-        if q is not None and dq is None:
-            dq = torch.zeros_like(q)
-        return dq, dk, dv, dbeta, dg, dh0 if ctx.has_h0 else None, None, None, None
+        q, k, v, beta, g, cu_seqlens, *saved = ctx.saved_tensors
+        dq, dk, dv, dbeta, dg, dh0 = compiled.delta_backward(q, k, v, beta, g, cu_seqlens, *saved, do, d_final,
+                                                             ctx.chunk, ctx.scale)
+        return (dq if ctx.has_q else None, dk, dv, dbeta, None if g is None else dg, dh0 if ctx.has_h0 else None,
+                None, None, None, None)
 
 
 def _check_chunk(chunk_size: int) -> None:
@@ -955,12 +973,10 @@ def triton_linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, 
         chunk_size = chunk_for_head_dims("delta", k.shape[-1], v.shape[-1])
     _check_chunk(chunk_size)
     operands = walk_operand_dtype(k.dtype, walk_operands)
-    B, T = k.shape[:2]
-    layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    o, final = _FusedDeltaRule.apply(
+    o, final = FusedDeltaRule.apply(
         None if q is None else q.contiguous(), k.contiguous(), v.contiguous(), beta.float().contiguous(),
-        None if decay is None else decay.float().contiguous(), h0, layout, float(scale), operands)
+        None if decay is None else decay.float().contiguous(), h0, cu_seqlens, chunk_size, float(scale), operands)
     return o, final if output_final_state else None
 
 
@@ -972,11 +988,11 @@ def run_transitions(k, decay, beta, *, cu_seqlens=None, chunk_size=None):
         chunk_size = chunk_for_head_dims("delta", k.shape[-1], k.shape[-1])
     _check_chunk(chunk_size)
     B, T, H, K = k.shape
-    layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
-    eye = torch.eye(K, dtype=torch.float32, device=k.device).expand(layout.n_docs, H, K, K).contiguous()
-    return _FusedDeltaRule.apply(None, k.contiguous(), torch.zeros_like(k), beta.float().contiguous(),
-                                 None if decay is None else decay.float().contiguous(), eye, layout, 1.0,
-                                 walk_operand_dtype(k.dtype))[1]
+    n_docs = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    eye = torch.eye(K, dtype=torch.float32, device=k.device).expand(n_docs, H, K, K).contiguous()
+    return FusedDeltaRule.apply(None, k.contiguous(), torch.zeros_like(k), beta.float().contiguous(),
+                                None if decay is None else decay.float().contiguous(), eye, cu_seqlens, chunk_size,
+                                1.0, walk_operand_dtype(k.dtype))[1]
 
 
 def linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, output_final_state=False,

@@ -483,7 +483,7 @@ def _backward_kvg(q, k, v, gk, w, rows, do, d_final, d_states, g_span, dgk_parts
 
 
 LAUNCHES = span_phases.SpanLaunches(_forward_states, _forward_output, _backward_dq, _backward_kvg,
-                                    default_chunk=partial(chunk_for_head_dims, "diagonal"))
+                                    default_chunk=partial(chunk_for_head_dims, "diagonal"), family="diagonal")
 
 
 def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, **knobs):

@@ -488,7 +488,7 @@ def _backward_kvg(q, k, v, g, w, rows, do, d_final, d_states, g_span, dg_parts, 
 
 
 LAUNCHES = span_phases.SpanLaunches(_forward_states, _forward_output, _backward_dq, _backward_kvg,
-                                    default_chunk=partial(chunk_for_head_dims, "scalar"))
+                                    default_chunk=partial(chunk_for_head_dims, "scalar"), family="scalar")
 
 
 def triton_phases(q, k, v, g, scale, initial_state, cu_seqlens, **knobs):
