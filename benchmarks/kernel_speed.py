@@ -288,7 +288,7 @@ def main():
     parser.add_argument("--only", default=None,
                         help="comma-separated method names to run (default: all)")
     parser.add_argument("--launch", default="",
-                        help="LAUNCH overrides, ROW=warps,stages,block[;...], e.g. delta.chunk_grad=8,1,16")
+                        help="LAUNCH overrides, ROW=warps,stages,block[;...], e.g. delta.key_grad=8,1,16")
     parser.add_argument("--chunk", default="",
                         help="FAMILY_CHUNK overrides, FAMILY=tokens[,...], e.g. diagonal=64,delta=32")
     parser.add_argument("--profile", action="store_true",

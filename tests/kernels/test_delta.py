@@ -159,14 +159,15 @@ def test_triton_matches_chunk_form(monkeypatch, decay):
     dims that are not powers of two (masked tiles); packed documents (length 1, empty,
     several chunks, partial last chunks, trailing unused chunk slots), h0, strong decay
     (for gk e^-30 per token on a third of the key dims: e^{−Γ} would overflow), K ≠ V,
-    two V-tiles in every kernel (16-wide tiles)."""
+    two V-tiles in every kernel and three K-tiles, the last one partial, in the chunk
+    backward's (16-wide tiles)."""
     _check_triton(decay, 2, 45, 1, 32, 16, with_h0=False, chunk_size=32)
     _check_triton(decay, 1, 20, 1, 48, 24)
     for row in ("delta.state", "delta.state_grad", "delta.wy", "delta.output", "delta.output_grad",
-                "delta.chunk_grad"):
+                "delta.key_grad", "delta.wy_grad", "delta.key_grad_per_key", "delta.wy_grad_per_key"):
         monkeypatch.setitem(launch.LAUNCH, row, launch.Launch(4, 2, 16))
     lengths = [1, 40, 0, 23]
-    _check_triton(decay, 1, sum(lengths), 2, 16, 32, lengths=lengths, strong=True)
+    _check_triton(decay, 1, sum(lengths), 2, 40, 32, lengths=lengths, strong=True)
 
 
 @cpu_only
@@ -219,7 +220,7 @@ def test_triton_bf16_walk_operands(monkeypatch, decay, walk_operands):
     computes bf16 as a GPU does (`bf16_interpreter`). An unknown mode: ValueError."""
     for row in ("delta.state_bf16", "delta.state_grad_bf16", "delta.state_grad_per_key_bf16", "delta.state",
                 "delta.state_grad", "delta.state_grad_per_key", "delta.output", "delta.output_grad",
-                "delta.chunk_grad"):
+                "delta.key_grad", "delta.wy_grad", "delta.key_grad_per_key", "delta.wy_grad_per_key"):
         monkeypatch.setitem(launch.LAUNCH, row, launch.Launch(4, 2, 16))
     allocations = []
     new_tensor = launch.new_tensor
@@ -253,6 +254,8 @@ def test_triton_bf16_walk_operands(monkeypatch, decay, walk_operands):
     wide = sorted(shape for shape, dtype in allocations if shape[0] == n_slots and dtype == torch.float32)
     operands = [(n_slots, H, C, K)] * 2 + [(n_slots, H, C, V)] * 2 + [(n_slots, H, K, V)] * 2
     fp32_only = [(n_slots, H, C, C), (n_slots, H, C, V), (n_slots, H, C, V)]    # R, u, the outputs' dδ
+    # the chunk backward's scratch: dw, the partial dk, for g the partial dg of each K-tile (one)
+    fp32_only += [(n_slots, H, C, K)] * 2 + ([(n_slots, H, 1, C)] if decay == "g" else [])
     if walk_operands == "bfloat16":
         assert (narrow, wide) == (sorted(operands), sorted(fp32_only + [(n_slots, H, K if decay == "gk" else 1)]))
         # bf16 results' rounding plus the products' rounded operands (measured at most 2.9e-3)

@@ -86,11 +86,20 @@ LAUNCH = {
     "delta.state_grad_bf16": Launch(num_warps=4, num_stages=2, block=32),
     "delta.state_grad_per_key_bf16": Launch(num_warps=4, num_stages=2, block=32),
     # The per-chunk kernels of the delta rule (one program per chunk and head; block = the
-    # V-tile): the UT transform, the outputs, the outputs' dδ, the chunk backward (first guesses).
+    # V-tile): the UT transform, the outputs, the outputs' dδ (first guesses). The chunk
+    # backward in two: `key_grad` per (chunk, head, K-tile), block = its K-tile and V-tile;
+    # `wy_grad` per (chunk, head), block = the K- and V-tiles of its loops. The per-key
+    # decay's exact diagonal blocks hold more registers: narrower tiles (its `_per_key`
+    # rows). Chosen offline for no spills (sm_90, Triton 3.6, K = V = 128, bf16 and fp32,
+    # benchmarks/kernel_resources.py; 64-wide per-key tiles spill 0.6 KB a thread, 32-wide
+    # ones in wy_grad 0.2 KB), not yet timed on a GPU.
     "delta.wy": Launch(num_warps=4, num_stages=1, block=64),
     "delta.output": Launch(num_warps=4, num_stages=2, block=64),
     "delta.output_grad": Launch(num_warps=4, num_stages=2, block=64),
-    "delta.chunk_grad": Launch(num_warps=8, num_stages=1, block=32),
+    "delta.key_grad": Launch(num_warps=8, num_stages=2, block=64),
+    "delta.wy_grad": Launch(num_warps=8, num_stages=2, block=64),
+    "delta.key_grad_per_key": Launch(num_warps=8, num_stages=2, block=32),
+    "delta.wy_grad_per_key": Launch(num_warps=8, num_stages=2, block=16),
     "scan": Launch(num_warps=4, num_stages=3, block=1024),
 }
 

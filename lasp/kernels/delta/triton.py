@@ -36,10 +36,17 @@ backward
   2. `_state_pass_grad_kernel`, per (document, head, V-tile), walking back: the total
      dδ = dδ(outputs) + k_end dS_next, and dS = e^γ dS_next + scale (Q ⊙ e^Γ)ᵀ do − wᵀ dδ
      (the outputs' share computed in the walk), d initial state.
-  3. `_chunk_grad_kernel`: dq, dk, dv, dβ and dg of the chunk from S, dS_next, δ, dδ
-     and R (V in tiles, all of K): the outputs' terms, the walk's (k_end, γ), then u and
-     w through R = (I + N)⁻¹ (dN = −Rᵀ dR Rᵀ); dg / dgk is the chunk's reverse
-     cumulative sum of dΓ plus dγ (chunk-local: per key for gk).
+  3. `_key_grad_kernel`, per (chunk, head, K-tile), V in tiles: from S, dS_next, δ and
+     dδ the terms that need all of V for the tile's keys: the outputs' (dq, final) and
+     the walk's (k_end, γ) into a partial dk, and dw = −dδ Sᵀ (fp32 scratch [n_slots, H,
+     C, K] each); the decay's share of dg (into dg per key; for g one row per K-tile).
+  4. `_wy_grad_kernel`, K and V in tiles: the UT transform's terms, which need all of K:
+     u = R βV (dv; dR ← dδ (βV)ᵀ), w = R B (dR ← dw Bᵀ over the K-tiles first), then
+     R = (I + N)⁻¹ (dN = −Rᵀ dR Rᵀ) per K-tile: dk, dβ, the rest of dg. dg / dgk is the
+     chunk's reverse cumulative sum of dΓ plus dγ (chunk-local: per key for gk).
+     Splitting the chunk backward so (one program per chunk holding ~8 [C, K] fp32 tiles
+     spilled 1.7-4 KB a thread at K = 128 on sm_90) leaves no launch spilling there
+     (benchmarks/kernel_resources.py).
 
 Intermediates live in chunk slots ([n_slots, H, C, ·]; `ChunkLayout`); inputs and
 gradients stay token-major [B, T, H, ·]. Packed documents: a slot table on the device (no
@@ -53,11 +60,13 @@ fp32 inputs always). One code path: the kernels take the loaded tiles' dtype, th
 state and every accumulator stay fp32 in registers, and the state is rounded only as a
 product's operand. R = (I + N)⁻¹ stays fp32 (every w, u and gradient goes through it,
 dN = −Rᵀ dR Rᵀ through it twice, and at [C, C] a chunk it is no big read), as do u and
-the outputs' dδ (addends, never operands) and the final states; a product with an fp32
-factor computed in registers (R, βV, Q ⊙ e^Γ, the scores A) takes its narrow tile widened
-(TF32), except the backward walk's (Q ⊙ e^Γ)ᵀ do, a walk product as in fla. The inverse's
-block products are 3×TF32 (`INVERSE_PRECISION`). Launch parameters: the `delta.*` rows of
-`lasp.kernels.common.launch.LAUNCH` (the walks' `_bf16` rows for bf16 operands).
+the outputs' dδ (addends, never operands), the final states and the chunk backward's
+scratch (dw, the partial dk, g's partial dg: gradients, as accurate as registers would
+keep them); a product with an fp32 factor computed in registers (R, βV, Q ⊙ e^Γ, the
+scores A) takes its narrow tile widened (TF32), except the backward walk's (Q ⊙ e^Γ)ᵀ do,
+a walk product as in fla. The inverse's block products are 3×TF32 (`INVERSE_PRECISION`).
+Launch parameters: the `delta.*` rows of `lasp.kernels.common.launch.LAUNCH` (the walks'
+`_bf16` rows for bf16 operands, the chunk backward's `_per_key` rows for gk).
 
 Speed (H100, H=16, D=128, bf16, 1×32K, fwd+bwd; benchmarks/results/
 kernels_delta_*_h100_2026-12-06-s3): DeltaNet 14.1 ms (fwd 4.3), Gated DeltaNet 17.9 (4.6),
@@ -65,9 +74,10 @@ KDA 50.3 (13.1), against 25 / 31 / 186 ms before these fused kernels and fla's
 `chunk_delta_rule` 4.3 ms / `chunk_kda` 13.0 ms (earlier runs, same GPU kind). Per kernel
 (DeltaNet): chunk backward 5.6 ms, backward walk 3.9, forward walk 2.2, UT transform 1.4,
 outputs 0.6, outputs' dδ 0.3; KDA's chunk backward alone takes 28.6 ms (the exact
-per-key diagonal blocks). These were fp32 walk operands: with them bf16 runs stay within
-2.5e-3 of the fp32 chunk form on an H100 (tests/kernels/test_delta_gpu.py). bf16 walk
-operands (same H100, same run, benchmarks/results/kernels_delta_walks_h100_2026-12-06-s4):
+per-key diagonal blocks); these predate the split chunk backward (launches 3-4). These
+were fp32 walk operands: with them bf16 runs stay within 2.5e-3 of the fp32 chunk form
+on an H100 (tests/kernels/test_delta_gpu.py). bf16 walk operands (same H100, same run,
+benchmarks/results/kernels_delta_walks_h100_2026-12-06-s4):
 DeltaNet 9.65 ms against 13.9, Gated DeltaNet 12.7 against 18.0, KDA 44.0 against 48.8,
 with errors up to 4.3e-3 (DeltaNet dk; Gated DeltaNet and KDA ≤ 2.7e-3), hence not the
 default.
@@ -268,21 +278,17 @@ def _halving(gam, rows, LEVEL: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _block_pairs(a, w, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
-                 C: tl.constexpr, STRICT: tl.constexpr, APPLY: tl.constexpr):
-    """The 16×16 diagonal blocks of a chunk starting at token `start` (`rows` its C local
-    rows), exactly, for a per-key decay gk (`g`, token-major): the [C, C] scores
-    Σ_k a_tk b_sk e^{Γ_tk − Γ_sk}, or (APPLY) the [C, BK] Σ_s w_ts b_s ⊙ e^{Γ_t − Γ_s}, over
-    s ≤ t (s < t when STRICT) in t's block; zero elsewhere. b's rows are read from the
-    token-major `b_ptr`; each exponent is the sum Σ_{s<u≤t} gk_u (never positive, no
-    cancellation), so any decay is exact."""
+def _block_pairs(a, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
+                 C: tl.constexpr, STRICT: tl.constexpr):
+    """The 16×16 diagonal blocks of the [C, C] scores Σ_k a_tk b_sk e^{Γ_tk − Γ_sk} of a
+    chunk starting at token `start` (`rows` its C local rows), exactly, for a per-key decay
+    gk (`g`, token-major), over s ≤ t (s < t when STRICT) in t's block; zero elsewhere.
+    b's rows are read from the token-major `b_ptr`; each exponent is the sum
+    Σ_{s<u≤t} gk_u (never positive, no cancellation), so any decay is exact."""
     pos = rows % 16
     first = rows - pos
     expo = tl.zeros_like(a)                 # Σ_{first+j < u ≤ t} gk_u for column j of t's block
-    if APPLY:
-        out = tl.zeros_like(a)
-    else:
-        out = tl.zeros([C, C], dtype=tl.float32)
+    out = tl.zeros([C, C], dtype=tl.float32)
     for jj in range(16):
         j = 15 - jj
         nxt = start + first + j + 1
@@ -296,21 +302,57 @@ def _block_pairs(a, w, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K
             keep = pos >= j
         term = b_s * tl.exp(tl.where(keep[:, None], expo, float("-inf")))
         column = rows[None, :] == (first + j)[:, None]
-        if APPLY:
-            out += tl.sum(tl.where(column, w, 0.0), 1)[:, None] * term
-        else:
-            out += tl.where(column, tl.sum(a * term, 1)[:, None], 0.0)
+        out += tl.where(column, tl.sum(a * term, 1)[:, None], 0.0)
     return out
 
 
 @triton.jit
-def _block_pairs_t(w, a_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
-                   BK: tl.constexpr, C: tl.constexpr, STRICT: tl.constexpr):
-    """[C, BK] Σ_t w_ts a_t ⊙ e^{Γ_t − Γ_s} over t ≥ s (t > s when STRICT) in s's 16-token
-    block, exactly (as `_block_pairs`; a's rows read from the token-major `a_ptr`)."""
+def _diagonal_blocks(w, rows, C: tl.constexpr):
+    """[C, 16]: each row's entries in its 16×16 diagonal block of w [C, C], w[t, 16⌊t/16⌋ + j]
+    at [t, j] (gathered once for the K-tiles of `_block_apply` / `_block_apply_t`)."""
+    NB: tl.constexpr = C // 16
+    own = (rows // 16)[:, None, None] == tl.arange(0, NB)[None, :, None]
+    return tl.sum(tl.where(own, tl.reshape(w, [C, NB, 16]), 0.0), 1)
+
+
+@triton.jit
+def _block_column(blocks, j):
+    """Column j of a [C, 16] `_diagonal_blocks`, as [C]."""
+    return tl.sum(tl.where(tl.arange(0, 16)[None, :] == j, blocks, 0.0), 1)
+
+
+@triton.jit
+def _block_apply(blocks, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
+                 BK: tl.constexpr, C: tl.constexpr, STRICT: tl.constexpr):
+    """[C, BK] Σ_s w_ts b_s ⊙ e^{Γ_t − Γ_s} over s ≤ t (s < t when STRICT) in t's 16-token
+    block, exactly (as `_block_pairs`), from w's `_diagonal_blocks`."""
     pos = rows % 16
     first = rows - pos
-    w_t = tl.trans(w)
+    expo = tl.zeros([C, BK], dtype=tl.float32)  # Σ_{first+j < u ≤ t} gk_u for column j of t's block
+    out = tl.zeros([C, BK], dtype=tl.float32)
+    for jj in range(16):
+        j = 15 - jj
+        nxt = start + first + j + 1
+        later = pos > j
+        expo += load_tile(g, nxt, later & (nxt < end), h, offs_k, K, H)
+        src = start + first + j
+        b_s = load_tile(b_ptr, src, src < end, h, offs_k, K, H).to(tl.float32)
+        if STRICT:
+            keep = later
+        else:
+            keep = pos >= j
+        out += _block_column(blocks, j)[:, None] * b_s * tl.exp(tl.where(keep[:, None], expo, float("-inf")))
+    return out
+
+
+@triton.jit
+def _block_apply_t(blocks_t, a_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
+                   BK: tl.constexpr, C: tl.constexpr, STRICT: tl.constexpr):
+    """[C, BK] Σ_t w_ts a_t ⊙ e^{Γ_t − Γ_s} over t ≥ s (t > s when STRICT) in s's 16-token
+    block, exactly (as `_block_pairs`; a's rows read from the token-major `a_ptr`), from
+    wᵀ's `_diagonal_blocks`."""
+    pos = rows % 16
+    first = rows - pos
     expo = tl.zeros([C, BK], dtype=tl.float32)  # Σ_{s < u ≤ t} gk_u, t = first + j
     out = tl.zeros([C, BK], dtype=tl.float32)
     for j in range(16):
@@ -322,8 +364,7 @@ def _block_pairs_t(w, a_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K:
             keep = later
         else:
             keep = j >= pos
-        weight = tl.sum(tl.where(rows[None, :] == (first + j)[:, None], w_t, 0.0), 1)
-        out += weight[:, None] * a_t * tl.exp(tl.where(keep[:, None], expo, float("-inf")))
+        out += _block_column(blocks_t, j)[:, None] * a_t * tl.exp(tl.where(keep[:, None], expo, float("-inf")))
     return out
 
 
@@ -333,7 +374,7 @@ def _key_scores(a, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexp
     """[C, C] M_ts = Σ_k a_tk b_sk e^{Γ_tk − Γ_sk} for a per-key Γ [C, BK], s ≤ t (s < t when
     STRICT), else 0: the halving levels, plus the diagonal blocks when BLOCKS."""
     if BLOCKS:
-        out = _block_pairs(a, a, b_ptr, g, start, end, h, rows, offs_k, H, K, C, STRICT, False)
+        out = _block_pairs(a, b_ptr, g, start, end, h, rows, offs_k, H, K, C, STRICT)
     else:
         out = tl.zeros([C, C], dtype=tl.float32)
     for level in tl.static_range(LEVELS):
@@ -343,11 +384,12 @@ def _key_scores(a, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexp
 
 
 @triton.jit
-def _key_apply(w, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
-               C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr):
-    """[C, BK] Σ_s w_ts b_s ⊙ e^{Γ_t − Γ_s} (w [C, C] masked to s ≤ t, or s < t when STRICT):
-    the gradient of the left factor of `_key_scores` for dM = w."""
-    out = _block_pairs(b, w, b_ptr, g, start, end, h, rows, offs_k, H, K, C, STRICT, True)
+def _key_apply(w, blocks, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
+               BK: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr):
+    """[C, BK] Σ_s w_ts b_s ⊙ e^{Γ_t − Γ_s} (w [C, C] masked to s ≤ t, or s < t when STRICT;
+    `blocks` its `_diagonal_blocks`): the gradient of the left factor of `_key_scores` for
+    dM = w."""
+    out = _block_apply(blocks, b_ptr, g, start, end, h, rows, offs_k, H, K, BK, C, STRICT)
     for level in tl.static_range(LEVELS):
         to_ref, from_ref, same = _halving(gam, rows, level, C)
         out += to_ref * tl.dot(tl.where(same, w, 0.0), b * from_ref)
@@ -355,11 +397,11 @@ def _key_apply(w, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr
 
 
 @triton.jit
-def _key_apply_t(w, a, gam, a_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
+def _key_apply_t(w, blocks_t, a, gam, a_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
                  BK: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr):
-    """[C, BK] Σ_t w_ts a_t ⊙ e^{Γ_t − Γ_s} (w masked as in `_key_apply`): the gradient of
-    the right factor of `_key_scores` for dM = w."""
-    out = _block_pairs_t(w, a_ptr, g, start, end, h, rows, offs_k, H, K, BK, C, STRICT)
+    """[C, BK] Σ_t w_ts a_t ⊙ e^{Γ_t − Γ_s} (w masked as in `_key_apply`; `blocks_t` the
+    `_diagonal_blocks` of wᵀ): the gradient of the right factor of `_key_scores` for dM = w."""
+    out = _block_apply_t(blocks_t, a_ptr, g, start, end, h, rows, offs_k, H, K, BK, C, STRICT)
     for level in tl.static_range(LEVELS):
         to_ref, from_ref, same = _halving(gam, rows, level, C)
         out += from_ref * tl.dot(tl.trans(tl.where(same, w, 0.0)), a * to_ref)
@@ -410,8 +452,7 @@ def _diagonal_block_inverse(k, beta, g, a_inv, base, start, end, h, b,
     b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
     b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
     if DECAY == 2:
-        gram = _block_pairs(b_k.to(tl.float32), b_k, k, g, start + b * 16, end, h, offs_i, offs_k, H, K, 16,
-                            True, False)
+        gram = _block_pairs(b_k.to(tl.float32), k, g, start + b * 16, end, h, offs_i, offs_k, H, K, 16, True)
     else:
         gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, 16, DECAY)
         gram = tl.dot(b_k, tl.trans(b_k)) * _pair_decays(gam, offs_i, True)
@@ -628,39 +669,40 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_states, d_delta_out, d_final, doc
 
 
 @triton.jit
-def _chunk_grad_kernel(q, k, v, beta, g, do, slot_bounds, a_inv, states, delta, d_next, d_delta,
-                       dq, dk, dv, dbeta, dg, scale, T, PER_ROW,
-                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
-                       HAS_Q: tl.constexpr, VARLEN: tl.constexpr):
-    """dq, dk, dv, dβ and dg (with a decay) of one chunk slot and head, all of K, V in tiles.
+def _slot_rows_store(ptr, value, base, offs_c, offs_d, D: tl.constexpr, C: tl.constexpr):
+    """Store a [C, BD] tile into chunk slot `base` of a [n_slots, H, C, D] tensor (every row)."""
+    tl.store(ptr + (base * C + offs_c[:, None]) * D + offs_d[None, :], value, mask=(offs_d < D)[None, :])
+
+
+@triton.jit
+def _key_grad_kernel(q, k, g, do, slot_bounds, states, delta, d_next, d_delta, dq, dk_part, d_w, dg, dg_part,
+                     scale, T, PER_ROW, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
+                     HAS_Q: tl.constexpr, VARLEN: tl.constexpr):
+    """The chunk backward's terms that need all of V, for one chunk slot, head and K-tile
+    (the tile's keys only; V in tiles).
 
     From the walks: S (incoming state), dS' (`d_next`, of the state leaving), δ and the
-    total dδ. Per V-tile: dq ← do Sᵀ, dP ← do δᵀ (HAS_Q), dw ← −dδ Sᵀ, dk_end ← δ dS'ᵀ,
-    and u's share: d(βV) = Rᵀ dδ (dv), dR ← dδ (βV)ᵀ. Then the outputs' dq, dk, the walk's
-    k_end and γ, w = R B (B = β K ⊙ e^Γ: dB = Rᵀ dw, dR ← dw Bᵀ), and R = (I + N)⁻¹:
-    dN = −Rᵀ dR Rᵀ under the diagonal. dΓ gathers every e^Γ factor's share; dg is its
-    reverse cumulative sum over the chunk plus dγ (γ holds every g of the chunk). A
-    per-key decay (DECAY 2) keeps dΓ, dγ and Σ S ⊙ dS' per key, and takes the products
-    through the decayed scores by `_key_apply` / `_key_apply_t` (every exponent ≤ 0).
+    total dδ. Over V: do Sᵀ, dP = do δᵀ (HAS_Q), dw = −dδ Sᵀ, dk_end = δ dS'ᵀ and Σ S ⊙ dS'.
+    Then o = scale [(Q ⊙ e^Γ) S + A δ] gives dq (final) and dk's share; the walk's
+    S' = e^γ S + k_endᵀ δ gives dk's share and dγ. Out: dq, dw (`d_w`, fp32 [n_slots, H,
+    C, K]) and the partial dk (`dk_part`, likewise) for `_wy_grad_kernel`; the decay's
+    share (reverse cumulative sum of dΓ plus dγ) into `dg` for a per-key decay (its own
+    keys), else, with a decay, one [C] row per K-tile into `dg_part` ([n_slots, H, NK, C]).
     """
-    base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, 1, VARLEN)
+    NK: tl.constexpr = triton.cdiv(K, BK)
+    base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, NK, VARLEN)
+    kt = tl.program_id(0) % NK
     offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, BK)
+    offs_k = kt * BK + tl.arange(0, BK)
     rows, cols = offs_c[:, None], offs_c[None, :]
-    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
-    b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
-    gam, g_last = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
-    inv = tl.load(a_inv + (base * C + rows) * C + cols)
 
     d_out_k = tl.zeros([C, BK], dtype=tl.float32)      # do Sᵀ
-    d_w = tl.zeros([C, BK], dtype=tl.float32)          # dδ Sᵀ = −dw
+    d_w_neg = tl.zeros([C, BK], dtype=tl.float32)      # dδ Sᵀ = −dw
     d_k_end = tl.zeros([C, BK], dtype=tl.float32)      # δ dS'ᵀ
     d_scores = tl.zeros([C, C], dtype=tl.float32)      # do δᵀ
-    d_inv = tl.zeros([C, C], dtype=tl.float32)         # dR
-    d_beta = tl.zeros([C], dtype=tl.float32)
     state_dot = tl.zeros([BK], dtype=tl.float32)       # Σ_v S ⊙ dS', per key
-    for vt in tl.static_range(triton.cdiv(V, BV)):
+    for vt in range(triton.cdiv(V, BV)):
         offs_v = vt * BV + tl.arange(0, BV)
         # A trailing slot of packed input (no tokens): the walks wrote nothing there.
         k_ok, v_ok = _slot_dims(start, end, offs_k, offs_v, K, V)
@@ -668,35 +710,30 @@ def _chunk_grad_kernel(q, k, v, beta, g, do, slot_bounds, a_inv, states, delta, 
         b_s = tl.load(_state_tile(states, base, offs_k, offs_v, K, V)[0], mask=s_mask, other=0.0)
         b_dn = tl.load(_state_tile(d_next, base, offs_k, offs_v, K, V)[0], mask=s_mask, other=0.0)
         c_ptrs = (base * C + rows) * V + offs_v[None, :]
-        c_mask = v_ok[None, :]
-        b_delta = tl.load(delta + c_ptrs, mask=c_mask, other=0.0)
-        b_dd = tl.load(d_delta + c_ptrs, mask=c_mask, other=0.0)
-        b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
+        b_delta = tl.load(delta + c_ptrs, mask=v_ok[None, :], other=0.0)
+        b_dd = tl.load(d_delta + c_ptrs, mask=v_ok[None, :], other=0.0)
         # S, dS', δ and dδ in the walks' operand dtype (do too): their products as stored
         if HAS_Q:
             b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(b_s.dtype)
             d_out_k = tl.dot(b_do, tl.trans(b_s), d_out_k)
             d_scores = tl.dot(b_do, tl.trans(b_delta), d_scores)
-        d_w = tl.dot(b_dd, tl.trans(b_s), d_w)
+        d_w_neg = tl.dot(b_dd, tl.trans(b_s), d_w_neg)
         d_k_end = tl.dot(b_delta, tl.trans(b_dn), d_k_end)
         state_dot += tl.sum(b_s.to(tl.float32) * b_dn.to(tl.float32), 1)
-        # R and βV stay fp32: dδ meets them widened
-        b_dd = b_dd.to(tl.float32)
-        b_dbv = tl.dot(tl.trans(inv), b_dd)                # d(βV)
-        store_tile(dv, b_dbv * b_beta[:, None], offs_t, mask_t, h, offs_v, V, H)
-        d_beta += tl.sum(b_dbv * b_v, 1)
-        d_inv = tl.dot(b_dd, tl.trans(b_v * b_beta[:, None]), d_inv)
-    d_w = -d_w
+    _slot_rows_store(d_w, -d_w_neg, base, offs_c, offs_k, K, C)
 
-    e_gam = tl.exp(gam)
+    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+    gam, g_last = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
     # o = scale [(Q ⊙ e^Γ) S + A δ]
     if HAS_Q:
         b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
-        d_out_k = _decayed(d_out_k * scale, e_gam, DECAY)
+        d_out_k = _decayed(d_out_k * scale, tl.exp(gam), DECAY)
         if DECAY == 2:
             d_qk = tl.where(rows >= cols, d_scores, 0.0) * scale
-            b_dq = _key_apply(d_qk, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, False) + d_out_k
-            b_dk = _key_apply_t(d_qk, b_q, gam, q, g, start, end, h, offs_c, offs_k, H, K, BK, C, LEVELS, False)
+            b_dq = d_out_k + _key_apply(d_qk, _diagonal_blocks(d_qk, offs_c, C), b_k, gam, k, g, start, end, h,
+                                        offs_c, offs_k, H, K, BK, C, LEVELS, False)
+            b_dk = _key_apply_t(d_qk, _diagonal_blocks(tl.trans(d_qk), offs_c, C), b_q, gam, q, g, start, end, h,
+                                offs_c, offs_k, H, K, BK, C, LEVELS, False)
             d_gam = b_q * b_dq - b_k * b_dk
         else:
             d_qk = d_scores * _pair_decays(gam, offs_c, False) * scale
@@ -709,49 +746,119 @@ def _chunk_grad_kernel(q, k, v, beta, g, do, slot_bounds, a_inv, states, delta, 
         d_gam = tl.zeros_like(gam)
     # S' = e^γ S + (K ⊙ e^{γ−Γ})ᵀ δ
     d_k_end = _decayed(d_k_end, tl.exp(g_last - gam), DECAY)
-    b_dk += d_k_end
+    _slot_rows_store(dk_part, b_dk + d_k_end, base, offs_c, offs_k, K, C)
     k_end_dot = b_k * d_k_end
     if DECAY == 2:
-        d_gam -= k_end_dot
         d_last = tl.sum(k_end_dot, 0) + tl.exp(g_last) * state_dot
-    else:
-        d_gam -= tl.sum(k_end_dot, 1)
-        d_last = tl.sum(tl.sum(k_end_dot, 1), 0) + tl.exp(g_last) * tl.sum(state_dot, 0)
-    # w = R B, B = diag(β) (K ⊙ e^Γ)
-    b_kg = _decayed(b_k, e_gam, DECAY)
-    d_b = tl.dot(tl.trans(inv), d_w)
-    d_inv = tl.dot(d_w, tl.trans(b_kg * b_beta[:, None]), d_inv)
-    b_dk += _decayed(d_b * b_beta[:, None], e_gam, DECAY)
-    kg_dot = b_kg * d_b
-    d_beta += tl.sum(kg_dot, 1)
-    if DECAY == 2:
-        d_gam += kg_dot * b_beta[:, None]
-    else:
-        d_gam += tl.sum(kg_dot, 1) * b_beta
+        store_tile(dg, tl.cumsum(d_gam - k_end_dot, 0, reverse=True) + d_last[None, :], offs_t, mask_t, h, offs_k,
+                   K, H)
+    elif DECAY == 1:
+        k_end_dot = tl.sum(k_end_dot, 1)
+        d_last = tl.sum(k_end_dot, 0) + tl.exp(g_last) * tl.sum(state_dot, 0)
+        tl.store(dg_part + (base * NK + kt) * C + offs_c, tl.cumsum(d_gam - k_end_dot, 0, reverse=True) + d_last)
+
+
+@triton.jit
+def _wy_grad_kernel(k, v, beta, g, slot_bounds, a_inv, d_delta, dk_part, d_w, dg_part, dk, dv, dbeta, dg,
+                    T, PER_ROW, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
+                    VARLEN: tl.constexpr):
+    """The rest of the chunk backward, one chunk slot and head, K and V in tiles: the UT
+    transform's u = R (βV) and w = R B (B = β K ⊙ e^Γ) and R = (I + N)⁻¹.
+
+    Over V: d(βV) = Rᵀ dδ (dv, dβ), dR ← dδ (βV)ᵀ. Over K (dw from `_key_grad_kernel`):
+    dR ← dw Bᵀ; then dN = −Rᵀ dR Rᵀ under the diagonal; over K again: dB = Rᵀ dw and N's
+    terms, added to the partial dk (`dk_part`) into dk, and their dβ and dΓ. dg: the
+    reverse cumulative sum of these dΓ added to `_key_grad_kernel`'s share (`dg` itself
+    per key, the K-tiles' rows of `dg_part` for g). A per-key decay (DECAY 2) takes the
+    products through the decayed scores by `_key_apply` / `_key_apply_t` (every exponent
+    ≤ 0), dN's diagonal blocks gathered once for all K-tiles.
+    """
+    NK: tl.constexpr = triton.cdiv(K, BK)
+    base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, 1, VARLEN)
+    offs_c = tl.arange(0, C)
+    rows, cols = offs_c[:, None], offs_c[None, :]
+    b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
+    inv = tl.load(a_inv + (base * C + rows) * C + cols)
+
+    d_inv = tl.zeros([C, C], dtype=tl.float32)         # dR
+    d_beta = tl.zeros([C], dtype=tl.float32)
+    for vt in range(triton.cdiv(V, BV)):
+        offs_v = vt * BV + tl.arange(0, BV)
+        v_ok = offs_v < tl.where(start < end, V, 0)     # an empty slot: the walk wrote no dδ
+        b_dd = tl.load(d_delta + (base * C + rows) * V + offs_v[None, :], mask=v_ok[None, :], other=0.0)
+        b_dd = b_dd.to(tl.float32)                      # R and βV stay fp32: dδ meets them widened
+        b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
+        b_dbv = tl.dot(tl.trans(inv), b_dd)             # d(βV)
+        store_tile(dv, b_dbv * b_beta[:, None], offs_t, mask_t, h, offs_v, V, H)
+        d_beta += tl.sum(b_dbv * b_v, 1)
+        d_inv = tl.dot(b_dd, tl.trans(b_v * b_beta[:, None]), d_inv)
+
+    # w = R B: dR ← dw Bᵀ (without a per-key decay also the Gram matrix K Kᵀ of N)
+    if DECAY != 2:
+        gam_row, _ = _chunk_gates(g, offs_t, mask_t, h, offs_c, H, K, C, DECAY)
+        gram = tl.zeros([C, C], dtype=tl.float32)
+        d_gam_row = tl.zeros([C], dtype=tl.float32)
+    for kt in range(NK):
+        offs_k = kt * BK + tl.arange(0, BK)
+        b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+        if DECAY == 2:
+            gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
+        else:
+            gam = gam_row
+            gram = tl.dot(b_k, tl.trans(b_k), gram)
+        b_kg = _decayed(b_k, tl.exp(gam), DECAY)
+        b_dw = _chunk_rows(d_w, base, offs_c, offs_k, K, C)
+        d_inv = tl.dot(b_dw, tl.trans(b_kg * b_beta[:, None]), d_inv)
+
     # R = (I + N)⁻¹, N = diag(β) (K Kᵀ ⊙ E) strictly lower
     d_n = -tl.dot(tl.dot(tl.trans(inv), d_inv), tl.trans(inv))
     d_n = tl.where(rows > cols, d_n, 0.0)
     if DECAY == 2:
-        d_left = _key_apply(d_n, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, True)
-        d_right = _key_apply_t(d_n * b_beta[:, None], b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, BK, C,
-                               LEVELS, True)
-        d_beta += tl.sum(b_k * d_left, 1)
-        b_dk += d_left * b_beta[:, None] + d_right
-        d_gam += b_k * (d_left * b_beta[:, None] - d_right)
+        d_n_beta = d_n * b_beta[:, None]
+        n_blocks = _diagonal_blocks(d_n, offs_c, C)
+        n_blocks_t = _diagonal_blocks(tl.trans(d_n_beta), offs_c, C)
     else:
-        gram = tl.dot(b_k, tl.trans(b_k)) * _pair_decays(gam, offs_c, True)       # zero on and above the diagonal
+        decays = _pair_decays(gam_row, offs_c, True)           # zero on and above the diagonal
+        gram = gram * decays
         d_beta += tl.sum(d_n * gram, 1)
-        d_gram = d_n * b_beta[:, None] * _pair_decays(gam, offs_c, True)
-        b_dk = tl.dot(d_gram, b_k, b_dk)
-        b_dk = tl.dot(tl.trans(d_gram), b_k, b_dk)
+        d_gram = d_n * b_beta[:, None] * decays
         d_pair = d_n * gram * b_beta[:, None]
-        d_gam += tl.sum(d_pair, 1) - tl.sum(d_pair, 0)
-    store_tile(dk, b_dk, offs_t, mask_t, h, offs_k, K, H)
+        d_gam_row += tl.sum(d_pair, 1) - tl.sum(d_pair, 0)
+
+    for kt in range(NK):
+        offs_k = kt * BK + tl.arange(0, BK)
+        b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+        if DECAY == 2:
+            gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
+        else:
+            gam = gam_row
+        b_kg = _decayed(b_k, tl.exp(gam), DECAY)
+        d_b = tl.dot(tl.trans(inv), _chunk_rows(d_w, base, offs_c, offs_k, K, C))
+        b_dk = _chunk_rows(dk_part, base, offs_c, offs_k, K, C) + _decayed(d_b * b_beta[:, None], tl.exp(gam), DECAY)
+        kg_dot = b_kg * d_b
+        d_beta += tl.sum(kg_dot, 1)
+        if DECAY == 2:
+            d_left = _key_apply(d_n, n_blocks, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, BK, C, LEVELS,
+                                True)
+            d_right = _key_apply_t(d_n_beta, n_blocks_t, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, BK, C,
+                                   LEVELS, True)
+            d_beta += tl.sum(b_k * d_left, 1)
+            b_dk += d_left * b_beta[:, None] + d_right
+            d_gam = (kg_dot + b_k * d_left) * b_beta[:, None] - b_k * d_right
+            b_dg = load_tile(dg, offs_t, mask_t, h, offs_k, K, H) + tl.cumsum(d_gam, 0, reverse=True)
+            store_tile(dg, b_dg, offs_t, mask_t, h, offs_k, K, H)
+        else:
+            d_gam_row += tl.sum(kg_dot, 1) * b_beta
+            b_dk = tl.dot(d_gram, b_k, b_dk)
+            b_dk = tl.dot(tl.trans(d_gram), b_k, b_dk)
+        store_tile(dk, b_dk, offs_t, mask_t, h, offs_k, K, H)
     tl.store(dbeta + offs_t * H + h, d_beta, mask=mask_t)
     if DECAY == 1:
-        tl.store(dg + offs_t * H + h, tl.cumsum(d_gam, 0, reverse=True) + d_last, mask=mask_t)
-    elif DECAY == 2:
-        store_tile(dg, tl.cumsum(d_gam, 0, reverse=True) + d_last[None, :], offs_t, mask_t, h, offs_k, K, H)
+        b_dg = tl.cumsum(d_gam_row, 0, reverse=True)
+        for kt in range(NK):
+            b_dg += tl.load(dg_part + (base * NK + kt) * C + offs_c)
+        tl.store(dg + offs_t * H + h, b_dg, mask=mask_t)
 
 
 # --------------------------------------------------------------------------------------
@@ -824,12 +931,13 @@ def _walk_back(w, k_end, g_end, d_final, V: int, layout: ChunkLayout, *, d_state
     return d_delta, d_next, dh0
 
 
-def _chunk_kw(layout: ChunkLayout, row: str, H: int, K: int, V: int, decay: int) -> dict:
-    """Keywords of a per-chunk launch: sizes, tiles (all of K; V-tiles of `row`), the
-    halving levels of 16-token blocks in a chunk, switches."""
-    return dict(H=H, K=K, V=V, C=layout.chunk, BK=triton.next_power_of_2(K), BV=tile(row, V, K),
+def _chunk_kw(layout: ChunkLayout, row: str, H: int, K: int, V: int, decay: int, tiled_k: bool = False) -> dict:
+    """Keywords of a per-chunk launch: sizes, tiles (V-tiles of `row`; all of K, or K-tiles
+    of `row` when `tiled_k`), the halving levels of 16-token blocks in a chunk, switches."""
+    BK = tile(row, K, 0) if tiled_k else triton.next_power_of_2(K)     # tiled: no head dim whole
+    return dict(H=H, K=K, V=V, C=layout.chunk, BK=BK, BV=tile(row, V, BK),
                 LEVELS=(layout.chunk // BLOCK).bit_length() - 1, DECAY=decay, VARLEN=layout.varlen,
-                **launch_kw(row, K))
+                **launch_kw(row, BK))
 
 
 def _wy(k, v, beta, g, layout: ChunkLayout, operands: torch.dtype):
@@ -853,15 +961,17 @@ def _wy(k, v, beta, g, layout: ChunkLayout, operands: torch.dtype):
     return a_inv, w, u, k_end, g_end
 
 
-def _slot_launch(kernel, layout: ChunkLayout, row: str, K: int, V: int, H: int, decay: int, tiled_v: bool):
+def _slot_launch(kernel, layout: ChunkLayout, row: str, K: int, V: int, H: int, decay: int, split: str | None,
+                 tiled_k: bool = False):
     """Launch `kernel` once per (chunk slot, head), or per (chunk slot, V-tile, head) when
-    `tiled_v`, with the per-chunk keywords of `row`; returns the launcher."""
-    kw = _chunk_kw(layout, row, H, K, V, decay)
-    n_v = triton.cdiv(V, kw["BV"]) if tiled_v else 1
+    `split` is "v", per (chunk slot, K-tile, head) when "k", with the per-chunk keywords
+    of `row` (K in tiles when `tiled_k` or split by K); returns the launcher."""
+    kw = _chunk_kw(layout, row, H, K, V, decay, tiled_k=tiled_k or split == "k")
+    n_tiles = {None: 1, "v": triton.cdiv(V, kw["BV"]), "k": triton.cdiv(K, kw["BK"])}[split]
 
     def run(*args, **switches):
         if layout.n_slots:
-            kernel[(layout.n_slots * n_v, H)](*args, **switches, **kw)
+            kernel[(layout.n_slots * n_tiles, H)](*args, **switches, **kw)
     return run
 
 
@@ -874,7 +984,7 @@ def fused_forward(q, k, v, beta, g, h0, layout: ChunkLayout, scale, operands):
     if q is not None:
         o = launch.new_tensor(v.shape[:3] + (V,), q.dtype, q.device)
         bounds, T, per_row = layout.slot_args(k)
-        _slot_launch(_output_kernel, layout, "delta.output", K, V, H, _decay_of(g), True)(
+        _slot_launch(_output_kernel, layout, "delta.output", K, V, H, _decay_of(g), "v")(
             q, k, k if g is None else g, bounds, states, delta, o, scale, T, per_row)
     return o, final, (a_inv, w, k_end, g_end, states, delta)
 
@@ -890,7 +1000,7 @@ def fused_backward(q, k, v, beta, g, saved, do, d_final, layout: ChunkLayout, sc
     if has_q:
         do = do.contiguous()
         d_delta_out = launch.new_tensor((layout.n_slots, H, layout.chunk, V), torch.float32, k.device)
-        _slot_launch(_output_grad_kernel, layout, "delta.output_grad", K, V, H, _decay_of(g), True)(
+        _slot_launch(_output_grad_kernel, layout, "delta.output_grad", K, V, H, _decay_of(g), "v")(
             q, k, k if g is None else g, do, bounds, d_delta_out, scale, T, per_row)
     d_delta, d_next, dh0 = _walk_back(w, k_end, g_end, d_final, V, layout, d_delta_out=d_delta_out,
                                       q=q if has_q else None, do=do if has_q else None, g=g, scale=scale)
@@ -899,10 +1009,23 @@ def fused_backward(q, k, v, beta, g, saved, do, d_final, layout: ChunkLayout, sc
     dv = launch.new_tensor(v.shape, v.dtype, v.device)
     dbeta = launch.new_tensor(beta.shape, torch.float32, k.device)
     dg = None if g is None else launch.new_tensor(g.shape, torch.float32, k.device)
-    _slot_launch(_chunk_grad_kernel, layout, "delta.chunk_grad", K, V, H, _decay_of(g), False)(
-        k if q is None else q, k, v, beta, k if g is None else g, k if do is None else do, bounds, a_inv, states,
-        delta, d_next, d_delta, k if dq is None else dq, dk, dv, dbeta, k if dg is None else dg, scale, T,
-        per_row, HAS_Q=has_q)
+    # The chunk backward in two launches (fp32 scratch between them): per K-tile, the
+    # terms that need all of V; per chunk, the UT transform's, which need all of K.
+    decay = _decay_of(g)
+    key_row, wy_row = ("delta.key_grad_per_key", "delta.wy_grad_per_key") if decay == DECAY_PER_KEY \
+        else ("delta.key_grad", "delta.wy_grad")
+    NS, C = layout.n_slots, layout.chunk
+    d_w = launch.new_tensor((NS, H, C, K), torch.float32, k.device)
+    dk_part = launch.new_tensor((NS, H, C, K), torch.float32, k.device)
+    n_k = triton.cdiv(K, _chunk_kw(layout, key_row, H, K, V, decay, tiled_k=True)["BK"])
+    dg_part = launch.new_tensor((NS, H, n_k, C), torch.float32, k.device) if decay == DECAY_SCALAR else None
+    _slot_launch(_key_grad_kernel, layout, key_row, K, V, H, decay, "k")(
+        k if q is None else q, k, k if g is None else g, k if do is None else do, bounds, states, delta, d_next,
+        d_delta, k if dq is None else dq, dk_part, d_w, k if dg is None else dg, k if dg_part is None else dg_part,
+        scale, T, per_row, HAS_Q=has_q)
+    _slot_launch(_wy_grad_kernel, layout, wy_row, K, V, H, decay, None, tiled_k=True)(
+        k, v, beta, k if g is None else g, bounds, a_inv, d_delta, dk_part, d_w, k if dg_part is None else dg_part,
+        dk, dv, dbeta, k if dg is None else dg, T, per_row)
     if q is not None and dq is None:
         dq = torch.zeros_like(q)
     return dq, dk, dv, dbeta, dg, dh0
