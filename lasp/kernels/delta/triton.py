@@ -291,19 +291,28 @@ def _block_pairs(a, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: t
     out = tl.zeros([C, C], dtype=tl.float32)
     for jj in range(16):
         j = 15 - jj
-        nxt = start + first + j + 1
-        later = pos > j
-        expo += load_tile(g, nxt, later & (nxt < end), h, offs_k, K, H)
-        src = start + first + j
-        b_s = load_tile(b_ptr, src, src < end, h, offs_k, K, H).to(tl.float32)
-        if STRICT:
-            keep = later
-        else:
-            keep = pos >= j
-        term = b_s * tl.exp(tl.where(keep[:, None], expo, float("-inf")))
+        expo, term = _block_source(b_ptr, g, expo, start, end, h, first, pos, j, offs_k, H, K, STRICT)
         column = rows[None, :] == (first + j)[:, None]
         out += tl.where(column, tl.sum(a * term, 1)[:, None], 0.0)
     return out
+
+
+@triton.jit
+def _block_source(b_ptr, g, expo, start, end, h, first, pos, j, offs_k, H: tl.constexpr, K: tl.constexpr,
+                  STRICT: tl.constexpr):
+    """One step of a walk over the sources of each row's 16-token block, from its end: the
+    source s = first + j, `expo` advanced to Σ_{s<u≤t} gk_u, and b_s ⊙ e^{expo} ([C, BK];
+    zero where s is not kept: s > t, or s = t when STRICT)."""
+    nxt = start + first + j + 1
+    later = pos > j
+    expo += load_tile(g, nxt, later & (nxt < end), h, offs_k, K, H)
+    src = start + first + j
+    b_s = load_tile(b_ptr, src, src < end, h, offs_k, K, H).to(tl.float32)
+    if STRICT:
+        keep = later
+    else:
+        keep = pos >= j
+    return expo, b_s * tl.exp(tl.where(keep[:, None], expo, float("-inf")))
 
 
 @triton.jit
@@ -332,16 +341,8 @@ def _block_apply(blocks, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr,
     out = tl.zeros([C, BK], dtype=tl.float32)
     for jj in range(16):
         j = 15 - jj
-        nxt = start + first + j + 1
-        later = pos > j
-        expo += load_tile(g, nxt, later & (nxt < end), h, offs_k, K, H)
-        src = start + first + j
-        b_s = load_tile(b_ptr, src, src < end, h, offs_k, K, H).to(tl.float32)
-        if STRICT:
-            keep = later
-        else:
-            keep = pos >= j
-        out += _block_column(blocks, j)[:, None] * b_s * tl.exp(tl.where(keep[:, None], expo, float("-inf")))
+        expo, term = _block_source(b_ptr, g, expo, start, end, h, first, pos, j, offs_k, H, K, STRICT)
+        out += _block_column(blocks, j)[:, None] * term
     return out
 
 
