@@ -68,19 +68,16 @@ a walk product as in fla. The inverse's block products are 3×TF32 (`INVERSE_PRE
 Launch parameters: the `delta.*` rows of `lasp.kernels.common.launch.LAUNCH` (the walks'
 `_bf16` rows for bf16 operands, the chunk backward's `_per_key` rows for gk).
 
-Speed (H100, H=16, D=128, bf16, 1×32K, fwd+bwd; benchmarks/results/
-kernels_delta_*_h100_2026-12-06-s3): DeltaNet 14.1 ms (fwd 4.3), Gated DeltaNet 17.9 (4.6),
-KDA 50.3 (13.1), against 25 / 31 / 186 ms before these fused kernels and fla's
+Speed (H100, H=16, D=128, bf16, 1×32K, fwd+bwd, same run; benchmarks/results/
+kernels_delta_split_1x32768_h100_2026-12-06-s5): DeltaNet 11.9 ms, Gated DeltaNet 12.9,
+KDA 41.2 (13.9 / 18.0 / 48.8 before the chunk backward was split, session 4), against fla's
 `chunk_delta_rule` 4.3 ms / `chunk_kda` 13.0 ms (earlier runs, same GPU kind). Per kernel
-(DeltaNet): chunk backward 5.6 ms, backward walk 3.9, forward walk 2.2, UT transform 1.4,
-outputs 0.6, outputs' dδ 0.3; KDA's chunk backward alone takes 28.6 ms (the exact
-per-key diagonal blocks); these predate the split chunk backward (launches 3-4). These
-were fp32 walk operands: with them bf16 runs stay within 2.5e-3 of the fp32 chunk form
-on an H100 (tests/kernels/test_delta_gpu.py). bf16 walk operands (same H100, same run,
-benchmarks/results/kernels_delta_walks_h100_2026-12-06-s4):
-DeltaNet 9.65 ms against 13.9, Gated DeltaNet 12.7 against 18.0, KDA 44.0 against 48.8,
-with errors up to 4.3e-3 (DeltaNet dk; Gated DeltaNet and KDA ≤ 2.7e-3), hence not the
-default.
+(DeltaNet): backward walk 3.8 ms, forward walk 2.2, chunk backward 1.6 + 1.8, UT transform
+1.4, outputs 0.6, outputs' dδ 0.3; KDA: chunk backward 8.3 + 12.6 (the exact per-key
+diagonal blocks). With these fp32 walk operands bf16 runs stay within 2.5e-3 of the fp32
+chunk form on an H100 (tests/kernels/test_delta_gpu.py). bf16 walk operands: DeltaNet
+6.97 ms, Gated DeltaNet 8.13 (the walks 1.4 + 0.5 ms), with errors up to 4.3e-3 (DeltaNet
+dk), hence not the default.
 """
 
 from __future__ import annotations
