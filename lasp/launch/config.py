@@ -41,8 +41,8 @@ class ModelConfig:
                                        "N softmax attention, M Mixture-of-Memories (LLN: hybrid, one softmax "
                                        "layer in three; the LASP-2 paper uses LLLN)")
     activation_checkpointing: str = option("none", "recompute each block in the backward: none | full | selective "
-                                                   "(keeps the blocks' matmul outputs, recomputes the rest); "
-                                                   "without a value: full", bare="full")
+                                                   "(keeps attention outputs and every other matmul's, recomputes "
+                                                   "the rest); without a value: full", bare="full")
     compile: bool = option(False, "torch.compile each block (one graph with its attention op at --sp-size 1; "
                                   "under sequence parallelism the attention ops run eagerly between its graphs); "
                                   "with --activation-checkpointing selective: --sp-size 1, lasp presets")

@@ -1,11 +1,13 @@
 """Activation checkpointing of the blocks: full, or selective (torchtitan's kind).
 
 `full` (True) recomputes the whole block in the backward. `selective` keeps the outputs of
-the block's matmuls (its projections and MLP: most of its FLOPs) and of its attention op
-(lasp's single-device kernels, `lasp.kernels.compiled.FORWARD_OPS`, and torch's sdpa and
-flex attention), and recomputes the rest — norms, RoPE, activations, gates — for the memory
-of those outputs. The value is `LinearLlamaConfig.activation_checkpointing` (False, True /
-"full", "selective").
+the block's attention op (lasp's single-device kernels, `lasp.kernels.compiled.FORWARD_OPS`,
+and torch's sdpa and flex attention) and of every other matmul (the 1st, 3rd, ... of the
+block), and recomputes the rest — the other projections, norms, RoPE, activations, gates.
+Keeping every matmul output did not fit linear-llama3-1b at 64K tokens on an 80 GB H100
+(out of memory with 77.5 GB in use, 2026-12-06): every other one about halves that memory
+for about a third of the block's matmul FLOPs recomputed (torchtitan's default selective
+policy). The value is `LinearLlamaConfig.activation_checkpointing` (False, True / "full", "selective").
 
 Under torch.compile the selective checkpoint sits inside each compiled block (torchtitan's
 order: checkpoint, then compile; `LinearLlamaBlock.forward`), so that AOT autograd's
@@ -23,30 +25,39 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from lasp.kernels.compiled import FORWARD_OPS
 
-# The ops whose outputs selective checkpointing keeps (the functional overloads: a compiled
-# graph's out= matmuls write into buffers of their own and must run again): matmuls and
-# attention (sdpa's kernels, flex attention, lasp's single-device Triton forwards).
-SAVED_OPS = frozenset({
-    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+# The functional overloads (a compiled graph's out= matmuls write into buffers of their own
+# and must run again).
+MATMULS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default})
+ATTENTION_OPS = frozenset({
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     flex_attention_hop, *FORWARD_OPS})
 
 
-def save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective checkpointing's policy: keep matmul and attention outputs, recompute everything else."""
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def keeps_output(op, matmuls_before: int) -> bool:
+    """Selective checkpointing's rule: keep an attention op's output, and a matmul's when it
+    is the 1st, 3rd, 5th ... matmul of the checkpointed call (`matmuls_before` ran before it)."""
+    if op in MATMULS:
+        return matmuls_before % 2 == 0
+    return op in ATTENTION_OPS
 
 
 def selective_context():
-    """The forward and recompute contexts of one selectively checkpointed call."""
-    return create_selective_checkpoint_contexts(save_matmuls)
+    """The forward and recompute contexts of one selectively checkpointed call. Matmuls are
+    counted apart in the forward and in the recompute, so that both pick the same ones."""
+    counts = {False: 0, True: 0}
+
+    def policy(ctx, op, *args, **kwargs):
+        keep = keeps_output(op, counts[ctx.is_recompute])
+        counts[ctx.is_recompute] += op in MATMULS
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+    return create_selective_checkpoint_contexts(policy)
 
 
 def checkpoint_context_fn(mode):
     """`context_fn` for torch.utils.checkpoint.checkpoint under `mode` (True or "full":
-    recompute everything; "selective": keep matmul and attention outputs)."""
+    recompute everything; "selective": keep attention outputs and every other matmul's)."""
     if mode is True or mode == "full":
         return noop_context_fn
     if mode == "selective":

@@ -41,9 +41,8 @@ def _assert_same(expected, got, tol):
 @pytest.mark.parametrize("activation_checkpointing", [False, True, "selective"])
 def test_compiled_blocks_match_eager(activation_checkpointing, monkeypatch):
     decisions = []
-    policy = checkpointing.save_matmuls
-    monkeypatch.setattr(checkpointing, "save_matmuls", lambda ctx, op, *a, **k: decisions.append(op) or
-                        policy(ctx, op, *a, **k))
+    rule = checkpointing.keeps_output
+    monkeypatch.setattr(checkpointing, "keeps_output", lambda op, n: decisions.append(op) or rule(op, n))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model, ids = _tiny(activation_checkpointing)
@@ -73,16 +72,17 @@ def test_sequence_parallel_ops_run_eagerly_under_compile():
     assert torch.allclose(torch.compile(lambda q: sp_op(q.sin()).cos(), backend=BACKEND)(q), (q.sin() * 2).cos())
 
 
-def test_selective_checkpointing_matches_full_and_keeps_matmuls(monkeypatch):
-    decisions = []
-    policy = checkpointing.save_matmuls
-    monkeypatch.setattr(checkpointing, "save_matmuls", lambda ctx, op, *a, **k: decisions.append(
-        (ctx.is_recompute, op)) or policy(ctx, op, *a, **k))
+def test_selective_checkpointing_matches_full_and_keeps_every_other_matmul(monkeypatch):
+    decisions = []  # (matmuls before, kept) of each matmul, per pass (forward, recompute)
+    rule = checkpointing.keeps_output
+    monkeypatch.setattr(checkpointing, "keeps_output", lambda op, n: (
+        decisions.append((n, rule(op, n))) if op in checkpointing.MATMULS else None) or rule(op, n))
     model, ids = _tiny(True)
     full = _loss_and_grads(model, ids)
     model.config.activation_checkpointing = "selective"
     _assert_same(full, _loss_and_grads(model, ids), 1e-6)
-    assert any(op in checkpointing.SAVED_OPS for _, op in decisions)  # the forward kept matmul outputs
+    assert decisions and all(kept == (n % 2 == 0) for n, kept in decisions)
+    assert {kept for _, kept in decisions} == {True, False}  # some matmuls kept, some recomputed
     with pytest.raises(ValueError, match="activation_checkpointing"):
         checkpointing.checkpoint_context_fn("sometimes")
 
