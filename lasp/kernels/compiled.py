@@ -3,9 +3,10 @@ sequence-parallel ops as calls it runs eagerly.
 
 Single device. The Triton families' autograd Functions (`span_phases.TritonLinearAttention`:
 plain, g_gamma, g, gk; `delta.triton.FusedDeltaRule`: the delta rule) run their forward and
-their backward as the custom ops registered here (namespace ``lasp``). The host planning and
-the launches happen inside the ops, so Dynamo traces a Function through and records each op
-as one call it does not look into: a block, attention included, compiles as one graph
+their backward through the custom ops registered here (namespace ``lasp``): under
+torch.compile as the ops, eagerly as the same functions called directly (`_custom_op`). The
+host planning and the launches happen inside the ops, so Dynamo traces a Function through
+and records each op as one call it does not look into: a block, attention included, compiles as one graph
 (`fullgraph=True`). A forward op returns the output, the final states and what the backward
 needs; the ops' fake forms give those shapes from the inputs' shapes alone (no host sync).
 AOT autograd's partitioner then decides what the backward keeps: selective activation
