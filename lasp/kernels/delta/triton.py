@@ -757,6 +757,19 @@ def _key_grad_kernel(q, k, g, do, slot_bounds, states, delta, d_next, d_delta, d
 
 
 @triton.jit
+def _key_tile(k, g, gam_row, offs_t, mask_t, h, offs_k, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+              DECAY: tl.constexpr):
+    """A chunk's keys in the K-tile `offs_k` (fp32), their log-decay Γ (the tile's own per key,
+    else the chunk's `gam_row`) and B / β = K ⊙ e^Γ."""
+    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+    if DECAY == 2:
+        gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
+    else:
+        gam = gam_row
+    return b_k, gam, _decayed(b_k, tl.exp(gam), DECAY)
+
+
+@triton.jit
 def _wy_grad_kernel(k, v, beta, g, slot_bounds, a_inv, d_delta, dk_part, d_w, dg_part, dk, dv, dbeta, dg,
                     T, PER_ROW, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                     BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
@@ -793,19 +806,17 @@ def _wy_grad_kernel(k, v, beta, g, slot_bounds, a_inv, d_delta, dk_part, d_w, dg
         d_inv = tl.dot(b_dd, tl.trans(b_v * b_beta[:, None]), d_inv)
 
     # w = R B: dR ← dw Bᵀ (without a per-key decay also the Gram matrix K Kᵀ of N)
-    if DECAY != 2:
+    if DECAY == 2:
+        gam_row = tl.zeros([C], dtype=tl.float32)      # (per key: each tile loads its own)
+    else:
         gam_row, _ = _chunk_gates(g, offs_t, mask_t, h, offs_c, H, K, C, DECAY)
         gram = tl.zeros([C, C], dtype=tl.float32)
         d_gam_row = tl.zeros([C], dtype=tl.float32)
     for kt in range(NK):
         offs_k = kt * BK + tl.arange(0, BK)
-        b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
-        if DECAY == 2:
-            gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
-        else:
-            gam = gam_row
+        b_k, gam, b_kg = _key_tile(k, g, gam_row, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
+        if DECAY != 2:
             gram = tl.dot(b_k, tl.trans(b_k), gram)
-        b_kg = _decayed(b_k, tl.exp(gam), DECAY)
         b_dw = _chunk_rows(d_w, base, offs_c, offs_k, K, C)
         d_inv = tl.dot(b_dw, tl.trans(b_kg * b_beta[:, None]), d_inv)
 
@@ -826,12 +837,7 @@ def _wy_grad_kernel(k, v, beta, g, slot_bounds, a_inv, d_delta, dk_part, d_w, dg
 
     for kt in range(NK):
         offs_k = kt * BK + tl.arange(0, BK)
-        b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
-        if DECAY == 2:
-            gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
-        else:
-            gam = gam_row
-        b_kg = _decayed(b_k, tl.exp(gam), DECAY)
+        b_k, gam, b_kg = _key_tile(k, g, gam_row, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
         d_b = tl.dot(tl.trans(inv), _chunk_rows(d_w, base, offs_c, offs_k, K, C))
         b_dk = _chunk_rows(dk_part, base, offs_c, offs_k, K, C) + _decayed(d_b * b_beta[:, None], tl.exp(gam), DECAY)
         kg_dot = b_kg * d_b
