@@ -27,19 +27,23 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 4096
 
 
-def _chunk_loss(hidden, weight, labels, ignore_index):
+def chunk_loss(hidden, weight, labels, ignore_index):
+    """Summed cross-entropy of one chunk's tokens; its [chunk, vocab] logits exist only here.
+    Compiled (`lasp-train --compile`: `lasp.launch.compile`), the logits' upcast, log-softmax
+    and gradient fuse into a few passes over them instead of one per op."""
     logits = F.linear(hidden, weight)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                          chunk_size: int = DEFAULT_CHUNK_SIZE, ignore_index: int = IGNORE_INDEX
-                          ) -> torch.Tensor:
+                          chunk_size: int = DEFAULT_CHUNK_SIZE, ignore_index: int = IGNORE_INDEX,
+                          scoring=chunk_loss) -> torch.Tensor:
     """Sum over tokens of cross_entropy(hidden @ weightᵀ, labels), `chunk_size` tokens at a time.
 
     hidden: [..., D]; weight: [V, D] (the output embedding); labels: [...] next-token
-    targets, `ignore_index` where there is none. Returns a scalar (fp32, fp64 for fp64).
+    targets, `ignore_index` where there is none; scoring: each chunk's loss, `chunk_loss` or
+    it compiled. Returns a scalar (fp32, fp64 for fp64).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -50,7 +54,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, hidden.shape[0], chunk_size):
         part = slice(start, start + chunk_size)
-        total = total + checkpoint(_chunk_loss, hidden[part], weight, labels[part], ignore_index,
+        total = total + checkpoint(scoring, hidden[part], weight, labels[part], ignore_index,
                                    use_reentrant=False)
     return total
 
@@ -87,9 +91,11 @@ def causal_lm_loss(model, batch, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tor
 
 def causal_lm_losses(model, input_ids: torch.Tensor, shift_labels: torch.Tensor, *,
                      cu_seqlens: torch.Tensor | None, num_tokens: torch.Tensor,
-                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     chunk_size: int = DEFAULT_CHUNK_SIZE, scoring=chunk_loss
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(lm_loss, aux_loss) of this rank's tokens: the token-loss sum ÷ `num_tokens`, and this
-    rank's share of the WHOLE sequence's load-balancing loss, or None.
+    rank's share of the WHOLE sequence's load-balancing loss, or None. `scoring`: as in
+    `chunked_cross_entropy`.
 
     The aux loss: lasp's Mixture-of-Memories layers report their share in the decoder's
     `aux_loss`; a transformers MoE model whose config sets `output_router_logits` (its own
@@ -104,7 +110,8 @@ def causal_lm_losses(model, input_ids: torch.Tensor, shift_labels: torch.Tensor,
     out = model.base_model(input_ids=input_ids, cu_seqlens=cu_seqlens,
                            **(dict(output_router_logits=True) if routed else {}))
     weight = model.get_output_embeddings().weight
-    lm_loss = chunked_cross_entropy(out.last_hidden_state, weight, shift_labels, chunk_size=chunk_size) / num_tokens
+    lm_loss = chunked_cross_entropy(out.last_hidden_state, weight, shift_labels, chunk_size=chunk_size,
+                                    scoring=scoring) / num_tokens
     if routed:
         return lm_loss, router_aux_loss(model, out.router_logits, input_ids.shape[1])
     return lm_loss, getattr(out, "aux_loss", None)

@@ -163,14 +163,16 @@ class HFCausalLM(torch.nn.Module):
     itself (what `lasp.parallelize` wraps); its state is under ``hf_model.``."""
 
     def __init__(self, hf_model):
+        from lasp.loss import chunk_loss
         super().__init__()
         self.hf_model = hf_model
         self.config = hf_model.config
+        self.chunk_loss = chunk_loss  # the loss's per-chunk scoring (compiled by lasp.launch.compile)
 
     def forward(self, input_ids, shift_labels, cu_seqlens=None, num_items_in_batch=None) -> HFCausalLMOutput:
         from lasp.loss import causal_lm_losses
         lm_loss, aux_loss = causal_lm_losses(self.hf_model, input_ids, shift_labels, cu_seqlens=cu_seqlens,
-                                             num_tokens=num_items_in_batch)
+                                             num_tokens=num_items_in_batch, scoring=self.chunk_loss)
         return HFCausalLMOutput(lm_loss=lm_loss, aux_loss=aux_loss)
 
     def blocks(self) -> list[torch.nn.Module]:

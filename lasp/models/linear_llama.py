@@ -39,7 +39,7 @@ from lasp.layers.delta_rule import DeltaRuleAttention
 from lasp.layers.feature_maps import ReBasedMap
 from lasp.layers.linear_attention import decay_kind
 from lasp.layers.mom import MemoryProjection
-from lasp.loss import IGNORE_INDEX, chunked_cross_entropy
+from lasp.loss import IGNORE_INDEX, chunk_loss, chunked_cross_entropy
 from lasp.models.checkpointing import checkpoint_context_fn, selective_context
 from lasp.models.config import LinearLlamaConfig
 
@@ -260,6 +260,7 @@ class LinearLlamaForCausalLM(LinearLlamaPreTrainedModel):
         super().__init__(config)
         self.model = LinearLlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.chunk_loss = chunk_loss  # the loss's per-chunk scoring (compiled by lasp.launch.compile)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -300,7 +301,7 @@ class LinearLlamaForCausalLM(LinearLlamaPreTrainedModel):
             shift_labels = next_token_labels(labels, cu_seqlens)
         with activation_offload(self.config):  # each chunk's hidden states, B·chunk·hidden
             total = chunked_cross_entropy(hidden, self.lm_head.weight, shift_labels,
-                                          chunk_size=self.config.loss_chunk_size)
+                                          chunk_size=self.config.loss_chunk_size, scoring=self.chunk_loss)
         if num_items_in_batch is None:
             num_items_in_batch = (shift_labels != IGNORE_INDEX).sum()
         lm_loss = total / num_items_in_batch

@@ -10,6 +10,7 @@ from lasp.kernels.compiled import eager_under_compile
 from lasp.launch.compile import compile_blocks
 from lasp.launch.config import load_config, validate
 from lasp.layers.ops import linear_attention_op
+from lasp.loss import chunk_loss
 from lasp.models import LinearLlamaForCausalLM, linear_llama_config
 from lasp.models import checkpointing
 
@@ -48,6 +49,7 @@ def test_compiled_blocks_match_eager(activation_checkpointing, monkeypatch):
     model, ids = _tiny(activation_checkpointing)
     eager = _loss_and_grads(model, ids)
     assert compile_blocks(model, backend=BACKEND) == len(model.blocks()) == 3
+    assert model.chunk_loss is not chunk_loss  # the loss's per-chunk scoring compiled too
     decisions.clear()
     for _ in range(2):  # the tracing step, then the compiled graphs as they are
         _assert_same(eager, _loss_and_grads(model, ids), 1e-5)

@@ -4,12 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lasp.loss import chunked_cross_entropy
+from lasp.loss import chunk_loss, chunked_cross_entropy
 from tests.utils import rel_err
 
 
-@pytest.mark.parametrize("chunk_size", [5, 64, 1000])
-def test_chunked_loss_matches_full_cross_entropy(chunk_size):
+def _check_against_full_cross_entropy(chunk_size, scoring=chunk_loss):
     torch.manual_seed(0)
     hidden = torch.randn(2, 31, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
@@ -17,10 +16,21 @@ def test_chunked_loss_matches_full_cross_entropy(chunk_size):
     labels[0, :5] = -100
     labels[1, -1] = -100
     full = F.cross_entropy((hidden @ weight.T).view(-1, 50), labels.view(-1), reduction="sum")
-    chunked = chunked_cross_entropy(hidden, weight, labels, chunk_size=chunk_size)
+    chunked = chunked_cross_entropy(hidden, weight, labels, chunk_size=chunk_size, scoring=scoring)
     assert rel_err(chunked, full) < 1e-14
     for a, b in zip(torch.autograd.grad(chunked, (hidden, weight)), torch.autograd.grad(full, (hidden, weight))):
         assert rel_err(a, b) < 1e-13
+
+
+@pytest.mark.parametrize("chunk_size", [5, 64, 1000])
+def test_chunked_loss_matches_full_cross_entropy(chunk_size):
+    _check_against_full_cross_entropy(chunk_size)
+
+
+def test_compiled_scoring_matches_full_cross_entropy():
+    """`lasp-train --compile`'s scoring: `chunk_loss` compiled (the shorter last chunk retraces)."""
+    torch._dynamo.reset()
+    _check_against_full_cross_entropy(5, torch.compile(chunk_loss, backend="aot_eager"))
 
 
 def test_chunked_loss_accumulates_in_fp32_for_bf16():
