@@ -27,6 +27,8 @@ import functools
 import torch
 from torch import Tensor
 
+from lasp.kernels.common.documents import document_count
+
 
 def eager_under_compile(op):
     """`op`, run eagerly when torch.compile traces a call to it (a graph break there)."""
@@ -64,15 +66,13 @@ def _empty(x: Tensor) -> Tensor:
 
 
 def _span_phases(family, k, v, cu_seqlens, scale, chunk, span_chunks, decay_grad, fuse_dkdv):
-    """The `TritonPhases` of one call (its span plan from the shapes and `cu_seqlens`)."""
-    from lasp.kernels.common.plan import make_span_plan
-    from lasp.kernels.common.span_phases import TritonPhases
+    """The `TritonPhases` of one call of `family`'s launches."""
+    from lasp.kernels.common.span_phases import make_phases
     if family == "scalar":
         from lasp.kernels.scalar.triton import LAUNCHES
     else:
         from lasp.kernels.diagonal.triton import LAUNCHES
-    return TritonPhases(LAUNCHES, make_span_plan(k, v, cu_seqlens, chunk, span_chunks), scale, decay_grad,
-                        fuse_dkdv)
+    return make_phases(LAUNCHES, k, v, cu_seqlens, scale, chunk, span_chunks, decay_grad, fuse_dkdv)
 
 
 @_custom_op("span_forward")
@@ -116,7 +116,7 @@ def span_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, row_weight:
 def _(q, k, v, g, row_weight, cu_seqlens, states, g_span, do, d_final, family, scale, chunk, span_chunks,
       fuse_dkdv, want_dg, want_dh0, want_dw):
     B, T, H, K = k.shape
-    n_docs = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    n_docs = document_count(B, cu_seqlens)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(g, dtype=torch.float32) if want_dg else _empty(k),
             k.new_empty(n_docs, H, K, v.shape[-1], dtype=torch.float32) if want_dh0 else _empty(k),
@@ -147,7 +147,7 @@ def delta_forward(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor, g: Tenso
 def _(q, k, v, beta, g, h0, cu_seqlens, chunk, scale, operands):
     B, T, H, K = k.shape
     V, NS = v.shape[-1], _chunk_layout(k, cu_seqlens, chunk).n_slots
-    n_docs = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    n_docs = document_count(B, cu_seqlens)
     fp32 = dict(dtype=torch.float32)
     g_end = _empty(k) if g is None else k.new_empty(NS, H, K if g.dim() == 4 else 1, **fp32)
     return (_empty(k) if q is None else q.new_empty(B, T, H, V), k.new_empty(n_docs, H, K, V, **fp32),
@@ -172,7 +172,7 @@ def delta_backward(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor, g: Tens
 @delta_backward.op.register_fake
 def _(q, k, v, beta, g, cu_seqlens, a_inv, w, k_end, g_end, states, delta, do, d_final, chunk, scale):
     B, _, H, K = k.shape
-    n_docs = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    n_docs = document_count(B, cu_seqlens)
     fp32 = dict(dtype=torch.float32)
     return (_empty(k) if q is None else torch.empty_like(k), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(beta, **fp32), _empty(k) if g is None else torch.empty_like(g, **fp32),

@@ -27,6 +27,12 @@ def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else accumulation_dtype(dtype)
 
 
+def document_count(batch: int, cu_seqlens) -> int:
+    """N, the states of a call: its batch rows, or the packed documents of `cu_seqlens`
+    (from its shape: no sync)."""
+    return batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
 def documents(batch: int, total: int, cu_seqlens):
     """Yield (row, start, end) for each document, in state order.
 

@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from lasp.kernels.common.launch import fuses_dkdv
 from lasp.kernels import compiled
+from lasp.kernels.common.launch import fuses_dkdv
 from lasp.kernels.common.plan import SpanPlan, default_span_chunks, make_span_plan
 
 
@@ -139,21 +139,41 @@ class TritonLinearAttention(torch.autograd.Function):
                 None, None, None)
 
 
+def call_knobs(launches: SpanLaunches, q, k, v, chunk_size=None, span_chunks=None, fuse_dkdv=None):
+    """(chunk size, chunks per span, fuse_dkdv) of a call: the tuning knobs given, else the
+    family's defaults for these shapes (arguments as in `triton_linear_attention`)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    if chunk_size is None:
+        chunk_size = launches.default_chunk(K, V)
+    if span_chunks is None:
+        span_chunks = default_span_chunks(B * T, H, chunk_size)
+    if fuse_dkdv is None:
+        fuse_dkdv = fuses_dkdv(K, V, q.element_size())
+    return chunk_size, span_chunks, bool(fuse_dkdv)
+
+
+def make_phases(launches: SpanLaunches, k, v, cu_seqlens, scale, chunk_size, span_chunks, decay_grad, fuse_dkdv):
+    """The `TritonPhases` of one call: its span plan from the shapes and `cu_seqlens`."""
+    return TritonPhases(launches, make_span_plan(k, v, cu_seqlens, chunk_size, span_chunks), float(scale),
+                        decay_grad, fuse_dkdv)
+
+
+def phase_inputs(q, k, v, g, initial_state):
+    """The inputs as the phases take them: contiguous, the decay and the state in fp32
+    (differentiable conversions)."""
+    return (q.contiguous(), k.contiguous(), v.contiguous(), None if g is None else g.float().contiguous(),
+            None if initial_state is None else initial_state.float().contiguous())
+
+
 def triton_phases(launches: SpanLaunches, q, k, v, g, scale, initial_state, cu_seqlens, *, chunk_size=None,
                   span_chunks=None, fuse_dkdv=None):
     """`TritonPhases` of a family for these inputs (arguments as in `triton_linear_attention`),
-    and the inputs in the form its phases take: (q, k, v, g, initial_state), contiguous,
-    the decay and the state in fp32 (differentiable conversions)."""
-    if chunk_size is None:
-        chunk_size = launches.default_chunk(k.shape[-1], v.shape[-1])
-    plan = make_span_plan(k, v, cu_seqlens, chunk_size, span_chunks)
-    if fuse_dkdv is None:
-        fuse_dkdv = fuses_dkdv(plan.K, plan.V, q.element_size())
-    inputs = (q.contiguous(), k.contiguous(), v.contiguous(),
-              None if g is None else g.float().contiguous(),
-              None if initial_state is None else initial_state.float().contiguous())
+    and the inputs in the form its phases take (`phase_inputs`)."""
+    knobs = call_knobs(launches, q, k, v, chunk_size, span_chunks, fuse_dkdv)
     decay_grad = g is not None and g.requires_grad
-    return TritonPhases(launches, plan, float(scale), decay_grad, bool(fuse_dkdv)), inputs
+    phases = make_phases(launches, k, v, cu_seqlens, scale, knobs[0], knobs[1], decay_grad, knobs[2])
+    return phases, phase_inputs(q, k, v, g, initial_state)
 
 
 def triton_linear_attention(launches: SpanLaunches, q, k, v, g, scale, initial_state, output_final_state,
@@ -182,16 +202,8 @@ def triton_linear_attention(launches: SpanLaunches, q, k, v, g, scale, initial_s
     Returns (o [B,T,H,V] in q.dtype, final_state [N,H,K,V] float32 or None), differentiable
     in q, k, v, g, initial_state and row_weight.
     """
-    if chunk_size is None:
-        chunk_size = launches.default_chunk(k.shape[-1], v.shape[-1])
-    if span_chunks is None:
-        span_chunks = default_span_chunks(k.shape[0] * k.shape[1], k.shape[2], chunk_size)
-    if fuse_dkdv is None:
-        fuse_dkdv = fuses_dkdv(k.shape[-1], v.shape[-1], q.element_size())
     if row_weight is not None:
         row_weight = row_weight.float().contiguous()
-    knobs = (launches.family, float(scale), chunk_size, span_chunks, bool(fuse_dkdv))
-    return TritonLinearAttention.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), None if g is None else g.float().contiguous(),
-        None if initial_state is None else initial_state.float().contiguous(), row_weight, cu_seqlens, knobs,
-        bool(output_final_state))
+    knobs = (launches.family, float(scale), *call_knobs(launches, q, k, v, chunk_size, span_chunks, fuse_dkdv))
+    return TritonLinearAttention.apply(*phase_inputs(q, k, v, g, initial_state), row_weight, cu_seqlens, knobs,
+                                       bool(output_final_state))

@@ -90,7 +90,7 @@ import triton.language as tl
 
 from lasp.kernels import compiled
 from lasp.kernels.common import launch
-from lasp.kernels.common.documents import TorchPhases
+from lasp.kernels.common.documents import TorchPhases, document_count
 from lasp.kernels.common.launch import chunk_for_head_dims, launch_kw, tile
 from lasp.kernels.common.plan import document_chunk_slots
 from lasp.kernels.common.scan import DECAY_NONE, DECAY_PER_KEY, DECAY_SCALAR
@@ -1115,7 +1115,7 @@ def run_transitions(k, decay, beta, *, cu_seqlens=None, chunk_size=None):
         chunk_size = chunk_for_head_dims("delta", k.shape[-1], k.shape[-1])
     _check_chunk(chunk_size)
     B, T, H, K = k.shape
-    n_docs = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    n_docs = document_count(B, cu_seqlens)
     eye = torch.eye(K, dtype=torch.float32, device=k.device).expand(n_docs, H, K, K).contiguous()
     return FusedDeltaRule.apply(None, k.contiguous(), torch.zeros_like(k), beta.float().contiguous(),
                                 None if decay is None else decay.float().contiguous(), eye, cu_seqlens, chunk_size,
