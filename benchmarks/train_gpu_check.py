@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,8 +52,13 @@ def switches(variant: str, tokens_per_gpu: int) -> list[str]:
     return VARIANTS[variant]
 
 
-def run(pattern: str, tokens_per_gpu: int, variant: str, gpus: int, steps: int, timeout: int) -> dict:
+def run(pattern: str, tokens_per_gpu: int, variant: str, gpus: int, steps: int, timeout: int,
+        profile_step: int = 0, out_dir: Path | None = None) -> dict:
+    """One lasp-train run; with `profile_step`, its per-op table of that step is copied to
+    `out_dir` as profile_<pattern>_<tokens>_<variant>.txt."""
     flags = switches(variant, tokens_per_gpu)
+    if profile_step:
+        flags = [*flags, "--profile-step", str(profile_step)]
     with tempfile.TemporaryDirectory() as output_dir:
         command = [sys.executable, "-m", "lasp.launch.train", "--model", "linear-llama3-1b",
                    "--layer-pattern", pattern, "--model-overrides", json.dumps({"vocab_size": 128256}),
@@ -70,6 +76,9 @@ def run(pattern: str, tokens_per_gpu: int, variant: str, gpus: int, steps: int, 
             return {**result, "status": f"failed (exit {done.returncode})",
                     "log_tail": (done.stdout + done.stderr)[-3000:]}
         summary = json.loads(summary_file.read_text())
+        profile = Path(output_dir) / f"profile_step_{profile_step}.txt"
+        if profile_step and profile.exists():
+            shutil.copy(profile, out_dir / f"profile_{pattern}_{tokens_per_gpu}_{variant}.txt")
         records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
         return {**result, "status": "ok", "tokens_per_s_per_gpu": summary["tokens_per_s_per_gpu"],
                 "mfu": summary["mfu"], "peak_memory_gb": summary["peak_memory_gb"],
@@ -84,6 +93,9 @@ def main():
     parser.add_argument("--variants", default="auto", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--timeout", type=int, default=300, help="seconds per run")
+    parser.add_argument("--profile-step", type=int, default=0,
+                        help="record this step of each run with torch.profiler (a warm-up step, e.g. 3: "
+                             "throughput excludes the first 3 steps); its per-op table goes beside the JSON")
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -100,7 +112,7 @@ def main():
     for pattern in args.patterns.split(","):
         for tokens in map(int, args.tokens_per_gpu.split(",")):
             for variant in variants:
-                r = run(pattern, tokens, variant, args.gpus, args.steps, args.timeout)
+                r = run(pattern, tokens, variant, args.gpus, args.steps, args.timeout, args.profile_step, out_dir)
                 report["runs"].append(r)
                 out_file.write_text(json.dumps(report, indent=2))
                 ok = r["status"] == "ok"

@@ -117,6 +117,9 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     log_every: int = option(10, "steps between progress updates (each one waits for the GPU)")
+    profile_step: int = option(0, "record this step with torch.profiler: its per-op table (device time, "
+                                  "then host time) goes to <output-dir>/profile_step_N.txt (0: none; the "
+                                  "step waits for the device)")
     tensorboard: bool = option(True, "also write TensorBoard events, if tensorboard is installed")
     peak_tflops: typing.Optional[float] = option(None, "peak dense TFLOP/s of one device for MFU (default: "
                                                        "from the device name)")
@@ -430,6 +433,7 @@ def validate(config: Config, world_size: int | None) -> None:
                              ("--weight-decay", t.weight_decay, 0), ("--grad-clip", t.grad_clip, 0),
                              ("--seed", t.seed, 0), ("--checkpoint-every", c.checkpoint_every, 0),
                              ("--keep-last", c.keep_last, 1), ("--log-every", m.log_every, 1),
+                             ("--profile-step", m.profile_step, 0),
                              ("--max-restarts", launch.max_restarts, 0), ("--timeout", p.timeout, 1)):
         _check_range(flag, value, low)
     _check_range("--lr", t.lr, 0, above=True)

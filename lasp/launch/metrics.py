@@ -12,6 +12,7 @@ training FLOPs per token ÷ the device's peak dense FLOP/s. Memory is the proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -123,12 +124,35 @@ def _progress_bar(total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="lasp-train", unit="step", dynamic_ncols=True)
 
 
+class _StepProfile(contextlib.AbstractContextManager):
+    """torch.profiler around one step; on exit, `path` gets the per-op table (if `write`)."""
+
+    def __init__(self, path: Path, device: torch.device, write: bool):
+        from torch.profiler import ProfilerActivity, profile
+        self.path, self.write, self.cuda = path, write, device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.profiler = profile(activities=activities)
+
+    def __enter__(self):
+        self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.profiler.__exit__(*exc)
+        if self.write and exc[0] is None:
+            averages = self.profiler.key_averages()
+            order = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+            self.path.write_text(averages.table(sort_by=order, row_limit=60, max_name_column_width=70))
+        return False
+
+
 class Metrics:
     """Per-step records on every rank; rank 0 writes them and shows them."""
 
     def __init__(self, config, output_dir: str, dist_state, *, steps: int, start_step: int,
                  tokens_per_step: int, flops_per_token: float, peak: float | None):
         self.log_every, self.steps, self.start_step = config.log_every, steps, start_step
+        self.profile_step = config.profile_step
         self.dist, self.tokens_per_step = dist_state, tokens_per_step
         self.flops_per_token, self.peak = flops_per_token, peak
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor | None, float]] = []
@@ -155,6 +179,14 @@ class Metrics:
         file = self.jsonl.open("w")
         file.writelines(line + "\n" for line in kept)
         return file
+
+    def profiling(self, step: int):
+        """A torch.profiler context for step `--profile-step` (a no-op for every other step):
+        rank 0 writes its per-op table, sorted by device time (host time on CPU), to
+        <output-dir>/profile_step_N.txt. The profiler waits for the device when it stops."""
+        if step != self.profile_step:
+            return contextlib.nullcontext()
+        return _StepProfile(self.jsonl.parent / f"profile_step_{step}.txt", self.dist.device, self.main)
 
     def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, lr: float) -> None:
         """Keep the step's (device) values; log every --log-every steps and at the last step."""

@@ -190,7 +190,8 @@ def _train(config: Config, stop: GracefulStop) -> dict:
             tokens, cu_seqlens = (t.to(d.device, non_blocking=True) for t in next(data))
             batch = lasp.shard_batch(tokens, layout=layout, cu_seqlens=cu_seqlens)
             lr = scheduler.get_last_lr()[0]  # a host float
-            loss, grad_norm = train_step(engine, batch, d.mesh)
+            with metrics.profiling(step):  # --profile-step only
+                loss, grad_norm = train_step(engine, batch, d.mesh)
             scheduler.step()
             metrics.record(step, loss, grad_norm, lr)  # waits for the device at log steps only
             stopped = stop.agreed()  # a SIGTERM / SIGINT on any rank: all stop after the same step

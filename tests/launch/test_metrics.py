@@ -66,3 +66,17 @@ def test_cpu_progress_says_what_it_measures(tmp_path, capsys):
     summary = idle.summary()
     assert summary["tokens_per_s_per_gpu"] is None and summary["mfu"] is None
     json.dumps(summary, allow_nan=False)
+
+
+def test_profile_step_writes_that_steps_op_table(tmp_path):
+    """--profile-step N: step N's ops are tabled in profile_step_N.txt; other steps run unprofiled."""
+    dist_state = SimpleNamespace(is_main=True, world_size=1, device=torch.device("cpu"))
+    metrics = Metrics(MetricsConfig(log_every=1, tensorboard=False, profile_step=2), str(tmp_path), dist_state,
+                      steps=3, start_step=0, tokens_per_step=64, flops_per_token=1.0, peak=None)
+    a = torch.randn(64, 64)
+    for step in (1, 2, 3):
+        with metrics.profiling(step):
+            (torch.cholesky_inverse(a @ a.T) if step == 2 else a + a).sum()
+    assert [p.name for p in tmp_path.glob("profile_step_*")] == ["profile_step_2.txt"]
+    table = (tmp_path / "profile_step_2.txt").read_text()
+    assert "aten::cholesky_inverse" in table and "aten::add" not in table
