@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from kernel_speed import D, H, kernel_times  # benchmarks/ is on sys.path when run as a script
+from kernel_speed import D, H, kernel_times, override_chunks  # benchmarks/ is on sys.path when run as a script
 from lasp.kernels import linear_attention
 from lasp.kernels.common.launch import LAUNCH, Launch
 from lasp.kernels.delta import triton as delta_triton
@@ -38,10 +38,10 @@ CANDIDATES = {
     "scalar.dq": ("_bwd_dq_kernel", [(8, 2, 64), (8, 1, 64), (8, 2, 32), (4, 2, 32)]),
     "scalar.dkdv": ("_bwd_dkdv_kernel", [(8, 1, 64), (4, 2, 64)]),
     "scalar.dkdv_dg": ("_bwd_dkdv_kernel", [(8, 2, 64), (4, 1, 64), (16, 1, 64)]),
-    "diagonal.summary": ("_summary_kernel", [(4, 3, 64), (8, 2, 64), (4, 2, 32)]),
-    "diagonal.output": ("_output_kernel", [(8, 2, 64), (8, 1, 64), (4, 2, 32), (8, 2, 32)]),
-    "diagonal.dq": ("_dq_kernel", [(8, 2, 64), (8, 1, 64), (4, 2, 32), (8, 2, 32)]),
-    "diagonal.dkdv": ("_dkdv_kernel", [(8, 2, 64), (4, 1, 64), (8, 1, 32), (16, 1, 64)]),
+    "diagonal.summary": ("_summary_kernel", [(4, 3, 64), (8, 2, 64), (4, 2, 32), (4, 2, 128)]),
+    "diagonal.output": ("_output_kernel", [(8, 2, 64), (4, 3, 64), (4, 1, 64), (4, 2, 32), (8, 2, 128), (4, 2, 128)]),
+    "diagonal.dq": ("_dq_kernel", [(8, 2, 64), (4, 3, 64), (4, 1, 64), (4, 2, 32), (8, 2, 32)]),
+    "diagonal.dkdv": ("_dkdv_kernel", [(8, 2, 64), (4, 1, 64), (4, 2, 64), (8, 1, 32), (4, 1, 32), (16, 1, 64)]),
     "delta.wy": ("_wy_kernel", [(8, 1, 64), (4, 2, 64), (4, 1, 32), (8, 1, 32)]),
     "delta.state": ("_state_pass_kernel", [(4, 3, 32), (4, 2, 16), (4, 2, 64), (8, 2, 64)]),
     "delta.state_bf16": ("_state_pass_kernel", [(4, 2, 32), (4, 4, 32), (4, 3, 16), (4, 3, 64), (8, 3, 64)]),
@@ -177,16 +177,18 @@ def main():
     parser.add_argument("--limit", type=float, default=2e-2,
                         help="largest relative difference to the defaults' results still counted as correct")
     parser.add_argument("--launch-rows", default="", help="comma-separated LAUNCH rows to sweep (default: all of each row's)")
+    parser.add_argument("--chunk", default="", help="FAMILY_CHUNK overrides for the whole sweep, e.g. diagonal=64")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
     decays = args.rows.split(",")
     unknown = [d for d in decays if d not in SPAN_ROWS and d not in ("delta", "g+beta", "gk+beta")]
     if unknown:
         raise ValueError(f"--rows: unknown {unknown}; use plain, g_gamma, g, gk, delta, g+beta, gk+beta")
+    override_chunks(args.chunk)
     B, T = (int(x) for x in args.shape.split("x"))
     records = []
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                H=H, D=D, dtype="bf16", records=records)
+                H=H, D=D, dtype="bf16", chunk_overrides=args.chunk or None, records=records)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "launch_sweep.json")
 
