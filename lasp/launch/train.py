@@ -44,7 +44,12 @@ FAULT_ENV = "LASP_TEST_FAULT"  # "RANK:STEP": that rank dies before that step, i
 
 
 def adamw(train, parameters):
-    return torch.optim.AdamW(parameters, lr=train.lr, betas=(0.9, 0.95), weight_decay=train.weight_decay)
+    """AdamW; its fused kernels when the parameters live on GPUs (one pass over each
+    parameter's state, as torchtitan; the for-each version makes several)."""
+    parameters = list(parameters)
+    fused = bool(parameters) and all(p.device.type == "cuda" for p in parameters)
+    return torch.optim.AdamW(parameters, lr=train.lr, betas=(0.9, 0.95), weight_decay=train.weight_decay,
+                             fused=fused or None)
 
 
 def lr_schedule(optimizer, train):
