@@ -36,21 +36,22 @@ from lasp.kernels.delta import triton as delta_triton
 CANDIDATES = {
     "scalar.output": ("_fwd_output_kernel", [(8, 2, 64), (4, 3, 64), (4, 2, 32)]),
     "scalar.dq": ("_bwd_dq_kernel", [(8, 2, 64), (8, 1, 64), (8, 2, 32), (4, 2, 32)]),
+    "scalar.dq_dg": ("_bwd_dq_kernel", [(4, 2, 64), (8, 1, 64), (8, 2, 32), (16, 2, 64)]),
     "scalar.dkdv": ("_bwd_dkdv_kernel", [(8, 1, 64), (4, 2, 64)]),
     "scalar.dkdv_dg": ("_bwd_dkdv_kernel", [(8, 2, 64), (4, 1, 64), (16, 1, 64)]),
-    "diagonal.summary": ("_summary_kernel", [(4, 3, 64), (8, 2, 64), (4, 2, 32), (4, 2, 128)]),
-    "diagonal.output": ("_output_kernel", [(8, 2, 64), (4, 3, 64), (4, 1, 64), (4, 2, 32), (8, 2, 128), (4, 2, 128)]),
-    "diagonal.dq": ("_dq_kernel", [(8, 2, 64), (4, 3, 64), (4, 1, 64), (4, 2, 32), (8, 2, 32)]),
+    "diagonal.summary": ("_summary_kernel", [(4, 2, 64), (4, 3, 128), (8, 2, 128)]),
+    "diagonal.output": ("_output_kernel", [(4, 2, 64), (8, 3, 128), (8, 1, 128), (16, 2, 128)]),
+    "diagonal.dq": ("_dq_kernel", [(4, 2, 64), (4, 3, 32), (4, 1, 32), (8, 2, 32), (4, 2, 16)]),
     "diagonal.dkdv": ("_dkdv_kernel", [(8, 2, 64), (4, 1, 64), (4, 2, 64), (8, 1, 32), (4, 1, 32), (16, 1, 64)]),
     "delta.wy": ("_wy_kernel", [(8, 1, 64), (4, 2, 64), (4, 1, 32), (8, 1, 32)]),
-    "delta.state": ("_state_pass_kernel", [(4, 3, 32), (4, 2, 16), (4, 2, 64), (8, 2, 64)]),
+    "delta.state": ("_state_pass_kernel", [(4, 2, 32), (4, 1, 16), (8, 2, 16)]),
     "delta.state_bf16": ("_state_pass_kernel", [(4, 2, 32), (4, 4, 32), (4, 3, 16), (4, 3, 64), (8, 3, 64)]),
     "delta.output": ("_output_kernel", [(8, 2, 64), (4, 3, 64), (4, 2, 32)]),
     "delta.output_grad": ("_output_grad_kernel", [(8, 2, 64), (4, 2, 32)]),
     "delta.state_grad": ("_state_pass_grad_kernel", [(4, 2, 32), (4, 3, 16), (8, 2, 32)]),
     "delta.state_grad_bf16": ("_state_pass_grad_kernel", [(4, 3, 32), (4, 2, 16), (4, 2, 64), (8, 2, 64)]),
-    "delta.key_grad": ("_key_grad_kernel", [(4, 2, 64), (8, 1, 64), (8, 2, 32)]),
-    "delta.wy_grad": ("_wy_grad_kernel", [(4, 2, 64), (8, 1, 64), (8, 2, 32)]),
+    "delta.key_grad": ("_key_grad_kernel", [(8, 2, 64), (4, 3, 64), (4, 2, 32)]),
+    "delta.wy_grad": ("_wy_grad_kernel", [(8, 2, 64), (4, 3, 64), (4, 2, 32)]),
     "delta.state_grad_per_key": ("_state_pass_grad_kernel", [(4, 1, 32), (8, 1, 16)]),
     "delta.state_grad_per_key_bf16": ("_state_pass_grad_kernel", [(4, 3, 32), (4, 2, 16)]),
     "delta.key_grad_per_key": ("_key_grad_kernel", [(4, 2, 32), (8, 1, 32), (8, 2, 16)]),
@@ -60,7 +61,7 @@ CANDIDATES = {
 # Sweep row -> the LAUNCH rows its kernels read.
 SPAN_ROWS = {"plain": ["scalar.output", "scalar.dq", "scalar.dkdv"],
              "g_gamma": ["scalar.output", "scalar.dq", "scalar.dkdv"],
-             "g": ["scalar.output", "scalar.dq", "scalar.dkdv_dg"],
+             "g": ["scalar.output", "scalar.dq_dg", "scalar.dkdv_dg"],
              "gk": ["diagonal.summary", "diagonal.output", "diagonal.dq", "diagonal.dkdv"]}
 
 

@@ -11,7 +11,8 @@ lasp.launch.train` run: `linear-llama3-1b` with its 128K vocabulary, synthetic p
 documents (no `datasets`, no download), bf16 under FSDP2, `--steps` steps. A variant
 names the speed and memory switches (`VARIANTS`): `auto` checkpoints every block from
 131K tokens per GPU; `long` adds host offload of the checkpointed inputs and 16K-token
-tiles of norms and MLP (the ALST way to 1M tokens on one GPU). Throughput excludes the
+tiles of norms and MLP (the ALST way to 1M tokens on one GPU); `compile+half` checkpoints
+every other block. Throughput excludes the
 first `--log-every` steps (compilation and warm-up). Prints a table and writes JSON to $OUT
 (or benchmarks/results/) after every run, so an interrupted check keeps what it measured.
 """
@@ -41,6 +42,7 @@ VARIANTS = {
     "compile": ["--compile", "--activation-checkpointing", "none"],
     "compile+full": ["--compile", "--activation-checkpointing", "full"],
     "compile+selective": ["--compile", "--activation-checkpointing", "selective"],
+    "compile+half": ["--compile", "--activation-checkpointing", "full", "--activation-checkpointing-every", "2"],
     "long": ["--activation-checkpointing", "full", "--offload-activations", "--tile-tokens", "16384"],
 }
 
@@ -55,7 +57,7 @@ def switches(variant: str, tokens_per_gpu: int) -> list[str]:
 def run(pattern: str, tokens_per_gpu: int, variant: str, gpus: int, steps: int, timeout: int,
         profile_step: int = 0, out_dir: Path | None = None) -> dict:
     """One lasp-train run; with `profile_step`, its per-op table of that step is copied to
-    `out_dir` as profile_<pattern>_<tokens>_<variant>.txt."""
+    `out_dir` as profile_<pattern>_<tokens>_<variant, + as _>.txt."""
     flags = switches(variant, tokens_per_gpu)
     if profile_step:
         flags = [*flags, "--profile-step", str(profile_step)]
@@ -78,7 +80,7 @@ def run(pattern: str, tokens_per_gpu: int, variant: str, gpus: int, steps: int, 
         summary = json.loads(summary_file.read_text())
         profile = Path(output_dir) / f"profile_step_{profile_step}.txt"
         if profile_step and profile.exists():
-            shutil.copy(profile, out_dir / f"profile_{pattern}_{tokens_per_gpu}_{variant}.txt")
+            shutil.copy(profile, out_dir / f"profile_{pattern}_{tokens_per_gpu}_{variant.replace('+', '_')}.txt")
         records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
         return {**result, "status": "ok", "tokens_per_s_per_gpu": summary["tokens_per_s_per_gpu"],
                 "mfu": summary["mfu"], "peak_memory_gb": summary["peak_memory_gb"],

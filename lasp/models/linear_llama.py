@@ -234,14 +234,15 @@ class LinearLlamaModel(LinearLlamaPreTrainedModel):
         group = None if sp is None else sp.group
         aux_losses = []
         mode = self.config.activation_checkpointing if torch.is_grad_enabled() else False
-        for layer in self.layers:
-            if mode == "selective":  # inside the block (compiled with it under --compile)
+        every = self.config.activation_checkpointing_every
+        for i, layer in enumerate(self.layers):
+            if not mode or i % every:  # keeps its activations
+                x, aux = layer(x, layout, group, cu_seqlens)
+            elif mode == "selective":  # inside the block (compiled with it under --compile)
                 x, aux = layer(x, layout, group, cu_seqlens, selective_checkpoint=True)
-            elif mode:  # around the block: recompute all of it
+            else:  # around the block: recompute all of it
                 x, aux = checkpoint(layer, x, layout, group, cu_seqlens, use_reentrant=False,
                                     context_fn=checkpoint_context_fn(mode))
-            else:
-                x, aux = layer(x, layout, group, cu_seqlens)
             if aux is not None:
                 aux_losses.append(aux)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None

@@ -159,13 +159,16 @@ def test_triton_matches_chunk_form(monkeypatch, decay):
     dims that are not powers of two (masked tiles); packed documents (length 1, empty,
     several chunks, partial last chunks, trailing unused chunk slots), h0, strong decay
     (for gk e^-30 per token on a third of the key dims: e^{−Γ} would overflow), K ≠ V,
-    two V-tiles in every kernel and three K-tiles, the last one partial, in the chunk
-    backward's (16-wide tiles)."""
+    two V-tiles in every kernel, three K-tiles, the last one partial, in the key gradient's
+    (16-wide tiles) and two in the UT transform's gradient (32-wide: its K-tiles need not
+    be the key gradient's)."""
     _check_triton(decay, 2, 45, 1, 32, 16, with_h0=False, chunk_size=32)
     _check_triton(decay, 1, 20, 1, 48, 24)
     for row in ("delta.state", "delta.state_grad", "delta.wy", "delta.output", "delta.output_grad",
-                "delta.key_grad", "delta.wy_grad", "delta.key_grad_per_key", "delta.wy_grad_per_key"):
+                "delta.key_grad", "delta.key_grad_per_key"):
         monkeypatch.setitem(launch.LAUNCH, row, launch.Launch(4, 2, 16))
+    for row in ("delta.wy_grad", "delta.wy_grad_per_key"):
+        monkeypatch.setitem(launch.LAUNCH, row, launch.Launch(4, 2, 32))
     lengths = [1, 40, 0, 23]
     _check_triton(decay, 1, sum(lengths), 2, 40, 32, lengths=lengths, strong=True)
 

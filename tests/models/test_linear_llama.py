@@ -1,5 +1,7 @@
 """Linear-Llama on one device: configs, layer patterns, loss, checkpointing, save/load."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,14 +120,21 @@ def test_loss_is_chunked_cross_entropy(overrides):
     assert model(ids, cu_seqlens=cu, labels=ids).logits is None  # no whole-sequence logits
 
 
-def test_activation_checkpointing_gives_identical_gradients():
-    model = tiny_model(layer_pattern="LLN", linear_conv_size=3)
+@pytest.mark.parametrize("every, recomputed", [(1, [0, 1, 2, 3]), (2, [0, 2]), (3, [0, 3])])
+def test_activation_checkpointing_gives_identical_gradients(every, recomputed):
+    """Checkpointing every `every`-th block recomputes those blocks alone, same gradients."""
+    model = tiny_model(layer_pattern="LLN", num_hidden_layers=4, linear_conv_size=3)
     ids = torch.randint(0, 256, (2, 20))
     grads = torch.autograd.grad(model(ids, labels=ids).loss, list(model.parameters()))
-    model.config.activation_checkpointing = True
+    model.config.activation_checkpointing, model.config.activation_checkpointing_every = True, every
     loss = model(ids, labels=ids).loss
+    calls = []
+    for i, layer in enumerate(model.model.layers):  # (a recompute runs no module hooks)
+        layer.forward = functools.partial(lambda forward, i, *args: (calls.append(i), forward(*args))[1],
+                                          layer.forward, i)
     for a, b in zip(torch.autograd.grad(loss, list(model.parameters())), grads):
         assert torch.equal(a, b)
+    assert sorted(calls) == recomputed
 
 
 def test_tied_embeddings():

@@ -55,24 +55,32 @@ class Launch:
     block: int
 
 
-# One row per kernel, the only place launch parameters are set; chosen on an H200 at
-# H=16, D=128 by `benchmarks/check_triton_gpu.py --tune`.
+# One row per kernel, the only place launch parameters are set; chosen at H=16, D=128 by
+# `benchmarks/check_triton_gpu.py --tune` (H200) and `benchmarks/launch_sweep.py` (H100).
 LAUNCH = {
     "scalar.summary": Launch(num_warps=4, num_stages=2, block=64),
     "scalar.output": Launch(num_warps=4, num_stages=2, block=64),
     "scalar.dq": Launch(num_warps=4, num_stages=2, block=64),
+    # The dq walk with the decay's gradient (DG: it also stores every chunk's state): 8 warps
+    # (1.09 ms against 4 warps' 1.18 at 1×32K, H100, launch_sweep_h100_2026-12-06-s6).
+    "scalar.dq_dg": Launch(num_warps=8, num_stages=2, block=64),
     "scalar.dkdv": Launch(num_warps=8, num_stages=2, block=64),
     # The dk/dv walk with the decay's gradient (DG: dg's chunk-local terms): more
     # registers, no room to pipeline.
     "scalar.dkdv_dg": Launch(num_warps=8, num_stages=1, block=64),
-    # Per-key decay (gk): first guesses, not yet swept by --tune.
-    "diagonal.summary": Launch(num_warps=4, num_stages=2, block=64),
-    "diagonal.output": Launch(num_warps=4, num_stages=2, block=64),
-    "diagonal.dq": Launch(num_warps=4, num_stages=2, block=64),
+    # Per-key decay (gk): swept on an H100 at 1×32K (benchmarks/launch_sweep.py,
+    # launch_sweep_h100_2026-12-06-s6): summary 0.34 ms with 128-wide tiles (0.48 at 64),
+    # output 0.81 with 8 warps and all of V (1.02), dq 1.97 with 32-wide K-tiles (2.17); the
+    # fused dk/dv launch keeps 8 warps unpipelined (every other choice was slower).
+    "diagonal.summary": Launch(num_warps=4, num_stages=2, block=128),
+    "diagonal.output": Launch(num_warps=8, num_stages=2, block=128),
+    "diagonal.dq": Launch(num_warps=4, num_stages=2, block=32),
     "diagonal.dkdv": Launch(num_warps=8, num_stages=1, block=64),
     # Delta rule: the sequential state pass per (document, head, V-tile) and its backward
-    # walk; narrow V-tiles give more programs (first guesses, not yet swept by --tune).
-    "delta.state": Launch(num_warps=4, num_stages=2, block=32),
+    # walk; narrow V-tiles give more programs (the fp32 walks swept on an H100 for Gated
+    # DeltaNet at 1×32K, launch_sweep_h100_2026-12-06-s6: V-tiles of 16 walk in 2.27 ms
+    # against 2.42 at 32; the backward walk's 16 was already the best).
+    "delta.state": Launch(num_warps=4, num_stages=2, block=16),
     # V-tiles of 16: with 32 the per-key walk at K = 128 (bf16) needs 228 KB of shared
     # memory (it failed on an H100, 2026-12-06); 16 gives it 218 KB. The per-key walk with
     # fp32 inputs still needs 236 KB pipelined, so it runs unpipelined (its own row).
@@ -92,12 +100,14 @@ LAUNCH = {
     # decay's exact diagonal blocks hold more registers: narrower tiles (its `_per_key`
     # rows). Chosen offline for no spills (sm_90, Triton 3.6, K = V = 128, bf16 and fp32,
     # benchmarks/kernel_resources.py; 64-wide per-key tiles spill 0.6 KB a thread, 32-wide
-    # ones in wy_grad 0.2 KB), not yet timed on a GPU.
+    # ones in wy_grad 0.2 KB). Swept on an H100 for Gated DeltaNet (as above): the chunk
+    # backward on 4 warps, key_grad 1.51 ms and wy_grad 1.22 against 1.92 and 1.88 on 8; the
+    # UT transform's 4 warps were already the best. The `_per_key` rows are not yet swept.
     "delta.wy": Launch(num_warps=4, num_stages=1, block=64),
     "delta.output": Launch(num_warps=4, num_stages=2, block=64),
     "delta.output_grad": Launch(num_warps=4, num_stages=2, block=64),
-    "delta.key_grad": Launch(num_warps=8, num_stages=2, block=64),
-    "delta.wy_grad": Launch(num_warps=8, num_stages=2, block=64),
+    "delta.key_grad": Launch(num_warps=4, num_stages=2, block=64),
+    "delta.wy_grad": Launch(num_warps=4, num_stages=2, block=64),
     "delta.key_grad_per_key": Launch(num_warps=8, num_stages=2, block=32),
     "delta.wy_grad_per_key": Launch(num_warps=8, num_stages=2, block=16),
     "scan": Launch(num_warps=4, num_stages=3, block=1024),

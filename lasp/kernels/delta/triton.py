@@ -773,7 +773,7 @@ def _key_tile(k, g, gam_row, offs_t, mask_t, h, offs_k, H: tl.constexpr, K: tl.c
 def _wy_grad_kernel(k, v, beta, g, slot_bounds, a_inv, d_delta, dk_part, d_w, dg_part, dk, dv, dbeta, dg,
                     T, PER_ROW, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                     BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
-                    VARLEN: tl.constexpr):
+                    VARLEN: tl.constexpr, DG_ROWS: tl.constexpr):
     """The rest of the chunk backward, one chunk slot and head, K and V in tiles: the UT
     transform's u = R (βV) and w = R B (B = β K ⊙ e^Γ) and R = (I + N)⁻¹.
 
@@ -781,7 +781,8 @@ def _wy_grad_kernel(k, v, beta, g, slot_bounds, a_inv, d_delta, dk_part, d_w, dg
     dR ← dw Bᵀ; then dN = −Rᵀ dR Rᵀ under the diagonal; over K again: dB = Rᵀ dw and N's
     terms, added to the partial dk (`dk_part`) into dk, and their dβ and dΓ. dg: the
     reverse cumulative sum of these dΓ added to `_key_grad_kernel`'s share (`dg` itself
-    per key, the K-tiles' rows of `dg_part` for g). A per-key decay (DECAY 2) takes the
+    per key, for g the DG_ROWS rows of `dg_part`: one per `_key_grad_kernel` K-tile, whose
+    tiles need not be this kernel's). A per-key decay (DECAY 2) takes the
     products through the decayed scores by `_key_apply` / `_key_apply_t` (every exponent
     ≤ 0), dN's diagonal blocks gathered once for all K-tiles.
     """
@@ -860,8 +861,8 @@ def _wy_grad_kernel(k, v, beta, g, slot_bounds, a_inv, d_delta, dk_part, d_w, dg
     tl.store(dbeta + offs_t * H + h, d_beta, mask=mask_t)
     if DECAY == 1:
         b_dg = tl.cumsum(d_gam_row, 0, reverse=True)
-        for kt in range(NK):
-            b_dg += tl.load(dg_part + (base * NK + kt) * C + offs_c)
+        for kt in range(DG_ROWS):
+            b_dg += tl.load(dg_part + (base * DG_ROWS + kt) * C + offs_c)
         tl.store(dg + offs_t * H + h, b_dg, mask=mask_t)
 
 
@@ -1029,7 +1030,7 @@ def fused_backward(q, k, v, beta, g, saved, do, d_final, layout: ChunkLayout, sc
         scale, T, per_row, HAS_Q=has_q)
     _slot_launch(_wy_grad_kernel, layout, wy_row, K, V, H, decay, None, tiled_k=True)(
         k, v, beta, k if g is None else g, bounds, a_inv, d_delta, dk_part, d_w, k if dg_part is None else dg_part,
-        dk, dv, dbeta, k if dg is None else dg, T, per_row)
+        dk, dv, dbeta, k if dg is None else dg, T, per_row, DG_ROWS=n_k)
     if q is not None and dq is None:
         dq = torch.zeros_like(q)
     return dq, dk, dv, dbeta, dg, dh0

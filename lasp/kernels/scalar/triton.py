@@ -431,7 +431,8 @@ def _backward_dq(q, k, v, g, w, rows, do, states, scale, plan: SpanPlan, decay_g
     H, K, V, NS, TT = plan.H, plan.K, plan.V, plan.n_spans, plan.tokens
     dev, use_g = q.device, g is not None
     span_bounds, sizes = plan.span_args(q)
-    BK, BV = tile("scalar.dq", K, V), triton.next_power_of_2(V)
+    row = "scalar.dq_dg" if decay_grad else "scalar.dq"
+    BK, BV = tile(row, K, V), triton.next_power_of_2(V)
     n_k_tiles = triton.cdiv(K, BK)
     dq = launch.new_tensor(k.shape, q.dtype if rows is None else torch.float32, dev)
     d_states = launch.new_tensor((NS, H, K, V), torch.float32, dev)
@@ -446,7 +447,7 @@ def _backward_dq(q, k, v, g, w, rows, do, states, scale, plan: SpanPlan, decay_g
         q, k, v, g if use_g else q, q if w is None else w, q if rows is None else rows, do, span_bounds,
         states, dq, d_states, q if q_dq is None else q_dq, dg_q, chunk_states, span_chunk0, scale, *sizes,
         H=H, K=K, V=V, C=plan.chunk, BK=BK, BV=BV, USE_G=use_g, DG=decay_grad,
-        ROW_WEIGHT=w is not None, GATHER=rows is not None, VARLEN=plan.varlen, **launch_kw("scalar.dq"))
+        ROW_WEIGHT=w is not None, GATHER=rows is not None, VARLEN=plan.varlen, **launch_kw(row))
     return dq, d_states, q_dq, dg_parts
 
 
