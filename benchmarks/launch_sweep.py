@@ -134,7 +134,8 @@ def sweep(decay, B, T, walks, limit, only, records, save):
     step, rows = make_case(decay, B, T, walks)
     rows = [row for row in rows if not only or row in only]
     default, reference = measure(step, None, None)
-    print(f"\n{decay} B={B} T={T} ({walks} walks where the delta rule): defaults {default['ms']:.3f} ms", flush=True)
+    walk_note = "" if decay in SPAN_ROWS else f", {walks} walk operands"
+    print(f"\n{decay} B={B} T={T}{walk_note}: defaults {default['ms']:.3f} ms", flush=True)
     print(f"{'LAUNCH row':30s} {'w,s,b':>9s} {'kernel us':>10s} {'fwd+bwd ms':>11s} {'diff':>8s}")
     for row in rows:
         kernel, candidates = CANDIDATES[row]
@@ -177,7 +178,8 @@ def main():
                         help="the delta rule's walk operands")
     parser.add_argument("--limit", type=float, default=2e-2,
                         help="largest relative difference to the defaults' results still counted as correct")
-    parser.add_argument("--launch-rows", default="", help="comma-separated LAUNCH rows to sweep (default: all of each row's)")
+    parser.add_argument("--launch-rows", default="",
+                        help="comma-separated LAUNCH rows to sweep (default: all of each row's)")
     parser.add_argument("--chunk", default="", help="FAMILY_CHUNK overrides for the whole sweep, e.g. diagonal=64")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()

@@ -23,8 +23,9 @@ HF_PREFIX = "hf:"
 
 def build_model_config(config, vocab_size: int | None):
     """The LinearLlamaConfig of --model, --layer-pattern, --activation-checkpointing(-every),
-    --offload-activations, --tile-tokens and --model-overrides; its vocabulary is the tokenizer's (`vocab_size`) unless overridden
-    with a larger one. ValueError (naming the option) for a bad name or field."""
+    --offload-activations, --tile-tokens and --model-overrides; its vocabulary is the
+    tokenizer's (`vocab_size`) unless overridden with a larger one. ValueError (naming the
+    option) for a bad name or field."""
     from lasp.models import LinearLlamaConfig, linear_llama_config
     from lasp.models.config import PRESETS
 

@@ -167,7 +167,8 @@ class LinearLlamaConfig(PretrainedConfig):
                  kda_decay_rank=None, mamba_num_heads=None, mamba_state_size=128, mamba_num_groups=1,
                  mamba_conv_size=4, mom_num_memories=4, mom_top_k=2,
                  mom_shared_memory=True, router_aux_loss_coef=0.01, activation_checkpointing=False,
-                 activation_checkpointing_every=1, offload_activations=False, tile_tokens=0, loss_chunk_size=4096, **kwargs):
+                 activation_checkpointing_every=1, offload_activations=False, tile_tokens=0, loss_chunk_size=4096,
+                 **kwargs):
         kinds = parse_layer_pattern(layer_pattern, num_hidden_layers)
         _check_linear_options(kinds, head_dim, linear_feature_map, linear_decay, linear_fixed_decays,
                               linear_key_dim)
