@@ -11,8 +11,8 @@ lasp.launch.train` run: `linear-llama3-1b` with its 128K vocabulary, synthetic p
 documents (no `datasets`, no download), bf16 under FSDP2, `--steps` steps. A variant
 names the speed and memory switches (`VARIANTS`): `auto` checkpoints every block from
 131K tokens per GPU; `long` adds host offload of the checkpointed inputs and 16K-token
-tiles of norms and MLP (the ALST way to 1M tokens on one GPU); `compile+half` checkpoints
-every other block. Throughput excludes the
+tiles of norms and MLP (the ALST way to 1M tokens on one GPU); `compile+acN` checkpoints
+only the first N of the 16 blocks. Throughput excludes the
 first `--log-every` steps (compilation and warm-up). Prints a table and writes JSON to $OUT
 (or benchmarks/results/) after every run, so an interrupted check keeps what it measured.
 """
@@ -42,7 +42,8 @@ VARIANTS = {
     "compile": ["--compile", "--activation-checkpointing", "none"],
     "compile+full": ["--compile", "--activation-checkpointing", "full"],
     "compile+selective": ["--compile", "--activation-checkpointing", "selective"],
-    "compile+half": ["--compile", "--activation-checkpointing", "full", "--activation-checkpointing-every", "2"],
+    "compile+ac12": ["--compile", "--activation-checkpointing", "full", "--activation-checkpointing-blocks", "12"],
+    "compile+ac8": ["--compile", "--activation-checkpointing", "full", "--activation-checkpointing-blocks", "8"],
     "long": ["--activation-checkpointing", "full", "--offload-activations", "--tile-tokens", "16384"],
 }
 

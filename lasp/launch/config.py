@@ -43,9 +43,9 @@ class ModelConfig:
     activation_checkpointing: str = option("none", "recompute each block in the backward: none | full | selective "
                                                    "(keeps attention outputs and every other matmul's, recomputes "
                                                    "the rest); without a value: full", bare="full")
-    activation_checkpointing_every: int = option(1, "with --activation-checkpointing: checkpoint one block in N "
-                                                    "(blocks 0, N, 2N, ...); the others keep their activations: "
-                                                    "less recompute for more memory (lasp presets)")
+    activation_checkpointing_blocks: typing.Optional[int] = option(
+        None, "with --activation-checkpointing: checkpoint only the first N blocks; the later ones keep their "
+              "activations: less recompute for more memory (default: every block; lasp presets)")
     compile: bool = option(False, "torch.compile each block (one graph with its attention op at --sp-size 1; "
                                   "under sequence parallelism the attention ops run eagerly between its graphs); "
                                   "with --activation-checkpointing selective: --sp-size 1, lasp presets")
@@ -394,15 +394,17 @@ def validate(config: Config, world_size: int | None) -> None:
                              config.launch)
     if config.model.offload_activations and config.model.activation_checkpointing == "none":
         raise ValueError("--offload-activations needs --activation-checkpointing (it offloads the checkpointed inputs)")
-    if ((config.model.offload_activations or config.model.tile_tokens or config.model.activation_checkpointing_every
-         != 1) and config.model.name.startswith("hf:")):
-        raise ValueError("--offload-activations, --tile-tokens and --activation-checkpointing-every apply to lasp "
+    blocks = config.model.activation_checkpointing_blocks
+    if ((config.model.offload_activations or config.model.tile_tokens or blocks is not None)
+            and config.model.name.startswith("hf:")):
+        raise ValueError("--offload-activations, --tile-tokens and --activation-checkpointing-blocks apply to lasp "
                          "presets, not --model hf:PATH")
     _check_range("--tile-tokens", config.model.tile_tokens, 0)
-    _check_range("--activation-checkpointing-every", config.model.activation_checkpointing_every, 1)
-    if config.model.offload_activations and config.model.activation_checkpointing_every != 1:
-        raise ValueError("--offload-activations needs --activation-checkpointing-every 1: the blocks left "
-                         "uncheckpointed would send every activation to the host")
+    if blocks is not None:
+        _check_range("--activation-checkpointing-blocks", blocks, 0)
+        if config.model.offload_activations:
+            raise ValueError("--offload-activations needs every block checkpointed (no --activation-checkpointing-"
+                             "blocks): the others would send every activation to the host")
     _check_choice("--activation-checkpointing", config.model.activation_checkpointing, CHECKPOINT_MODES)
     if config.model.compile and config.model.activation_checkpointing == "selective":
         # The checkpoint must sit inside the compiled graph (lasp.launch.compile): LASP-2's ops break

@@ -22,7 +22,7 @@ HF_PREFIX = "hf:"
 
 
 def build_model_config(config, vocab_size: int | None):
-    """The LinearLlamaConfig of --model, --layer-pattern, --activation-checkpointing(-every),
+    """The LinearLlamaConfig of --model, --layer-pattern, --activation-checkpointing(-blocks),
     --offload-activations, --tile-tokens and --model-overrides; its vocabulary is the
     tokenizer's (`vocab_size`) unless overridden with a larger one. ValueError (naming the
     option) for a bad name or field."""
@@ -44,7 +44,7 @@ def build_model_config(config, vocab_size: int | None):
     try:
         return linear_llama_config(config.name, layer_pattern=config.layer_pattern,
                                    activation_checkpointing=model_checkpointing(config.activation_checkpointing),
-                                   activation_checkpointing_every=config.activation_checkpointing_every,
+                                   activation_checkpointing_blocks=config.activation_checkpointing_blocks,
                                    offload_activations=config.offload_activations, tile_tokens=config.tile_tokens,
                                    **overrides)
     except (ValueError, TypeError, NotImplementedError) as error:

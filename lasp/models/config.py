@@ -89,15 +89,18 @@ def _check_mamba_options(kinds, num_heads, mamba_num_heads, state_size, num_grou
                          "B and C serves heads // groups consecutive heads")
 
 
-def _check_memory_options(activation_checkpointing, activation_checkpointing_every, offload_activations,
+def _check_memory_options(activation_checkpointing, activation_checkpointing_blocks, num_blocks, offload_activations,
                           tile_tokens) -> None:
     """The training-memory options, checked before any model (or process) is built."""
-    every = activation_checkpointing_every
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise ValueError(f"activation_checkpointing_every must be an int >= 1, got {every!r}")
-    if offload_activations and every > 1:
-        raise ValueError(f"offload_activations=True needs activation_checkpointing_every=1, got {every}: the blocks "
-                         "left uncheckpointed would send every activation to the host")
+    blocks = activation_checkpointing_blocks
+    if blocks is not None:
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or not 0 <= blocks <= num_blocks:
+            raise ValueError(f"activation_checkpointing_blocks must be None (every block) or an int in [0, "
+                             f"num_hidden_layers={num_blocks}], got {blocks!r}")
+        if offload_activations and blocks < num_blocks:
+            raise ValueError(f"offload_activations=True needs every block checkpointed (activation_checkpointing_"
+                             f"blocks None), got {blocks} of {num_blocks}: the others would send every activation "
+                             "to the host")
     if not isinstance(offload_activations, bool):
         raise ValueError(f"offload_activations must be a bool, got {offload_activations!r}")
     if offload_activations and not activation_checkpointing:
@@ -141,9 +144,9 @@ class LinearLlamaConfig(PretrainedConfig):
       router_aux_loss_coef: weight of the MoM layers' mean load-balancing loss in the loss.
     Training:
       activation_checkpointing: recompute each layer in the backward.
-      activation_checkpointing_every: with activation_checkpointing, checkpoint one block in N
-          (blocks 0, N, 2N, ...; torchtitan's layer frequency); the others keep their
-          activations: less recompute for more memory. 1: every block.
+      activation_checkpointing_blocks: with activation_checkpointing, checkpoint only the
+          first N blocks; the later ones keep their activations: less recompute for more
+          memory. None: every block.
       offload_activations: with activation_checkpointing, what the forward saves outside the
           checkpointed blocks (each block's input [B, T, hidden], the final norm's and the loss's
           inputs) goes to pinned host memory until the backward needs it
@@ -167,7 +170,7 @@ class LinearLlamaConfig(PretrainedConfig):
                  kda_decay_rank=None, mamba_num_heads=None, mamba_state_size=128, mamba_num_groups=1,
                  mamba_conv_size=4, mom_num_memories=4, mom_top_k=2,
                  mom_shared_memory=True, router_aux_loss_coef=0.01, activation_checkpointing=False,
-                 activation_checkpointing_every=1, offload_activations=False, tile_tokens=0, loss_chunk_size=4096,
+                 activation_checkpointing_blocks=None, offload_activations=False, tile_tokens=0, loss_chunk_size=4096,
                  **kwargs):
         kinds = parse_layer_pattern(layer_pattern, num_hidden_layers)
         _check_linear_options(kinds, head_dim, linear_feature_map, linear_decay, linear_fixed_decays,
@@ -177,8 +180,8 @@ class LinearLlamaConfig(PretrainedConfig):
                              mamba_conv_size)
         if not 1 <= mom_top_k <= mom_num_memories:
             raise ValueError(f"mom_top_k={mom_top_k} must be in [1, mom_num_memories={mom_num_memories}]")
-        _check_memory_options(activation_checkpointing, activation_checkpointing_every, offload_activations,
-                              tile_tokens)
+        _check_memory_options(activation_checkpointing, activation_checkpointing_blocks, num_hidden_layers,
+                              offload_activations, tile_tokens)
         if num_attention_heads % num_key_value_heads:
             raise ValueError(f"num_attention_heads={num_attention_heads} must be a multiple of "
                              f"num_key_value_heads={num_key_value_heads}")
@@ -215,7 +218,7 @@ class LinearLlamaConfig(PretrainedConfig):
         self.mom_shared_memory = mom_shared_memory
         self.router_aux_loss_coef = router_aux_loss_coef
         self.activation_checkpointing = activation_checkpointing
-        self.activation_checkpointing_every = activation_checkpointing_every
+        self.activation_checkpointing_blocks = activation_checkpointing_blocks
         self.offload_activations = offload_activations
         self.tile_tokens = tile_tokens
         self.loss_chunk_size = loss_chunk_size

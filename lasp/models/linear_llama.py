@@ -234,9 +234,9 @@ class LinearLlamaModel(LinearLlamaPreTrainedModel):
         group = None if sp is None else sp.group
         aux_losses = []
         mode = self.config.activation_checkpointing if torch.is_grad_enabled() else False
-        every = self.config.activation_checkpointing_every
+        blocks = self.config.activation_checkpointing_blocks
         for i, layer in enumerate(self.layers):
-            if not mode or i % every:  # keeps its activations
+            if not mode or (blocks is not None and i >= blocks):  # keeps its activations
                 x, aux = layer(x, layout, group, cu_seqlens)
             elif mode == "selective":  # inside the block (compiled with it under --compile)
                 x, aux = layer(x, layout, group, cu_seqlens, selective_checkpoint=True)

@@ -120,13 +120,14 @@ def test_loss_is_chunked_cross_entropy(overrides):
     assert model(ids, cu_seqlens=cu, labels=ids).logits is None  # no whole-sequence logits
 
 
-@pytest.mark.parametrize("every, recomputed", [(1, [0, 1, 2, 3]), (2, [0, 2]), (3, [0, 3])])
-def test_activation_checkpointing_gives_identical_gradients(every, recomputed):
-    """Checkpointing every `every`-th block recomputes those blocks alone, same gradients."""
+@pytest.mark.parametrize("blocks, recomputed", [(None, [0, 1, 2, 3]), (3, [0, 1, 2]), (1, [0]), (0, [])])
+def test_activation_checkpointing_gives_identical_gradients(blocks, recomputed):
+    """Checkpointing every block, or only the first `blocks`, recomputes those alone: the
+    same gradients."""
     model = tiny_model(layer_pattern="LLN", num_hidden_layers=4, linear_conv_size=3)
     ids = torch.randint(0, 256, (2, 20))
     grads = torch.autograd.grad(model(ids, labels=ids).loss, list(model.parameters()))
-    model.config.activation_checkpointing, model.config.activation_checkpointing_every = True, every
+    model.config.activation_checkpointing, model.config.activation_checkpointing_blocks = True, blocks
     loss = model(ids, labels=ids).loss
     calls = []
     for i, layer in enumerate(model.model.layers):  # (a recompute runs no module hooks)

@@ -110,12 +110,12 @@ def test_config_checks_the_memory_options():
     for bad in (-1, True, 1.5):
         with pytest.raises(ValueError, match="tile_tokens must be an int >= 0"):
             linear_llama_config("tiny", tile_tokens=bad)
-    for bad in (0, True, 1.5):
-        with pytest.raises(ValueError, match="activation_checkpointing_every must be an int >= 1"):
-            linear_llama_config("tiny", activation_checkpointing_every=bad)
-    with pytest.raises(ValueError, match="offload_activations=True needs activation_checkpointing_every=1"):
+    for bad in (-1, True, 1.5, 99):
+        with pytest.raises(ValueError, match="activation_checkpointing_blocks must be None"):
+            linear_llama_config("tiny", activation_checkpointing_blocks=bad)
+    with pytest.raises(ValueError, match="offload_activations=True needs every block checkpointed"):
         linear_llama_config("tiny", activation_checkpointing=True, offload_activations=True,
-                            activation_checkpointing_every=2)
+                            activation_checkpointing_blocks=1)
 
 
 def test_lasp_train_options(tmp_path):
@@ -126,8 +126,8 @@ def test_lasp_train_options(tmp_path):
         validate(load_config(["--offload-activations", "--output-dir", str(tmp_path)]), None)
     with pytest.raises(ValueError, match="--tile-tokens must be >= 0"):
         validate(load_config(["--tile-tokens", "-1", "--output-dir", str(tmp_path)]), None)
-    with pytest.raises(ValueError, match="--activation-checkpointing-every must be >= 1"):
-        validate(load_config(["--activation-checkpointing-every", "0", "--output-dir", str(tmp_path)]), None)
-    with pytest.raises(ValueError, match="--offload-activations needs --activation-checkpointing-every 1"):
-        validate(load_config(["--activation-checkpointing", "--offload-activations", "--activation-checkpointing-every",
+    with pytest.raises(ValueError, match="--activation-checkpointing-blocks must be >= 0"):
+        validate(load_config(["--activation-checkpointing-blocks", "-1", "--output-dir", str(tmp_path)]), None)
+    with pytest.raises(ValueError, match="--offload-activations needs every block checkpointed"):
+        validate(load_config(["--activation-checkpointing", "--offload-activations", "--activation-checkpointing-blocks",
                               "2", "--output-dir", str(tmp_path)]), None)
