@@ -13,7 +13,9 @@ of the output and every gradient to the defaults' (a launch that miscompiles sho
 FAIL; one over the GPU's shared memory as "out of resources"). The defaults run first and
 again last, so drift shows. Prints a table per row, best candidate of each kernel marked;
 writes launch_sweep.json to DIR (default $OUT, else benchmarks/results/) after every
-candidate. Chosen candidates go into LAUNCH by hand, with the run named beside them.
+candidate. Chosen candidates go into LAUNCH by hand, with the run named beside them. The
+scalar family's call knobs (span length, split dk/dv launch) are swept by
+`benchmarks/check_triton_gpu.py --tune`, against the fp32 oracle.
 """
 
 from __future__ import annotations
