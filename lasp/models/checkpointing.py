@@ -7,7 +7,10 @@ block), and recomputes the rest — the other projections, norms, RoPE, activati
 Keeping every matmul output did not fit linear-llama3-1b at 64K tokens on an 80 GB H100
 (out of memory with 77.5 GB in use, 2026-12-06): every other one about halves that memory
 for about a third of the block's matmul FLOPs recomputed (torchtitan's default selective
-policy). The value is `LinearLlamaConfig.activation_checkpointing` (False, True / "full", "selective").
+policy). Measured there, compiled, it is slower than `full`: 41.6K tokens/s and 58 GB
+against 51.6K and 28.5 GB (session 6). The value is
+`LinearLlamaConfig.activation_checkpointing` (False, True / "full", "selective");
+`activation_checkpointing_blocks` limits either to the first N blocks.
 
 Under torch.compile the selective checkpoint sits inside each compiled block (torchtitan's
 order: checkpoint, then compile; `LinearLlamaBlock.forward`), so that AOT autograd's
