@@ -52,14 +52,18 @@ Intermediates live in chunk slots ([n_slots, H, C, ·]; `ChunkLayout`); inputs a
 gradients stay token-major [B, T, H, ·]. Packed documents: a slot table on the device (no
 host sync; the number of slots is a bound from shapes).
 
-Precision. The stored operands of the tensor-core products, the "walk operands" w, k_end,
-the states S, δ, dδ and dS', take `WALK_OPERANDS` for 16-bit inputs: bf16 (as fla: the
-walks' and the chunk backward's products bf16 × bf16 → fp32, half the bytes and shared
-memory of a pipeline stage), or fp32 (the default: TF32 products, the accuracy baseline;
-fp32 inputs always). One code path: the kernels take the loaded tiles' dtype, the carried
-state and every accumulator stay fp32 in registers, and the state is rounded only as a
-product's operand. R = (I + N)⁻¹ stays fp32 (every w, u and gradient goes through it,
-dN = −Rᵀ dR Rᵀ through it twice, and at [C, C] a chunk it is no big read), as do u and
+Precision. The walks' stored operands w and k_end take `WALK_OPERANDS` for 16-bit
+inputs: bf16 (half the bytes and shared memory of a pipeline stage) or fp32 (the default:
+TF32 products, the accuracy baseline; fp32 inputs always). The walks' outputs S, δ, dδ
+and dS' are stored in fp32 either way, and inside a walk the fp32 operand in registers
+(the state, δ, dS', dδ) meets a bf16 w or k_end as two bf16 halves, hi + lo
+(`_walk_dot`), so that only w's and k_end's rounding enters: with bf16 for those too (as
+fla) DeltaNet's dk and dv reached 4.5e-3 on CPU's bf16-exact interpreter, 3.8e-3 and
+3.1e-3 this way, 3.6e-3 and 3.1e-3 with fp32 walks (T = 1024, K = V = 64, max error
+against float64). One code path: the kernels take the loaded tiles' dtype, the carried
+state and every accumulator stay fp32 in registers. R = (I + N)⁻¹ stays fp32 (every w, u
+and gradient goes through it, dN = −Rᵀ dR Rᵀ through it twice, and at [C, C] a chunk it
+is no big read), as do u and
 the outputs' dδ (addends, never operands), the final states and the chunk backward's
 scratch (dw, the partial dk, g's partial dg: gradients, as accurate as registers would
 keep them); a product with an fp32 factor computed in registers (R, βV, Q ⊙ e^Γ, the
@@ -75,9 +79,12 @@ KDA 41.2 (13.9 / 18.0 / 48.8 before the chunk backward was split, session 4), ag
 (DeltaNet): backward walk 3.8 ms, forward walk 2.2, chunk backward 1.6 + 1.8, UT transform
 1.4, outputs 0.6, outputs' dδ 0.3; KDA: chunk backward 8.3 + 12.6 (the exact per-key
 diagonal blocks). With these fp32 walk operands bf16 runs stay within 2.5e-3 of the fp32
-chunk form on an H100 (tests/kernels/test_delta_gpu.py). bf16 walk operands: DeltaNet
-6.97 ms, Gated DeltaNet 8.13 (the walks 1.4 + 0.5 ms), with errors up to 4.3e-3 (DeltaNet
-dk), hence not the default.
+chunk form on an H100 (tests/kernels/test_delta_gpu.py). bf16 walk operands, when the
+walks' outputs were stored in bf16 too: DeltaNet 6.97 ms, Gated DeltaNet 8.13 (the walks
+1.4 + 0.5 ms), with errors up to 4.3e-3 (DeltaNet dk), hence not the default; their
+present form (fp32 outputs, hi + lo products) is not yet timed. Session 6's launch rows
+(`common.launch`): DeltaNet 11.3 ms, Gated DeltaNet 11.3, KDA 41.0 against fla's
+`chunk_delta_rule` 4.32 in the same run (kernels_swept_launch_vs_fla_1x32768_h100_2026-12-06-s6).
 """
 
 from __future__ import annotations
@@ -105,14 +112,15 @@ BLOCK = 16
 # (about fp32), since every w and u goes through it.
 INVERSE_PRECISION = "tf32x3"
 
-# Element type of the stored tensor-core operands (w, k_end, S, δ, dδ, dS': "walk
-# operands") for 16-bit inputs: "bfloat16" (bf16 × bf16 → fp32 products, as fla; fp16
-# inputs take bf16 too, for fp32's range: states and their gradients grow with a
-# document) or "float32" (TF32 products, the accuracy baseline). fp32 inputs always take
-# float32. `triton_linear_attention(walk_operands=...)` overrides it per call. The default
-# is float32: on an H100 bf16 operands reach 4.3e-3 (DeltaNet's dk), over DESIGN.md §5's
-# ~3e-3 for bf16 (fla, with bf16 operands, 4.9e-3; tests/kernels/test_delta_gpu.py), for
-# 1.1-1.4x the speed (module docstring).
+# Element type of the walks' stored operands (w, k_end: "walk operands") for 16-bit
+# inputs: "bfloat16" (their products with the fp32 walk state as two bf16 products, hi +
+# lo; fp16 inputs take bf16 too) or "float32" (TF32 products, the accuracy baseline). fp32
+# inputs always take float32. `triton_linear_attention(walk_operands=...)` overrides it per
+# call. The default is float32: on an H100 bf16 walk operands reached 4.3e-3 (DeltaNet's
+# dk) over DESIGN.md §5's ~3e-3 (fla, with bf16 operands, 4.9e-3;
+# tests/kernels/test_delta_gpu.py), for 1.1-1.4x the speed, while the walks' outputs were
+# stored in bf16 too; stored in fp32 with hi + lo products (module docstring) they are not
+# yet measured on a GPU.
 WALK_OPERANDS = "float32"
 WALK_OPERAND_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -525,6 +533,17 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
 
 
 @triton.jit
+def _walk_dot(a, b, acc):
+    """acc + a @ b for a walk: `b` (fp32, in registers) split into a's dtype as hi + lo when
+    that is bf16, so that only a's rounding enters (two products instead of one)."""
+    hi = b.to(a.dtype)
+    acc = tl.dot(a, hi, acc)
+    if a.dtype == tl.bfloat16:
+        acc = tl.dot(a, (b - hi.to(tl.float32)).to(a.dtype), acc)
+    return acc
+
+
+@triton.jit
 def _walk_start(start_state, doc_chunk0, doc_chunks, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, HAS_START: tl.constexpr):
     """The program of a state walk (document n, head h, V-tile): (n·H + h, h, its K and V
@@ -548,7 +567,7 @@ def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, d
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, HAS_INIT: tl.constexpr):
     """One document, head and V-tile: every chunk's incoming state (`states`), its
-    δ = U − W S (`delta`; both in the walk operands' dtype) and the document's final state
+    δ = U − W S (`delta`; both fp32) and the document's final state
     (fp32)."""
     doc, h, offs_k, offs_v, state, first, count = _walk_start(h0, doc_chunk0, doc_chunks, H, K, V, BK, BV, HAS_INIT)
     offs_c = tl.arange(0, C)
@@ -558,11 +577,11 @@ def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, d
         tl.store(ptrs, state, mask=mask)
         b_w = _chunk_rows(w, base, offs_c, offs_k, K, C)
         b_u = _chunk_rows(u, base, offs_c, offs_v, V, C).to(tl.float32)
-        b_delta = b_u - tl.dot(b_w, state.to(b_w.dtype))
+        b_delta = b_u - _walk_dot(b_w, state, tl.zeros([C, BV], dtype=tl.float32))
         tl.store(delta + (base * C + offs_c[:, None]) * V + offs_v[None, :], b_delta, mask=(offs_v < V)[None, :])
         b_k = _chunk_rows(k_end, base, offs_c, offs_k, K, C)
         state = _decay_state(state, g_end, base, offs_k, K, DECAY)
-        state = tl.dot(tl.trans(b_k), b_delta.to(b_k.dtype), state)
+        state = _walk_dot(tl.trans(b_k), b_delta, state)
     ptrs, mask = _state_tile(final, doc, offs_k, offs_v, K, V)
     tl.store(ptrs, state, mask=mask)
 
@@ -647,7 +666,7 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_states, d_delta_out, d_final, doc
             b_dd = tl.zeros([C, BV], dtype=tl.float32)
         else:
             b_dd = tl.load(d_delta_out + delta_ptrs, mask=(offs_v < V)[None, :], other=0.0)
-        b_dd = tl.dot(b_k, d_state.to(b_k.dtype), b_dd)
+        b_dd = _walk_dot(b_k, d_state, b_dd)
         tl.store(d_delta + delta_ptrs, b_dd, mask=(offs_v < V)[None, :])
         b_w = _chunk_rows(w, base, offs_c, offs_k, K, C)
         d_state = _decay_state(d_state, g_end, base, offs_k, K, DECAY)
@@ -661,7 +680,7 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_states, d_delta_out, d_final, doc
             gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
             b_qg = _decayed(b_q * scale, tl.exp(gam), DECAY)
             d_state = tl.dot(tl.trans(b_qg.to(b_w.dtype)), b_do.to(b_w.dtype), d_state)
-        d_state -= tl.dot(tl.trans(b_w), b_dd.to(b_w.dtype))
+        d_state = _walk_dot(tl.trans(b_w), -b_dd, d_state)
     ptrs, mask = _state_tile(dh0, doc, offs_k, offs_v, K, V)
     tl.store(ptrs, d_state, mask=mask)
 
@@ -897,12 +916,12 @@ def _walk_grid(layout: ChunkLayout, H: int, K: int, V: int, row: str, operands: 
 
 def _walk(w, u, k_end, g_end, h0, layout: ChunkLayout):
     """The forward state pass: (every chunk's incoming state [n_slots,H,K,V] and δ
-    [n_slots,H,C,V], in w's dtype, the final states [N,H,K,V] fp32); slots no document uses
+    [n_slots,H,C,V], and the final states [N,H,K,V], all fp32); slots no document uses
     are not written."""
     n_slots, H, C, K = w.shape
     V = u.shape[-1]
-    states = launch.new_tensor((n_slots, H, K, V), w.dtype, w.device)
-    delta = launch.new_tensor((n_slots, H, C, V), w.dtype, w.device)
+    states = launch.new_tensor((n_slots, H, K, V), torch.float32, w.device)
+    delta = launch.new_tensor((n_slots, H, C, V), torch.float32, w.device)
     final = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, w.device)
     grid, launch_args = _walk_grid(layout, H, K, V, "delta.state", w.dtype)
     _state_pass_kernel[grid](
@@ -915,13 +934,13 @@ def _walk(w, u, k_end, g_end, h0, layout: ChunkLayout):
 def _walk_back(w, k_end, g_end, d_final, V: int, layout: ChunkLayout, *, d_states=None, d_delta_out=None, q=None,
                do=None, g=None, scale=1.0):
     """The backward state pass: (each chunk's total dδ and the gradient of the state leaving
-    each chunk, in w's dtype, d initial states fp32). The outputs' gradients: none;
+    each chunk and d initial states, all fp32). The outputs' gradients: none;
     `d_states` and `d_delta_out` (tensors per chunk); or `d_delta_out` with q, do, g
     (token-major: the walk adds scale (Q ⊙ e^Γ)ᵀ do itself)."""
     n_slots, H, C, K = w.shape
     dev = w.device
-    d_delta = launch.new_tensor((n_slots, H, C, V), w.dtype, dev)
-    d_next = launch.new_tensor((n_slots, H, K, V), w.dtype, dev)
+    d_delta = launch.new_tensor((n_slots, H, C, V), torch.float32, dev)
+    d_next = launch.new_tensor((n_slots, H, K, V), torch.float32, dev)
     dh0 = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, dev)
     mode = 0 if d_delta_out is None else (1 if d_states is not None else 2)
     bounds, T, per_row = layout.slot_args(w)
