@@ -97,3 +97,17 @@ def test_selective_checkpoint_keeps_the_triton_forward(monkeypatch):
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=0, atol=TOL)
     assert torch.ops.lasp.span_forward.default in decisions and torch.ops.aten.addmm.default in decisions
+
+
+@pytest.mark.parametrize("operands", [torch.bfloat16, torch.float32])
+def test_delta_forward_fake_matches_the_op(operands):
+    """The delta forward op's fake outputs (what a compiled graph allocates and passes to the
+    backward op) have the real outputs' shapes and dtypes in both walk-operand modes."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 32, 2, 16).bfloat16() for _ in range(3))
+    k = F.normalize(k.float(), dim=-1).bfloat16()
+    args = (q, k, v, torch.rand(1, 32, 2), -torch.rand(1, 32, 2) * 0.5, None, None, 16, 0.25, operands)
+    real = compiled.delta_forward(*args)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = compiled.delta_forward.op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert [(x.shape, x.dtype) for x in fake] == [(x.shape, x.dtype) for x in real]
