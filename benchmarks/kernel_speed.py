@@ -85,6 +85,35 @@ def methods():
     return rows
 
 
+def _random(seed=0):
+    """rand(*shape): fp32 normal CUDA tensors from one seeded generator."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return lambda *shape: torch.randn(*shape, device="cuda", generator=gen)
+
+
+def span_inputs(B, T):
+    """(q, k, v, g, g_gamma, gk) bf16 q/k/v and fp32 decays, leaves that require grad
+    (g_gamma a fixed per-head decay), and an output gradient do."""
+    rand = _random()
+    q, k, v = (rand(B, T, H, D).bfloat16().requires_grad_() for _ in range(3))
+    g = F.logsigmoid(rand(B, T, H) + 4).requires_grad_()
+    gk = F.logsigmoid(rand(B, T, H, D) + 4).requires_grad_()
+    gg = F.logsigmoid(torch.linspace(3, 7, H, device="cuda"))
+    return (q, k, v, g, gg, gk), rand(B, T, H, D).bfloat16()
+
+
+def delta_inputs(B, T):
+    """(q, k, v, beta, g, gk) for the delta rule (keys L2-normalised, beta in (0, 1)),
+    leaves that require grad, and an output gradient do."""
+    rand = _random()
+    q, v = (rand(B, T, H, D).bfloat16().requires_grad_() for _ in range(2))
+    k = F.normalize(rand(B, T, H, D), dim=-1).bfloat16().requires_grad_()
+    beta = torch.sigmoid(rand(B, T, H)).requires_grad_()
+    g = F.logsigmoid(rand(B, T, H) + 4).requires_grad_()
+    gk = F.logsigmoid(rand(B, T, H, D) + 4).requires_grad_()
+    return (q, k, v, beta, g, gk), rand(B, T, H, D).bfloat16()
+
+
 def oracle(decay, q, k, v, g, gg, gk):
     """lasp-torch in fp32 (gk: the first two heads)."""
     if decay == "gk":
@@ -227,17 +256,8 @@ def run_delta_rows(B, T, rows, results, meta, path, bandwidth, profile=False):
     by > 1e-2, runs out of memory or refuses (fla's gated backward on triton 3.6 /
     Hopper) is recorded with ms None and its reason in `note`. `profile`: each timed
     row also records (and prints) its CUDA time per kernel."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, device="cuda", generator=gen)
-    q, v = (rand(B, T, H, D).bfloat16().requires_grad_() for _ in range(2))
-    k = F.normalize(rand(B, T, H, D), dim=-1).bfloat16().requires_grad_()
-    beta = torch.sigmoid(rand(B, T, H)).requires_grad_()
-    g = F.logsigmoid(rand(B, T, H) + 4).requires_grad_()
-    gk = F.logsigmoid(rand(B, T, H, D) + 4).requires_grad_()
-    do = rand(B, T, H, D).bfloat16()
-    inputs = (q, k, v, beta, g, gk)
+    inputs, do = delta_inputs(B, T)
+    q, k, v, beta, g, gk = inputs
     floor_ms = memory_floor_ms(B, T, bandwidth)
     refs = {}
     for name, (decay, fn) in rows.items():
@@ -318,18 +338,9 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "kernels.json")
     for B, T in shapes:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-
-        def rand(*shape):
-            return torch.randn(*shape, device="cuda", generator=gen)
-        q, k, v = (rand(B, T, H, D).bfloat16().requires_grad_() for _ in range(3))
-        g = F.logsigmoid(rand(B, T, H) + 4).requires_grad_()
-        gk = F.logsigmoid(rand(B, T, H, D) + 4).requires_grad_()
-        gg = F.logsigmoid(torch.linspace(3, 7, H, device="cuda"))
-        do = rand(B, T, H, D).bfloat16()
+        inputs, do = span_inputs(B, T)
         floor_ms = memory_floor_ms(B, T, bandwidth)
         refs = {}
-        inputs = (q, k, v, g, gg, gk)
         for name, (decay, fn) in rows.items():
             if name.startswith("lasp-torch") and B * T > args.torch_max_tokens:
                 continue

@@ -25,12 +25,11 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from kernel_speed import D, H, kernel_times, override_chunks  # benchmarks/ is on sys.path when run as a script
-from lasp.kernels import linear_attention
+# benchmarks/ is on sys.path when run as a script
+from kernel_speed import D, H, delta_gate, delta_inputs, kernel_times, methods, override_chunks, span_inputs
 from lasp.kernels.common.launch import LAUNCH, Launch
 from lasp.kernels.delta import triton as delta_triton
 
@@ -76,31 +75,21 @@ def delta_launch_rows(decay: str, walks: str) -> list[str]:
 
 
 def make_case(decay: str, B: int, T: int, walks: str):
-    """(step() -> [output, *gradients], the LAUNCH rows to sweep) for one sweep row."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, device="cuda", generator=gen)
-    q, v = (rand(B, T, H, D).bfloat16().requires_grad_() for _ in range(2))
-    k = rand(B, T, H, D)
-    do = rand(B, T, H, D).bfloat16()
+    """(step() -> [output, *gradients], the LAUNCH rows to sweep) for one sweep row, on
+    `benchmarks/kernel_speed.py`'s inputs."""
     if decay in SPAN_ROWS:
-        k = k.bfloat16().requires_grad_()
-        g = F.logsigmoid(rand(B, T, H) + 4).requires_grad_()
-        gk = F.logsigmoid(rand(B, T, H, D) + 4).requires_grad_()
-        gg = F.logsigmoid(torch.linspace(3, 7, H, device="cuda"))
-        kw = {"plain": {}, "g_gamma": dict(g_gamma=gg), "g": dict(g=g), "gk": dict(gk=gk)}[decay]
-        leaves = [q, k, v] + [x for x in kw.values() if x.requires_grad]
+        (q, k, v, g, gg, gk), do = span_inputs(B, T)
+        gate = {"plain": None, "g_gamma": None, "g": g, "gk": gk}[decay]
+        leaves = [q, k, v] + ([] if gate is None else [gate])
+        _, fn = methods()[f"lasp-triton {decay}"]
 
         def run():
-            return linear_attention(q, k, v, backend="triton", **kw)[0]
+            return fn(q, k, v, g, gg, gk)
         rows = SPAN_ROWS[decay]
     else:
-        k = F.normalize(k, dim=-1).bfloat16().requires_grad_()
-        beta = torch.sigmoid(rand(B, T, H)).requires_grad_()
-        gate = {"delta": None, "g+beta": F.logsigmoid(rand(B, T, H) + 4),
-                "gk+beta": F.logsigmoid(rand(B, T, H, D) + 4)}[decay]
-        leaves = [q, k, v, beta] + ([] if gate is None else [gate.requires_grad_()])
+        (q, k, v, beta, g, gk), do = delta_inputs(B, T)
+        gate = delta_gate(decay, g, gk)
+        leaves = [q, k, v, beta] + ([] if gate is None else [gate])
 
         def run():
             return delta_triton.triton_linear_attention(q, k, v, gate, beta, scale=D ** -0.5,

@@ -112,15 +112,10 @@ BLOCK = 16
 # (about fp32), since every w and u goes through it.
 INVERSE_PRECISION = "tf32x3"
 
-# Element type of the walks' stored operands (w, k_end: "walk operands") for 16-bit
-# inputs: "bfloat16" (their products with the fp32 walk state as two bf16 products, hi +
-# lo; fp16 inputs take bf16 too) or "float32" (TF32 products, the accuracy baseline). fp32
-# inputs always take float32. `triton_linear_attention(walk_operands=...)` overrides it per
-# call. The default is float32: on an H100 bf16 walk operands reached 4.3e-3 (DeltaNet's
-# dk) over DESIGN.md §5's ~3e-3 (fla, with bf16 operands, 4.9e-3;
-# tests/kernels/test_delta_gpu.py), for 1.1-1.4x the speed, while the walks' outputs were
-# stored in bf16 too; stored in fp32 with hi + lo products (module docstring) they are not
-# yet measured on a GPU.
+# Element type of the walks' stored operands (w, k_end) for 16-bit inputs: "bfloat16"
+# (fp16 inputs take bf16 too) or "float32"; fp32 inputs always take float32.
+# `triton_linear_attention(walk_operands=...)` overrides it per call. float32 is the
+# default until the bf16 mode is measured on a GPU in its present form (module docstring).
 WALK_OPERANDS = "float32"
 WALK_OPERAND_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
