@@ -8,6 +8,8 @@ overlapped and forced synchronous) vs the LASP-1 ring, at a fixed number of toke
     python benchmarks/sp.py --report DIR/sp_w1.json DIR/sp_w2.json   # weak-scaling table
     torchrun --nproc-per-node 2 benchmarks/sp.py --device cpu --tokens 256,512 --heads 2 --dim 16
                                                               # gloo smoke test on CPU
+    torchrun --nproc-per-node 2 benchmarks/sp.py --shared-gpu --variant gated-deltanet --tokens 16384
+                                                              # 2 ranks on one GPU over gloo
 
 --variant picks the recurrence: plain, g_gamma, g, gk, or the delta rule (deltanet,
 gated-deltanet, kda), whose LASP-2 summaries carry dense K×K transitions.
@@ -65,12 +67,15 @@ VARIANTS = {   # --variant -> (decay argument, delta rule)
 PROFILE_STEPS = 5
 
 
-def init(device: str):
+def init(device: str, shared_gpu: bool = False):
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517")):
         os.environ.setdefault(key, value)
-    if device == "cuda":
+    if device == "cuda" and shared_gpu:     # NCCL refuses two ranks on one device
+        torch.cuda.set_device(0)
+        dist.init_process_group("gloo")
+    elif device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl", device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"])))
     else:
@@ -209,7 +214,7 @@ def overlap_gains(results):
 
 
 def run(args):
-    rank, W = init(args.device)
+    rank, W = init(args.device, args.shared_gpu)
     if args.profile and args.device != "cuda":
         raise SystemExit("--profile traces CUDA kernels: it needs --device cuda")
     os.makedirs(args.out, exist_ok=True)
@@ -234,7 +239,7 @@ def run(args):
         gains = overlap_gains(results)
         meta = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
                     torch=torch.__version__, triton=triton_version, world_size=W,
-                    backend=dist.get_backend(), H=args.heads, D=args.dim, B=1, variant=args.variant,
+                    backend=dist.get_backend(), shared_gpu=args.shared_gpu, H=args.heads, D=args.dim, B=1, variant=args.variant,
                     dtype="bf16" if args.device == "cuda" else "fp32",
                     warmup=args.warmup, iters=args.iters, results=results, overlap=gains,
                     profile=profiles,
@@ -299,6 +304,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--shared-gpu", action="store_true",
+                        help="every rank on GPU 0 over gloo: the ranks' kernels share one GPU and gloo copies "
+                             "through the host (relative cost of methods, not NCCL speed)")
     parser.add_argument("--profile", action="store_true",
                         help="trace LASP-2 overlapped vs synchronous at the first N (CUDA)")
     parser.add_argument("--report", nargs="+", metavar="JSON", help="print the weak-scaling table of these runs")

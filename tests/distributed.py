@@ -126,10 +126,11 @@ def report(name: str, rows: list[dict]) -> None:
             json.dump(record, f, indent=1)
 
 
-def record_overlap(phases_class) -> list:
-    """Log, in the returned list, the phases of `phases_class` (summarize, output, grad_q,
-    grad_kvg) and LASP-2's all-gathers ("issue" / "wait", or "blocking gather") as they are
-    called in this process: the overlap-order tests compare the log with the intended order."""
+def record_overlap(*phases_classes) -> list:
+    """Log, in the returned list, the phases of each of `phases_classes` (summarize, output
+    and grad_q, grad_kvg, or the affine phases' output_grad, grad) and LASP-2's all-gathers
+    ("issue" / "wait", or "blocking gather") as they are called in this process: the
+    overlap-order tests compare the log with the intended order."""
     from lasp.parallel import comm
     log = []
 
@@ -138,8 +139,10 @@ def record_overlap(phases_class) -> list:
             log.append(name)
             return fn(*args, **kwargs)
         return phase
-    for name in ("summarize", "output", "grad_q", "grad_kvg"):
-        setattr(phases_class, name, logged(name, getattr(phases_class, name)))
+    for phases_class in phases_classes:
+        for name in ("summarize", "output", "grad_q", "grad_kvg", "output_grad", "grad"):
+            if hasattr(phases_class, name):
+                setattr(phases_class, name, logged(name, getattr(phases_class, name)))
 
     class Handle:
         def __init__(self, work):

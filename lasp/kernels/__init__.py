@@ -14,7 +14,8 @@ Where things are:
     scalar/               plain, g_gamma, g: chunk.py (torch form) and triton.py
     diagonal/             gk (per-key decay): chunk.py and triton.py
     delta/                the delta rule (beta; with none, g or gk): wy.py (UT-transform
-                          pieces), chunk.py (torch form, run_transitions), triton.py
+                          pieces), chunk.py (torch form, run_transitions, the affine
+                          run), triton.py
     mom.py, triton_mom.py Mixture-of-Memories
     softmax_attention.py  local softmax attention for LASP-2H
 

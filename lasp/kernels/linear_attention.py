@@ -83,7 +83,7 @@ def family_module(call: Call, causal: bool = True):
     """The module computing this call: the family's torch form or Triton kernels
     (non-causal attention is two matmuls per document: the torch form always). Each
     exposes `linear_attention(q, k, v, *call.gates, ...)` and `phases(...)`; the delta
-    family also `run_transitions(k, *call.gates, cu_seqlens=...)`."""
+    family also `run_transitions(k, *call.gates, cu_seqlens=...)` and `affine_phases(...)`."""
     # Import statements, not importlib: torch.compile traces them (a single-device call
     # compiles into its caller's graph); the Triton modules only when they run.
     if call.backend == "triton" and causal:
@@ -111,6 +111,14 @@ def plan_phases(q, k, v, call: Call, *, initial_state=None, cu_seqlens=None, cau
     return family_module(call, causal).phases(q, k, v, *call.gates, scale=call.scale,
                                               initial_state=initial_state, cu_seqlens=cu_seqlens,
                                               causal=causal)
+
+
+def plan_affine_phases(q, k, v, call: Call, *, cu_seqlens=None):
+    """The delta rule's run as an affine map of its initial state, in phases
+    (`lasp.kernels.delta.chunk`, the affine run), on a validated `call` with `beta`:
+    `(phases, (q, k, v, decay, beta))`, the inputs in the form the phases take (converted
+    differentiably)."""
+    return family_module(call).affine_phases(q, k, v, *call.gates, scale=call.scale, cu_seqlens=cu_seqlens)
 
 
 def linear_attention(q, k, v, g=None, g_gamma=None, *, gk=None, beta=None, scale=None, initial_state=None,

@@ -13,6 +13,10 @@ once the incoming state is known: LASP-2 overlaps the state exchange with the
 zero-state part. `state_output` is that correction. It saves nothing for its backward
 beyond its inputs (it recomputes the decays), so the correction costs no activation
 memory of its own.
+
+The delta rule is affine in its initial state too, `o(S_in) = o(0) + X S_in`, but X (the
+queries through the run's dense transitions) comes out of the run itself (the delta
+family's affine phases): `dense_state_output` applies it.
 """
 
 from __future__ import annotations
@@ -96,6 +100,18 @@ def apply_state_output(q, state, tokens: Transition, *, scale, reach=None):
     if tokens.kind not in ADDITIVE_KINDS:
         raise ValueError(f"a {tokens.kind} transition has no additive state correction")
     return _StateOutput.apply(q, state, tokens.param, tokens.kind, reach, float(scale))
+
+
+def dense_state_output(x, state, reach=None):
+    """What an incoming state adds to a delta-rule run's outputs: x_tᵀ S for t < reach[r]
+    (every t without `reach`), x [R, T, H, K] from the delta family's affine phases (the
+    incoming state mapped through the run's dense transitions; `lasp.kernels.delta.chunk`),
+    state [R, H, K, V]: [R, T, H, V] in their dtype. Differentiable in x and state."""
+    out = torch.einsum("rthk,rhkv->rthv", x, state)
+    if reach is None:
+        return out
+    inside = torch.arange(x.shape[1], device=x.device)[None, :] < reach.to(x.device)[:, None]
+    return out * inside[..., None, None]
 
 
 def state_output(q, state, g=None, g_gamma=None, *, gk=None, scale=None, reach=None):

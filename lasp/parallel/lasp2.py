@@ -37,11 +37,12 @@ every per-segment index (which local document holds a segment's first/last token
 far the incoming state reaches) comes from `searchsorted` on the device: no host sync.
 Without packing, B >= 1 rows are reshaped to B·nseg independent rows.
 
-The delta rule (`beta`) has dense transitions and no `apply_state_output` correction
-(`_dense_transitions`): each segment's summary is its dense K×K transition
-(`run_transitions` of the family's kernels) and its zero-start final state; one exchange
-(`exchange_summaries`, differentiable) gives the incoming states, and the local kernel
-then runs again from them as initial states. Not overlapped; gradients by autograd.
+The delta rule (`beta`) has dense transitions (`_dense_transitions`): its run is affine in
+the incoming state too, o = o0 + x S_in, with x (the queries through the dense
+transitions) from the run itself: the delta family's affine phases run the values
+widened by K identity columns, which give each segment's summary (M, U), o0 and x, and
+`DenseOverlapped` interleaves them with the exchange in the same order as `Overlapped`;
+`dense_state_output` adds x S_in.
 
 All math is `lasp.kernels`; this module only reshapes, indexes, orders and exchanges.
 """
@@ -53,12 +54,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from lasp.kernels.checks import check_cu_seqlens, check_qkv
-from lasp.kernels.linear_attention import Call, check_call, family_module, plan_phases, run_linear_attention
+from lasp.kernels.linear_attention import Call, check_call, plan_affine_phases, plan_phases, run_linear_attention
 from lasp.kernels.common.documents import accumulation_dtype
-from lasp.kernels.state import apply_state_output
+from lasp.kernels.state import apply_state_output, dense_state_output
 from lasp.kernels.transition import Transition, run_transition
 from lasp.parallel.layout import SequenceLayout
-from lasp.parallel.scan import AllGatherScan, AutoExchange, RingScan, exchange_summaries
+from lasp.parallel.scan import AllGatherScan, AutoExchange, RingScan
 
 
 def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, *, gk=None, beta=None, layout, group=None,
@@ -237,46 +238,78 @@ class Overlapped(torch.autograd.Function):
         return dq, dk, dv, d_decay, d_param, None, None, None, None, *d_extra
 
 
-def _dense_transitions(q, k, v, call, layout, group, cu_seqlens, exchange):
-    """LASP-2 for the delta rule, whose transitions are dense K×K matrices: no additive
-    correction exists, so the local outputs are computed once the incoming states are
-    known, from them as initial states (not yet overlapped with the exchange).
+class DenseOverlapped(torch.autograd.Function):
+    """`Overlapped` for dense transitions (the delta rule): the local run as an affine map
+    of its incoming state (the delta family's affine phases) and the exchange of its
+    summaries (M, U): (q, k, v, decay, beta) -> (o0, x, incoming [nseg, 1, B, H, K, V]).
 
-    A segment's summary is (M, U): M its dense transition (`family.run_transitions`), U its
-    zero-start final state; M is cut to zero where a document starts inside the segment,
-    and the incoming state enters only a document that started before the segment.
-    Gradients flow by autograd through the family's ops and the exchange.
+        forward:  summarize ((U, M) of each local document) -> issue the gather of the
+                  segments' (M, U) -> output (o0 and x, the bulk of the kernel) -> wait, scan
+        backward: issue the gather of the incoming-state gradients -> the outputs' dδ
+                  -> wait, suffix scan -> dU, dM -> the rest of the backward
+
+    `cut` (bool [nseg, 1, B], or None): where a document starts inside the segment, whose
+    transition is then the zero map (`Transition.cut`).
     """
-    B = q.shape[0]
+
+    @staticmethod
+    def forward(ctx, q, k, v, decay, beta, phases, exchange, summaries, cut):
+        (states, matrices), saved = phases.summarize(k, v, decay, beta)
+        transitions = Transition.dense(summaries.select(matrices))
+        pending = exchange.start(summaries.select(states), transitions if cut is None else transitions.cut(cut))
+        o0, x = phases.output(q, k, v, decay, beta, saved)
+        incoming, ctx.exchange_saved = exchange.finish(pending)
+        ctx.save_for_backward(q, k, v, decay, beta, cut, *saved)
+        ctx.n_final, ctx.phases, ctx.exchange, ctx.summaries = states.shape[0], phases, exchange, summaries
+        return o0, x, incoming
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dx, d_incoming):
+        q, k, v, decay, beta, cut, *saved = ctx.saved_tensors
+        inputs = (q, k, v, decay, beta)
+        pending = ctx.exchange.start_backward(d_incoming)
+        partial = ctx.phases.output_grad(*inputs, saved, do, dx)
+        d_states, d_matrices = ctx.exchange.finish_backward(pending, ctx.exchange_saved)
+        if cut is not None:
+            d_matrices = d_matrices.masked_fill(cut[..., None, None, None], 0.0)
+        dq, dk, dv, d_decay, d_beta = ctx.phases.grad(
+            *inputs, saved, partial, ctx.summaries.select_backward(d_states, ctx.n_final),
+            ctx.summaries.select_backward(d_matrices, ctx.n_final))
+        return dq, dk, dv, d_decay, d_beta, None, None, None, None
+
+
+def _dense_transitions(q, k, v, call, layout, group, cu_seqlens, exchange):
+    """LASP-2 for the delta rule, whose transitions are dense K×K matrices: the local run
+    as an affine map of its incoming state, o = o0 + x S_in (the delta family's affine
+    phases, one run over the values widened by K identity columns), overlapped with the
+    exchange as the other families (`DenseOverlapped`).
+
+    A segment's summary is (M, U): M its dense transition, U its zero-start final state
+    (of its last local document); M is cut to zero where a document starts inside the
+    segment, and the incoming state reaches only the tokens of a document that started
+    before the segment (`reach`).
+    """
+    B, _, H, _ = q.shape
     nseg, L = len(layout.local_segments), layout.segment_len
     R = B * nseg
-    family = family_module(call)
 
     def rows(x):
         return None if x is None else x.reshape(R, L, *x.shape[2:])
 
     if cu_seqlens is None:
-        inputs, local_cu = [rows(x) for x in (q, k, v, *call.gates)], None
-        summaries, first_doc, reach = Summaries(B, nseg, (None,)), None, None
+        tokens = call.tokens if call.tokens.param is None else Transition(call.tokens.kind, rows(call.tokens.param))
+        phases, local = plan_affine_phases(rows(q), rows(k), rows(v), replace(call, tokens=tokens, beta=rows(call.beta)))
+        summaries, cut, reach = Summaries(B, nseg, (None,)), None, None
     else:
-        inputs, local_cu = [q, k, v, *call.gates], layout.local_cu_seqlens(cu_seqlens)
-        first_doc, last_doc, reach, _ = document_edges(layout, cu_seqlens)
+        phases, local = plan_affine_phases(q, k, v, call, cu_seqlens=layout.local_cu_seqlens(cu_seqlens))
+        _, last_doc, reach, _ = document_edges(layout, cu_seqlens)
         summaries = Summaries(B, nseg, (last_doc,))
-    q_, k_, v_, *gates = inputs
-    _, final = family.linear_attention(None, k_, v_, *gates, scale=call.scale, output_final_state=True,
-                                       cu_seqlens=local_cu)           # q None: the final states alone
-    matrices = family.run_transitions(k_, *gates, cu_seqlens=local_cu)
-    transitions = Transition.dense(summaries.select(matrices.to(final.dtype)))
-    if reach is not None:           # a document starts inside the segment: the chain stops there
-        transitions = transitions.cut(summaries.to_exchange([reach != L]))
-    incoming, = summaries.from_exchange(exchange_summaries(summaries.select(final), transitions,
-                                                           exchange(layout, group, (False,))))
-    if first_doc is None:
-        initial = incoming
-    else:                           # the state enters the local document holding the segment's first token
-        initial = final.new_zeros(final.shape).index_copy(0, first_doc, incoming * (reach > 0)[:, None, None, None])
-    return family.linear_attention(q_, k_, v_, *gates, scale=call.scale, initial_state=initial,
-                                   cu_seqlens=local_cu)[0].reshape(B, nseg * L, *v.shape[2:])
+        cut = summaries.to_exchange([reach != L])
+    o0, x, incoming = DenseOverlapped.apply(*local, phases, exchange(layout, group, (False,)), summaries, cut)
+    incoming, = summaries.from_exchange(incoming)
+    o = o0.reshape(R, L, H, -1) + dense_state_output(x.reshape(R, L, H, -1), incoming, reach)
+    return o.to(q.dtype).reshape(B, nseg * L, H, -1)
 
 
 def _check_inputs(q, k, v, g, g_gamma, gk, beta, layout, group, scale, causal, cu_seqlens, backend) -> Call:

@@ -130,11 +130,15 @@ def _triton_body(rank, W):
     install_kernel_test_hooks()                       # NaN-poisoned outputs, interpreter fix
     H, K, V, L = 2, 16, 32, 11
     T = 2 * W * L
-    for decay, packed in ((None, False), ("g", True), ("gk", True)):
+    for decay, delta, packed in ((None, False, False), ("g", False, True), ("gk", False, True), ("g", True, True),
+                                 ("gk", True, False)):
         B = 1 if packed else 2
         gen = torch.Generator().manual_seed(7)
         q, k, v, _, _, _ = random_inputs(B, T, H, K, V, generator=gen)
         gate = random_decay(decay, B, T, H, K, generator=gen)
+        if delta:                                   # the layers normalise the delta rule's keys
+            k = torch.nn.functional.normalize(k.detach(), dim=-1).requires_grad_()
+            gate["beta"] = torch.rand(B, T, H, dtype=torch.float64, generator=gen).requires_grad_()
         do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
         cu = documents(T, L, W) if packed else None
         inputs = [q, k, v, *gate.values()]
@@ -146,14 +150,15 @@ def _triton_body(rank, W):
             o_local = sequence_parallel_linear_attention(*local[:3], **dict(zip(gate, local[3:])), layout=layout,
                                                          cu_seqlens=cu, backend="triton")
             got = [o_local, *grads([o_local], local, [layout.shard(do).float()])]
-            for name, mine, ref in zip(["o", "dq", "dk", "dv", f"d{decay}"], got, want):
+            for name, mine, ref in zip(["o", "dq", "dk", "dv", *(f"d{x}" for x in gate)], got, want):
                 err = rel_err(mine, layout.shard(ref))
-                assert err <= 2e-5, f"{kind} {decay} packed={packed}: {name} rel err {err:.1e}"
+                assert err <= 2e-5, f"{kind} {list(gate)} packed={packed}: {name} rel err {err:.1e}"
 
 
 def test_triton_phases_under_the_interpreter():
     """LASP-2 on the Triton kernels (TRITON_INTERPRET=1, fp32, outputs poisoned with NaN):
-    plain B = 2, g and gk with packed documents, both layouts, outputs and gradients."""
+    plain B = 2, g and gk with packed documents, the delta rule (dense transitions) with g
+    packed and with gk at B = 2, both layouts, outputs and gradients."""
     run_distributed(_triton_body, 2)
 
 
@@ -215,23 +220,30 @@ def test_exchanges_match_a_sequential_scan():
 def _order_body(rank, W):
     """Record the local phases and the collectives as LASP-2 calls them."""
     from lasp.kernels.common.documents import TorchPhases
-    log = record_overlap(TorchPhases)
+    from lasp.kernels.delta.chunk import TorchAffinePhases
+    log = record_overlap(TorchPhases, TorchAffinePhases)
 
     layout = SequenceLayout(4 * W * 3, W, rank, "zigzag")
     q, k, v, g, _, _ = random_inputs(1, layout.local_len, 2, 4, 4, decay="g")
-    for method, forward, backward in (
-            ("lasp2", ["summarize", "issue", "output", "wait"], ["issue", "grad_q", "wait", "grad_kvg"]),
-            ("lasp2-sync", ["summarize", "blocking gather", "output"], ["blocking gather", "grad_q", "grad_kvg"])):
+    beta = torch.rand(g.shape, dtype=g.dtype).requires_grad_()
+    for method, delta, forward, backward in (
+            ("lasp2", False, ["summarize", "issue", "output", "wait"], ["issue", "grad_q", "wait", "grad_kvg"]),
+            ("lasp2-sync", False, ["summarize", "blocking gather", "output"],
+             ["blocking gather", "grad_q", "grad_kvg"]),
+            ("lasp2", True, ["summarize", "issue", "output", "wait"], ["issue", "output_grad", "wait", "grad"])):
+        inputs = [q, k, v, g, beta] if delta else [q, k, v, g]
         log.clear()
-        o = METHODS[method](q, k, v, g, layout=layout, cu_seqlens=torch.tensor([0, 5, 4 * W * 3]))
-        assert log == forward, f"{method} forward: {log}"
+        o = METHODS[method](*inputs[:4], beta=beta if delta else None, layout=layout,
+                            cu_seqlens=torch.tensor([0, 5, 4 * W * 3]))
+        assert log == forward, f"{method} delta={delta} forward: {log}"
         log.clear()
-        torch.autograd.grad(o, [q, k, v, g], torch.randn_like(o))
-        assert log == backward, f"{method} backward: {log}"
+        torch.autograd.grad(o, inputs, torch.randn_like(o))
+        assert log == backward, f"{method} delta={delta} backward: {log}"
 
 
 def test_collectives_overlap_the_independent_phases():
     """The gather is issued before the local work that does not need it and waited only
     before its result is used: forward after the zero-state outputs, backward after the
-    dq phase. With overlap=False the gather blocks where it is issued."""
+    dq phase (the delta rule's dense transitions: after the outputs' dδ). With
+    overlap=False the gather blocks where it is issued."""
     run_distributed(_order_body, 2)

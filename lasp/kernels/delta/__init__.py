@@ -5,7 +5,9 @@
 
 - `wy`: the chunk-local pieces of the chunkwise (WY / UT-transform) form.
 - `chunk`: the torch chunk form (any dtype; the oracle), `run_transitions` (each
-  document's dense K×K transition); its phases are `common.documents.TorchPhases`.
+  document's dense K×K transition); its phases are `common.documents.TorchPhases`; the
+  affine run (outputs and final states as affine maps of the initial state, in phases
+  for LASP-2: `affine_phases`, in both modules).
 - `triton`: the Triton path (imported on use: Triton is optional for the torch backend).
 """
 

@@ -15,14 +15,36 @@ on the host: this is the reference, not the hot path). Gradients by autograd.
 `run_transitions` gives each document's dense transition M [N, H, K, K] (the product of
 its chunks' `diag(e^γ) − (K ⊙ e^{γ−Γ})ᵀ W`): final(S_in) = M S_in + final(0), so that a
 run's summary is (M, final(0)).
+
+The affine run. A run's outputs and final states are affine in its initial state S::
+
+    o = o(0) + X S          final = U + M S          (U = final(0))
+
+with X [B,T,H,K] (row t: scale · P_tᵀ q_t, P_t the product of the document's transitions
+through t). The delta rule updates each value column of the state on its own, so ONE run
+over the values with K zero columns appended, from the initial state [0 | I], gives all
+four: its outputs are [o(0) | X] and its final states [U | M] (`widen`, `split`). LASP-2
+runs it before the incoming state is known, exchanges (M, U), and adds X S_in
+(`lasp.kernels.state.dense_state_output`). `affine_phases` splits it at the exchange::
+
+    (U, M), saved = phases.summarize(k, v, decay, beta)
+    o0, x = phases.output(q, k, v, decay, beta, saved)             # accumulation dtype
+    partial = phases.output_grad(q, k, v, decay, beta, saved, do, dx)   # needs no dU, dM
+    dq, dk, dv, d_decay, d_beta = phases.grad(q, k, v, decay, beta, saved, partial, dU, dM)
+
+(d_decay None without a decay). It costs one run of V + K value columns, where a
+summary, a transition and a run from the incoming state cost three runs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from lasp.kernels.common.documents import TorchPhases, accumulation_dtype, documents, run_documents
+from lasp.kernels.common.documents import (TorchPhases, accumulation_dtype, document_count, documents,
+                                           run_documents)
 from lasp.kernels.common.launch import CHUNK_SIZE
 from lasp.kernels.delta.wy import carry, chunk_log_decay, chunk_outputs, chunk_pieces, chunk_transitions
 
@@ -113,3 +135,65 @@ def phases(q, k, v, decay, beta, *, scale, initial_state=None, cu_seqlens=None, 
     if not causal:
         raise ValueError("the delta rule (beta) needs causal=True")
     return TorchPhases(linear_attention, scale, causal, cu_seqlens), (q, k, v, (decay, beta), initial_state)
+
+
+
+# --------------------------------------------------------------------------------------
+# The run as an affine map of its initial state (LASP-2's dense transitions)
+# --------------------------------------------------------------------------------------
+
+
+def widen(v, K: int, n_docs: int, state_dtype):
+    """The affine run's inputs (module docstring): the values with K zero columns
+    appended, [B,T,H,V+K], and every document's initial state [0 | I], [n_docs, H, K, V+K]
+    in `state_dtype`."""
+    B, T, H, V = v.shape
+    v_wide = torch.cat([v, v.new_zeros(B, T, H, K)], -1)
+    h0 = torch.zeros(n_docs, H, K, V + K, dtype=state_dtype, device=v.device)
+    h0[..., V:] = torch.eye(K, dtype=state_dtype, device=v.device)
+    return v_wide, h0
+
+
+def split(wide, V: int):
+    """A widened run's outputs or final states, [..., V+K]: (the part from a zero initial
+    state [..., V], the part the initial state maps through [..., K])."""
+    return wide[..., :V], wide[..., V:]
+
+
+@dataclass(frozen=True)
+class TorchAffinePhases:
+    """The affine phases (module docstring) on the torch chunk form, the oracle of the
+    Triton ones: `summarize` and `output` run the widened form, `grad` reruns it under
+    autograd and differentiates the outputs and final states at once."""
+
+    scale: float
+    cu_seqlens: torch.Tensor | None
+
+    def _run(self, q, k, v, decay, beta):
+        acc = accumulation_dtype(k.dtype)
+        v_wide, h0 = widen(v, k.shape[-1], document_count(k.shape[0], self.cu_seqlens), acc)
+        return chunk_linear_attention(None if q is None else q.to(acc), k, v_wide, decay, beta, scale=self.scale,
+                                      initial_state=h0, output_final_state=True, cu_seqlens=self.cu_seqlens)
+
+    def summarize(self, k, v, decay, beta):
+        return split(self._run(None, k, v, decay, beta)[1], v.shape[-1]), ()
+
+    def output(self, q, k, v, decay, beta, saved):
+        return split(self._run(q, k, v, decay, beta)[0], v.shape[-1])
+
+    def output_grad(self, q, k, v, decay, beta, saved, do, dx):
+        return torch.cat([do.to(dx.dtype), dx], -1)
+
+    def grad(self, q, k, v, decay, beta, saved, partial, d_states, d_transitions):
+        with torch.enable_grad():
+            leaves = [None if x is None else x.detach().requires_grad_() for x in (q, k, v, decay, beta)]
+            o, final = self._run(*leaves)
+            live = [x for x in leaves if x is not None]
+            grads = iter(torch.autograd.grad([o, final], live, [partial, torch.cat([d_states, d_transitions], -1)]))
+        return tuple(None if x is None else next(grads) for x in leaves)
+
+
+def affine_phases(q, k, v, decay, beta, *, scale, cu_seqlens=None):
+    """The family's entry for `lasp.kernels.linear_attention.plan_affine_phases`:
+    (`TorchAffinePhases`, the inputs `(q, k, v, decay, beta)`)."""
+    return TorchAffinePhases(scale, cu_seqlens), (q, k, v, decay, beta)

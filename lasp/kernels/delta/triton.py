@@ -102,7 +102,7 @@ from lasp.kernels.common.launch import chunk_for_head_dims, launch_kw, tile
 from lasp.kernels.common.plan import document_chunk_slots
 from lasp.kernels.common.scan import DECAY_NONE, DECAY_PER_KEY, DECAY_SCALAR
 from lasp.kernels.common.tiles import load_tile, span_range, store_tile
-from lasp.kernels.delta.chunk import check_chunk_size
+from lasp.kernels.delta.chunk import check_chunk_size, split, widen
 
 # The diagonal blocks of the UT transform are inverted exactly, BLOCK×BLOCK each, by forward
 # substitution; the blocks below the diagonal by products. Chunks are whole blocks.
@@ -994,33 +994,44 @@ def _slot_launch(kernel, layout: ChunkLayout, row: str, K: int, V: int, H: int, 
     return run
 
 
-def fused_forward(q, k, v, beta, g, h0, layout: ChunkLayout, scale, operands):
-    """The forward launches: (o or None, final states fp32, what `fused_backward` needs)."""
-    H, K, V = k.shape[2], k.shape[3], v.shape[-1]
+def forward_summary(k, v, beta, g, h0, layout: ChunkLayout, operands):
+    """The UT transform and the forward walk: (final states fp32, what the output and the
+    backward need: a_inv, w, k_end, γ, every chunk's incoming state and δ)."""
     a_inv, w, u, k_end, g_end = _wy(k, v, beta, g, layout, operands)
     states, delta, final = _walk(w, u, k_end, g_end, h0, layout)
-    o = None
-    if q is not None:
-        o = launch.new_tensor(v.shape[:3] + (V,), q.dtype, q.device)
-        bounds, T, per_row = layout.slot_args(k)
-        _slot_launch(_output_kernel, layout, "delta.output", K, V, H, _decay_of(g), "v")(
-            q, k, k if g is None else g, bounds, states, delta, o, scale, T, per_row)
-    return o, final, (a_inv, w, k_end, g_end, states, delta)
+    return final, (a_inv, w, k_end, g_end, states, delta)
 
 
-def fused_backward(q, k, v, beta, g, saved, do, d_final, layout: ChunkLayout, scale):
-    """The backward launches: (dq or None, dk, dv, dβ, d decay or None, d initial states)."""
+def forward_output(q, k, g, saved, layout: ChunkLayout, scale, dtype):
+    """The outputs [B,T,H,V] in `dtype` from `forward_summary`'s states and δ."""
+    states, delta = saved[4:]
+    H, K, V = k.shape[2], k.shape[3], delta.shape[-1]
+    o = launch.new_tensor(k.shape[:3] + (V,), dtype, q.device)
+    bounds, T, per_row = layout.slot_args(k)
+    _slot_launch(_output_kernel, layout, "delta.output", K, V, H, _decay_of(g), "v")(
+        q, k, k if g is None else g, bounds, states, delta, o, scale, T, per_row)
+    return o
+
+
+def output_grad(q, k, g, do, layout: ChunkLayout, scale):
+    """The outputs' gradient of every chunk's δ, scale Aᵀ do (fp32): the part of the
+    backward that needs no gradient of the final states."""
+    H, K, V = k.shape[2], k.shape[3], do.shape[-1]
+    d_delta_out = launch.new_tensor((layout.n_slots, H, layout.chunk, V), torch.float32, k.device)
+    bounds, T, per_row = layout.slot_args(k)
+    _slot_launch(_output_grad_kernel, layout, "delta.output_grad", K, V, H, _decay_of(g), "v")(
+        q, k, k if g is None else g, do, bounds, d_delta_out, scale, T, per_row)
+    return d_delta_out
+
+
+def state_grad(q, k, v, beta, g, saved, do, d_delta_out, d_final, layout: ChunkLayout, scale):
+    """The rest of the backward, from the outputs' dδ (`output_grad`, or None without
+    outputs) and d final states (or None): the backward walk and the chunk backward.
+    Returns (dq or None, dk, dv, dβ, d decay or None, d initial states)."""
     a_inv, w, k_end, g_end, states, delta = saved
     H, K, V = k.shape[2], k.shape[3], v.shape[-1]
     bounds, T, per_row = layout.slot_args(k)
-    has_q = q is not None and do is not None
-    d_final = None if d_final is None else d_final.float().contiguous()
-    d_delta_out = None
-    if has_q:
-        do = do.contiguous()
-        d_delta_out = launch.new_tensor((layout.n_slots, H, layout.chunk, V), torch.float32, k.device)
-        _slot_launch(_output_grad_kernel, layout, "delta.output_grad", K, V, H, _decay_of(g), "v")(
-            q, k, k if g is None else g, do, bounds, d_delta_out, scale, T, per_row)
+    has_q = d_delta_out is not None
     d_delta, d_next, dh0 = _walk_back(w, k_end, g_end, d_final, V, layout, d_delta_out=d_delta_out,
                                       q=q if has_q else None, do=do if has_q else None, g=g, scale=scale)
     dq = launch.new_tensor(k.shape, k.dtype, k.device) if has_q else None
@@ -1039,12 +1050,31 @@ def fused_backward(q, k, v, beta, g, saved, do, d_final, layout: ChunkLayout, sc
     n_k = triton.cdiv(K, _chunk_kw(layout, key_row, H, K, V, decay, tiled_k=True)["BK"])
     dg_part = launch.new_tensor((NS, H, n_k, C), torch.float32, k.device) if decay == DECAY_SCALAR else None
     _slot_launch(_key_grad_kernel, layout, key_row, K, V, H, decay, "k")(
-        k if q is None else q, k, k if g is None else g, k if do is None else do, bounds, states, delta, d_next,
+        q if has_q else k, k, k if g is None else g, do if has_q else k, bounds, states, delta, d_next,
         d_delta, k if dq is None else dq, dk_part, d_w, k if dg is None else dg, k if dg_part is None else dg_part,
         scale, T, per_row, HAS_Q=has_q)
     _slot_launch(_wy_grad_kernel, layout, wy_row, K, V, H, decay, None, tiled_k=True)(
         k, v, beta, k if g is None else g, bounds, a_inv, d_delta, dk_part, d_w, k if dg_part is None else dg_part,
         dk, dv, dbeta, k if dg is None else dg, T, per_row, DG_ROWS=n_k)
+    return dq, dk, dv, dbeta, dg, dh0
+
+
+def fused_forward(q, k, v, beta, g, h0, layout: ChunkLayout, scale, operands):
+    """The forward launches: (o or None, final states fp32, what `fused_backward` needs)."""
+    final, saved = forward_summary(k, v, beta, g, h0, layout, operands)
+    o = None if q is None else forward_output(q, k, g, saved, layout, scale, q.dtype)
+    return o, final, saved
+
+
+def fused_backward(q, k, v, beta, g, saved, do, d_final, layout: ChunkLayout, scale):
+    """The backward launches: (dq or None, dk, dv, dβ, d decay or None, d initial states)."""
+    d_final = None if d_final is None else d_final.float().contiguous()
+    d_delta_out = None
+    has_q = q is not None and do is not None
+    if has_q:
+        do = do.contiguous()
+        d_delta_out = output_grad(q, k, g, do, layout, scale)
+    dq, dk, dv, dbeta, dg, dh0 = state_grad(q, k, v, beta, g, saved, do, d_delta_out, d_final, layout, scale)
     if q is not None and dq is None:
         dq = torch.zeros_like(q)
     return dq, dk, dv, dbeta, dg, dh0
@@ -1135,6 +1165,50 @@ def run_transitions(k, decay, beta, *, cu_seqlens=None, chunk_size=None):
     return FusedDeltaRule.apply(None, k.contiguous(), torch.zeros_like(k), beta.float().contiguous(),
                                 None if decay is None else decay.float().contiguous(), eye, cu_seqlens, chunk_size,
                                 1.0, walk_operand_dtype(k.dtype))[1]
+
+
+@dataclass(frozen=True)
+class TritonAffinePhases:
+    """The affine phases (`lasp.kernels.delta.chunk`: one run over the values widened by K
+    identity columns) on the fused launches: the forward split after the walk
+    (`forward_summary` | `forward_output`, outputs fp32), the backward after the outputs'
+    dδ (`output_grad` | `state_grad`)."""
+
+    layout: ChunkLayout
+    scale: float
+    operands: torch.dtype
+
+    def summarize(self, k, v, decay, beta):
+        v_wide, h0 = widen(v, k.shape[-1], self.layout.n_docs, torch.float32)
+        final, saved = forward_summary(k, v_wide, beta, decay, h0, self.layout, self.operands)
+        return split(final, v.shape[-1]), saved
+
+    def output(self, q, k, v, decay, beta, saved):
+        return split(forward_output(q, k, decay, saved, self.layout, self.scale, torch.float32), v.shape[-1])
+
+    def output_grad(self, q, k, v, decay, beta, saved, do, dx):
+        do_wide = torch.cat([do.float(), dx.float()], -1)
+        return do_wide, output_grad(q, k, decay, do_wide, self.layout, self.scale)
+
+    def grad(self, q, k, v, decay, beta, saved, partial, d_states, d_transitions):
+        do_wide, d_delta_out = partial
+        v_wide, _ = widen(v, k.shape[-1], 0, torch.float32)
+        d_final = torch.cat([d_states, d_transitions], -1).float().contiguous()
+        dq, dk, dv, dbeta, dg, _ = state_grad(q, k, v_wide, beta, decay, saved, do_wide, d_delta_out, d_final,
+                                              self.layout, self.scale)
+        return dq, dk, split(dv, v.shape[-1])[0], dg, dbeta
+
+
+def affine_phases(q, k, v, decay, beta, *, scale, cu_seqlens=None):
+    """The family's entry for `lasp.kernels.linear_attention.plan_affine_phases`:
+    (`TritonAffinePhases`, the inputs `(q, k, v, decay, beta)` as the kernels take them:
+    contiguous, the decay and β fp32). Chunks as for the unwidened values."""
+    K, V = k.shape[-1], v.shape[-1]
+    chunk = chunk_for_head_dims("delta", K, V)
+    layout = chunk_layout(k.shape[0], k.shape[1], cu_seqlens, chunk, k.device)
+    inputs = (q.contiguous(), k.contiguous(), v.contiguous(), None if decay is None else decay.float().contiguous(),
+              beta.float().contiguous())
+    return TritonAffinePhases(layout, float(scale), walk_operand_dtype(k.dtype)), inputs
 
 
 def linear_attention(q, k, v, decay, beta, *, scale, initial_state=None, output_final_state=False,
