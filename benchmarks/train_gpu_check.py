@@ -42,14 +42,16 @@ VARIANTS = {
     "compile": ["--compile", "--activation-checkpointing", "none"],
     "compile+full": ["--compile", "--activation-checkpointing", "full"],
     "compile+selective": ["--compile", "--activation-checkpointing", "selective"],
-    "compile+ac12": ["--compile", "--activation-checkpointing", "full", "--activation-checkpointing-blocks", "12"],
-    "compile+ac8": ["--compile", "--activation-checkpointing", "full", "--activation-checkpointing-blocks", "8"],
     "long": ["--activation-checkpointing", "full", "--offload-activations", "--tile-tokens", "16384"],
 }
 
 
 def switches(variant: str, tokens_per_gpu: int) -> list[str]:
-    """lasp-train's switches of `variant` at this length."""
+    """lasp-train's switches of `variant` at this length (`compile+acN`: compiled, the first
+    N blocks checkpointed)."""
+    if variant.startswith("compile+ac") and variant.removeprefix("compile+ac").isdigit():
+        return ["--compile", "--activation-checkpointing", "full", "--activation-checkpointing-blocks",
+                variant.removeprefix("compile+ac")]
     if VARIANTS[variant] is None:
         return ["--activation-checkpointing", "full" if tokens_per_gpu >= 131072 else "none"]
     return VARIANTS[variant]
@@ -93,7 +95,8 @@ def main():
     parser.add_argument("--gpus", type=int, default=1, help="GPUs of this node (SP degree)")
     parser.add_argument("--patterns", default="L,LLLN", help="layer patterns, comma-separated")
     parser.add_argument("--tokens-per-gpu", default="32768,131072", help="comma-separated")
-    parser.add_argument("--variants", default="auto", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="auto",
+                        help=f"comma-separated, of {', '.join(VARIANTS)}, compile+acN (N of the 16 blocks checkpointed)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--timeout", type=int, default=300, help="seconds per run")
     parser.add_argument("--profile-step", type=int, default=0,
@@ -101,7 +104,7 @@ def main():
                              "throughput excludes the first 3 steps); its per-op table goes beside the JSON")
     args = parser.parse_args()
     variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS and not v.removeprefix("compile+ac").isdigit()]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
     import triton
