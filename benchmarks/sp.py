@@ -239,7 +239,8 @@ def run(args):
         gains = overlap_gains(results)
         meta = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
                     torch=torch.__version__, triton=triton_version, world_size=W,
-                    backend=dist.get_backend(), shared_gpu=args.shared_gpu, H=args.heads, D=args.dim, B=1, variant=args.variant,
+                    backend=dist.get_backend(), shared_gpu=args.shared_gpu, H=args.heads, D=args.dim, B=1,
+                    variant=args.variant,
                     dtype="bf16" if args.device == "cuda" else "fp32",
                     warmup=args.warmup, iters=args.iters, results=results, overlap=gains,
                     profile=profiles,

@@ -96,7 +96,8 @@ def main():
     parser.add_argument("--patterns", default="L,LLLN", help="layer patterns, comma-separated")
     parser.add_argument("--tokens-per-gpu", default="32768,131072", help="comma-separated")
     parser.add_argument("--variants", default="auto",
-                        help=f"comma-separated, of {', '.join(VARIANTS)}, compile+acN (N of the 16 blocks checkpointed)")
+                        help=f"comma-separated, of {', '.join(VARIANTS)}, compile+acN (N of the 16 blocks "
+                             "checkpointed)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--timeout", type=int, default=300, help="seconds per run")
     parser.add_argument("--profile-step", type=int, default=0,

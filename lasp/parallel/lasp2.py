@@ -299,7 +299,8 @@ def _dense_transitions(q, k, v, call, layout, group, cu_seqlens, exchange):
 
     if cu_seqlens is None:
         tokens = call.tokens if call.tokens.param is None else Transition(call.tokens.kind, rows(call.tokens.param))
-        phases, local = plan_affine_phases(rows(q), rows(k), rows(v), replace(call, tokens=tokens, beta=rows(call.beta)))
+        row_call = replace(call, tokens=tokens, beta=rows(call.beta))
+        phases, local = plan_affine_phases(rows(q), rows(k), rows(v), row_call)
         summaries, cut, reach = Summaries(B, nseg, (None,)), None, None
     else:
         phases, local = plan_affine_phases(q, k, v, call, cu_seqlens=layout.local_cu_seqlens(cu_seqlens))
