@@ -12,22 +12,22 @@ against the token loop in float64 on CPU (tests/kernels/test_delta.py). Triton 3
 Hopper miscompiles some of fla's gated backward kernels, hence gradients checked here, on
 the GPU:
 
-- bf16 inputs, fp32 walk operands: relative error <= 3e-3 (TOL). Measured on an H100
-  (2026-12-06, before the fused kernels, benchmarks/results/gpu_tests_delta_h100_2026-12-06.txt): at most 1.9e-3
-  (o, dq, dk, dv: the rounding of the bf16 results themselves; final, dbeta, ddecay, dh0
-  <= 9.7e-4; KDA then ran torch pieces). The fused kernels, KDA's included (H100,
-  2026-12-06, benchmarks/results/delta_gpu_walks_h100_2026-12-06-s4.txt): at most 2.5e-3.
+- bf16 inputs, fp32 walk operands (`walk_operands="float32"`): relative error <= 3e-3
+  (TOL). Measured on an H100 (2026-12-06, before the fused kernels,
+  benchmarks/results/gpu_tests_delta_h100_2026-12-06.txt): at most 1.9e-3 (o, dq, dk, dv:
+  the rounding of the bf16 results themselves; final, dbeta, ddecay, dh0 <= 9.7e-4; KDA then
+  ran torch pieces). The fused kernels, KDA's included: at most 2.5e-3
+  (delta_gpu_walks_h100_2026-12-06-s4.txt; 2.51e-3 in delta_gpu_h100_2026-12-07-s7.json).
 - fp32 inputs (TF32 dots): <= 3e-3 as well; measured at most 2.5e-3 (fused kernels).
-- bf16 inputs, bf16 walk operands (`walk_operands="bfloat16"`, opt-in: `dtri.WALK_OPERANDS`;
-  w, k_end, states, δ, dδ, dS' stored in bf16, bf16 × bf16 → fp32 products): <= 6e-3
-  (TOL_BF16_WALKS). Each stored operand then rounds by up to
-  2^-9 = 2.0e-3 relative (TF32 by 2^-11 = 4.9e-4), and a result meets two or three such
-  roundings (operand, state cast, its own bf16 rounding): fla, which stores the same
-  operands in bf16, measures 4.9e-3 on its forward at 1x32K (ours with fp32 operands
-  1.8e-3; benchmarks/results/kernels_delta_1x32768_h100_2026-12-06.json); the CPU
-  interpreter (bf16 as on a GPU) measures at most 2.9e-3 at a small shape
-  (tests/kernels/test_delta.py). On an H100 (same file as above): at most 4.3e-3 (DeltaNet's
-  dk; Gated DeltaNet and KDA <= 2.7e-3), so the mode is not the default (DESIGN.md §5: TOL).
+- bf16 inputs, bf16 walk operands (the default, `dtri.WALK_OPERANDS`: w and k_end stored in
+  bf16, the walks' outputs S, δ, dδ, dS' in fp32 and multiplied with them as bf16 hi + lo
+  halves): <= 4e-3 (TOL_BF16_WALKS). On an H100 (delta_gpu_h100_2026-12-07-s7.json, 16
+  cases): at most 2.97e-3, DeltaNet's dk on packed documents at K = 128, where fp32 operands
+  give 2.51e-3; Gated DeltaNet and KDA <= 2.2e-3 in both modes. The difference is w's and
+  k_end's bf16 rounding (2^-9 = 2.0e-3 relative per element, against TF32's 2^-11); 2.97e-3
+  is 1% under the fp32 bound, too close for other shapes and seeds, hence a bound of its
+  own. fla, which stores every walk operand in bf16, measures 4.9e-3 on its forward alone at
+  1x32K (ours 2.1e-3; kernels_delta_1x32768_h100_2026-12-06.json).
 
 Each case prints its errors (run with -s to see the table); with $OUT set, every case
 so far is written to `delta_gpu.json` there.
@@ -46,7 +46,7 @@ from tests.utils import random_cu_seqlens, rel_err
 
 pytestmark = pytest.mark.gpu
 TOL = 3e-3
-TOL_BF16_WALKS = 6e-3
+TOL_BF16_WALKS = 4e-3
 NAMES = ("dq", "dk", "dv", "dbeta", "ddecay", "dh0")
 RESULTS = []
 

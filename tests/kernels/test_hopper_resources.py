@@ -4,9 +4,9 @@ rule at K = 128 with a per-key decay (bf16 and fp32 inputs: three launches of th
 on an H100 with OutOfResources on 2026-12-06), at K = 128 fp32 without one, and at K = 256
 (wide-head chunks); the scalar family at K = 256 and the per-key one at K = 128 with fp32
 inputs (each had a launch over the limit before its fix, found by this check). The delta
-rule's bf16 cases run with bf16 walk operands (`WALK_OPERANDS` set before the script runs:
-the walks' `_bf16` launch rows); bf16 inputs with fp32 walk operands take the fp32 rows
-with the fp32 cases' operand tiles and narrower input tiles, so the fp32 cases bound them."""
+rule's bf16 cases run with the default bf16 walk operands (`WALK_OPERANDS`: the walks'
+`_bf16` launch rows); bf16 inputs with fp32 walk operands take the fp32 rows with the fp32
+cases' operand tiles and narrower input tiles, so the fp32 cases bound them."""
 
 import json
 import os
@@ -28,10 +28,8 @@ def test_triton_launches_fit_hopper_shared_memory():
     cases = [f"delta:{case}" for case in ("128:gk:bfloat16", "128:gk:float32", "128:none:float32",
                                           "256:none:bfloat16", "256:gk:float32")]
     cases += ["scalar:256:none:float32", "diagonal:128:gk:float32"]
-    bf16_walks = ("import runpy, sys, lasp.kernels.delta.triton as delta; delta.WALK_OPERANDS = 'bfloat16'; "
-                  "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    run = subprocess.run([sys.executable, "-c", bf16_walks, script, *cases], env=env, cwd=repo,
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run([sys.executable, script, *cases], env=env, cwd=repo, capture_output=True, text=True,
+                         timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     results = [json.loads(line) for line in run.stdout.splitlines()]
     assert len(results) == len(cases)

@@ -86,10 +86,11 @@ LAUNCH = {
     # fp32 inputs still needs 236 KB pipelined, so it runs unpipelined (its own row).
     "delta.state_grad": Launch(num_warps=4, num_stages=2, block=16),
     "delta.state_grad_per_key": Launch(num_warps=4, num_stages=1, block=16),
-    # The same walks with bf16 operands (`lasp.kernels.delta.triton.WALK_OPERANDS`, 16-bit
-    # inputs): a stage's W and k_end tiles take half the shared memory (sm_90, Triton 3.6,
-    # K = V = 128, benchmarks/kernel_resources.py), which buys a deeper pipeline for the
-    # forward walk and V-tiles of 32, pipelined, for the backward ones (first guesses).
+    # The same walks with bf16 operands (`lasp.kernels.delta.triton.WALK_OPERANDS`, the
+    # default for 16-bit inputs): a stage's W and k_end tiles take half the shared memory
+    # (sm_90, Triton 3.6, K = V = 128, benchmarks/kernel_resources.py), which buys a deeper
+    # pipeline for the forward walk and V-tiles of 32, pipelined, for the backward ones
+    # (first guesses, not yet swept: `launch_sweep.py --walks bfloat16`).
     "delta.state_bf16": Launch(num_warps=4, num_stages=3, block=32),
     "delta.state_grad_bf16": Launch(num_warps=4, num_stages=2, block=32),
     "delta.state_grad_per_key_bf16": Launch(num_warps=4, num_stages=2, block=32),

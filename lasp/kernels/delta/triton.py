@@ -53,14 +53,17 @@ gradients stay token-major [B, T, H, ·]. Packed documents: a slot table on the 
 host sync; the number of slots is a bound from shapes).
 
 Precision. The walks' stored operands w and k_end take `WALK_OPERANDS` for 16-bit
-inputs: bf16 (half the bytes and shared memory of a pipeline stage) or fp32 (the default:
-TF32 products, the accuracy baseline; fp32 inputs always). The walks' outputs S, δ, dδ
+inputs: bf16 (the default: half the bytes and shared memory of a pipeline stage) or fp32
+(TF32 products, the accuracy baseline; fp32 inputs always). The walks' outputs S, δ, dδ
 and dS' are stored in fp32 either way, and inside a walk the fp32 operand in registers
 (the state, δ, dS', dδ) meets a bf16 w or k_end as two bf16 halves, hi + lo
 (`_walk_dot`), so that only w's and k_end's rounding enters: with bf16 for those too (as
 fla) DeltaNet's dk and dv reached 4.5e-3 on CPU's bf16-exact interpreter, 3.8e-3 and
 3.1e-3 this way, 3.6e-3 and 3.1e-3 with fp32 walks (T = 1024, K = V = 64, max error
-against float64). One code path: the kernels take the loaded tiles' dtype, the carried
+against float64). On an H100 (tests/kernels/test_delta_gpu.py, bf16 inputs against the
+fp32 chunk form, 16 cases; delta_gpu_h100_2026-12-07-s7) the worst error is 2.97e-3 with
+bf16 operands and 2.51e-3 with fp32 ones (DeltaNet's dk, packed documents at K = 128); Gated
+DeltaNet and KDA stay within 2.2e-3 in both modes. One code path: the kernels take the loaded tiles' dtype, the carried
 state and every accumulator stay fp32 in registers. R = (I + N)⁻¹ stays fp32 (every w, u
 and gradient goes through it, dN = −Rᵀ dR Rᵀ through it twice, and at [C, C] a chunk it
 is no big read), as do u and
@@ -81,10 +84,13 @@ KDA 41.2 (13.9 / 18.0 / 48.8 before the chunk backward was split, session 4), ag
 diagonal blocks). With these fp32 walk operands bf16 runs stay within 2.5e-3 of the fp32
 chunk form on an H100 (tests/kernels/test_delta_gpu.py). bf16 walk operands, when the
 walks' outputs were stored in bf16 too: DeltaNet 6.97 ms, Gated DeltaNet 8.13 (the walks
-1.4 + 0.5 ms), with errors up to 4.3e-3 (DeltaNet dk), hence not the default; their
-present form (fp32 outputs, hi + lo products) is not yet timed. Session 6's launch rows
+1.4 + 0.5 ms), with errors up to 4.3e-3 (DeltaNet dk). Session 6's launch rows
 (`common.launch`): DeltaNet 11.3 ms, Gated DeltaNet 11.3, KDA 41.0 against fla's
 `chunk_delta_rule` 4.32 in the same run (kernels_swept_launch_vs_fla_1x32768_h100_2026-12-06-s6).
+The bf16 operands in their present form (fp32 walk outputs, hi + lo products), same run
+(kernels_walk_modes_1x32768_h100_2026-12-07-s7): DeltaNet 8.02 ms against 11.23 with fp32
+operands, Gated DeltaNet 8.40 against 11.59, KDA 38.3 against 41.3; the forward walk 0.87
+ms against 2.12 and the backward walk 1.92 against 3.87 (DeltaNet), hence the default.
 """
 
 from __future__ import annotations
@@ -114,9 +120,10 @@ INVERSE_PRECISION = "tf32x3"
 
 # Element type of the walks' stored operands (w, k_end) for 16-bit inputs: "bfloat16"
 # (fp16 inputs take bf16 too) or "float32"; fp32 inputs always take float32.
-# `triton_linear_attention(walk_operands=...)` overrides it per call. float32 is the
-# default until the bf16 mode is measured on a GPU in its present form (module docstring).
-WALK_OPERANDS = "float32"
+# `triton_linear_attention(walk_operands=...)` overrides it per call. bf16: the walks take
+# half the time of fp32 ones at 2.97e-3 against 2.51e-3 worst error on an H100 (module
+# docstring, "Precision" and "Speed").
+WALK_OPERANDS = "bfloat16"
 WALK_OPERAND_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
