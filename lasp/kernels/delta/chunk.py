@@ -137,7 +137,6 @@ def phases(q, k, v, decay, beta, *, scale, initial_state=None, cu_seqlens=None, 
     return TorchPhases(linear_attention, scale, causal, cu_seqlens), (q, k, v, (decay, beta), initial_state)
 
 
-
 # --------------------------------------------------------------------------------------
 # The run as an affine map of its initial state (LASP-2's dense transitions)
 # --------------------------------------------------------------------------------------

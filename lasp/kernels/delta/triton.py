@@ -62,14 +62,13 @@ fla) DeltaNet's dk and dv reached 4.5e-3 on CPU's bf16-exact interpreter, 3.8e-3
 3.1e-3 this way, 3.6e-3 and 3.1e-3 with fp32 walks (T = 1024, K = V = 64, max error
 against float64). On an H100 (tests/kernels/test_delta_gpu.py, bf16 inputs against the
 fp32 chunk form, 16 cases; delta_gpu_h100_2026-12-07-s7) the worst error is 2.97e-3 with
-bf16 operands and 2.51e-3 with fp32 ones (DeltaNet's dk, packed documents at K = 128); Gated
-DeltaNet and KDA stay within 2.2e-3 in both modes. One code path: the kernels take the loaded tiles' dtype, the carried
-state and every accumulator stay fp32 in registers. R = (I + N)⁻¹ stays fp32 (every w, u
-and gradient goes through it, dN = −Rᵀ dR Rᵀ through it twice, and at [C, C] a chunk it
-is no big read), as do u and
-the outputs' dδ (addends, never operands), the final states and the chunk backward's
-scratch (dw, the partial dk, g's partial dg: gradients, as accurate as registers would
-keep them); a product with an fp32 factor computed in registers (R, βV, Q ⊙ e^Γ, the
+bf16 operands and 2.51e-3 with fp32 ones (DeltaNet's dk, packed documents at K = 128);
+Gated DeltaNet and KDA stay within 2.2e-3 in both modes. One code path: the kernels take
+the loaded tiles' dtype, the carried state and every accumulator stay fp32 in registers.
+R = (I + N)⁻¹ stays fp32 (every w, u and gradient goes through it, dN = −Rᵀ dR Rᵀ through
+it twice, and at [C, C] a chunk it is no big read), as do u and the outputs' dδ
+(addends, never operands), the final states and the chunk backward's scratch (dw, the
+partial dk, g's partial dg: gradients, as accurate as registers would keep them); a product with an fp32 factor computed in registers (R, βV, Q ⊙ e^Γ, the
 scores A) takes its narrow tile widened (TF32), except the backward walk's (Q ⊙ e^Γ)ᵀ do,
 a walk product as in fla. The inverse's block products are 3×TF32 (`INVERSE_PRECISION`).
 Launch parameters: the `delta.*` rows of `lasp.kernels.common.launch.LAUNCH` (the walks'
@@ -1199,7 +1198,7 @@ class TritonAffinePhases:
 
     def grad(self, q, k, v, decay, beta, saved, partial, d_states, d_transitions):
         do_wide, d_delta_out = partial
-        v_wide, _ = widen(v, k.shape[-1], 0, torch.float32)
+        v_wide = widen(v, k.shape[-1], 0, torch.float32)[0]          # the widened values alone
         d_final = torch.cat([d_states, d_transitions], -1).float().contiguous()
         dq, dk, dv, dbeta, dg, _ = state_grad(q, k, v_wide, beta, decay, saved, do_wide, d_delta_out, d_final,
                                               self.layout, self.scale)
