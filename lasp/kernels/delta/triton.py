@@ -68,9 +68,10 @@ the loaded tiles' dtype, the carried state and every accumulator stay fp32 in re
 R = (I + N)⁻¹ stays fp32 (every w, u and gradient goes through it, dN = −Rᵀ dR Rᵀ through
 it twice, and at [C, C] a chunk it is no big read), as do u and the outputs' dδ
 (addends, never operands), the final states and the chunk backward's scratch (dw, the
-partial dk, g's partial dg: gradients, as accurate as registers would keep them); a product with an fp32 factor computed in registers (R, βV, Q ⊙ e^Γ, the
-scores A) takes its narrow tile widened (TF32), except the backward walk's (Q ⊙ e^Γ)ᵀ do,
-a walk product as in fla. The inverse's block products are 3×TF32 (`INVERSE_PRECISION`).
+partial dk, g's partial dg: gradients, as accurate as registers would keep them); a
+product with an fp32 factor computed in registers (R, βV, Q ⊙ e^Γ, the scores A) takes its
+narrow tile widened (TF32), except the backward walk's (Q ⊙ e^Γ)ᵀ do, a walk product as in
+fla. The inverse's block products are 3×TF32 (`INVERSE_PRECISION`).
 Launch parameters: the `delta.*` rows of `lasp.kernels.common.launch.LAUNCH` (the walks'
 `_bf16` rows for bf16 operands, the chunk backward's `_per_key` rows for gk).
 
