@@ -1,7 +1,8 @@
 """The delta rule (DeltaNet, Gated DeltaNet, KDA): the chunk form against the token loop
-in float64, each document's dense transition against the product of its tokens', and the
+in float64, each document's dense transition against the product of its tokens', the
 Triton path (interpreter, fp32, NaN-poisoned outputs; bf16 in both walk-operand modes)
-against the chunk form; every gradient by name (dq dk dv dbeta dg/dgk dh0).
+against the chunk form, and the affine run (LASP-2's phases) against a run from an
+initial state; every gradient by name (dq dk dv dbeta dg/dgk dh0).
 
 Keys are L2-normalised and β = sigmoid(·), as the layers feed them: with raw keys the
 recurrence itself is unstable (I − β k kᵀ has eigenvalues 1 − β|k|²).
@@ -209,6 +210,48 @@ def test_phases_as_lasp2_drives_them():
         assert rel_err(a, b) < 2e-5, name
     with pytest.raises(ValueError, match="causal"):
         dtri.phases(*leaves[:3], leaves[4], leaves[3], scale=0.3, causal=False)
+
+
+@pytest.mark.parametrize("backend, decay", [("torch", None), ("torch", "g"), ("torch", "gk"), ("triton", "g"),
+                                            ("triton", "gk")])
+def test_affine_phases_match_a_run_from_an_initial_state(backend, decay):
+    """The affine run (`affine_phases`: one run over the values widened by K identity
+    columns) against the run from random initial states S, packed documents with an empty
+    and a length-1 one: o = o0 + x S (each token its document's S) and final = U + M S, and
+    the phases' gradients of q, k, v, beta and the decay, given do, dx = do Sᵀ, dU = d final
+    and dM = d final Sᵀ, equal the run's. torch in float64; Triton under the interpreter in
+    fp32 (outputs NaN-poisoned)."""
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("interpreter tier (CPU)")
+    from lasp.kernels.delta.chunk import affine_phases as torch_affine_phases
+    lengths, H, K, V = [19, 1, 0, 30], 2, 16, 8
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    cu = random_cu_seqlens(lengths)
+    q, k, v, beta, g, S = (None if x is None else x.detach() for x in
+                           _inputs(1, sum(lengths), H, K, V, decay, n_states=len(lengths), dtype=dtype))
+    gen = torch.Generator().manual_seed(5)
+    do = torch.randn(v.shape, generator=gen, dtype=dtype)
+    d_final = torch.randn(S.shape, generator=gen, dtype=dtype)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))     # each token's document
+    leaves = [x.requires_grad_() for x in (q, k, v, beta, g) if x is not None]
+    o_ref, final_ref = (chunk_linear_attention if backend == "torch" else dtri.triton_linear_attention)(
+        q, k, v, g, beta, scale=0.3, initial_state=S, output_final_state=True, cu_seqlens=cu)
+    want = torch.autograd.grad([o_ref, final_ref], leaves, [do, d_final])
+
+    make = torch_affine_phases if backend == "torch" else dtri.affine_phases
+    phases, inputs = make(q, k, v, g, beta, scale=0.3, cu_seqlens=cu)
+    with torch.no_grad():
+        (U, M), saved = phases.summarize(*inputs[1:])
+        o0, x = phases.output(*inputs, saved)
+        o = o0 + torch.einsum("bthk,bthkv->bthv", x, S[doc][None])
+        partial = phases.output_grad(*inputs, saved, do, torch.einsum("bthv,bthkv->bthk", do, S[doc][None]))
+        got = phases.grad(*inputs, saved, partial, d_final, d_final @ S.transpose(-1, -2))
+    tol = 1e-12 if backend == "torch" else 2e-5
+    assert rel_err(o, o_ref) <= tol and rel_err(U + M @ S, final_ref) <= tol
+    got = [x for x in got if x is not None]
+    for name, mine, ref in zip(("dq", "dk", "dv", "ddecay", "dbeta") if g is not None else ("dq", "dk", "dv", "dbeta"),
+                               got, (want[0], want[1], want[2], *want[4:], want[3])):
+        assert rel_err(mine, ref) <= tol, name
 
 
 @cpu_only
