@@ -4,10 +4,12 @@ shared memory per block, registers per thread and the bytes spilled to local mem
     python benchmarks/kernel_resources.py [--launch=ROW=w,s,b[;...]] FAMILY:D:DECAY:DTYPE ...
     e.g.  delta:128:gk:bfloat16  scalar:128:g:bfloat16  diagonal:256:gk:float32
 
-FAMILY is delta (beta with DECAY none, g or gk), scalar (DECAY none, g_gamma or g) or diagonal
-(DECAY gk); K = V = D. The family's forward and backward run on CPU tensors with every
-kernel launch replaced by a compile for sm_90 (Triton's own ptxas; registers and spills
-from its cuobjdump), so the outputs are never computed. Prints one JSON line per case:
+FAMILY is delta (beta with DECAY none, g or gk), delta-affine (the same in LASP-2's affine run:
+`lasp.kernels.delta.chunk`, the values widened to V + K columns at V's chunk size), scalar
+(DECAY none, g_gamma or g) or diagonal (DECAY gk); K = V = D. The family's forward and
+backward run on CPU tensors with every kernel launch replaced by a compile for sm_90
+(Triton's own ptxas; registers and spills from its cuobjdump), so the outputs are never
+computed. Prints one JSON line per case:
 kernel name -> the largest {shared, registers, spill_bytes} over its launches. A launch
 over HOPPER_SHARED_BYTES fails on the GPU with OutOfResources, which the CPU interpreter
 never shows; spills are a first lead when a kernel is slow. It must run without
@@ -89,11 +91,19 @@ def _run_family(family: str, D: int, decay: str, dtype: str) -> None:
     if family == "delta":
         from lasp.kernels.delta.triton import triton_linear_attention
         o, _ = triton_linear_attention(q, k, v, gate, torch.rand(B, T, H).requires_grad_(), scale=D ** -0.5)
+    elif family == "delta-affine":          # LASP-2's affine run: the values widened to V + K columns
+        from lasp.kernels.delta.triton import affine_phases
+        phases, inputs = affine_phases(q, k, v, gate, torch.rand(B, T, H), scale=D ** -0.5)
+        (states, matrices), saved = phases.summarize(*inputs[1:])
+        o0, x = phases.output(*inputs, saved)
+        partial = phases.output_grad(*inputs, saved, o0, x)
+        phases.grad(*inputs, saved, partial, states, matrices)
+        return
     elif family in ("scalar", "diagonal"):
         module = __import__(f"lasp.kernels.{family}.triton", fromlist=["triton_linear_attention"])
         o, _ = module.triton_linear_attention(q, k, v, gate, D ** -0.5, None, False, None)
     else:
-        raise ValueError(f"family must be delta, scalar or diagonal, got {family!r}")
+        raise ValueError(f"family must be delta, delta-affine, scalar or diagonal, got {family!r}")
     o.float().sum().backward()
 
 
