@@ -46,12 +46,17 @@ VARIANTS = {
 }
 
 
+def checkpointed_blocks(variant: str) -> str | None:
+    """N of a `compile+acN` variant (compiled, the first N blocks checkpointed), else None."""
+    blocks = variant.removeprefix("compile+ac")
+    return blocks if blocks != variant and blocks.isdigit() else None
+
+
 def switches(variant: str, tokens_per_gpu: int) -> list[str]:
-    """lasp-train's switches of `variant` at this length (`compile+acN`: compiled, the first
-    N blocks checkpointed)."""
-    if variant.startswith("compile+ac") and variant.removeprefix("compile+ac").isdigit():
-        return ["--compile", "--activation-checkpointing", "full", "--activation-checkpointing-blocks",
-                variant.removeprefix("compile+ac")]
+    """lasp-train's switches of `variant` at this length."""
+    blocks = checkpointed_blocks(variant)
+    if blocks is not None:
+        return ["--compile", "--activation-checkpointing", "full", "--activation-checkpointing-blocks", blocks]
     if VARIANTS[variant] is None:
         return ["--activation-checkpointing", "full" if tokens_per_gpu >= 131072 else "none"]
     return VARIANTS[variant]
@@ -105,7 +110,7 @@ def main():
                              "throughput excludes the first 3 steps); its per-op table goes beside the JSON")
     args = parser.parse_args()
     variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS and not v.removeprefix("compile+ac").isdigit()]
+    unknown = [v for v in variants if v not in VARIANTS and checkpointed_blocks(v) is None]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
     import triton

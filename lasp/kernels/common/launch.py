@@ -3,8 +3,9 @@
 `LAUNCH` maps a row name to a `Launch`. A family names its rows `"<family>.<kernel>"`
 (`"scalar.summary"`, `"scalar.dkdv_dg"`, ...; the shared scan's row is `"scan"`), and a
 new family adds its rows to this table, so that `benchmarks/launch_sweep.py` (every
-family, one row at a time, per-kernel times) finds every row in one place. Nothing is autotuned at run time. This module does not
-import Triton (the torch backend takes `CHUNK_SIZE` from here).
+family, one row at a time, per-kernel times) finds every row in one place. Nothing is
+autotuned at run time. This module does not import Triton (the torch backend takes
+`CHUNK_SIZE` from here).
 """
 
 from __future__ import annotations
