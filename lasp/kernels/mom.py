@@ -41,9 +41,11 @@ memory is a (gated) delta-rule state updated only by the tokens routed to it, as
 MoM paper's Gated DeltaNet memories, `S ← A_t(S) + β k (v − kᵀ A_t(S))ᵀ` with the
 memory's own k, v, β and decay (none, g, g_gamma or gk). Its streams run on the delta
 family (`lasp.kernels.delta`, torch or Triton) with the query copies materialised, and
-its transitions are dense: sequence parallelism exchanges `mom_delta_summaries` (each
-stream's K×K transition and zero-start state) and reruns the streams from the incoming
-states (`lasp.parallel.mom`), as LASP-2 does for the delta rule.
+its transitions are dense: for sequence parallelism `mom_affine_phases` runs every
+stream as an affine map of its unknown incoming state (the delta family's affine run:
+each stream's summary (U, M) and its copies' o0 and x) and `mom_dense_state_output` adds
+the incoming states' part once they are known (`lasp.parallel.mom`), as LASP-2 does for
+the delta rule.
 """
 
 from __future__ import annotations
@@ -52,12 +54,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from lasp.kernels.checks import FLOAT_DTYPES, check_cu_seqlens, check_finite, check_log_decays, check_tensor, check_value
 from lasp.kernels.common.documents import accumulation_dtype, documents, matmul_dtype
-from lasp.kernels.linear_attention import check_call, family_module, linear_attention, pick_backend, plan_phases
+from lasp.kernels.linear_attention import (check_call, linear_attention, pick_backend, plan_affine_phases,
+                                           plan_phases)
 from lasp.kernels.naive import naive_linear_attention
-from lasp.kernels.state import cumsum_over_time
+from lasp.kernels.state import cumsum_over_time, dense_state_output
 
 
 # --------------------------------------------------------------------------------------
@@ -151,19 +155,31 @@ class MoMPlan:
             return grad.index_select(0, dest).view(N, k, *grad.shape[1:]).sum(1, dtype=acc).to(grad.dtype)
         return _Rows.apply(x.reshape(N, *x.shape[2:]), self.src // k, adjoint)
 
+    def _memory_rows(self) -> torch.Tensor:
+        """[B·T·k]: each sorted copy's row (token · M + memory) of a [B·T·M, ...] tensor."""
+        return (self.src // self.top_k) * self.num_memories + self.indices.reshape(-1).index_select(0, self.src)
+
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, M, ...] per token and memory -> [B·T·k, ...]: each copy's own memory's row, sorted."""
         self._token_shape("x", x, 1)
         M, N = self.num_memories, self.num_tokens
         if x.shape[2] != M:
             raise ValueError(f"x must hold all {M} memories on dim 2, got shape {tuple(x.shape)}")
-        rows = (self.src // self.top_k) * M + self.indices.reshape(-1).index_select(0, self.src)
-        rest = x.shape[3:]
+        rows, rest = self._memory_rows(), x.shape[3:]
 
         def adjoint(grad):
             out = grad.new_zeros(N * M, *rest)
             return out.index_copy_(0, rows, grad)
         return _Rows.apply(x.reshape(N * M, *rest), rows, adjoint)
+
+    def spread(self, x: torch.Tensor) -> torch.Tensor:
+        """[B·T·k, ...] sorted copies -> [B, T, M, ...]: each copy at its token and memory,
+        zero where a memory got no copy of the token (the adjoint of `select`)."""
+        if x.shape[0] != self.num_copies:
+            raise ValueError(f"x must hold the {self.num_copies} sorted copies on dim 0, got {tuple(x.shape)}")
+        B, T, _ = self.indices.shape
+        out = x.new_zeros(self.num_tokens * self.num_memories, *x.shape[1:]).index_copy(0, self._memory_rows(), x)
+        return out.view(B, T, self.num_memories, *x.shape[1:])
 
     def combine(self, o: torch.Tensor, weights: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """Sorted copies' outputs [B·T·k, H, V] -> [B, T, H, V]: Σ_j w_tj · o_{copy (t, j)}.
@@ -624,7 +640,7 @@ def mom_phases(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None
     `lasp.kernels.linear_attention_phases` with the combine inside (`MoMPhases`), for a
     caller that runs other work in between (sequence parallelism overlaps its summary
     exchange with them). Arguments as in `mixture_of_memories` (no initial state, no
-    delta rule: its transitions are dense, `mom_delta_summaries`).
+    delta rule: its transitions are dense, `mom_affine_phases`).
 
     Returns `(phases, (q, k, v, decay, weights))`: the inputs in the form the phases take
     them (k, v as sorted copies [1, B·T·k, H, K|V], decay per copy, fp32 on Triton, or
@@ -676,28 +692,58 @@ def _check_streams(q, k, v, weights, plan: MoMPlan, g, g_gamma, gk, backend, bet
     return ks, vs, pick_backend(backend, q)
 
 
-def mom_delta_summaries(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None, beta, scale=None,
-                        backend=None):
-    """Every stream's summary under the delta rule: `(transitions, states)`, the dense
-    K×K transition of each (memory, row) stream [M·R, H, K, K] (identity for a memory
-    that gets no token on the row) and its final state from a zero state [M·R, H, K, V],
-    fp32 (fp64 for fp64 inputs), so that a stream entered with S ends in
-    `transitions @ S + states`. Arguments as in `mixture_of_memories` (`beta` required;
-    q and the weights are only checked). Differentiable in k, v, beta and the decay; the
-    delta family's `run_transitions` (torch or Triton) computes the transitions.
+def mom_affine_phases(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=None, *, gk=None, beta, scale=None,
+                      backend=None):
+    """Delta-rule memories from unknown incoming states: every (memory, row) stream's run
+    as an affine map of its incoming state, in phases (`plan_affine_phases`: the affine
+    run of `lasp.kernels.delta.chunk`, ONE varlen call over the streams, query copies
+    materialised). Arguments as in `mixture_of_memories` (`beta` required; the weights
+    are only checked). Returns `(phases, (q, k, v, decay, beta))`, the inputs per sorted
+    copy ([1, B·T·k, ...]), converted differentiably::
+
+        (U, M), saved = phases.summarize(k, v, decay, beta)   # per stream [M·R, H, K, V|K]
+        o0, x = phases.output(q, k, v, decay, beta, saved)    # per copy, accumulation dtype
+
+    A stream entered with S ends in U + M S, and its copies' outputs are o0 + xᵀ S: the
+    MoM output is `plan.combine(o0[0], weights)` plus `mom_dense_state_output`.
     """
     if beta is None:
-        raise ValueError("mom_delta_summaries needs beta (the delta rule's transitions are dense)")
+        raise ValueError("mom_affine_phases needs beta (the delta rule's transitions are dense)")
     ks, vs, backend = _check_streams(q, k, v, weights, plan, g, g_gamma, gk, backend, beta)
     gs, gks, betas = (None if x is None else plan.select(x)[None] for x in (g, gk, beta))
-    q_copies = q.detach()[:1, :1].expand(1, plan.num_copies, *q.shape[2:])     # shapes only: no copy
+    q_copies = plan.copies(q)[None]
     call = check_call(q_copies, ks[None], vs[None], g=gs, g_gamma=g_gamma, gk=gks, beta=betas, scale=scale,
                       cu_seqlens=plan.cu_seqlens, backend=backend)
-    family = family_module(call)
-    _, states = family.linear_attention(None, ks[None], vs[None], *call.gates, scale=call.scale,
-                                        output_final_state=True, cu_seqlens=plan.cu_seqlens)
-    transitions = family.run_transitions(ks[None], *call.gates, cu_seqlens=plan.cu_seqlens)
-    return transitions.to(states.dtype), states
+    return plan_affine_phases(q_copies, ks[None], vs[None], call, cu_seqlens=plan.cu_seqlens)
+
+
+def mom_dense_state_output(x, state, weights, plan: MoMPlan, reach=None):
+    """What incoming states add to delta-rule memories' outputs: o_t += Σ_j w_tj x_cᵀ S,
+    c the copy of token t's j-th choice m, S memory m's state entering t's row (as
+    `lasp.kernels.state.dense_state_output` for one stream).
+
+    Args:
+        x: [1, B·T·k, H, K] per sorted copy (`mom_affine_phases`' output);
+        state: [R, M, H, K, V]: each memory's state entering each of R rows, the B·T
+            tokens cut into R rows of equal length (sequence parallelism's local segments);
+        weights: [B, T, k] routing weights; reach: optional int [R]: the states reach only
+            a row's first tokens t < reach[r] (its first packed document). No sync.
+    Returns [B, T, H, V] in x's dtype: one matmul over (memory, key) per row and head,
+    on the weighted copies spread to [B, T, M, H, K] (zero where a memory got no copy),
+    M/k times x's size: the backward recomputes the spread rather than keeping it
+    (`torch.utils.checkpoint`), so the op saves only its inputs.
+    """
+    return torch.utils.checkpoint.checkpoint(_dense_state_output, x, state, weights, plan, reach,
+                                             use_reentrant=False)
+
+
+def _dense_state_output(x, state, weights, plan: MoMPlan, reach):
+    B, T, _ = plan.indices.shape
+    R, M, H, K, V = state.shape
+    w = weights.reshape(-1).index_select(0, plan.src).to(x.dtype)
+    spread = plan.spread(x[0] * w[:, None, None]).reshape(R, B * T // R, M, H, K)
+    rows = spread.permute(0, 1, 3, 2, 4).reshape(R, B * T // R, H, M * K)
+    return dense_state_output(rows, state.transpose(1, 2).reshape(R, H, M * K, V), reach).reshape(B, T, H, V)
 
 
 # --------------------------------------------------------------------------------------

@@ -27,12 +27,12 @@ through unchanged. Each rank runs the same overlapped path as `lasp2_linear_atte
 4. adds `mom_state_output`: the incoming states enter the routed tokens of the
    segment's first document.
 
-Delta-rule memories (`beta`) have dense K×K transitions and no additive correction
-(`_dense_memories`, as `lasp.parallel.lasp2`'s `_dense_transitions`): each (memory,
-segment) summary is the stream's dense transition and zero-start state
-(`mom_delta_summaries`), cut to zero where a document starts inside the segment; one
-differentiable exchange gives every memory's incoming state, and the streams then run
-from them as initial states (not overlapped; gradients by autograd).
+Delta-rule memories (`beta`) have dense K×K transitions (`_dense_memories`, as
+`lasp.parallel.lasp2`'s `_dense_transitions`): every stream runs once as an affine map
+of its incoming state (`mom_affine_phases`), which gives each (memory, segment) summary
+(M, U), M cut to zero where a document starts inside the segment, and the copies'
+outputs o0 + xᵀ S_in; `DenseOverlapped` interleaves it with the exchange in the same
+order, and `mom_dense_state_output` adds the incoming states' part.
 
 The load-balancing loss is over the whole sequence: `lasp2_load_balancing_loss`
 all-reduces the routing counts (no gradient) and returns this rank's share; the shares
@@ -45,13 +45,14 @@ import torch
 
 from lasp.kernels.checks import check_cu_seqlens, check_tensor
 from lasp.kernels.common.documents import accumulation_dtype
-from lasp.kernels.mom import (MoMPlan, load_balancing_loss, mixture_of_memories, mom_delta_summaries, mom_dispatch,
-                              mom_phases, mom_state_output, routed_log_decay, routing_counts)
+from lasp.kernels.mom import (MoMPlan, load_balancing_loss, mixture_of_memories, mom_affine_phases,
+                              mom_dense_state_output, mom_dispatch, mom_phases, mom_state_output, routed_log_decay,
+                              routing_counts)
 from lasp.kernels.transition import Transition, run_transition
 from lasp.parallel import comm
-from lasp.parallel.lasp2 import Overlapped, Summaries, document_edges
+from lasp.parallel.lasp2 import DenseOverlapped, Overlapped, Summaries, document_edges
 from lasp.parallel.layout import SequenceLayout
-from lasp.parallel.scan import AutoExchange, exchange_summaries
+from lasp.parallel.scan import AutoExchange
 
 
 def local_plan(indices, num_memories: int, *, layout: SequenceLayout | None, cu_seqlens=None) -> MoMPlan:
@@ -134,35 +135,26 @@ def lasp2_mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=N
 
 def _dense_memories(q, k, v, weights, plan: MoMPlan, g, g_gamma, gk, beta, layout, group, scale, cu_seqlens,
                     backend):
-    """`lasp2_mixture_of_memories` with delta-rule memories: every (memory, segment)
-    summary is (M, U), the dense transition and zero-start state of the memory's stream
-    in the segment's last document (`mom_delta_summaries`), M cut to zero where a
-    document starts inside the segment; one exchange gives each memory's incoming state,
-    which enters the stream of the segment's first document (if that document started
-    before the segment), and the streams run again from those initial states."""
+    """`lasp2_mixture_of_memories` with delta-rule memories: the affine run of every
+    (memory, row) stream overlapped with the exchange of the (memory, segment) summaries
+    (M, U) of the stream of the segment's last document (`DenseOverlapped`); each
+    memory's incoming state then enters the tokens of the segment's first document, if
+    that document started before the segment (`reach`)."""
     B = q.shape[0]
-    M, R, nseg, L = plan.num_memories, plan.num_rows, len(layout.local_segments), layout.segment_len
-    transitions, states = mom_delta_summaries(q, k, v, weights, plan, g, g_gamma, gk=gk, beta=beta, scale=scale,
-                                              backend=backend)                   # [M·R, H, K, K|V]
+    M, nseg, L = plan.num_memories, len(layout.local_segments), layout.segment_len
+    phases, local = mom_affine_phases(q, k, v, weights, plan, g, g_gamma, gk=gk, beta=beta, scale=scale,
+                                      backend=backend)
     if cu_seqlens is None:          # stream m·R + b·nseg + s: the exchange's batch dim is (memory, batch row)
-        summaries, first, reach = Summaries(M * B, nseg, (None,)), None, None
-    else:                           # per memory, the streams of the segments' first and last documents
-        first_doc, last_doc, reach, _ = document_edges(layout, cu_seqlens)
-        memory = torch.arange(M, device=last_doc.device)[:, None] * R
-        summaries = Summaries(M, nseg, ((memory + last_doc).flatten(),))
-        first = (memory + first_doc).flatten()
-    dense = Transition.dense(summaries.select(transitions))
-    if reach is not None:           # a document starts inside the segment: the chain stops there
-        dense = dense.cut(summaries.to_exchange([(reach != L).repeat(M)]))
-    incoming, = summaries.from_exchange(exchange_summaries(summaries.select(states), dense,
-                                                           AutoExchange(layout, group, (False,))))
-    if first is None:
-        initial = incoming
-    else:                           # only into a document that started before the segment
-        entering = incoming * (reach > 0).repeat(M)[:, None, None, None]
-        initial = states.new_zeros(states.shape).index_copy(0, first, entering)
-    return mixture_of_memories(q, k, v, weights, plan, g, g_gamma, gk=gk, beta=beta, scale=scale,
-                               initial_state=initial.view(M, R, *initial.shape[1:]), backend=backend)[0]
+        summaries, cut, reach = Summaries(M * B, nseg, (None,)), None, None
+    else:                           # per memory, the stream of the segment's last document
+        _, last_doc, reach, _ = document_edges(layout, cu_seqlens)
+        streams = torch.arange(M, device=last_doc.device)[:, None] * plan.num_rows + last_doc
+        summaries = Summaries(M, nseg, (streams.flatten(),))
+        cut = summaries.to_exchange([(reach != L).repeat(M)])
+    o0, x, incoming = DenseOverlapped.apply(*local, phases, AutoExchange(layout, group, (False,)), summaries, cut)
+    incoming = summaries.from_exchange(incoming)[0].unflatten(0, (M, -1)).transpose(0, 1)   # [B·nseg, M, ...]
+    o = plan.combine(o0[0], weights, backend) + mom_dense_state_output(x, incoming, weights, plan, reach)
+    return o.to(q.dtype)
 
 
 def lasp2_load_balancing_loss(probs, indices, *, layout=None, group=None):

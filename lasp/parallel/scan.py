@@ -65,8 +65,8 @@ there)::
     pending = exchange.start_backward(d_incoming)
     d_states, d_transitions = exchange.finish_backward(pending, saved)   # d param or None
 
-`exchange_summaries` runs any exchange instance as one differentiable op;
-`all_gather_scan`, `ring_scan` and `prefix_scan` are the same for one class each.
+`all_gather_scan`, `ring_scan` and `prefix_scan` run one class each as one
+differentiable op.
 
 No host synchronisation: tensor values never reach Python. An all-gather is issued
 asynchronously: on CUDA on a side stream ordered after the work already queued, so the
@@ -462,13 +462,6 @@ class _Exchange(torch.autograd.Function):
         exchange = ctx.exchange
         d_states, d_param = exchange.finish_backward(exchange.start_backward(d_incoming), ctx.saved)
         return d_states, d_param, None, None
-
-
-def exchange_summaries(states, transitions, exchange):
-    """Any exchange instance (`exchange(layout, group, reverse)`) as one differentiable op:
-    states [nseg, C, B, H, K, V] and transitions [nseg, C, B, H, ...] -> the value
-    entering each local segment."""
-    return _Exchange.apply(states, transitions.param, transitions.kind, exchange)
 
 
 def all_gather_scan(states, transitions, layout, group=None, reverse=(False,), overlap=True):

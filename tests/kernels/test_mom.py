@@ -387,27 +387,43 @@ def test_triton_delta_rule_matches_oracle():
         assert rel_err(got, want) <= 2e-5, f"{name}: rel err {rel_err(got, want):.2e}"
 
 
-def test_delta_summaries_compose_to_the_final_state():
-    """`mom_delta_summaries`: a stream entered with S ends in `transitions @ S + states`
-    (the final states of `mixture_of_memories` from S); a memory with no token on a row has
-    the identity transition and a zero state. Float64, torch; beta is required."""
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_affine_phases_give_the_run_from_incoming_states(packed):
+    """`mom_affine_phases` + `mom_dense_state_output`: from incoming states S, every
+    stream ends in U + M S and the outputs are combine(o0) + the states' part, as
+    `mixture_of_memories` from S. Unpacked: one state per batch row and memory; packed:
+    one row whose states enter only the first document (`reach`). A memory with no token
+    on a row has the identity transition and a zero state. Float64, torch."""
     gen = torch.Generator().manual_seed(15)
-    B, T, M, top_k, H, K, V, lengths = 1, 17, 3, 2, 2, 4, 5, [6, 0, 11]
-    cu = random_cu_seqlens(lengths)
-    q, k, v, g, _, h0 = mom_inputs(B, T, M, H, K, V, decay="g", dtype=torch.float64, gen=gen, n_rows=3)
+    B, T, M, top_k, H, K, V = (1, 17, 3, 2, 2, 4, 5) if packed else (2, 9, 3, 2, 2, 4, 5)
+    lengths = [6, 0, 11] if packed else None
+    cu = None if lengths is None else random_cu_seqlens(lengths)
+    q, k, v, g, _, _ = mom_inputs(B, T, M, H, K, V, decay="g", dtype=torch.float64, gen=gen, n_rows=1,
+                                  with_h0=False)
     k = F.normalize(k.detach(), dim=-1)
     _, beta = memory_gates(B, T, M, H, K, decay="g", delta=True, dtype=torch.float64, gen=gen)
     weights, indices, _ = mom_route(routing_logits(B, T, M, dtype=torch.float64, gen=gen, empty=(2,)), top_k)
     plan = mom_dispatch(indices, M, cu)
-    transitions, states = mom.mom_delta_summaries(q, k, v, weights, plan, g, beta=beta, backend="torch")
-    _, final = mixture_of_memories(q, k, v, weights, plan, g, beta=beta, initial_state=h0, output_final_state=True,
-                                   backend="torch")
+    state = torch.randn(B, M, H, K, V, dtype=torch.float64, generator=gen)     # entering each batch row
+    phases, local = mom.mom_affine_phases(q, k, v, weights, plan, g, beta=beta, backend="torch")
+    (u, m), saved = phases.summarize(*local[1:])
+    o0, x = phases.output(*local, saved)
+    reach = None if cu is None else cu[1:2]
+    o = plan.combine(o0[0], weights) + mom.mom_dense_state_output(x, state, weights, plan, reach)
+
+    h0 = state.transpose(0, 1)                                               # [M, R, H, K, V]
+    if packed:                                                               # only the first document's streams
+        h0 = torch.cat([h0, torch.zeros(M, len(lengths) - 1, H, K, V, dtype=torch.float64)], 1)
+    want, final = mixture_of_memories(q, k, v, weights, plan, g, beta=beta, initial_state=h0,
+                                      output_final_state=True, backend="torch")
     start = h0.reshape(-1, H, K, V)
-    assert rel_err(transitions @ start + states, final.reshape(-1, H, K, V)) < 1e-12
-    assert torch.equal(transitions[2 * 3:], torch.eye(K, dtype=torch.float64).expand(3, H, K, K))
-    assert torch.equal(states[2 * 3:], torch.zeros(3, H, K, V, dtype=torch.float64))
+    assert rel_err(o, want) < 1e-12
+    assert rel_err(m @ start + u, final.reshape(-1, H, K, V)) < 1e-12
+    R = plan.num_rows
+    assert torch.equal(m[2 * R:], torch.eye(K, dtype=torch.float64).expand(R, H, K, K))
+    assert torch.equal(u[2 * R:], torch.zeros(R, H, K, V, dtype=torch.float64))
     with pytest.raises(ValueError, match="needs beta"):
-        mom.mom_delta_summaries(q, k, v, weights, plan, g, beta=None)
+        mom.mom_affine_phases(q, k, v, weights, plan, g, beta=None)
 
 
 def test_state_output_per_key_decay_is_the_initial_state_part():
@@ -526,8 +542,8 @@ def test_bad_inputs_raise():
 
 HOT_PATH = [mom.mom_route, mom.mom_dispatch, mom.MoMPlan, mom._Rows, mom._GroupedProjection,
             mom.mom_projection, mom.mixture_of_memories, mom.routed_log_decay, mom.mom_state_output,
-            mom._MoMStateOutput, mom.MoMPhases, mom.mom_phases, mom.mom_delta_summaries,
-            mom.routing_counts, mom.load_balancing_loss, triton_mom]
+            mom._MoMStateOutput, mom.MoMPhases, mom.mom_phases, mom.mom_affine_phases,
+            mom.mom_dense_state_output, mom.routing_counts, mom.load_balancing_loss, triton_mom]
 
 
 def test_hot_path_has_no_host_sync():

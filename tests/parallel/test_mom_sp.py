@@ -197,9 +197,11 @@ def test_bad_input_raises_on_every_rank():
 
 
 def _order_body(rank, W):
-    """Record MoM's local phases and collectives in the order LASP-2 MoM calls them."""
+    """Record MoM's local phases and collectives in the order LASP-2 MoM calls them, for
+    decayed memories and for delta-rule ones (the affine phases)."""
+    from lasp.kernels.delta.chunk import TorchAffinePhases
     from lasp.kernels.mom import MoMPhases
-    log = record_overlap(MoMPhases)
+    log = record_overlap(MoMPhases, TorchAffinePhases)
 
     B, L, M, top_k, H, K, V = 1, 5, 3, 2, 2, 4, 4
     T = 2 * W * L
@@ -218,10 +220,20 @@ def _order_body(rank, W):
     torch.autograd.grad(o, [q, k, v, g], torch.randn_like(o))
     assert log == ["issue", "grad_q", "wait", "grad_kvg"], f"backward: {log}"
 
+    k_unit = F.normalize(k.detach(), dim=-1).requires_grad_()
+    beta = torch.rand(*k.shape[:-1], dtype=torch.float64, generator=gen).requires_grad_()   # [B, L, M, H]
+    log.clear()
+    o = lasp2_mixture_of_memories(q, k_unit, v, weights, plan, g, beta=beta, layout=layout, cu_seqlens=cu)
+    assert log == ["summarize", "issue", "output", "wait"], f"delta forward: {log}"
+    log.clear()
+    torch.autograd.grad(o, [q, k_unit, v, g, beta], torch.randn_like(o))
+    assert log == ["issue", "output_grad", "wait", "grad"], f"delta backward: {log}"
+
 
 def test_collectives_overlap_the_independent_phases():
     """As `lasp2_linear_attention`: the summaries' gather is in flight while the streams'
-    zero-state outputs are computed, the state gradients' while the dq phase runs."""
+    zero-state outputs are computed, the state gradients' while the dq phase runs (with
+    delta-rule memories: while the outputs' dδ phase runs)."""
     run_distributed(_order_body, 2)
 
 
@@ -232,33 +244,38 @@ def _triton_body(rank, W):
     T = 2 * W * L
     cu = documents(T, L, W)
     layout = SequenceLayout(T, W, rank, "zigzag")
-    for decay in ("g", "gk"):                         # the scalar and the diagonal kernels
+    # The scalar and the diagonal kernels, and the delta family's affine run.
+    for decay, delta in (("g", False), ("gk", False), ("g", True)):
         gen = torch.Generator().manual_seed(13)
         logits = routing_logits(B, T, M, dtype=torch.float64, gen=gen)
         q, k, v, g, _, _ = mom_inputs(B, T, M, H, K, V, decay=decay, dtype=torch.float64, gen=gen, n_rows=1,
                                       with_h0=False)
-        gk, _ = memory_gates(B, T, M, H, K, decay=decay, delta=False, dtype=torch.float64, gen=gen)
+        if delta:
+            k = F.normalize(k.detach(), dim=-1).requires_grad_()
+        gk, beta = memory_gates(B, T, M, H, K, decay=decay, delta=delta, dtype=torch.float64, gen=gen)
         do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
-        inputs = {n: x for n, x in dict(q=q, k=k, v=v, g=g, gk=gk, logits=logits).items() if x is not None}
+        inputs = dict(q=q, k=k, v=v, g=g, gk=gk, beta=beta, logits=logits)
+        inputs = {n: x for n, x in inputs.items() if x is not None}
         weights, indices, _ = mom_route(logits, top_k)
-        o, _ = mom_reference(q, k, v, weights, indices, g, gk=gk, cu_seqlens=cu)
+        o, _ = mom_reference(q, k, v, weights, indices, g, gk=gk, beta=beta, cu_seqlens=cu)
         want = dict(zip(inputs, torch.autograd.grad(o, list(inputs.values()), do)))
         local = {n: layout.shard(x).detach().float().requires_grad_() for n, x in inputs.items()}
         w_local, idx_local, _ = mom_route(local["logits"], top_k)
         plan = local_plan(idx_local, M, layout=layout, cu_seqlens=cu)
         o_local = lasp2_mixture_of_memories(local["q"], local["k"], local["v"], w_local, plan, local.get("g"),
-                                            gk=local.get("gk"), layout=layout, cu_seqlens=cu, backend="triton")
-        assert rel_err(o_local, layout.shard(o)) <= 2e-5, decay
+                                            gk=local.get("gk"), beta=local.get("beta"), layout=layout,
+                                            cu_seqlens=cu, backend="triton")
+        where = f"{decay}{' delta' if delta else ''}"
+        assert rel_err(o_local, layout.shard(o)) <= 2e-5, where
         got = torch.autograd.grad(o_local, list(local.values()), layout.shard(do).float())
         for name, mine in zip(local, got):
             err = rel_err(mine, layout.shard(want[name]))
-            assert err <= 2e-5, f"{decay}: d{name} rel err {err:.1e}"
+            assert err <= 2e-5, f"{where}: d{name} rel err {err:.1e}"
 
 
 def test_triton_phases_under_the_interpreter():
     """The Triton path (fused query gather, weights in the kernels; the scalar kernels for
-    g, the diagonal ones for gk) through the same overlapped exchange: fp32, packed
-    documents, zigzag, outputs and every gradient. (Delta-rule memories under SP are
-    backend-independent code around `mom_delta_summaries`: checked on the torch backend in
-    `test_matches_single_process`; their Triton streams in tests/kernels/test_mom.py.)"""
+    g, the diagonal ones for gk; for delta-rule memories the delta family's affine run)
+    through the same overlapped exchanges: fp32, packed documents, zigzag, outputs and
+    every gradient."""
     run_distributed(_triton_body, 2)
