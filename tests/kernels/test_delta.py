@@ -223,7 +223,7 @@ def test_affine_phases_match_a_run_from_an_initial_state(backend, decay):
     NaN-poisoned), under the interpreter on CPU, on the GPU where there is one (TF32
     products there: the GPU tier's fp32 bound)."""
     from lasp.kernels.delta.chunk import affine_phases as torch_affine_phases
-    lengths, H, K, V = [19, 1, 0, 30], 2, 16, 8
+    lengths, H, K, V = [19, 1, 0, 30], 2, 16, 16      # GPU dots need every dim >= 16
     dtype = torch.float64 if backend == "torch" else torch.float32
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     cu = random_cu_seqlens(lengths, device)

@@ -90,11 +90,12 @@ LAUNCH = {
     # The same walks with bf16 operands (`lasp.kernels.delta.triton.WALK_OPERANDS`, the
     # default for 16-bit inputs): a stage's W and k_end tiles take half the shared memory
     # (sm_90, Triton 3.6, K = V = 128, benchmarks/kernel_resources.py), which buys a deeper
-    # pipeline for the forward walk and V-tiles of 32, pipelined, for the backward ones
-    # (first guesses, not yet swept: `launch_sweep.py --walks bfloat16`).
-    "delta.state_bf16": Launch(num_warps=4, num_stages=3, block=32),
-    "delta.state_grad_bf16": Launch(num_warps=4, num_stages=2, block=32),
-    "delta.state_grad_per_key_bf16": Launch(num_warps=4, num_stages=2, block=32),
+    # pipeline for the forward walk. V-tiles of 16 (more programs) swept best on an H100 at
+    # 1×32K (launch_sweep_h100_2026-12-07-s8): Gated DeltaNet's forward walk 0.92 ms against
+    # 1.17 at 32, its backward walk 1.82 against 1.97, KDA's 3.18 against 3.33.
+    "delta.state_bf16": Launch(num_warps=4, num_stages=3, block=16),
+    "delta.state_grad_bf16": Launch(num_warps=4, num_stages=2, block=16),
+    "delta.state_grad_per_key_bf16": Launch(num_warps=4, num_stages=2, block=16),
     # The per-chunk kernels of the delta rule (one program per chunk and head; block = the
     # V-tile): the UT transform, the outputs, the outputs' dδ (first guesses). The chunk
     # backward in two: `key_grad` per (chunk, head, K-tile), block = its K-tile and V-tile;
@@ -104,14 +105,16 @@ LAUNCH = {
     # benchmarks/kernel_resources.py; 64-wide per-key tiles spill 0.6 KB a thread, 32-wide
     # ones in wy_grad 0.2 KB). Swept on an H100 for Gated DeltaNet (as above): the chunk
     # backward on 4 warps, key_grad 1.51 ms and wy_grad 1.22 against 1.92 and 1.88 on 8; the
-    # UT transform's 4 warps were already the best. The `_per_key` rows are not yet swept.
+    # UT transform's 4 warps were already the best. The `_per_key` rows on 4 warps too (KDA,
+    # launch_sweep_kda_h100_2026-12-07-s8): wy_grad 8.03 ms against 12.57 on 8, key_grad 7.75
+    # against 8.25, although on 4 warps they spill (0.3 and 0.7 KB a thread, bf16).
     "delta.wy": Launch(num_warps=4, num_stages=1, block=64),
     "delta.output": Launch(num_warps=4, num_stages=2, block=64),
     "delta.output_grad": Launch(num_warps=4, num_stages=2, block=64),
     "delta.key_grad": Launch(num_warps=4, num_stages=2, block=64),
     "delta.wy_grad": Launch(num_warps=4, num_stages=2, block=64),
-    "delta.key_grad_per_key": Launch(num_warps=8, num_stages=2, block=32),
-    "delta.wy_grad_per_key": Launch(num_warps=8, num_stages=2, block=16),
+    "delta.key_grad_per_key": Launch(num_warps=4, num_stages=2, block=32),
+    "delta.wy_grad_per_key": Launch(num_warps=4, num_stages=2, block=16),
     "scan": Launch(num_warps=4, num_stages=3, block=1024),
 }
 

@@ -91,6 +91,9 @@ The bf16 operands in their present form (fp32 walk outputs, hi + lo products), s
 (kernels_walk_modes_1x32768_h100_2026-12-07-s7): DeltaNet 8.02 ms against 11.23 with fp32
 operands, Gated DeltaNet 8.40 against 11.59, KDA 38.3 against 41.3; the forward walk 0.87
 ms against 2.12 and the backward walk 1.92 against 3.87 (DeltaNet), hence the default.
+With session 8's launch rows (the bf16 walks on V-tiles of 16, KDA's chunk backward on 4
+warps; kernels_delta_swept_rows_1x32768_h100_2026-12-07-s8): DeltaNet 7.56 ms, Gated
+DeltaNet 7.85, KDA 32.9, against fla's `chunk_delta_rule` 5.06 in the same run.
 """
 
 from __future__ import annotations
