@@ -733,11 +733,20 @@ def mom_dense_state_output(x, state, weights, plan: MoMPlan, reach=None):
     M/k times x's size: the backward recomputes the spread rather than keeping it
     (`torch.utils.checkpoint`), so the op saves only its inputs.
     """
+    check_tensor("x", x, 4)
+    check_tensor("state", state, 5)
+    check_weights(weights, plan)
+    R, M, H, K, _ = state.shape
+    if tuple(x.shape) != (1, plan.num_copies, H, K) or M != plan.num_memories or plan.num_tokens % R:
+        raise ValueError(f"x must be [1, B·T·k, H, K] = {(1, plan.num_copies, H, K)} and state [R, M, H, K, V] "
+                         f"with M = {plan.num_memories} and R dividing B·T = {plan.num_tokens}, got "
+                         f"{tuple(x.shape)} and {tuple(state.shape)}")
     return torch.utils.checkpoint.checkpoint(_dense_state_output, x, state, weights, plan, reach,
                                              use_reentrant=False)
 
 
 def _dense_state_output(x, state, weights, plan: MoMPlan, reach):
+    """`mom_dense_state_output` on checked arguments (its checkpointed part)."""
     B, T, _ = plan.indices.shape
     R, M, H, K, V = state.shape
     w = weights.reshape(-1).index_select(0, plan.src).to(x.dtype)

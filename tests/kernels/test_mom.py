@@ -424,6 +424,8 @@ def test_affine_phases_give_the_run_from_incoming_states(packed):
     assert torch.equal(u[2 * R:], torch.zeros(R, H, K, V, dtype=torch.float64))
     with pytest.raises(ValueError, match="needs beta"):
         mom.mom_affine_phases(q, k, v, weights, plan, g, beta=None)
+    with pytest.raises(ValueError, match="R dividing"):
+        mom.mom_dense_state_output(x, torch.cat([state, state]), weights, plan)
 
 
 def test_state_output_per_key_decay_is_the_initial_state_part():
