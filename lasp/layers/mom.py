@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lasp.kernels.mom import mixture_of_memories, mom_projection, mom_route
+from lasp.kernels.mom import mom_projection, mom_route
 from lasp.layers.delta_rule import l2_normalize
 from lasp.layers.feature_maps import POINTWISE_MAPS
 from lasp.layers.linear_attention import DATA_DECAY_NORMALIZER, GATES, choose_option, retnet_log_decay
 from lasp.layers.norm import RMSNorm
-from lasp.layers.ops import linear_attention_op
-from lasp.parallel.mom import lasp2_load_balancing_loss, lasp2_mixture_of_memories, local_plan
+from lasp.layers.ops import linear_attention_op, load_balancing_loss_op, mixture_of_memories_op
+from lasp.parallel.mom import local_plan
 
 DECAYS = ("none", "fixed", "data")  # LinearAttention's identity, fixed, scalar under their earlier names
 
@@ -117,11 +117,8 @@ class MixtureOfMemories(nn.Module):
             g_gamma = retnet_log_decay(H, decay_dtype, x.device)
         elif self.decay == "data":
             g = F.logsigmoid(self.g_proj(x).to(decay_dtype)).view(B, T, M, H) / DATA_DECAY_NORMALIZER
-        if layout is None:
-            o = mixture_of_memories(q, k, v, weights, plan, g, g_gamma, beta=beta)[0]
-        else:
-            o = lasp2_mixture_of_memories(q, k, v, weights, plan, g, g_gamma, beta=beta, layout=layout, group=group,
-                                          cu_seqlens=cu_seqlens)
+        o = mixture_of_memories_op(q, k, v, weights, plan, g, g_gamma, beta=beta, layout=layout, group=group,
+                                   cu_seqlens=cu_seqlens)
         if self.shared_memory:
             g_shared = None
             if self.decay == "data":
@@ -138,4 +135,4 @@ class MixtureOfMemories(nn.Module):
         if self.gate_proj is not None:
             o = o * GATES[self.output_gate](self.gate_proj(x)).view(B, T, H, D)
         out = self.o_proj(o.reshape(B, T, H * D))
-        return out, lasp2_load_balancing_loss(probs, indices, layout=layout, group=group)
+        return out, load_balancing_loss_op(probs, indices, layout=layout, group=group)

@@ -1,8 +1,9 @@
 """The attention ops a layer calls: sequence-parallel under a layout, single-device without.
 
-Under a `SequenceLayout` the linear op is LASP-2 and the softmax op is LASP-2H; without
-one (the whole sequence is local) they are the single-device kernels of `lasp.kernels`.
-Tensors are [B, T, H, D]; `cu_seqlens` describes the whole packed sequence.
+Under a `SequenceLayout` the linear op is LASP-2, the softmax op LASP-2H and the
+Mixture-of-Memories ops their LASP-2 forms (`lasp.parallel.mom`); without one (the whole
+sequence is local) they are the single-device kernels of `lasp.kernels`. Tensors are
+[B, T, H, D]; `cu_seqlens` describes the whole packed sequence.
 
 Under torch.compile the single-device ops compile into their caller's graph (the Triton
 kernels are custom ops: `lasp.kernels.compiled`); the sequence-parallel ones break it and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from lasp.kernels import linear_attention
 from lasp.kernels.compiled import eager_under_compile
+from lasp.kernels.mom import load_balancing_loss, mixture_of_memories
 from lasp.kernels.softmax_attention import softmax_attention
 
 
@@ -35,6 +37,25 @@ def softmax_attention_op(q, k, v, *, scale=None, layout=None, group=None, cu_seq
     return _lasp2h_attention(q, k, v, layout=layout, group=group, scale=scale, cu_seqlens=cu_seqlens)
 
 
+def mixture_of_memories_op(q, k, v, weights, plan, g=None, g_gamma=None, *, beta=None, layout=None, group=None,
+                           cu_seqlens=None):
+    """MoM linear attention of the local tokens (`lasp.kernels.mixture_of_memories`;
+    LASP-2 over every memory's chain under a layout, `plan` from `lasp.parallel.local_plan`)."""
+    if layout is None:
+        return mixture_of_memories(q, k, v, weights, plan, g, g_gamma, beta=beta)[0]
+    return _lasp2_mixture_of_memories(q, k, v, weights, plan, g, g_gamma, beta=beta, layout=layout, group=group,
+                                      cu_seqlens=cu_seqlens)
+
+
+def load_balancing_loss_op(probs, indices, *, layout=None, group=None):
+    """MoM's load-balancing loss: of the local tokens, or under a layout this rank's share
+    of the whole sequence's (`lasp.parallel.lasp2_load_balancing_loss`: it all-reduces the
+    routing counts)."""
+    if layout is None:
+        return load_balancing_loss(probs, indices)
+    return _lasp2_load_balancing_loss(probs, indices, layout=layout, group=group)
+
+
 @eager_under_compile
 def _lasp2_linear_attention(*args, **kwargs):
     from lasp.parallel.lasp2 import lasp2_linear_attention
@@ -45,3 +66,15 @@ def _lasp2_linear_attention(*args, **kwargs):
 def _lasp2h_attention(*args, **kwargs):
     from lasp.parallel.lasp2h import lasp2h_attention
     return lasp2h_attention(*args, **kwargs)
+
+
+@eager_under_compile
+def _lasp2_mixture_of_memories(*args, **kwargs):
+    from lasp.parallel.mom import lasp2_mixture_of_memories
+    return lasp2_mixture_of_memories(*args, **kwargs)
+
+
+@eager_under_compile
+def _lasp2_load_balancing_loss(*args, **kwargs):
+    from lasp.parallel.mom import lasp2_load_balancing_loss
+    return lasp2_load_balancing_loss(*args, **kwargs)

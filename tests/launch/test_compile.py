@@ -13,6 +13,7 @@ from lasp.layers.ops import linear_attention_op
 from lasp.loss import chunk_loss
 from lasp.models import LinearLlamaForCausalLM, linear_llama_config
 from lasp.models import checkpointing
+from tests.distributed import run_distributed
 
 # aot_eager: Dynamo and AOTAutograd's forward/backward split as under inductor, without the C++
 # compile of each graph (inductor works here too; it takes minutes on a shared CPU).
@@ -72,6 +73,41 @@ def test_sequence_parallel_ops_run_eagerly_under_compile():
     assert explained.graph_count == 2 and explained.graph_break_count == 1
     assert seen and not any(seen)
     assert torch.allclose(torch.compile(lambda q: sp_op(q.sin()).cos(), backend=BACKEND)(q), (q.sin() * 2).cos())
+
+
+def _compiled_sequence_parallel_body(rank, W):
+    import lasp
+    from lasp.parallel import SequenceLayout
+    from tests.parallel.test_lasp2 import documents
+
+    def run(compiled):
+        torch.manual_seed(0)
+        model = LinearLlamaForCausalLM(linear_llama_config("tiny", vocab_size=64, layer_pattern="LMDN",
+                                                           router_aux_loss_coef=0.5)).double()
+        lasp.parallelize(model, kind="zigzag")
+        if compiled:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            compile_blocks(model, backend=BACKEND)
+        T = 2 * W * 5
+        ids = torch.randint(0, 64, (1, T), generator=torch.Generator().manual_seed(1))
+        batch = lasp.shard_batch(ids, layout=SequenceLayout(T, W, rank, "zigzag"), cu_seqlens=documents(T, 5, W))
+        loss = lasp.causal_lm_loss(model, batch, chunk_size=4)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    _assert_same(run(False), run(True), 1e-12)
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    # Only where a sequence-parallel op runs eagerly (torch.compiler.disable): no collective,
+    # wait or host read of LASP-2's or MoM's was traced.
+    assert breaks and all("disable" in reason for reason in breaks), [reason.splitlines()[0] for reason in breaks]
+
+
+def test_sequence_parallel_model_compiles_around_its_collectives():
+    """A parallelized model with linear, MoM (its load-balancing loss too), Gated DeltaNet
+    and softmax layers, blocks compiled, on 2 gloo ranks: its loss and gradients are the
+    eager model's, and its graphs break only at the sequence-parallel ops."""
+    run_distributed(_compiled_sequence_parallel_body, 2)
 
 
 def test_selective_checkpointing_matches_full_and_keeps_every_other_matmul(monkeypatch):
