@@ -16,6 +16,9 @@ from lasp.kernels import linear_attention
 from lasp.kernels.compiled import eager_under_compile
 from lasp.kernels.mom import load_balancing_loss, mixture_of_memories
 from lasp.kernels.softmax_attention import softmax_attention
+from lasp.parallel.lasp2 import lasp2_linear_attention
+from lasp.parallel.lasp2h import lasp2h_attention
+from lasp.parallel.mom import lasp2_load_balancing_loss, lasp2_mixture_of_memories
 
 
 def linear_attention_op(q, k, v, g=None, g_gamma=None, *, gk=None, beta=None, scale=None, layout=None,
@@ -56,25 +59,8 @@ def load_balancing_loss_op(probs, indices, *, layout=None, group=None):
     return _lasp2_load_balancing_loss(probs, indices, layout=layout, group=group)
 
 
-@eager_under_compile
-def _lasp2_linear_attention(*args, **kwargs):
-    from lasp.parallel.lasp2 import lasp2_linear_attention
-    return lasp2_linear_attention(*args, **kwargs)
-
-
-@eager_under_compile
-def _lasp2h_attention(*args, **kwargs):
-    from lasp.parallel.lasp2h import lasp2h_attention
-    return lasp2h_attention(*args, **kwargs)
-
-
-@eager_under_compile
-def _lasp2_mixture_of_memories(*args, **kwargs):
-    from lasp.parallel.mom import lasp2_mixture_of_memories
-    return lasp2_mixture_of_memories(*args, **kwargs)
-
-
-@eager_under_compile
-def _lasp2_load_balancing_loss(*args, **kwargs):
-    from lasp.parallel.mom import lasp2_load_balancing_loss
-    return lasp2_load_balancing_loss(*args, **kwargs)
+# The sequence-parallel ops, run eagerly under torch.compile (a graph break at each call).
+_lasp2_linear_attention = eager_under_compile(lasp2_linear_attention)
+_lasp2h_attention = eager_under_compile(lasp2h_attention)
+_lasp2_mixture_of_memories = eager_under_compile(lasp2_mixture_of_memories)
+_lasp2_load_balancing_loss = eager_under_compile(lasp2_load_balancing_loss)
