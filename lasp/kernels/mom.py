@@ -165,12 +165,13 @@ class MoMPlan:
         M, N = self.num_memories, self.num_tokens
         if x.shape[2] != M:
             raise ValueError(f"x must hold all {M} memories on dim 2, got shape {tuple(x.shape)}")
-        rows, rest = self._memory_rows(), x.shape[3:]
+        rows = self._memory_rows()
+        return _Rows.apply(x.reshape(N * M, *x.shape[3:]), rows, lambda grad: self._spread_rows(grad, rows))
 
-        def adjoint(grad):
-            out = grad.new_zeros(N * M, *rest)
-            return out.index_copy_(0, rows, grad)
-        return _Rows.apply(x.reshape(N * M, *rest), rows, adjoint)
+    def _spread_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[B·T·k, ...] sorted copies -> [B·T·M, ...] at `rows` (`_memory_rows`), zero where a
+        memory got no copy."""
+        return x.new_zeros(self.num_tokens * self.num_memories, *x.shape[1:]).index_copy(0, rows, x)
 
     def spread(self, x: torch.Tensor) -> torch.Tensor:
         """[B·T·k, ...] sorted copies -> [B, T, M, ...]: each copy at its token and memory,
@@ -178,8 +179,7 @@ class MoMPlan:
         if x.shape[0] != self.num_copies:
             raise ValueError(f"x must hold the {self.num_copies} sorted copies on dim 0, got {tuple(x.shape)}")
         B, T, _ = self.indices.shape
-        out = x.new_zeros(self.num_tokens * self.num_memories, *x.shape[1:]).index_copy(0, self._memory_rows(), x)
-        return out.view(B, T, self.num_memories, *x.shape[1:])
+        return self._spread_rows(x, self._memory_rows()).view(B, T, self.num_memories, *x.shape[1:])
 
     def combine(self, o: torch.Tensor, weights: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """Sorted copies' outputs [B·T·k, H, V] -> [B, T, H, V]: Σ_j w_tj · o_{copy (t, j)}.

@@ -110,13 +110,7 @@ def lasp2_mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=N
     def rows(x):
         return None if x is None else x.reshape(R, L, *x.shape[2:])
 
-    # The exchange's batch dim holds (memory, batch row): every memory is its own chain.
-    if cu_seqlens is None:          # stream m·R + b·nseg + s: memory m on batch row b, segment s
-        summaries, reach = Summaries(M * B, nseg, (None,)), None
-    else:                           # the stream of the segment's last document, per memory
-        _, last_doc, reach, _ = document_edges(layout, cu_seqlens)
-        streams = torch.arange(M, device=last_doc.device)[:, None] * plan.num_rows + last_doc
-        summaries = Summaries(M, nseg, (streams.flatten(),))
+    summaries, reach = _memory_summaries(layout, plan, B, cu_seqlens)
     decay = routed_log_decay(plan.indices, M, g, g_gamma, acc, gk=gk)                    # [B, T, M, H(, K)]
     tokens = Transition.identity() if decay is None else Transition("scalar" if gk is None else "diagonal",
                                                                      rows(decay))          # [R, L, M, H(, K)]
@@ -127,9 +121,8 @@ def lasp2_mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=N
     transitions = summaries.transitions([transition])
     o0, incoming = Overlapped.apply(q_, k_, v_, decay_, transitions.param, transitions.kind, phases,
                                      AutoExchange(layout, group), summaries, weights_)
-    incoming = summaries.from_exchange(incoming)[0].unflatten(0, (M, R)).transpose(0, 1)   # [R, M, ...]
-    extra = mom_state_output(rows(q), incoming, rows(weights), rows(plan.indices), rows(g), g_gamma,
-                             gk=rows(gk), scale=scale, reach=reach)
+    extra = mom_state_output(rows(q), _per_row(summaries, incoming, M), rows(weights), rows(plan.indices), rows(g),
+                             g_gamma, gk=rows(gk), scale=scale, reach=reach)
     return o0 + extra.reshape(o0.shape)
 
 
@@ -140,21 +133,33 @@ def _dense_memories(q, k, v, weights, plan: MoMPlan, g, g_gamma, gk, beta, layou
     (M, U) of the stream of the segment's last document (`DenseOverlapped`); each
     memory's incoming state then enters the tokens of the segment's first document, if
     that document started before the segment (`reach`)."""
-    B = q.shape[0]
-    M, nseg, L = plan.num_memories, len(layout.local_segments), layout.segment_len
+    M = plan.num_memories
     phases, local = mom_affine_phases(q, k, v, weights, plan, g, g_gamma, gk=gk, beta=beta, scale=scale,
                                       backend=backend)
-    if cu_seqlens is None:          # stream m·R + b·nseg + s: the exchange's batch dim is (memory, batch row)
-        summaries, cut, reach = Summaries(M * B, nseg, (None,)), None, None
-    else:                           # per memory, the stream of the segment's last document
-        _, last_doc, reach, _ = document_edges(layout, cu_seqlens)
-        streams = torch.arange(M, device=last_doc.device)[:, None] * plan.num_rows + last_doc
-        summaries = Summaries(M, nseg, (streams.flatten(),))
-        cut = summaries.to_exchange([(reach != L).repeat(M)])
+    summaries, reach = _memory_summaries(layout, plan, q.shape[0], cu_seqlens)
+    cut = None if reach is None else summaries.to_exchange([(reach != layout.segment_len).repeat(M)])
     o0, x, incoming = DenseOverlapped.apply(*local, phases, AutoExchange(layout, group, (False,)), summaries, cut)
-    incoming = summaries.from_exchange(incoming)[0].unflatten(0, (M, -1)).transpose(0, 1)   # [B·nseg, M, ...]
-    o = plan.combine(o0[0], weights, backend) + mom_dense_state_output(x, incoming, weights, plan, reach)
+    o = plan.combine(o0[0], weights, backend) + mom_dense_state_output(x, _per_row(summaries, incoming, M), weights,
+                                                                       plan, reach)
     return o.to(q.dtype)
+
+
+def _memory_summaries(layout, plan: MoMPlan, B: int, cu_seqlens):
+    """Where each (memory, segment) summary comes from, `(Summaries, reach)`: the
+    exchange's batch dim holds (memory, batch row), every memory its own chain. Unpacked:
+    stream m·R + b·nseg + s (memory m on batch row b, segment s), reach None; packed: per
+    memory the stream of the segment's last document (`document_edges`)."""
+    M, nseg = plan.num_memories, len(layout.local_segments)
+    if cu_seqlens is None:
+        return Summaries(M * B, nseg, (None,)), None
+    _, last_doc, reach, _ = document_edges(layout, cu_seqlens)
+    streams = torch.arange(M, device=last_doc.device)[:, None] * plan.num_rows + last_doc
+    return Summaries(M, nseg, (streams.flatten(),)), reach
+
+
+def _per_row(summaries, incoming, M: int):
+    """The exchanged incoming states as [rows (batch row, segment), M, H, K, V]."""
+    return summaries.from_exchange(incoming)[0].unflatten(0, (M, -1)).transpose(0, 1)
 
 
 def lasp2_load_balancing_loss(probs, indices, *, layout=None, group=None):
