@@ -58,13 +58,23 @@ def state_ptrs(ptr, s, h, offs_k, offs_v, H: tl.constexpr, K: tl.constexpr, V: t
 
 
 @triton.jit
-def decayed_outer_acc(a, weight, b, acc, EXACT: tl.constexpr):
-    """acc + (a ⊙ weight)ᵀ b, `a ⊙ weight` rounded to b's dtype for the dot. EXACT adds
-    its rounding residual in a second dot, so that `weight` enters as if in fp32 (the
-    scalar family's row weights). `weight` is one number per row of `a` ([C])."""
-    scaled = a.to(tl.float32) * weight[:, None]
+def load_tile_t(ptr, offs_t, mask_t, h, offs_d, D: tl.constexpr, H: tl.constexpr):
+    """`load_tile`'s transpose, [BD, C], read in that layout: a tile that is scaled per
+    token and then multiplied from the left (`decayed_outer_acc`) would otherwise be
+    transposed in registers, which costs the decayed walks their spills (sm_90)."""
+    ptrs = ptr + (offs_t[None, :] * H + h) * D + offs_d[:, None]
+    return tl.load(ptrs, mask=mask_t[None, :] & (offs_d < D)[:, None], other=0.0)
+
+
+@triton.jit
+def decayed_outer_acc(a_t, weight, b, acc, EXACT: tl.constexpr):
+    """acc + (a_t ⊙ weight) b for a_t = aᵀ [BD, C] (`load_tile_t`) and one weight per token
+    ([C], a_t's columns); `a_t ⊙ weight` is rounded to b's dtype for the dot. EXACT adds its
+    rounding residual in a second dot, so that `weight` enters as if in fp32 (the scalar
+    family's row weights)."""
+    scaled = a_t.to(tl.float32) * weight[None, :]
     rounded = scaled.to(b.dtype)
-    acc = tl.dot(tl.trans(rounded), b, acc)
+    acc = tl.dot(rounded, b, acc)
     if EXACT:
-        acc = tl.dot(tl.trans((scaled - rounded.to(tl.float32)).to(b.dtype)), b, acc)
+        acc = tl.dot((scaled - rounded.to(tl.float32)).to(b.dtype), b, acc)
     return acc
