@@ -43,7 +43,7 @@ CANDIDATES = {
     "diagonal.summary": ("_summary_kernel", [(4, 2, 64), (4, 3, 128), (8, 2, 128)]),
     "diagonal.output": ("_output_kernel", [(4, 2, 64), (8, 3, 128), (8, 1, 128), (16, 2, 128)]),
     "diagonal.dq": ("_dq_kernel", [(4, 2, 64), (4, 3, 32), (4, 1, 32), (8, 2, 32), (4, 2, 16)]),
-    "diagonal.dkdv": ("_dkdv_kernel", [(8, 2, 64), (4, 1, 64), (4, 2, 64), (8, 1, 32), (4, 1, 32), (16, 1, 64)]),
+    "diagonal.dkdv": ("_dkdv_kernel", [(8, 1, 64), (8, 2, 64), (4, 2, 64), (4, 1, 32)]),
     "delta.wy": ("_wy_kernel", [(8, 1, 64), (4, 2, 64), (4, 1, 32), (8, 1, 32)]),
     "delta.state": ("_state_pass_kernel", [(4, 2, 32), (4, 1, 16), (8, 2, 16)]),
     "delta.state_bf16": ("_state_pass_kernel", [(4, 2, 32), (4, 4, 32), (4, 3, 16), (4, 3, 64), (8, 3, 64)]),

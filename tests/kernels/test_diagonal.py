@@ -121,7 +121,11 @@ def test_triton_strong_decay(monkeypatch, exact_everywhere):
 @cpu_only
 @pytest.mark.parametrize("K, V, fuse", [(48, 48, True), (16, 80, False)])
 def test_triton_head_dims(K, V, fuse):
-    """Non-power-of-two head dims; the split dk/dv launches (K-tiles for dk, V-tiles for dv)."""
+    """Non-power-of-two head dims; the split dk/dv launches (K-tiles for dk, V-tiles for dv),
+    which the family takes by default (`common.launch.FUSED_DKDV_MAX_ELEMENTS`); the fused
+    one stays a knob."""
+    x = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+    assert not dtri.triton_phases(x, x, x, x, 1.0, None, None)[0].fuse_dkdv
     _check(1, 40, 1, K, V, fuse_dkdv=fuse, **SMALL)
 
 

@@ -71,12 +71,16 @@ LAUNCH = {
     "scalar.dkdv_dg": Launch(num_warps=8, num_stages=1, block=64),
     # Per-key decay (gk): swept on an H100 at 1×32K (benchmarks/launch_sweep.py,
     # launch_sweep_h100_2026-12-06-s6): summary 0.34 ms with 128-wide tiles (0.48 at 64),
-    # output 0.81 with 8 warps and all of V (1.02), dq 1.97 with 32-wide K-tiles (2.17); the
-    # fused dk/dv launch keeps 8 warps unpipelined (every other choice was slower).
+    # output 0.81 with 8 warps and all of V (1.02), dq 1.97 with 32-wide K-tiles (2.17). The
+    # split dk/dv launches (`FUSED_DKDV_MAX_ELEMENTS`) on 4 warps unpipelined: 2.82 ms at 1×32K
+    # on an H200 against 3.65 on 8 warps pipelined, 3.70 unpipelined (gk_variants_h200_2026-12-07-s9).
+    # Head dims above 128 or fp32 inputs keep 8 warps (`_wide`): on 4 they spill 1.3-2.4 KB a
+    # thread against 0.1-0.2 KB (sm_90, benchmarks/kernel_resources.py).
     "diagonal.summary": Launch(num_warps=4, num_stages=2, block=128),
     "diagonal.output": Launch(num_warps=8, num_stages=2, block=128),
     "diagonal.dq": Launch(num_warps=4, num_stages=2, block=32),
-    "diagonal.dkdv": Launch(num_warps=8, num_stages=1, block=64),
+    "diagonal.dkdv": Launch(num_warps=4, num_stages=1, block=64),
+    "diagonal.dkdv_wide": Launch(num_warps=8, num_stages=1, block=64),
     # Delta rule: the sequential state pass per (document, head, V-tile) and its backward
     # walk; narrow V-tiles give more programs (the fp32 walks swept on an H100 for Gated
     # DeltaNet at 1×32K, launch_sweep_h100_2026-12-06-s6: V-tiles of 16 walk in 2.27 ms
@@ -135,21 +139,26 @@ def launch_kw(row: str, widest_dim: int = 0) -> dict:
     return dict(num_warps=launch.num_warps, num_stages=1 if widest_dim > 128 else launch.num_stages)
 
 
-# The widest K×V state gradient one program keeps in registers for the fused dk/dv
-# launch; wider states take the split launch (dv over V-tiles with all of K, dk over
-# K-tiles with all of V), which reads q, k, v and do twice: on an H200 at B=1, T=32K,
-# H=16, D=128 the split launch costs 1.24 / 1.81 / 2.77 ms fwd+bwd against the fused
-# one's 0.92 / 1.44 / 2.32 (plain / g_gamma / g; benchmarks/results/tune_launch_*-s4).
+# Per family, the widest K×V state gradient one program keeps in registers for the fused
+# dk/dv launch; wider states take the split launch (dv over V-tiles with all of K, dk over
+# K-tiles with all of V), which reads q, k, v and do twice. Scalar family: on an H200 at
+# B=1, T=32K, H=16, D=128 the split launch cost 1.24 / 1.81 / 2.77 ms fwd+bwd against the
+# fused one's 0.92 / 1.44 / 2.32 (plain / g_gamma / g; benchmarks/results/tune_launch_*-s4),
+# and again on an H100 after the transposed reads (1.33 / 1.83 / 3.41 against 1.00 / 1.35 /
+# 3.00, scalar_transposed_loads_h100_2026-12-07-s9). The per-key family always splits: its
+# fused launch at K = V = 128 spills 0.9 KB a thread (sm_90), and the split one on 4 warps
+# took gk's fwd+bwd from 6.61 to 5.97 ms at 1×32K on an H200 (its dk/dv launches 3.45 ->
+# 2.82 ms; gk_variants_h200_2026-12-07-s9).
 # Inputs of 4 bytes (fp32) always take the split launch: their tiles need twice the shared
 # memory, and the per-key fused dk/dv at K = V = 128 asked for 256 KB of a Hopper GPU's 227
 # (compiled for sm_90, benchmarks/kernel_resources.py).
-FUSED_DKDV_MAX_ELEMENTS = 128 * 128
+FUSED_DKDV_MAX_ELEMENTS = {"scalar": 128 * 128, "diagonal": 0}
 
 
-def fuses_dkdv(K: int, V: int, element_size: int) -> bool:
-    """Whether one dk/dv launch holds the whole K×V state gradient (`FUSED_DKDV_MAX_ELEMENTS`,
-    inputs of at most 2 bytes an element)."""
-    fits = (1 << (K - 1).bit_length()) * (1 << (V - 1).bit_length()) <= FUSED_DKDV_MAX_ELEMENTS
+def fuses_dkdv(family: str, K: int, V: int, element_size: int) -> bool:
+    """Whether `family`'s one dk/dv launch holds the whole K×V state gradient
+    (`FUSED_DKDV_MAX_ELEMENTS`, inputs of at most 2 bytes an element)."""
+    fits = (1 << (K - 1).bit_length()) * (1 << (V - 1).bit_length()) <= FUSED_DKDV_MAX_ELEMENTS[family]
     return fits and element_size <= 2
 
 

@@ -149,7 +149,7 @@ def call_knobs(launches: SpanLaunches, q, k, v, chunk_size=None, span_chunks=Non
     if span_chunks is None:
         span_chunks = default_span_chunks(B * T, H, chunk_size)
     if fuse_dkdv is None:
-        fuse_dkdv = fuses_dkdv(K, V, q.element_size())
+        fuse_dkdv = fuses_dkdv(launches.family, K, V, q.element_size())
     return chunk_size, span_chunks, bool(fuse_dkdv)
 
 

@@ -471,12 +471,13 @@ def _backward_kvg(q, k, v, gk, w, rows, do, d_final, d_states, g_span, dgk_parts
     args = (q, k, v, gk, q if w is None else w, q if rows is None else rows, do, span_bounds, d_states, dk, dv,
             q if q_dq is None else q_dq, q if chunk_states is None else chunk_states,
             q if span_chunk0 is None else span_chunk0, scale, *sizes)
+    row = "diagonal.dkdv" if max(K, V) <= 128 and q.element_size() <= 2 else "diagonal.dkdv_wide"
     common = dict(H=H, K=K, V=V, C=plan.chunk, SAFE=_safe_log_decay(q.dtype), DG=want_dg, ROW_WEIGHT=w is not None,
-                  GATHER=rows is not None, VARLEN=plan.varlen, **launch_kw("diagonal.dkdv", max(plan.K, plan.V)))
+                  GATHER=rows is not None, VARLEN=plan.varlen, **launch_kw(row, max(plan.K, plan.V)))
     if fuse_dkdv:
         _dkdv_kernel[(NS, H)](*args, BK=PK, BV=PV, DO_DK=True, DO_DV=True, **common)
     else:
-        BK, BV = tile("diagonal.dkdv", K, V), tile("diagonal.dkdv", V, K)
+        BK, BV = tile(row, K, V), tile(row, V, K)
         _dkdv_kernel[(triton.cdiv(V, BV) * NS, H)](*args, BK=PK, BV=BV, DO_DK=False, DO_DV=True, **common)
         _dkdv_kernel[(triton.cdiv(K, BK) * NS, H)](*args, BK=BK, BV=PV, DO_DK=True, DO_DV=False, **common)
     return dk, dv, q_dq if want_dg else None, dh0
