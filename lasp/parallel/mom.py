@@ -110,7 +110,7 @@ def lasp2_mixture_of_memories(q, k, v, weights, plan: MoMPlan, g=None, g_gamma=N
     def rows(x):
         return None if x is None else x.reshape(R, L, *x.shape[2:])
 
-    summaries, reach = _memory_summaries(layout, plan, B, cu_seqlens)
+    summaries, reach = _memory_summaries(layout, plan, cu_seqlens)
     decay = routed_log_decay(plan.indices, M, g, g_gamma, acc, gk=gk)                    # [B, T, M, H(, K)]
     tokens = Transition.identity() if decay is None else Transition("scalar" if gk is None else "diagonal",
                                                                      rows(decay))          # [R, L, M, H(, K)]
@@ -136,7 +136,7 @@ def _dense_memories(q, k, v, weights, plan: MoMPlan, g, g_gamma, gk, beta, layou
     M = plan.num_memories
     phases, local = mom_affine_phases(q, k, v, weights, plan, g, g_gamma, gk=gk, beta=beta, scale=scale,
                                       backend=backend)
-    summaries, reach = _memory_summaries(layout, plan, q.shape[0], cu_seqlens)
+    summaries, reach = _memory_summaries(layout, plan, cu_seqlens)
     cut = None if reach is None else summaries.to_exchange([(reach != layout.segment_len).repeat(M)])
     o0, x, incoming = DenseOverlapped.apply(*local, phases, AutoExchange(layout, group, (False,)), summaries, cut)
     o = plan.combine(o0[0], weights, backend) + mom_dense_state_output(x, _per_row(summaries, incoming, M), weights,
@@ -144,14 +144,14 @@ def _dense_memories(q, k, v, weights, plan: MoMPlan, g, g_gamma, gk, beta, layou
     return o.to(q.dtype)
 
 
-def _memory_summaries(layout, plan: MoMPlan, B: int, cu_seqlens):
+def _memory_summaries(layout, plan: MoMPlan, cu_seqlens):
     """Where each (memory, segment) summary comes from, `(Summaries, reach)`: the
     exchange's batch dim holds (memory, batch row), every memory its own chain. Unpacked:
     stream m·R + b·nseg + s (memory m on batch row b, segment s), reach None; packed: per
     memory the stream of the segment's last document (`document_edges`)."""
     M, nseg = plan.num_memories, len(layout.local_segments)
     if cu_seqlens is None:
-        return Summaries(M * B, nseg, (None,)), None
+        return Summaries(M * plan.indices.shape[0], nseg, (None,)), None
     _, last_doc, reach, _ = document_edges(layout, cu_seqlens)
     streams = torch.arange(M, device=last_doc.device)[:, None] * plan.num_rows + last_doc
     return Summaries(M, nseg, (streams.flatten(),)), reach
