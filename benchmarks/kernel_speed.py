@@ -14,10 +14,11 @@ by more than 1e-2 is reported as FAIL instead of a time. `variant` is the transi
 g_gamma, g, gk; delta, g+beta, gk+beta). Delta rows: lasp-triton against fla's
 `chunk_delta_rule`, `chunk_gated_delta_rule` and `chunk_kda`, with L2-normalised keys, each
 checked against lasp's torch chunk form on the first two heads (`run_delta_rows`); lasp's
-delta rows come twice, with the kernels' default walk operands (fp32: TF32 products) and
-with the other mode ("(bf16 walks)": bf16 products), timed in the same run. fla's
-`chunk_gla` autotunes on its first call (> 150 s at 8x4096 on an H100): `--fla-gla-shapes`
-says at which shapes it runs.
+delta rows come twice, with the kernels' default walk operands (`WALK_OPERANDS`, bf16) and
+with the other mode ("(fp32 walks)": TF32 products), timed in the same run. fla's
+`chunk_gla` autotunes on its first call at each shape (once > 150 s at 8x4096 on an H100;
+all three shapes with lasp's rows took 205 s in session 10, `TRITON_CACHE_AUTOTUNING=1`):
+`--fla-gla-shapes` says at which shapes it runs.
 
 Prints medians (ms), million tokens/s, peak memory, the ratio to fla's same variant, and
 the memory floor: bytes that must move (read q,k,v, write o; backward: read q,k,v,do,
@@ -313,7 +314,7 @@ def main():
                         help="FAMILY_CHUNK overrides, FAMILY=tokens[,...], e.g. diagonal=64,delta=32")
     parser.add_argument("--profile", action="store_true",
                         help="also record each row's CUDA time per kernel")
-    parser.add_argument("--fla-gla-shapes", default="1x32768,1x131072",
+    parser.add_argument("--fla-gla-shapes", default="8x4096,1x32768,1x131072",
                         help="shapes BxT at which fla chunk_gla runs (its autotune is long)")
     args = parser.parse_args()
     override_launches(args.launch)
