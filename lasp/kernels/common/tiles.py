@@ -66,6 +66,21 @@ def load_tile_t(ptr, offs_t, mask_t, h, offs_d, D: tl.constexpr, H: tl.constexpr
     return tl.load(ptrs, mask=mask_t[None, :] & (offs_d < D)[:, None], other=0.0)
 
 
+# Per-key decays (gk, KDA) may take a chunk's pair products factored, (a ⊙ e^Γ)(b ⊙ e^{−Γ})ᵀ
+# in one tensor-core product, where every key decays by less than e^-FACTORED_LOG_DECAY over
+# the chunk: the factors e^{±Γ} then stay below e^60, finite in fp32, TF32 and bf16 (which
+# reach 3e38); fp16 factors take a smaller bound (`lasp.kernels.diagonal.triton`).
+FACTORED_LOG_DECAY = 60.0
+
+
+@triton.jit
+def factored(log_decay, BOUND: tl.constexpr):
+    """Whether the chunk's log-decays `log_decay` ([n], ≤ 0: each key's total over the chunk,
+    or each row's smallest Γ) all stay above −BOUND, so that the factored products are
+    finite; chosen per program on the device."""
+    return tl.min(log_decay, axis=0) > -BOUND
+
+
 @triton.jit
 def decayed_outer_acc(a_t, weight, b, acc, EXACT: tl.constexpr):
     """acc + (a_t ⊙ weight) b for a_t = aᵀ [BD, C] (`load_tile_t`) and one weight per token

@@ -116,7 +116,7 @@ from lasp.kernels.common.documents import TorchPhases, document_count
 from lasp.kernels.common.launch import chunk_for_head_dims, launch_kw, tile
 from lasp.kernels.common.plan import document_chunk_slots
 from lasp.kernels.common.scan import DECAY_NONE, DECAY_PER_KEY, DECAY_SCALAR
-from lasp.kernels.common.tiles import load_tile, span_range, store_tile
+from lasp.kernels.common.tiles import FACTORED_LOG_DECAY, factored, load_tile, span_range, store_tile
 from lasp.kernels.delta.chunk import check_chunk_size, split, widen
 
 # The diagonal blocks of the UT transform are inverted exactly, BLOCK×BLOCK each, by forward
@@ -271,14 +271,14 @@ def _pair_decays(gam, offs_c, STRICT: tl.constexpr):
 # in the right half of one block, whose right half starts at r (s < r ≤ t), so
 # e^{Γ_t − Γ_s} = e^{Γ_t − Γ_r} e^{Γ_r − Γ_s} with both factors ≤ 1 (`_halving`): one
 # tensor-core product per level (log2(C/16) levels), no exponent ever positive.
-FACTORED_LOG_DECAY = tl.constexpr(60.0)
+# The factors are fp32 here (the tiles are widened), so every input dtype takes the shared bound.
+FACTORED_BOUND = tl.constexpr(FACTORED_LOG_DECAY)
 
 
 @triton.jit
 def _factored(gam):
-    """Whether a per-key Γ tile [rows, BK] (≤ 0, falling along the rows) stays above
-    −FACTORED_LOG_DECAY, so that the factored products are finite."""
-    return tl.min(tl.min(gam, axis=1), axis=0) > -FACTORED_LOG_DECAY
+    """`tiles.factored` for a per-key Γ tile [rows, BK] (≤ 0, falling along the rows)."""
+    return factored(tl.min(gam, axis=1), FACTORED_BOUND)
 
 
 @triton.jit

@@ -62,12 +62,13 @@ from lasp.kernels.common import launch, span_phases
 from lasp.kernels.common.launch import LAUNCH, chunk_for_head_dims, launch_kw, tile
 from lasp.kernels.common.plan import SpanPlan, span_chunk_slots
 from lasp.kernels.common.scan import scan_spans
-from lasp.kernels.common.tiles import load_tile, query_rows, span_range, state_ptrs, store_tile
+from lasp.kernels.common.tiles import (FACTORED_LOG_DECAY, factored, load_tile, query_rows, span_range, state_ptrs,
+                                       store_tile)
 
-# The fast path's bound on a chunk's total log-decay: its factors e^{±Γ} stay below
-# e^SAFE (bf16 / fp32 / TF32 reach 3e38; fp16 only 65504, hence its smaller bound).
+# The fast path's bound on a chunk's total log-decay (`tiles.factored`): its factors e^{±Γ}
+# stay below e^SAFE, in the input dtype (fp16 reaches only 65504, hence its smaller bound).
 SAFE_LOG_DECAY = {torch.float16: 8.0}
-DEFAULT_SAFE_LOG_DECAY = 60.0
+DEFAULT_SAFE_LOG_DECAY = FACTORED_LOG_DECAY
 
 
 # --------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def _scores(b_q, b_qd, b_k, gam, last, SAFE: tl.constexpr, C: tl.constexpr):
     """A [C, C] fp32 (module docstring), causal-masked. `b_qd` = q ⊙ e^Γ in the dot dtype.
     The fast path multiplies fp32 factors (TF32 on GPUs): two bf16 roundings of the
     factors would cost the outputs ~1e-3 of relative error."""
-    if tl.min(last, axis=0) > -SAFE:
+    if factored(last, SAFE):
         b_ki = b_k.to(tl.float32) * tl.exp(-gam)
         rows = tl.arange(0, C)
         A = tl.where(rows[:, None] >= rows[None, :], tl.dot(b_q.to(tl.float32) * tl.exp(gam), tl.trans(b_ki)), 0.0)
@@ -272,7 +273,7 @@ def _dq_kernel(q, k, v, gk, w, rows, do, span_bounds, H_in, dq, dU, q_dq, dB_w, 
             walk_w = tl.where(b_w != 0.0, b_w, 1.0)
             dp *= walk_w[:, None]
             b_dq *= walk_w[:, None]
-        if tl.min(last, axis=0) > -SAFE:
+        if factored(last, SAFE):
             b_ki32 = b_k.to(tl.float32) * tl.exp(-gam)
             b_ki = b_ki32.to(b_v.dtype)
             dq_intra = tl.dot(dp.to(b_v.dtype), b_ki)
@@ -364,7 +365,7 @@ def _dkdv_kernel(q, k, v, gk, w, rows, do, span_bounds, dH_out, dk, dv, dgk, chu
             if DG:
                 b_dk = tl.dot(b_v, tl.trans(_residual(d_state, d_state_in)), b_dk)
             b_dk *= to_end
-            if tl.min(last, axis=0) > -SAFE:
+            if factored(last, SAFE):
                 dk_intra = tl.dot(tl.trans(dp.to(b_v.dtype)), b_qd)
                 if DG:
                     dk_intra = tl.dot(tl.trans(dp.to(b_v.dtype)), _residual(b_q * tl.exp(gam), b_qd), dk_intra)
