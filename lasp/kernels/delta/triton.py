@@ -14,15 +14,15 @@ value and E_ts = e^{Γ_t − Γ_s} (s ≤ t, masked to −inf before the exp els
 N_ts = β_t Σ_k k_tk k_sk e^{Γ_tk − Γ_sk}, A likewise).
 
 Per-key decays: where every key of a tile decays by less than e^-60 over the chunk, the
-products through the pair decays of the outputs and the chunk backward are one
-tensor-core product of the factors · ⊙ e^Γ and · ⊙ e^{−Γ} (`_factored`; below e^60,
-finite in fp32; KDA at 1×32K on an H100, ms against the exact form's: outputs 1.42 /
-4.38, outputs' dδ 0.99 / 3.60, chunk backward 2.58 / 7.93 and 3.17 / 8.10). The UT
-transform's N and strong decays never form e^{−Γ}: pairs inside a 16-token block are
-summed exactly, column by column, with exponents Σ_{s<u≤t} gk_u (`_block_pairs`); pairs
-across blocks go through a reference token between them, one halving level of the chunk
-per tensor-core product (`_halving`, as `lasp.kernels.delta.wy._per_key_scores`), so
-both factors are ≤ 1. The walk's factors K ⊙ e^{γ−Γ}, Q ⊙ e^Γ and K ⊙ e^Γ are ≤ 1 too: any
+products through the pair decays (the UT transform's N, the outputs' scores, the chunk
+backward's) are one tensor-core product of the factors · ⊙ e^Γ and · ⊙ e^{−Γ}
+(`_factored`; below e^60, finite in fp32; KDA at 1×32K on an H100, ms against the exact
+form's: UT transform 1.93 / 4.89, outputs 1.42 / 4.38, outputs' dδ 0.99 / 3.60, chunk
+backward 2.58 / 7.93 and 3.17 / 8.10). Strong decays never form e^{−Γ}: pairs inside a
+16-token block are summed exactly, column by column, with exponents Σ_{s<u≤t} gk_u
+(`_block_pairs`); pairs across blocks go through a reference token between them, one
+halving level of the chunk per tensor-core product (`_halving`, as
+`lasp.kernels.delta.wy._per_key_scores`), so both factors are ≤ 1. The walk's factors K ⊙ e^{γ−Γ}, Q ⊙ e^Γ and K ⊙ e^Γ are ≤ 1 too: any
 decay (gk ~ −30 per token) stays finite and exact. The choice is made per program on the
 device, as the per-key family's (`lasp.kernels.diagonal.triton`) per chunk.
 
@@ -99,7 +99,11 @@ operands, Gated DeltaNet 8.40 against 11.59, KDA 38.3 against 41.3; the forward 
 ms against 2.12 and the backward walk 1.92 against 3.87 (DeltaNet), hence the default.
 With session 8's launch rows (the bf16 walks on V-tiles of 16, KDA's chunk backward on 4
 warps; kernels_delta_swept_rows_1x32768_h100_2026-12-07-s8): DeltaNet 7.56 ms, Gated
-DeltaNet 7.85, KDA 32.9, against fla's `chunk_delta_rule` 5.06 in the same run.
+DeltaNet 7.85, KDA 32.9, against fla's `chunk_delta_rule` 5.06 in the same run. Session
+11 (the UT transform's N in registers, KDA's factored; delta_wy_variants_1x32768_h100_
+2026-12-07-s11): DeltaNet 7.54 ms, Gated DeltaNet 7.79, KDA 14.19 against 7.53 / 7.97 /
+17.38 before; fla's `chunk_delta_rule` took 4.26 ms the same session on the same GPU kind
+(kernels_delta_vs_fla_1x32768_h100_2026-12-07-s11).
 """
 
 from __future__ import annotations
@@ -482,30 +486,18 @@ def _slot_program(slot_bounds, T, PER_ROW, H: tl.constexpr, C: tl.constexpr, NV:
 
 
 @triton.jit
-def _diagonal_block_inverse(k, beta, g, a_inv, base, start, end, h, b,
-                            H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                            DECAY: tl.constexpr):
-    """Rows [16b, 16b + 16) of chunk `base`'s a_inv [C, C]: the inverse of the b-th diagonal
-    16×16 block of I + N by forward substitution, row by row in fp32; zero elsewhere."""
+def _diagonal_block_inverse(blocks, a_inv, base, b, C: tl.constexpr):
+    """Rows [16b, 16b + 16) of chunk `base`'s a_inv [C, C], diagonal block b only: the
+    inverse of I + N_b by forward substitution, row by row in fp32 (`blocks` [C/16, 16, 16]:
+    N's diagonal blocks, strictly lower)."""
     offs_i = tl.arange(0, 16)
-    offs_t = start + b * 16 + offs_i
-    mask_t = offs_t < end
-    offs_k = tl.arange(0, BK)
-    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
-    b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
-    if DECAY == 2:
-        gram = _block_pairs(b_k.to(tl.float32), k, g, start + b * 16, end, h, offs_i, offs_k, H, K, 16, True)
-    else:
-        gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, 16, DECAY)
-        gram = tl.dot(b_k, tl.trans(b_k)) * _pair_decays(gam, offs_i, True)
-    n_block = gram * b_beta[:, None]
-    cols = tl.arange(0, C)
-    inv = tl.where(cols[None, :] == (b * 16 + offs_i)[:, None], 1.0, 0.0)
+    n_block = tl.sum(tl.where(tl.arange(0, C // 16)[:, None, None] == b, blocks, 0.0), 0)
+    inv = tl.where(offs_i[None, :] == offs_i[:, None], 1.0, 0.0)
     for i in range(1, 16):
         # row i = e_i − Σ_{j<i} N_ij (row j), rows j < i already final
         n_row = tl.sum(tl.where(offs_i[:, None] == i, n_block, 0.0), 0)
         inv -= tl.where(offs_i[:, None] == i, tl.sum(n_row[:, None] * inv, 0)[None, :], 0.0)
-    tl.store(a_inv + (base * C + b * 16 + offs_i[:, None]) * C + cols[None, :], inv)
+    tl.store(a_inv + (base * C + b * 16 + offs_i[:, None]) * C + b * 16 + offs_i[None, :], inv)
 
 
 @triton.jit
@@ -517,50 +509,59 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
     u, k_end = K ⊙ e^{γ−Γ} and γ (`g_end` [1] or [K] per slot and head, with a decay).
     Padded rows come out zero in w, u and k_end (their k, v and β are zero).
 
-    R: the diagonal blocks D⁻¹ first (`_diagonal_block_inverse`, stored in `a_inv` and
-    read back whole), then with N_below the entries of N under the diagonal blocks and
+    N comes whole, [C, C] in registers (a per-key decay's factored where `_factored`, in
+    TF32 as the outputs' scores, else its exact diagonal blocks and halving levels). R: the
+    inverses of N's 16×16 diagonal blocks D⁻¹ first (`_diagonal_block_inverse`, through
+    `a_inv`), then with N_below the entries of N under the diagonal blocks and
     P = −D⁻¹ N_below (nilpotent: C/16 blocks), R = (I + P)(I + P²)…(I + P^{2^(LEVELS−1)}) D⁻¹
-    = Σ_{j < C/16} Pʲ D⁻¹, LEVELS = log2(C/16). With a per-key decay N_below is the sum
-    of the halving levels (`_cross_block_scores`): every exponent ≤ 0, never factored (the
-    factored N in 3×TF32 spilled 1.1 KB a thread: 7.85 ms against 4.92 on an H100 at 1×32K).
+    = Σ_{j < C/16} Pʲ D⁻¹, LEVELS = log2(C/16). The walk's operands k_end and γ are stored
+    first, and the keys then kept only as B = βK ⊙ e^Γ, the right factor of w = R B (no
+    spills at K = 128 without a per-key decay on sm_90). H100, 1×32K, UT transform ms
+    against session 10's (each diagonal block's N computed again from k, the per-key N
+    always exact): 1.31 / 1.38 (DeltaNet), 1.30 / 1.42 (Gated DeltaNet), 1.93 / 4.89 (KDA;
+    delta_wy_variants_1x32768_h100_2026-12-07-s11, "regblocks_factored"). N from
+    `_scores` (non-strict, fp32 operands) instead measured 1.32 / 1.34 / 2.22 ms.
     """
     base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, 1, VARLEN)
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, BK)
     rows, cols = offs_c[:, None], offs_c[None, :]
 
-    for b in tl.static_range(C // 16):
-        _diagonal_block_inverse(k, beta, g, a_inv, base, start, end, h, b, H, K, C, BK, DECAY)
-    tl.debug_barrier()                      # the blocks' stores, visible to every thread
-    a_ptrs = a_inv + (base * C + rows) * C + cols
-    inv = tl.load(a_ptrs)
+    k_mask = (offs_k < K)[None, :]
     b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
     b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
     gam, g_last = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
+    b_kf = b_k.to(tl.float32)
+    tl.store(k_end + (base * C + rows) * K + offs_k[None, :], _decayed(b_kf, tl.exp(g_last - gam), DECAY),
+             mask=k_mask)
+    if DECAY == 1:
+        tl.store(g_end + base, g_last)
+    elif DECAY == 2:
+        tl.store(g_end + base * K + offs_k, g_last, mask=offs_k < K)
+    b_b = _decayed(b_kf * b_beta[:, None], tl.exp(gam), DECAY)
     if DECAY == 2:
-        b_kf = b_k.to(tl.float32)
-        n_below = _cross_block_scores(b_kf, b_kf, gam, offs_c, C, LEVELS) * b_beta[:, None]
+        if _factored(gam):
+            n = tl.dot(b_kf * tl.exp(gam), tl.trans(b_kf * tl.exp(-gam)))
+        else:
+            n = (_block_pairs(b_kf, k, g, start, end, h, offs_c, offs_k, H, K, C, True)
+                 + _cross_block_scores(b_kf, b_kf, gam, offs_c, C, LEVELS))
     else:
-        below = (rows // 16) > (cols // 16)
-        n_below = tl.dot(b_k, tl.trans(b_k)) * b_beta[:, None] * tl.exp(
-            tl.where(below, gam[:, None] - gam[None, :], float("-inf")))
+        n = tl.dot(b_k, tl.trans(b_k)) * _pair_decays(gam, offs_c, True)
+    n = tl.where(rows > cols, n, 0.0) * b_beta[:, None]
+    blocks = tl.reshape(_diagonal_blocks(n, offs_c, C), [C // 16, 16, 16])
+    for b in tl.static_range(C // 16):
+        _diagonal_block_inverse(blocks, a_inv, base, b, C)
+    n_below = tl.where((rows // 16) > (cols // 16), n, 0.0)
+    tl.debug_barrier()                      # the blocks' stores, visible to every thread
+    a_ptrs = a_inv + (base * C + rows) * C + cols
+    inv = tl.load(a_ptrs, mask=(rows // 16) == (cols // 16), other=0.0)
     power = -tl.dot(inv, n_below, input_precision=PRECISION)
     for _ in tl.static_range(LEVELS):
         inv += tl.dot(power, inv, input_precision=PRECISION)
         power = tl.dot(power, power, input_precision=PRECISION)
     tl.debug_barrier()                      # every thread has read the blocks
     tl.store(a_ptrs, inv)
-
-    b_k = b_k.to(tl.float32)
-    k_mask = (offs_k < K)[None, :]
-    b_w = tl.dot(inv, _decayed(b_k * b_beta[:, None], tl.exp(gam), DECAY))
-    tl.store(w + (base * C + rows) * K + offs_k[None, :], b_w, mask=k_mask)
-    tl.store(k_end + (base * C + rows) * K + offs_k[None, :], _decayed(b_k, tl.exp(g_last - gam), DECAY),
-             mask=k_mask)
-    if DECAY == 1:
-        tl.store(g_end + base, g_last)
-    elif DECAY == 2:
-        tl.store(g_end + base * K + offs_k, g_last, mask=offs_k < K)
+    tl.store(w + (base * C + rows) * K + offs_k[None, :], tl.dot(inv, b_b), mask=k_mask)
     for vt in tl.static_range(triton.cdiv(V, BV)):
         offs_v = vt * BV + tl.arange(0, BV)
         b_v = load_tile(v, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
