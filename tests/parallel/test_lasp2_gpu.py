@@ -11,7 +11,8 @@ no CUDA point-to-point, so there LASP-1's hand-offs go through host memory
 
 Each rank draws the same full inputs, runs the fp32 oracle on the whole sequence, and checks
 its shard of the outputs and gradients: relative error <= 3e-3 (DESIGN.md §5), dg <= 5e-3.
-Transitions: plain, g, gk and the delta rule (beta with g: dense transitions). Packed
+Transitions: plain, g, gk and the delta rule (beta with g or gk: dense transitions, Gated
+DeltaNet and KDA). Packed
 documents cross the rank boundary; unpacked input has B = 2; T is not a power of two.
 Rank 0 prints one row per case and, with $OUT set, writes them to $OUT/lasp2_gpu_W<W>.json.
 """
@@ -28,8 +29,8 @@ from tests.utils import grads, rel_err
 
 # dg / dgk sum over the whole sequence: they inherit the kernel tier's gradient bound.
 TOL = dict(o=3e-3, dq=3e-3, dk=3e-3, dv=3e-3, dg=5e-3, dgk=5e-3, dbeta=5e-3)
-# The transitions each case runs: identity, scalar (g), diagonal (gk), dense (beta with g).
-DECAYS = (None, "g", "gk", "g+beta")
+# The transitions each case runs: identity, scalar (g), diagonal (gk), dense (beta with g or gk).
+DECAYS = (None, "g", "gk", "g+beta", "gk+beta")
 L, H, D = 1500, 4, 64                     # zigzag segments of L tokens; T = 2W·L
 METHODS = {"lasp2": lasp2_linear_attention, "lasp1": lasp1_linear_attention}
 
@@ -41,14 +42,15 @@ def _case(rank, W, method, kind, decay, packed):
     def rand(*shape):
         return torch.randn(*shape, device="cuda", generator=gen)
     q, k, v = (rand(B, T, H, D) for _ in range(3))
-    if decay == "g+beta":                   # the delta rule's layers normalise its keys
+    delta_rule = decay is not None and decay.endswith("+beta")
+    if delta_rule:                          # the delta rule's layers normalise its keys
         k = F.normalize(k, dim=-1)
     gates = {}
     if decay in ("g", "g+beta"):
         gates["g"] = F.logsigmoid(rand(B, T, H) + 4)
-    if decay == "gk":
+    if decay in ("gk", "gk+beta"):
         gates["gk"] = F.logsigmoid(rand(B, T, H, D) + 4)
-    if decay == "g+beta":
+    if delta_rule:
         gates["beta"] = torch.sigmoid(rand(B, T, H))
     names = ["q", "k", "v", *gates]
     inputs = [x.bfloat16().requires_grad_() for x in (q, k, v)] + [x.requires_grad_() for x in gates.values()]
