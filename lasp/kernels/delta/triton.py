@@ -38,10 +38,14 @@ forward
   3. `_output_kernel`, per (chunk, head, V-tile): o.
 
 backward
-  1. `_output_grad_kernel`, per (chunk, head, V-tile): the outputs' dδ = scale Aᵀ do.
+  1. `_output_grad_kernel`, per (chunk, head, V-tile): the outputs' dδ = scale Aᵀ do,
+     and (once per chunk and head) the walk's factor scale Q ⊙ e^Γ in the walk operands'
+     dtype: the walk's V-tile programs read it instead of each decaying q again (H100,
+     1×32K, the backward walk 1.75 ms against 3.29 for KDA, 1.64 / 1.84 Gated DeltaNet,
+     1.54 / 1.73 DeltaNet; delta_walk_q_decayed_1x32768_h100_2026-12-07-s11).
   2. `_state_pass_grad_kernel`, per (document, head, V-tile), walking back: the total
-     dδ = dδ(outputs) + k_end dS_next, and dS = e^γ dS_next + scale (Q ⊙ e^Γ)ᵀ do − wᵀ dδ
-     (the outputs' share computed in the walk), d initial state.
+     dδ = dδ(outputs) + k_end dS_next, and dS = e^γ dS_next + (scale Q ⊙ e^Γ)ᵀ do − wᵀ dδ,
+     d initial state.
   3. `_key_grad_kernel`, per (chunk, head, K-tile), V in tiles: from S, dS_next, δ and
      dδ the terms that need all of V for the tile's keys: the outputs' (dq, final) and
      the walk's (k_end, γ) into a partial dk, and dw = −dδ Sᵀ (fp32 scratch [n_slots, H,
@@ -102,8 +106,10 @@ warps; kernels_delta_swept_rows_1x32768_h100_2026-12-07-s8): DeltaNet 7.56 ms, G
 DeltaNet 7.85, KDA 32.9, against fla's `chunk_delta_rule` 5.06 in the same run. Session
 11 (the UT transform's N in registers, KDA's factored; delta_wy_variants_1x32768_h100_
 2026-12-07-s11): DeltaNet 7.54 ms, Gated DeltaNet 7.79, KDA 14.19 against 7.53 / 7.97 /
-17.38 before; fla's `chunk_delta_rule` took 4.26 ms the same session on the same GPU kind
-(kernels_delta_vs_fla_1x32768_h100_2026-12-07-s11).
+17.38 before; then the backward walk reading scale Q ⊙ e^Γ from `_output_grad_kernel`
+(delta_walk_q_decayed_1x32768_h100_2026-12-07-s11): 7.42 / 7.71 / 13.21 against 7.57 /
+7.86 / 14.31 in that run. fla's `chunk_delta_rule` took 4.26 ms the same session on the
+same GPU kind (kernels_delta_vs_fla_1x32768_h100_2026-12-07-s11).
 """
 
 from __future__ import annotations
@@ -661,33 +667,36 @@ def _output_kernel(q, k, g, slot_bounds, states, delta, o, scale, T, PER_ROW,
 
 
 @triton.jit
-def _output_grad_kernel(q, k, g, do, slot_bounds, d_delta_out, scale, T, PER_ROW,
+def _output_grad_kernel(q, k, g, do, slot_bounds, d_delta_out, q_decayed, scale, T, PER_ROW,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
                         VARLEN: tl.constexpr):
     """The outputs' gradient of δ for one chunk slot, head and V-tile: scale Aᵀ do
-    (`_scores`), every row of the slot (zero past its tokens)."""
-    base, h, offs_v, _, _, offs_t, mask_t, _, _, _, scores = _chunk_scores(
-        q, k, g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, LEVELS, DECAY, triton.cdiv(V, BV), VARLEN)
+    (`_scores`), every row of the slot (zero past its tokens); from the first V-tile also
+    the backward walk's factor scale Q ⊙ e^Γ (`q_decayed`, in the walk operands' dtype)."""
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    base, h, offs_v, _, _, offs_t, mask_t, offs_k, b_q, gam, scores = _chunk_scores(
+        q, k, g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, LEVELS, DECAY, NV, VARLEN)
     offs_c = tl.arange(0, C)
+    if tl.program_id(0) % NV == 0:
+        _slot_rows_store(q_decayed, _decayed(b_q * scale, tl.exp(gam), DECAY), base, offs_c, offs_k, K, C)
     b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
     b_dd = tl.dot(tl.trans(scores), b_do) * scale
     tl.store(d_delta_out + (base * C + offs_c[:, None]) * V + offs_v[None, :], b_dd, mask=(offs_v < V)[None, :])
 
 
 @triton.jit
-def _state_pass_grad_kernel(w, k_end, g_end, d_states, d_delta_out, d_final, doc_chunk0, doc_chunks,
-                            q, do, g, slot_bounds, scale, T, PER_ROW, d_delta, d_next, dh0,
+def _state_pass_grad_kernel(w, k_end, g_end, d_delta_out, q_decayed, do, d_final, doc_chunk0, doc_chunks,
+                            slot_bounds, T, PER_ROW, d_delta, d_next, dh0,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                             BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, HAS_D_FINAL: tl.constexpr,
                             OUTPUT_GRAD: tl.constexpr, VARLEN: tl.constexpr):
     """One document, head and V-tile, backwards: each chunk's total dδ (`d_delta`), the
     gradient of the state leaving it (`d_next`) and the document's d initial state.
 
-    OUTPUT_GRAD, how the outputs' gradients enter: 0 not at all (final states only); 1 as
-    `d_states` and `d_delta_out`, their gradients of each chunk's incoming state and δ;
-    2 as `d_delta_out` and scale (Q ⊙ e^Γ)ᵀ do, computed here from q, do and g (token-major,
-    the chunk's tokens from the slot table).
+    OUTPUT_GRAD: the outputs' gradients enter, as `d_delta_out` (their dδ per chunk) and
+    (scale Q ⊙ e^Γ)ᵀ do from `q_decayed` (per chunk, `_output_grad_kernel`'s) and do
+    (token-major, the chunk's tokens from the slot table); else only the final states'.
     """
     doc, h, offs_k, offs_v, d_state, first, count = _walk_start(d_final, doc_chunk0, doc_chunks, H, K, V, BK, BV,
                                                                 HAS_D_FINAL)
@@ -699,24 +708,19 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_states, d_delta_out, d_final, doc
         tl.store(ptrs, d_state, mask=mask)
         b_k = _chunk_rows(k_end, base, offs_c, offs_k, K, C)
         delta_ptrs = (base * C + offs_c[:, None]) * V + offs_v[None, :]
-        if OUTPUT_GRAD == 0:
-            b_dd = tl.zeros([C, BV], dtype=tl.float32)
-        else:
+        if OUTPUT_GRAD:
             b_dd = tl.load(d_delta_out + delta_ptrs, mask=(offs_v < V)[None, :], other=0.0)
+        else:
+            b_dd = tl.zeros([C, BV], dtype=tl.float32)
         b_dd = _walk_dot(b_k, d_state, b_dd)
         tl.store(d_delta + delta_ptrs, b_dd, mask=(offs_v < V)[None, :])
         b_w = _chunk_rows(w, base, offs_c, offs_k, K, C)
         d_state = _decay_state(d_state, g_end, base, offs_k, K, DECAY)
-        if OUTPUT_GRAD == 1:
-            ptrs, mask = _state_tile(d_states, base, offs_k, offs_v, K, V)
-            d_state += tl.load(ptrs, mask=mask, other=0.0)
-        elif OUTPUT_GRAD == 2:
+        if OUTPUT_GRAD:
             _, _, offs_t, mask_t = _slot_tokens(slot_bounds, slot, T, PER_ROW, C, VARLEN)
-            b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
-            b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
-            gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
-            b_qg = _decayed(b_q * scale, tl.exp(gam), DECAY)
-            d_state = tl.dot(tl.trans(b_qg.to(b_w.dtype)), b_do.to(b_w.dtype), d_state)
+            b_qg = _chunk_rows(q_decayed, base, offs_c, offs_k, K, C)
+            b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H)
+            d_state = tl.dot(tl.trans(b_qg), b_do.to(b_qg.dtype), d_state)
         d_state = _walk_dot(tl.trans(b_w), -b_dd, d_state)
     ptrs, mask = _state_tile(dh0, doc, offs_k, offs_v, K, V)
     tl.store(ptrs, d_state, mask=mask)
@@ -968,27 +972,24 @@ def _walk(w, u, k_end, g_end, h0, layout: ChunkLayout):
     return states, delta, final
 
 
-def _walk_back(w, k_end, g_end, d_final, V: int, layout: ChunkLayout, *, d_states=None, d_delta_out=None, q=None,
-               do=None, g=None, scale=1.0):
+def _walk_back(w, k_end, g_end, d_final, V: int, layout: ChunkLayout, outputs_grad=None, do=None):
     """The backward state pass: (each chunk's total dδ and the gradient of the state leaving
-    each chunk and d initial states, all fp32). The outputs' gradients: none;
-    `d_states` and `d_delta_out` (tensors per chunk); or `d_delta_out` with q, do, g
-    (token-major: the walk adds scale (Q ⊙ e^Γ)ᵀ do itself)."""
+    each chunk and d initial states, all fp32). The outputs' gradients: none, or
+    `output_grad`'s (dδ, scale Q ⊙ e^Γ) per chunk with do (token-major)."""
     n_slots, H, C, K = w.shape
     dev = w.device
     d_delta = launch.new_tensor((n_slots, H, C, V), torch.float32, dev)
     d_next = launch.new_tensor((n_slots, H, K, V), torch.float32, dev)
     dh0 = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, dev)
-    mode = 0 if d_delta_out is None else (1 if d_states is not None else 2)
+    d_delta_out, q_decayed = (w, w) if outputs_grad is None else outputs_grad
     bounds, T, per_row = layout.slot_args(w)
     row = "delta.state_grad_per_key" if _decay_kind(g_end) == DECAY_PER_KEY else "delta.state_grad"
     grid, launch_args = _walk_grid(layout, H, K, V, row, w.dtype)
     _state_pass_grad_kernel[grid](
-        w, k_end, w if g_end is None else g_end, w if d_states is None else d_states,
-        w if d_delta_out is None else d_delta_out, w if d_final is None else d_final, layout.doc_chunk0,
-        layout.doc_chunks, w if q is None else q, w if do is None else do, w if g is None else g, bounds, scale, T,
-        per_row, d_delta, d_next, dh0, H=H, K=K, V=V, C=C, DECAY=_decay_kind(g_end), HAS_D_FINAL=d_final is not None,
-        OUTPUT_GRAD=mode, VARLEN=layout.varlen, **launch_args)
+        w, k_end, w if g_end is None else g_end, d_delta_out, q_decayed, w if do is None else do,
+        w if d_final is None else d_final, layout.doc_chunk0, layout.doc_chunks, bounds, T, per_row,
+        d_delta, d_next, dh0, H=H, K=K, V=V, C=C, DECAY=_decay_kind(g_end), HAS_D_FINAL=d_final is not None,
+        OUTPUT_GRAD=outputs_grad is not None, VARLEN=layout.varlen, **launch_args)
     return d_delta, d_next, dh0
 
 
@@ -1055,27 +1056,29 @@ def forward_output(q, k, g, saved, layout: ChunkLayout, scale, dtype):
     return o
 
 
-def output_grad(q, k, g, do, layout: ChunkLayout, scale):
-    """The outputs' gradient of every chunk's δ, scale Aᵀ do (fp32): the part of the
-    backward that needs no gradient of the final states."""
+def output_grad(q, k, g, do, layout: ChunkLayout, scale, operands: torch.dtype):
+    """The part of the backward that needs no gradient of the final states: every chunk's
+    outputs' dδ, scale Aᵀ do (fp32), and the backward walk's factor scale Q ⊙ e^Γ (in the
+    walk operands' dtype `operands`, per chunk slot: the walk's V-tiles read it instead of
+    each decaying q again)."""
     H, K, V = k.shape[2], k.shape[3], do.shape[-1]
     d_delta_out = launch.new_tensor((layout.n_slots, H, layout.chunk, V), torch.float32, k.device)
+    q_decayed = launch.new_tensor((layout.n_slots, H, layout.chunk, K), operands, k.device)
     bounds, T, per_row = layout.slot_args(k)
     _slot_launch(_output_grad_kernel, layout, "delta.output_grad", K, V, H, _decay_of(g), "v")(
-        q, k, k if g is None else g, do, bounds, d_delta_out, scale, T, per_row)
-    return d_delta_out
+        q, k, k if g is None else g, do, bounds, d_delta_out, q_decayed, scale, T, per_row)
+    return d_delta_out, q_decayed
 
 
-def state_grad(q, k, v, beta, g, saved, do, d_delta_out, d_final, layout: ChunkLayout, scale):
-    """The rest of the backward, from the outputs' dδ (`output_grad`, or None without
-    outputs) and d final states (or None): the backward walk and the chunk backward.
+def state_grad(q, k, v, beta, g, saved, do, outputs_grad, d_final, layout: ChunkLayout, scale):
+    """The rest of the backward, from `output_grad`'s result (or None without outputs) and
+    d final states (or None): the backward walk and the chunk backward.
     Returns (dq or None, dk, dv, dβ, d decay or None, d initial states)."""
     a_inv, w, k_end, g_end, states, delta = saved
     H, K, V = k.shape[2], k.shape[3], v.shape[-1]
     bounds, T, per_row = layout.slot_args(k)
-    has_q = d_delta_out is not None
-    d_delta, d_next, dh0 = _walk_back(w, k_end, g_end, d_final, V, layout, d_delta_out=d_delta_out,
-                                      q=q if has_q else None, do=do if has_q else None, g=g, scale=scale)
+    has_q = outputs_grad is not None
+    d_delta, d_next, dh0 = _walk_back(w, k_end, g_end, d_final, V, layout, outputs_grad, do if has_q else None)
     dq = launch.new_tensor(k.shape, k.dtype, k.device) if has_q else None
     dk = launch.new_tensor(k.shape, k.dtype, k.device)
     dv = launch.new_tensor(v.shape, v.dtype, v.device)
@@ -1111,12 +1114,11 @@ def fused_forward(q, k, v, beta, g, h0, layout: ChunkLayout, scale, operands):
 def fused_backward(q, k, v, beta, g, saved, do, d_final, layout: ChunkLayout, scale):
     """The backward launches: (dq or None, dk, dv, dβ, d decay or None, d initial states)."""
     d_final = None if d_final is None else d_final.float().contiguous()
-    d_delta_out = None
-    has_q = q is not None and do is not None
-    if has_q:
+    outputs_grad = None
+    if q is not None and do is not None:
         do = do.contiguous()
-        d_delta_out = output_grad(q, k, g, do, layout, scale)
-    dq, dk, dv, dbeta, dg, dh0 = state_grad(q, k, v, beta, g, saved, do, d_delta_out, d_final, layout, scale)
+        outputs_grad = output_grad(q, k, g, do, layout, scale, saved[1].dtype)
+    dq, dk, dv, dbeta, dg, dh0 = state_grad(q, k, v, beta, g, saved, do, outputs_grad, d_final, layout, scale)
     if q is not None and dq is None:
         dq = torch.zeros_like(q)
     return dq, dk, dv, dbeta, dg, dh0
@@ -1230,13 +1232,13 @@ class TritonAffinePhases:
 
     def output_grad(self, q, k, v, decay, beta, saved, do, dx):
         do_wide = torch.cat([do.float(), dx.float()], -1)
-        return do_wide, output_grad(q, k, decay, do_wide, self.layout, self.scale)
+        return do_wide, output_grad(q, k, decay, do_wide, self.layout, self.scale, self.operands)
 
     def grad(self, q, k, v, decay, beta, saved, partial, d_states, d_transitions):
-        do_wide, d_delta_out = partial
+        do_wide, outputs_grad = partial
         v_wide = widen(v, k.shape[-1], 0, torch.float32)[0]          # the widened values alone
         d_final = torch.cat([d_states, d_transitions], -1).float().contiguous()
-        dq, dk, dv, dbeta, dg, _ = state_grad(q, k, v_wide, beta, decay, saved, do_wide, d_delta_out, d_final,
+        dq, dk, dv, dbeta, dg, _ = state_grad(q, k, v_wide, beta, decay, saved, do_wide, outputs_grad, d_final,
                                               self.layout, self.scale)
         return dq, dk, split(dv, v.shape[-1])[0], dg, dbeta
 
