@@ -22,9 +22,10 @@ backward 2.58 / 7.93 and 3.17 / 8.10). Strong decays never form e^{−Γ}: pairs
 16-token block are summed exactly, column by column, with exponents Σ_{s<u≤t} gk_u
 (`_block_pairs`); pairs across blocks go through a reference token between them, one
 halving level of the chunk per tensor-core product (`_halving`, as
-`lasp.kernels.delta.wy._per_key_scores`), so both factors are ≤ 1. The walk's factors K ⊙ e^{γ−Γ}, Q ⊙ e^Γ and K ⊙ e^Γ are ≤ 1 too: any
-decay (gk ~ −30 per token) stays finite and exact. The choice is made per program on the
-device, as the per-key family's (`lasp.kernels.diagonal.triton`) per chunk.
+`lasp.kernels.delta.wy._per_key_scores`), so both factors are ≤ 1. The walk's factors
+K ⊙ e^{γ−Γ}, Q ⊙ e^Γ and K ⊙ e^Γ are ≤ 1 too: any decay (gk ~ −30 per token) stays
+finite and exact. The choice is made per program on the device, as the per-key family's
+(`lasp.kernels.diagonal.triton`) per chunk.
 
 Launches (one program per chunk slot and head unless said):
 
@@ -1117,7 +1118,8 @@ def fused_backward(q, k, v, beta, g, saved, do, d_final, layout: ChunkLayout, sc
     outputs_grad = None
     if q is not None and do is not None:
         do = do.contiguous()
-        outputs_grad = output_grad(q, k, g, do, layout, scale, saved[1].dtype)
+        walk_operands = saved[1].dtype                          # w's
+        outputs_grad = output_grad(q, k, g, do, layout, scale, walk_operands)
     dq, dk, dv, dbeta, dg, dh0 = state_grad(q, k, v, beta, g, saved, do, outputs_grad, d_final, layout, scale)
     if q is not None and dq is None:
         dq = torch.zeros_like(q)

@@ -1,0 +1,121 @@
+"""Variants of the delta rule's Triton module timed against each other in one process.
+
+    python benchmarks/delta_variants.py NAME=PATH[@ROW=warps,stages,block;...] ... \
+        [--decays delta,g+beta,gk+beta] [--T 32768]
+
+Each PATH is a copy of `lasp/kernels/delta/triton.py` with a change to try (e.g. the
+committed file from `git show REV:lasp/kernels/delta/triton.py` beside the working tree's);
+`@ROW=...` overrides launch rows of `lasp.kernels.common.launch.LAUNCH` for that variant
+only. A variant runs as the module `lasp.kernels.delta.triton` (`lasp.kernels.compiled`
+imports its launches from there on every call), so that before and after share one GPU,
+one process and the same inputs. Per decay and variant, on (1, T, 16, 128) bf16 inputs
+(`kernel_speed.delta_inputs`): the relative error of o and of every gradient against
+lasp's fp32 torch chunk form on the first two heads, the fwd+bwd median ms and the CUDA
+µs per kernel. Prints a table last; JSON to $OUT/delta_variants.json (or
+benchmarks/results/). Session 11 used it for the UT transform and the backward walk
+(`benchmarks/results/delta_wy_variants_*`, `delta_walk_q_decayed_*`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+
+from kernel_speed import D, delta_gate, delta_inputs, kernel_times, time_and_peak
+from lasp.kernels.common import launch
+from lasp.kernels.common.launch import Launch
+from lasp.kernels.delta import chunk_linear_attention as delta_chunk
+
+MODULE = "lasp.kernels.delta.triton"
+GRADS = ("dq", "dk", "dv", "dbeta", "ddecay")
+
+
+def load_variant(spec: str):
+    """NAME=PATH[@ROW=w,s,b;...] -> (name, module, launch overrides)."""
+    name, _, rest = spec.partition("=")
+    path, _, rows = rest.partition("@")
+    module_spec = importlib.util.spec_from_file_location(f"delta_variant_{name}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module          # dataclasses look their module up there
+    module_spec.loader.exec_module(module)
+    overrides = {}
+    for row_spec in filter(None, rows.split(";")):
+        row, _, values = row_spec.partition("=")
+        if row not in launch.LAUNCH:
+            raise ValueError(f"{spec!r}: no LAUNCH row {row!r}")
+        overrides[row] = Launch(*(int(x) for x in values.split(",")))
+    return name, module, overrides
+
+
+def oracle(leaves, gate, do):
+    """o and every gradient of lasp's fp32 torch chunk form on the first two heads."""
+    ref = [x[:, :, :2].detach().float().requires_grad_() for x in leaves]
+    o = delta_chunk(ref[0], ref[1], ref[2], None if gate is None else ref[4], ref[3], scale=D ** -0.5)[0]
+    return o.detach(), torch.autograd.grad(o, ref, do[:, :, :2].float())
+
+
+def run_variant(module, leaves, gate, do, want_o, want_grads):
+    """(errors by name, fwd+bwd median ms, µs per kernel) of one variant at one decay."""
+    q, k, v, beta = leaves[:4]
+
+    def forward():
+        return module.triton_linear_attention(q, k, v, gate, beta, scale=D ** -0.5)[0]
+
+    def step():
+        torch.autograd.grad(forward(), leaves, do)
+    o = forward()
+    got = torch.autograd.grad(o, leaves, do)
+    errors = {"o": ((o[:, :, :2].float() - want_o).norm() / want_o.norm()).item()}
+    for name, mine, ref in zip(GRADS, got, want_grads):
+        errors[name] = ((mine[:, :, :2].float() - ref).norm() / ref.norm()).item()
+    ms, _ = time_and_peak(step, warmup=10, rep=50)
+    return errors, ms, kernel_times(step)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("variants", nargs="+", help="NAME=PATH[@ROW=warps,stages,block;...]")
+    parser.add_argument("--decays", default="delta,g+beta,gk+beta")
+    parser.add_argument("--T", type=int, default=32768)
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = parser.parse_args()
+    variants = [load_variant(spec) for spec in args.variants]
+    (q, k, v, beta, g, gk), do = delta_inputs(1, args.T)
+    defaults, original = dict(launch.LAUNCH), sys.modules.get(MODULE)
+    results = []
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, T=args.T, results=results)
+    try:
+        for decay in args.decays.split(","):
+            gate = delta_gate(decay, g, gk)
+            leaves = [q, k, v, beta] + ([] if gate is None else [gate])
+            want_o, want_grads = oracle(leaves, gate, do)
+            for name, module, overrides in variants:
+                launch.LAUNCH.clear()
+                launch.LAUNCH.update(defaults, **overrides)
+                sys.modules[MODULE] = module
+                errors, ms, per_kernel = run_variant(module, leaves, gate, do, want_o, want_grads)
+                results.append(dict(variant=name, decay=decay, T=args.T, ms=ms, errors=errors,
+                                    kernels_us={kk: round(us, 1) for kk, us in per_kernel.items() if us > 20}))
+                print(json.dumps(results[-1]), flush=True)
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, "delta_variants.json"), "w") as f:
+                    json.dump(meta, f, indent=1)
+    finally:
+        launch.LAUNCH.clear()
+        launch.LAUNCH.update(defaults)
+        sys.modules[MODULE] = original
+    print(f"\n{meta['device']}, T = {args.T}")
+    print(f"{'variant':28s} {'decay':8s} {'ms':>8s} {'max err':>9s} {'UT us':>7s} {'walk-back us':>12s}")
+    for r in results:
+        ku = r["kernels_us"]
+        print(f"{r['variant']:28s} {r['decay']:8s} {r['ms']:8.3f} {max(r['errors'].values()):9.2e} "
+              f"{ku.get('_wy_kernel', 0):7.0f} {ku.get('_state_pass_grad_kernel', 0):12.0f}")
+
+
+if __name__ == "__main__":
+    main()
