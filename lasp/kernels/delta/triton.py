@@ -631,21 +631,26 @@ def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, d
 
 
 @triton.jit
-def _chunk_scores(q, k, g, slot_bounds, T, PER_ROW, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
-                  NV: tl.constexpr, VARLEN: tl.constexpr):
+def _chunk_program(q, g, slot_bounds, T, PER_ROW, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, NV: tl.constexpr,
+                   VARLEN: tl.constexpr):
     """The program of a per-chunk kernel over (chunk slot, V-tile) × head: (slot·H + h, h,
     its V offsets, the slot's token range, its rows' tokens and mask, the K offsets, q as
-    fp32, Γ, and the decayed causal scores A (`_scores`))."""
+    fp32, Γ)."""
     base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, NV, VARLEN)
     offs_v = (tl.program_id(0) % NV) * BV + tl.arange(0, BV)
-    offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, BK)
     b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
-    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
     gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
-    scores = _scores(b_q, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, DECAY)
-    return base, h, offs_v, start, end, offs_t, mask_t, offs_k, b_q, gam, scores
+    return base, h, offs_v, start, end, offs_t, mask_t, offs_k, b_q, gam
+
+
+@triton.jit
+def _chunk_scores(b_q, k, g, gam, start, end, h, offs_t, mask_t, offs_k, H: tl.constexpr, K: tl.constexpr,
+                  C: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr):
+    """The chunk's decayed causal scores A (`_scores`), its keys loaded here."""
+    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+    return _scores(b_q, b_k, gam, k, g, start, end, h, tl.arange(0, C), offs_k, H, K, C, LEVELS, DECAY)
 
 
 @triton.jit
@@ -655,8 +660,9 @@ def _output_kernel(q, k, g, slot_bounds, states, delta, o, scale, T, PER_ROW,
                    VARLEN: tl.constexpr):
     """Outputs of one chunk slot, head and V-tile: scale [(Q ⊙ e^Γ) S + A δ], A the
     decayed causal scores (`_scores`)."""
-    base, h, offs_v, start, end, offs_t, mask_t, offs_k, b_q, gam, scores = _chunk_scores(
-        q, k, g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, LEVELS, DECAY, triton.cdiv(V, BV), VARLEN)
+    base, h, offs_v, start, end, offs_t, mask_t, offs_k, b_q, gam = _chunk_program(
+        q, g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, DECAY, triton.cdiv(V, BV), VARLEN)
+    scores = _chunk_scores(b_q, k, g, gam, start, end, h, offs_t, mask_t, offs_k, H, K, C, LEVELS, DECAY)
     offs_c = tl.arange(0, C)
     # A trailing slot of packed input (no tokens): the walk wrote no state, nothing is read.
     k_ok, v_ok = _slot_dims(start, end, offs_k, offs_v, K, V)
@@ -676,11 +682,14 @@ def _output_grad_kernel(q, k, g, do, slot_bounds, d_delta_out, q_decayed, scale,
     (`_scores`), every row of the slot (zero past its tokens); from the first V-tile also
     the backward walk's factor scale Q ⊙ e^Γ (`q_decayed`, in the walk operands' dtype)."""
     NV: tl.constexpr = triton.cdiv(V, BV)
-    base, h, offs_v, _, _, offs_t, mask_t, offs_k, b_q, gam, scores = _chunk_scores(
-        q, k, g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, LEVELS, DECAY, NV, VARLEN)
+    base, h, offs_v, start, end, offs_t, mask_t, offs_k, b_q, gam = _chunk_program(
+        q, g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, DECAY, NV, VARLEN)
     offs_c = tl.arange(0, C)
+    # stored before the scores are formed: fewer live tiles (KDA at K = 128 on sm_90: 656
+    # bytes of spills a thread, 1000 storing it after them, 760 before the walk read it)
     if tl.program_id(0) % NV == 0:
         _slot_rows_store(q_decayed, _decayed(b_q * scale, tl.exp(gam), DECAY), base, offs_c, offs_k, K, C)
+    scores = _chunk_scores(b_q, k, g, gam, start, end, h, offs_t, mask_t, offs_k, H, K, C, LEVELS, DECAY)
     b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
     b_dd = tl.dot(tl.trans(scores), b_do) * scale
     tl.store(d_delta_out + (base * C + offs_c[:, None]) * V + offs_v[None, :], b_dd, mask=(offs_v < V)[None, :])
