@@ -418,13 +418,18 @@ def _cross_block_scores(a, b, gam, rows, C: tl.constexpr, LEVELS: tl.constexpr):
 
 @triton.jit
 def _key_scores(a, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
-                C: tl.constexpr, LEVELS: tl.constexpr):
-    """[C, C] M_ts = Σ_k a_tk b_sk e^{Γ_tk − Γ_sk} for a per-key Γ [C, BK], s ≤ t, else 0:
-    factored when `_factored`, else the exact diagonal blocks and the halving levels."""
+                C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr):
+    """[C, C] M_ts = Σ_k a_tk b_sk e^{Γ_tk − Γ_sk} for a per-key Γ [C, BK], s ≤ t (s < t when
+    STRICT), else 0: factored when `_factored`, else the exact diagonal blocks and the
+    halving levels."""
     if _factored(gam):
-        out = tl.where(rows[:, None] >= rows[None, :], tl.dot(a * tl.exp(gam), tl.trans(b * tl.exp(-gam))), 0.0)
+        if STRICT:
+            keep = rows[:, None] > rows[None, :]
+        else:
+            keep = rows[:, None] >= rows[None, :]
+        out = tl.where(keep, tl.dot(a * tl.exp(gam), tl.trans(b * tl.exp(-gam))), 0.0)
     else:
-        out = (_block_pairs(a, b_ptr, g, start, end, h, rows, offs_k, H, K, C, False)
+        out = (_block_pairs(a, b_ptr, g, start, end, h, rows, offs_k, H, K, C, STRICT)
                + _cross_block_scores(a, b, gam, rows, C, LEVELS))
     return out
 
@@ -467,7 +472,7 @@ def _scores(b_q, b_k, gam, k, g, start, end, h, rows, offs_k, H: tl.constexpr, K
     """A [C, C], A_ts = Σ_k q_tk k_sk e^{Γ_tk − Γ_sk} for s ≤ t, else 0 (fp32 tiles; k also
     token-major for the per-key diagonal blocks)."""
     if DECAY == 2:
-        out = _key_scores(b_q, b_k, gam, k, g, start, end, h, rows, offs_k, H, K, C, LEVELS)
+        out = _key_scores(b_q, b_k, gam, k, g, start, end, h, rows, offs_k, H, K, C, LEVELS, False)
     else:
         out = tl.dot(b_q, tl.trans(b_k)) * _pair_decays(gam, rows, False)
     return out
@@ -516,8 +521,8 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
     u, k_end = K ⊙ e^{γ−Γ} and γ (`g_end` [1] or [K] per slot and head, with a decay).
     Padded rows come out zero in w, u and k_end (their k, v and β are zero).
 
-    N comes whole, [C, C] in registers (a per-key decay's factored where `_factored`, in
-    TF32 as the outputs' scores, else its exact diagonal blocks and halving levels). R: the
+    N comes whole, [C, C] in registers (a per-key decay's from `_key_scores`, strict:
+    factored in TF32 where `_factored`, as the outputs' scores). R: the
     inverses of N's 16×16 diagonal blocks D⁻¹ first (`_diagonal_block_inverse`, through
     `a_inv`), then with N_below the entries of N under the diagonal blocks and
     P = −D⁻¹ N_below (nilpotent: C/16 blocks), R = (I + P)(I + P²)…(I + P^{2^(LEVELS−1)}) D⁻¹
@@ -547,14 +552,10 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
         tl.store(g_end + base * K + offs_k, g_last, mask=offs_k < K)
     b_b = _decayed(b_kf * b_beta[:, None], tl.exp(gam), DECAY)
     if DECAY == 2:
-        if _factored(gam):
-            n = tl.dot(b_kf * tl.exp(gam), tl.trans(b_kf * tl.exp(-gam)))
-        else:
-            n = (_block_pairs(b_kf, k, g, start, end, h, offs_c, offs_k, H, K, C, True)
-                 + _cross_block_scores(b_kf, b_kf, gam, offs_c, C, LEVELS))
+        n = _key_scores(b_kf, b_kf, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, True)
     else:
         n = tl.dot(b_k, tl.trans(b_k)) * _pair_decays(gam, offs_c, True)
-    n = tl.where(rows > cols, n, 0.0) * b_beta[:, None]
+    n = n * b_beta[:, None]                 # N, strictly lower
     blocks = tl.reshape(_diagonal_blocks(n, offs_c, C), [C // 16, 16, 16])
     for b in tl.static_range(C // 16):
         _diagonal_block_inverse(blocks, a_inv, base, b, C)
