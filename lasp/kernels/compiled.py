@@ -152,7 +152,7 @@ def _(q, k, v, beta, g, h0, cu_seqlens, chunk, scale, operands):
     g_end = _empty(k) if g is None else k.new_empty(NS, H, K if g.dim() == 4 else 1, **fp32)
     return (_empty(k) if q is None else q.new_empty(B, T, H, V), k.new_empty(n_docs, H, K, V, **fp32),
             k.new_empty(NS, H, chunk, chunk, **fp32), k.new_empty(NS, H, chunk, K, dtype=operands),
-            k.new_empty(NS, H, chunk, K, dtype=operands), g_end, k.new_empty(NS, H, K, V, **fp32),
+            k.new_empty(NS, H, chunk, K, dtype=operands), g_end, k.new_empty(NS, H, K, V, dtype=operands),
             k.new_empty(NS, H, chunk, V, **fp32))
 
 

@@ -65,8 +65,9 @@ host sync; the number of slots is a bound from shapes).
 
 Precision. The walks' stored operands w and k_end take `WALK_OPERANDS` for 16-bit
 inputs: bf16 (the default: half the bytes and shared memory of a pipeline stage) or fp32
-(TF32 products, the accuracy baseline; fp32 inputs always). The walks' outputs S, δ, dδ
-and dS' are stored in fp32 either way, and inside a walk the fp32 operand in registers
+(TF32 products, the accuracy baseline; fp32 inputs always), and so do the chunks' incoming
+states S, which only the outputs and the chunk backward read. The walks' other outputs δ,
+dδ and dS' are stored in fp32 either way, and inside a walk the fp32 operand in registers
 (the state, δ, dS', dδ) meets a bf16 w or k_end as two bf16 halves, hi + lo
 (`_walk_dot`), so that only w's and k_end's rounding enters: with bf16 for those too (as
 fla) DeltaNet's dk and dv reached 4.5e-3 on CPU's bf16-exact interpreter, 3.8e-3 and
@@ -110,7 +111,14 @@ DeltaNet 7.85, KDA 32.9, against fla's `chunk_delta_rule` 5.06 in the same run. 
 17.38 before; then the backward walk reading scale Q ⊙ e^Γ from `_output_grad_kernel`
 (delta_walk_q_decayed_1x32768_h100_2026-12-07-s11): 7.42 / 7.71 / 13.21 against 7.57 /
 7.86 / 14.31 in that run. fla's `chunk_delta_rule` took 4.26 ms the same session on the
-same GPU kind (kernels_delta_vs_fla_1x32768_h100_2026-12-07-s11).
+same GPU kind (kernels_delta_vs_fla_1x32768_h100_2026-12-07-s11). Session 12, S stored in
+the walk operands' dtype (delta_states_bf16_1x32768_h100_2026-12-07-s12, one run): DeltaNet
+6.61 ms against 7.42, Gated DeltaNet 7.25 / 7.71, KDA 12.51 / 12.88 (the chunk backward's
+do Sᵀ and dδ Sᵀ bf16 products: DeltaNet 1.02 ms against 1.74), worst errors against the
+fp32 chunk form 3.20e-3 (DeltaNet dk) against 3.04e-3; fla's `chunk_delta_rule` 4.29 ms in
+that call. dδ Sᵀ with dδ split hi + lo instead (`_walk_dot`'s way) gave KDA dk 3.00e-3 and
+3.25e-3 in two runs of one binary (the rounded product 2.43e-3 both times, as fp32 S):
+not deterministic, so not taken (triton 3.6 on Hopper).
 """
 
 from __future__ import annotations
@@ -781,12 +789,13 @@ def _key_grad_kernel(q, k, g, do, slot_bounds, states, delta, d_next, d_delta, d
         c_ptrs = (base * C + rows) * V + offs_v[None, :]
         b_delta = tl.load(delta + c_ptrs, mask=v_ok[None, :], other=0.0)
         b_dd = tl.load(d_delta + c_ptrs, mask=v_ok[None, :], other=0.0)
-        # S, dS', δ and dδ in the walks' operand dtype (do too): their products as stored
+        # S as stored (the walk operands' dtype), δ, dS' and dδ fp32: do Sᵀ and dδ Sᵀ in
+        # S's dtype, dδ rounded (split hi + lo, KDA's errors were not deterministic: "Speed")
         if HAS_Q:
-            b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(b_s.dtype)
-            d_out_k = tl.dot(b_do, tl.trans(b_s), d_out_k)
-            d_scores = tl.dot(b_do, tl.trans(b_delta), d_scores)
-        d_w_neg = tl.dot(b_dd, tl.trans(b_s), d_w_neg)
+            b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H)
+            d_out_k = tl.dot(b_do.to(b_s.dtype), tl.trans(b_s), d_out_k)
+            d_scores = tl.dot(b_do.to(tl.float32), tl.trans(b_delta), d_scores)
+        d_w_neg = tl.dot(b_dd.to(b_s.dtype), tl.trans(b_s), d_w_neg)
         d_k_end = tl.dot(b_delta, tl.trans(b_dn), d_k_end)
         state_dot += tl.sum(b_s.to(tl.float32) * b_dn.to(tl.float32), 1)
     _slot_rows_store(d_w, -d_w_neg, base, offs_c, offs_k, K, C)
@@ -967,12 +976,12 @@ def _walk_grid(layout: ChunkLayout, H: int, K: int, V: int, row: str, operands: 
 
 
 def _walk(w, u, k_end, g_end, h0, layout: ChunkLayout):
-    """The forward state pass: (every chunk's incoming state [n_slots,H,K,V] and δ
-    [n_slots,H,C,V], and the final states [N,H,K,V], all fp32); slots no document uses
-    are not written."""
+    """The forward state pass: (every chunk's incoming state [n_slots,H,K,V] in the walk
+    operands' dtype, δ [n_slots,H,C,V] and the final states [N,H,K,V] in fp32); slots no
+    document uses are not written."""
     n_slots, H, C, K = w.shape
     V = u.shape[-1]
-    states = launch.new_tensor((n_slots, H, K, V), torch.float32, w.device)
+    states = launch.new_tensor((n_slots, H, K, V), w.dtype, w.device)
     delta = launch.new_tensor((n_slots, H, C, V), torch.float32, w.device)
     final = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, w.device)
     grid, launch_args = _walk_grid(layout, H, K, V, "delta.state", w.dtype)
