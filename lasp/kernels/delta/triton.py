@@ -619,8 +619,8 @@ def _walk_start(start_state, doc_chunk0, doc_chunks, H: tl.constexpr, K: tl.cons
 def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, delta, final,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, HAS_INIT: tl.constexpr):
-    """One document, head and V-tile: every chunk's incoming state (`states`), its
-    δ = U − W S (`delta`; both fp32) and the document's final state
+    """One document, head and V-tile: every chunk's incoming state (`states`, in the walk
+    operands' dtype), its δ = U − W S (`delta`, fp32) and the document's final state
     (fp32)."""
     doc, h, offs_k, offs_v, state, first, count = _walk_start(h0, doc_chunk0, doc_chunks, H, K, V, BK, BV, HAS_INIT)
     offs_c = tl.arange(0, C)
@@ -790,7 +790,8 @@ def _key_grad_kernel(q, k, g, do, slot_bounds, states, delta, d_next, d_delta, d
         b_delta = tl.load(delta + c_ptrs, mask=v_ok[None, :], other=0.0)
         b_dd = tl.load(d_delta + c_ptrs, mask=v_ok[None, :], other=0.0)
         # S as stored (the walk operands' dtype), δ, dS' and dδ fp32: do Sᵀ and dδ Sᵀ in
-        # S's dtype, dδ rounded (split hi + lo, KDA's errors were not deterministic: "Speed")
+        # S's dtype, dδ rounded to it (split hi + lo instead, KDA's errors varied between
+        # runs of one binary: module docstring, "Speed")
         if HAS_Q:
             b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H)
             d_out_k = tl.dot(b_do.to(b_s.dtype), tl.trans(b_s), d_out_k)
