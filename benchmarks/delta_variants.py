@@ -10,10 +10,12 @@ only. A variant runs as the module `lasp.kernels.delta.triton` (`lasp.kernels.co
 imports its launches from there on every call), so that before and after share one GPU,
 one process and the same inputs. Per decay and variant, on (1, T, 16, 128) bf16 inputs
 (`kernel_speed.delta_inputs`): the relative error of o and of every gradient against
-lasp's fp32 torch chunk form on the first two heads, the fwd+bwd median ms and the CUDA
-µs per kernel. Prints a table last; JSON to $OUT/delta_variants.json (or
-benchmarks/results/). Session 11 used it for the UT transform and the backward walk
-(`benchmarks/results/delta_wy_variants_*`, `delta_walk_q_decayed_*`).
+lasp's fp32 torch chunk form on the first two heads, whether a second run is bitwise the
+first (no kernel accumulates atomically: "NO" is a race or a miscompile), the fwd+bwd
+median ms and the CUDA µs per kernel. Prints a table last; JSON to
+$OUT/delta_variants.json (or benchmarks/results/). Session 11 used it for the UT transform
+and the backward walk (`benchmarks/results/delta_wy_variants_*`, `delta_walk_q_decayed_*`),
+session 12 for the chunk states' dtype (`delta_states_bf16_*`).
 """
 
 from __future__ import annotations
@@ -60,21 +62,27 @@ def oracle(leaves, gate, do):
 
 
 def run_variant(module, leaves, gate, do, want_o, want_grads):
-    """(errors by name, fwd+bwd median ms, µs per kernel) of one variant at one decay."""
+    """(errors by name, whether a second run is bitwise the first, fwd+bwd median ms, µs per
+    kernel) of one variant at one decay."""
     q, k, v, beta = leaves[:4]
 
     def forward():
         return module.triton_linear_attention(q, k, v, gate, beta, scale=D ** -0.5)[0]
 
+    def outputs():
+        o = forward()
+        return (o,) + torch.autograd.grad(o, leaves, do)
+
     def step():
         torch.autograd.grad(forward(), leaves, do)
-    o = forward()
-    got = torch.autograd.grad(o, leaves, do)
+    first, again = outputs(), outputs()
+    o, got = first[0], first[1:]
     errors = {"o": ((o[:, :, :2].float() - want_o).norm() / want_o.norm()).item()}
     for name, mine, ref in zip(GRADS, got, want_grads):
         errors[name] = ((mine[:, :, :2].float() - ref).norm() / ref.norm()).item()
+    repeatable = all(torch.equal(a, b) for a, b in zip(first, again))
     ms, _ = time_and_peak(step, warmup=10, rep=50)
-    return errors, ms, kernel_times(step)
+    return errors, repeatable, ms, kernel_times(step)
 
 
 def main():
@@ -98,8 +106,8 @@ def main():
                 launch.LAUNCH.clear()
                 launch.LAUNCH.update(defaults, **overrides)
                 sys.modules[MODULE] = module
-                errors, ms, per_kernel = run_variant(module, leaves, gate, do, want_o, want_grads)
-                results.append(dict(variant=name, decay=decay, T=args.T, ms=ms, errors=errors,
+                errors, repeatable, ms, per_kernel = run_variant(module, leaves, gate, do, want_o, want_grads)
+                results.append(dict(variant=name, decay=decay, T=args.T, ms=ms, errors=errors, repeatable=repeatable,
                                     kernels_us={kk: round(us, 1) for kk, us in per_kernel.items() if us > 20}))
                 print(json.dumps(results[-1]), flush=True)
                 os.makedirs(args.out, exist_ok=True)
@@ -110,11 +118,13 @@ def main():
         launch.LAUNCH.update(defaults)
         sys.modules[MODULE] = original
     print(f"\n{meta['device']}, T = {args.T}")
-    print(f"{'variant':28s} {'decay':8s} {'ms':>8s} {'max err':>9s} {'UT us':>7s} {'walk-back us':>12s}")
+    print(f"{'variant':28s} {'decay':8s} {'ms':>8s} {'max err':>9s} {'repeats':>7s} {'UT us':>7s} "
+          f"{'walk-back us':>12s}")
     for r in results:
         ku = r["kernels_us"]
         print(f"{r['variant']:28s} {r['decay']:8s} {r['ms']:8.3f} {max(r['errors'].values()):9.2e} "
-              f"{ku.get('_wy_kernel', 0):7.0f} {ku.get('_state_pass_grad_kernel', 0):12.0f}")
+              f"{'yes' if r['repeatable'] else 'NO':>7s} {ku.get('_wy_kernel', 0):7.0f} "
+              f"{ku.get('_state_pass_grad_kernel', 0):12.0f}")
 
 
 if __name__ == "__main__":
