@@ -14,6 +14,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+def run_twice(run, names):
+    """run()'s results (a sequence of tensors or None, named by `names`), after a second call
+    returned them bitwise: the GPU tiers' kernels accumulate nothing atomically, so a
+    difference is a race or a miscompile (session 12: a delta-rule variant's KDA dk was
+    3.00e-3 and 3.25e-3 from the fp32 oracle in two runs of one binary on an H100)."""
+    first, again = run(), run()
+    changed = [name for name, a, b in zip(names, first, again) if a is not None and not torch.equal(a, b)]
+    assert not changed, f"a second run differs in {changed}"
+    return first
+
+
 def random_inputs(B, T, H, K, V, *, decay=None, dtype=torch.float64, device="cpu",
                   n_states=None, generator=None, requires_grad=True):
     """q, k, v, g, g_gamma, h0 drawn fresh: decay is None, "g" or "g_gamma".

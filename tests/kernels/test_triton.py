@@ -25,7 +25,7 @@ from lasp.kernels.common.scan import scan_spans
 from lasp.kernels.scalar.chunk import chunk_linear_attention
 from lasp.sync import no_host_sync
 from tests.bf16_interpreter import bf16_interpreter
-from tests.utils import grads, random_cu_seqlens, random_inputs, rel_err
+from tests.utils import grads, random_cu_seqlens, random_inputs, rel_err, run_twice
 
 CPU = not torch.cuda.is_available()
 cpu_only = pytest.mark.skipif(not CPU, reason="interpreter tier (CPU)")
@@ -59,10 +59,15 @@ def _check(B, T, H, K, V, decay="g", lengths=None, with_h0=True, final=True, dty
     d_o = torch.randn(B, T, H, V, dtype=dtype, device=device).to(oracle_dtype) if loss_on_output else None
     d_s = torch.randn(n, H, K, V, dtype=oracle_dtype, device=device) if final else None
     inputs = [q, k, v, g if decay_grad else None, h0]
-    with triton_context():
+
+    def run():
         o, s = tla.triton_linear_attention(q, k, v, g, scale, h0, final, cu, **kernel_kw)
-        got = _grads([o if loss_on_output else None, s], inputs,
-                    [None if d_o is None else d_o.to(o.dtype), None if d_s is None else d_s.float()])
+        return (o, s, *_grads([o if loss_on_output else None, s], inputs,
+                              [None if d_o is None else d_o.to(o.dtype), None if d_s is None else d_s.float()]))
+    names = [name for name, x in zip(("dq", "dk", "dv", "dg", "dh0"), inputs) if x is not None]
+    with triton_context():
+        # on the GPU twice: the second run must be bitwise the first (`run_twice`)
+        o, s, *got = run() if device == "cpu" else run_twice(run, ["o", "final", *names])
     assert o.dtype == q.dtype and o.shape == (B, T, H, V)
     assert (s is None) == (not final)
 
@@ -79,7 +84,6 @@ def _check(B, T, H, K, V, decay="g", lengths=None, with_h0=True, final=True, dty
         assert s.dtype == torch.float32 and s.shape == (n, H, K, V)
         errors["final"] = rel_err(s, s_ref)
     want = _grads([o_ref if loss_on_output else None, s_ref], ref_inputs, [d_o, d_s])
-    names = [name for name, x in zip(("dq", "dk", "dv", "dg", "dh0"), inputs) if x is not None]
     for name, a, b in zip(names, got, want):
         # A gradient that is exactly zero (q when only the final state is used) must stay zero.
         errors[name] = rel_err(a, b) if b.any() else a.double().norm().item()
