@@ -114,7 +114,7 @@ def test_triton_strong_decay(monkeypatch, exact_everywhere):
     """gk = −30 over a stretch: those chunks take the elementwise path, finite and exact.
     `exact`: every chunk takes it (the fast path's bound set below any decay)."""
     if exact_everywhere:
-        monkeypatch.setattr(dtri, "DEFAULT_SAFE_LOG_DECAY", -1.0)
+        monkeypatch.setattr(dtri, "FACTORED_LOG_DECAY", -1.0)
     _check(1, 64, 2, 16, 16, lengths=[40, 24], strong=True, **SMALL)
 
 

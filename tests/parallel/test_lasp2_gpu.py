@@ -12,8 +12,8 @@ no CUDA point-to-point, so there LASP-1's hand-offs go through host memory
 Each rank draws the same full inputs, runs the fp32 oracle on the whole sequence, and checks
 its shard of the outputs and gradients: relative error <= 3e-3 (DESIGN.md §5), dg <= 5e-3.
 Transitions: plain, g, gk and the delta rule (beta with g or gk: dense transitions, Gated
-DeltaNet and KDA). Packed
-documents cross the rank boundary; unpacked input has B = 2; T is not a power of two.
+DeltaNet and KDA). Packed documents cross the rank boundary; unpacked input has B = 2; T is
+not a power of two.
 Rank 0 prints one row per case and, with $OUT set, writes them to $OUT/lasp2_gpu_W<W>.json.
 """
 

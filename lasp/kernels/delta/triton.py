@@ -274,13 +274,19 @@ def _decayed(x, factor, DECAY: tl.constexpr):
 
 
 @triton.jit
+def _causal(rows, STRICT: tl.constexpr):
+    """[C, C] mask of the pairs s ≤ t (s < t when STRICT) of a chunk's rows."""
+    if STRICT:
+        keep = rows[:, None] > rows[None, :]
+    else:
+        keep = rows[:, None] >= rows[None, :]
+    return keep
+
+
+@triton.jit
 def _pair_decays(gam, offs_c, STRICT: tl.constexpr):
     """[C, C]: e^{Γ_t − Γ_s} for s ≤ t (s < t when STRICT), else 0 (masked before the exp)."""
-    if STRICT:
-        keep = offs_c[:, None] > offs_c[None, :]
-    else:
-        keep = offs_c[:, None] >= offs_c[None, :]
-    return tl.exp(tl.where(keep, gam[:, None] - gam[None, :], float("-inf")))
+    return tl.exp(tl.where(_causal(offs_c, STRICT), gam[:, None] - gam[None, :], float("-inf")))
 
 
 # Per-key decays (KDA), module docstring: the factored products where `_factored`, else a
@@ -431,11 +437,7 @@ def _key_scores(a, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexp
     STRICT), else 0: factored when `_factored`, else the exact diagonal blocks and the
     halving levels."""
     if _factored(gam):
-        if STRICT:
-            keep = rows[:, None] > rows[None, :]
-        else:
-            keep = rows[:, None] >= rows[None, :]
-        out = tl.where(keep, tl.dot(a * tl.exp(gam), tl.trans(b * tl.exp(-gam))), 0.0)
+        out = tl.where(_causal(rows, STRICT), tl.dot(a * tl.exp(gam), tl.trans(b * tl.exp(-gam))), 0.0)
     else:
         out = (_block_pairs(a, b_ptr, g, start, end, h, rows, offs_k, H, K, C, STRICT)
                + _cross_block_scores(a, b, gam, rows, C, LEVELS))

@@ -71,7 +71,6 @@ from lasp.kernels.common.tiles import (FACTORED_LOG_DECAY, factored, load_tile, 
 # The fast path's bound on a chunk's total log-decay (`tiles.factored`): its factors e^{±Γ}
 # stay below e^SAFE, in the input dtype (fp16 reaches only 65504, hence its smaller bound).
 SAFE_LOG_DECAY = {torch.float16: 8.0}
-DEFAULT_SAFE_LOG_DECAY = FACTORED_LOG_DECAY
 
 
 # --------------------------------------------------------------------------------------
@@ -393,7 +392,7 @@ def _dkdv_kernel(q, k, v, gk, w, rows, do, span_bounds, dH_out, dk, dv, dgk, chu
 
 
 def _safe_log_decay(dtype) -> float:
-    return SAFE_LOG_DECAY.get(dtype, DEFAULT_SAFE_LOG_DECAY)
+    return SAFE_LOG_DECAY.get(dtype, FACTORED_LOG_DECAY)
 
 
 def _forward_states(k, v, gk, h0, plan: SpanPlan):
