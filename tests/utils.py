@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -14,12 +16,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def run_twice(run, names):
+def run_twice(run, names, guard=contextlib.nullcontext):
     """run()'s results (a sequence of tensors or None, named by `names`), after a second call
     returned them bitwise: the GPU tiers' kernels accumulate nothing atomically, so a
     difference is a race or a miscompile (session 12: a delta-rule variant's KDA dk was
-    3.00e-3 and 3.25e-3 from the fp32 oracle in two runs of one binary on an H100)."""
-    first, again = run(), run()
+    3.00e-3 and 3.25e-3 from the fp32 oracle in two runs of one binary on an H100). Both
+    calls run inside `guard()` (e.g. `lasp.no_host_sync`), the comparison after it."""
+    with guard():
+        first, again = run(), run()
     changed = [name for name, a, b in zip(names, first, again) if a is not None and not torch.equal(a, b)]
     assert not changed, f"a second run differs in {changed}"
     return first

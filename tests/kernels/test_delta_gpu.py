@@ -85,8 +85,7 @@ def test_triton_matches_fp32_chunk_form(dtype, walk_operands, decay, B, T, H, K,
                                             walk_operands=walk_operands)
         return (o, s) + torch.autograd.grad([o, s], low, [do, d_final])
     names = [name for name in NAMES if name != "ddecay" or g is not None]    # the order of `low`
-    with no_host_sync():
-        o, s, *got = run_twice(run, ["o", "final", *names])
+    o, s, *got = run_twice(run, ["o", "final", *names], no_host_sync)
     o_ref, s_ref = chunk_linear_attention(*ref[:3], g if g is None else ref[4], ref[3], scale=K ** -0.5,
                                           initial_state=ref[-1], output_final_state=True, cu_seqlens=cu)
     want = torch.autograd.grad([o_ref, s_ref], ref, [do.float(), d_final])

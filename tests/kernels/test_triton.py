@@ -65,9 +65,11 @@ def _check(B, T, H, K, V, decay="g", lengths=None, with_h0=True, final=True, dty
         return (o, s, *_grads([o if loss_on_output else None, s], inputs,
                               [None if d_o is None else d_o.to(o.dtype), None if d_s is None else d_s.float()]))
     names = [name for name, x in zip(("dq", "dk", "dv", "dg", "dh0"), inputs) if x is not None]
-    with triton_context():
-        # on the GPU twice: the second run must be bitwise the first (`run_twice`)
-        o, s, *got = run() if device == "cpu" else run_twice(run, ["o", "final", *names])
+    if device == "cpu":
+        with triton_context():
+            o, s, *got = run()
+    else:  # twice: the second run must be bitwise the first (`run_twice`)
+        o, s, *got = run_twice(run, ["o", "final", *names], triton_context)
     assert o.dtype == q.dtype and o.shape == (B, T, H, V)
     assert (s is None) == (not final)
 
