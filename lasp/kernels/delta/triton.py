@@ -83,7 +83,8 @@ it twice, and at [C, C] a chunk it is no big read), as do u and the outputs' dδ
 partial dk, g's partial dg: gradients, as accurate as registers would keep them); a
 product with an fp32 factor computed in registers (R, βV, Q ⊙ e^Γ, the scores A) takes its
 narrow tile widened (TF32), except the backward walk's (Q ⊙ e^Γ)ᵀ do, a walk product as in
-fla. The inverse's block products are 3×TF32 (`INVERSE_PRECISION`).
+fla. Without a per-key decay the outputs' Q Kᵀ and Q S are products of the stored tiles
+(exact for bf16, in half the registers), a scalar decay applied to them after. The inverse's block products are 3×TF32 (`INVERSE_PRECISION`).
 Launch parameters: the `delta.*` rows of `lasp.kernels.common.launch.LAUNCH` (the walks'
 `_bf16` rows for bf16 operands, the chunk backward's `_per_key` rows for gk).
 
@@ -118,7 +119,15 @@ do Sᵀ and dδ Sᵀ bf16 products: DeltaNet 1.02 ms against 1.74), worst errors
 fp32 chunk form 3.20e-3 (DeltaNet dk) against 3.04e-3; fla's `chunk_delta_rule` 4.29 ms in
 that call. dδ Sᵀ with dδ split hi + lo instead (`_walk_dot`'s way) gave KDA dk 3.00e-3 and
 3.25e-3 in two runs of one binary (the rounded product 2.43e-3 both times, as fp32 S):
-not deterministic, so not taken (triton 3.6 on Hopper).
+not deterministic, so not taken (triton 3.6 on Hopper). Session 13, on an H200 (no H100
+could be had; delta_variants_parts_1x32768_h200_2026-12-07-s13, one run): the outputs' Q Kᵀ
+and Q S on the stored tiles, DeltaNet 6.20 ms against 6.52, Gated DeltaNet 6.78 / 7.14, KDA
+12.07 / 12.08; the substitution loading N's rows instead of gathering them from registers,
+UT transform 1.00 ms against 1.33 (DeltaNet) and 1.01 / 1.33 (Gated DeltaNet), but 2.52 /
+1.92 under KDA's per-key decay, which keeps the gather. Both (with KDA's scores formed
+once, no change without gk; delta_variants_walks_combo_*-s13): DeltaNet 5.88 ms, Gated
+DeltaNet 6.43, errors unchanged; fla's `chunk_delta_rule` 3.88 ms on that H200
+(kernels_delta_vs_fla_1x32768_h200_2026-12-07-s13).
 """
 
 from __future__ import annotations
@@ -479,10 +488,11 @@ def _key_apply_t(w, blocks_t, a, gam, a_ptr, g, start, end, h, rows, offs_k, H: 
 @triton.jit
 def _scores(b_q, b_k, gam, k, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
             LEVELS: tl.constexpr, DECAY: tl.constexpr):
-    """A [C, C], A_ts = Σ_k q_tk k_sk e^{Γ_tk − Γ_sk} for s ≤ t, else 0 (fp32 tiles; k also
+    """A [C, C], A_ts = Σ_k q_tk k_sk e^{Γ_tk − Γ_sk} for s ≤ t, else 0 (q, k in one dtype; k also
     token-major for the per-key diagonal blocks)."""
     if DECAY == 2:
-        out = _key_scores(b_q, b_k, gam, k, g, start, end, h, rows, offs_k, H, K, C, LEVELS, False)
+        out = _key_scores(b_q.to(tl.float32), b_k.to(tl.float32), gam, k, g, start, end, h, rows, offs_k, H, K, C,
+                          LEVELS, False)
     else:
         out = tl.dot(b_q, tl.trans(b_k)) * _pair_decays(gam, rows, False)
     return out
@@ -508,18 +518,27 @@ def _slot_program(slot_bounds, T, PER_ROW, H: tl.constexpr, C: tl.constexpr, NV:
 
 
 @triton.jit
-def _diagonal_block_inverse(blocks, a_inv, base, b, C: tl.constexpr):
-    """Rows [16b, 16b + 16) of chunk `base`'s a_inv [C, C], diagonal block b only: the
-    inverse of I + N_b by forward substitution, row by row in fp32 (`blocks` [C/16, 16, 16]:
-    N's diagonal blocks, strictly lower)."""
+def _diagonal_block_inverse(blocks, a_inv, base, b, C: tl.constexpr, FROM_MEMORY: tl.constexpr):
+    """Diagonal block b of chunk `base`'s a_inv [C, C]: the inverse of I + N_b (N_b strictly
+    lower) by forward substitution, row by row in fp32. N_b's rows are gathered from
+    `blocks` ([C/16, 16, 16], N's diagonal blocks in registers: two cross-warp reductions a
+    row) or, FROM_MEMORY, loaded from this block of a_inv, where the caller stored them
+    (`blocks` is then not read)."""
     offs_i = tl.arange(0, 16)
-    n_block = tl.sum(tl.where(tl.arange(0, C // 16)[:, None, None] == b, blocks, 0.0), 0)
+    block = a_inv + (base * C + b * 16) * C + b * 16
+    if not FROM_MEMORY:
+        n_block = tl.sum(tl.where(tl.arange(0, C // 16)[:, None, None] == b, blocks, 0.0), 0)
     inv = tl.where(offs_i[None, :] == offs_i[:, None], 1.0, 0.0)
     for i in range(1, 16):
         # row i = e_i − Σ_{j<i} N_ij (row j), rows j < i already final
-        n_row = tl.sum(tl.where(offs_i[:, None] == i, n_block, 0.0), 0)
+        if FROM_MEMORY:
+            n_row = tl.load(block + i * C + offs_i)
+        else:
+            n_row = tl.sum(tl.where(offs_i[:, None] == i, n_block, 0.0), 0)
         inv -= tl.where(offs_i[:, None] == i, tl.sum(n_row[:, None] * inv, 0)[None, :], 0.0)
-    tl.store(a_inv + (base * C + b * 16 + offs_i[:, None]) * C + b * 16 + offs_i[None, :], inv)
+    if FROM_MEMORY:
+        tl.debug_barrier()                  # every thread has read N_b
+    tl.store(block + offs_i[:, None] * C + offs_i[None, :], inv)
 
 
 @triton.jit
@@ -566,9 +585,16 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
     else:
         n = tl.dot(b_k, tl.trans(b_k)) * _pair_decays(gam, offs_c, True)
     n = n * b_beta[:, None]                 # N, strictly lower
-    blocks = tl.reshape(_diagonal_blocks(n, offs_c, C), [C // 16, 16, 16])
+    # The substitution loads N's diagonal blocks from a_inv, except under a per-key decay
+    # (gathered from registers; module docstring, "Speed": loaded they were slower there).
+    if DECAY == 2:
+        blocks = tl.reshape(_diagonal_blocks(n, offs_c, C), [C // 16, 16, 16])
+    else:
+        blocks = n                          # not read
+        tl.store(a_inv + (base * C + rows) * C + cols, n, mask=(rows // 16) == (cols // 16))
+        tl.debug_barrier()                  # N's blocks, visible to every thread
     for b in tl.static_range(C // 16):
-        _diagonal_block_inverse(blocks, a_inv, base, b, C)
+        _diagonal_block_inverse(blocks, a_inv, base, b, C, DECAY != 2)
     n_below = tl.where((rows // 16) > (cols // 16), n, 0.0)
     tl.debug_barrier()                      # the blocks' stores, visible to every thread
     a_ptrs = a_inv + (base * C + rows) * C + cols
@@ -596,6 +622,17 @@ def _walk_dot(a, b, acc):
     if a.dtype == tl.bfloat16:
         acc = tl.dot(a, (b - hi.to(tl.float32)).to(a.dtype), acc)
     return acc
+
+
+@triton.jit
+def _stored_dot(a, b):
+    """a @ b of two tiles as loaded: in their dtype when they share it (bf16 products are
+    exact, as TF32's of bf16 values, at twice the rate), else both widened (TF32)."""
+    if a.dtype == b.dtype:
+        out = tl.dot(a, b)
+    else:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return out
 
 
 @triton.jit
@@ -646,12 +683,12 @@ def _chunk_program(q, g, slot_bounds, T, PER_ROW, H: tl.constexpr, K: tl.constex
                    BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, NV: tl.constexpr,
                    VARLEN: tl.constexpr):
     """The program of a per-chunk kernel over (chunk slot, V-tile) × head: (slot·H + h, h,
-    its V offsets, the slot's token range, its rows' tokens and mask, the K offsets, q as
-    fp32, Γ)."""
+    its V offsets, the slot's token range, its rows' tokens and mask, the K offsets, q in
+    its dtype, Γ)."""
     base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, NV, VARLEN)
     offs_v = (tl.program_id(0) % NV) * BV + tl.arange(0, BV)
     offs_k = tl.arange(0, BK)
-    b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+    b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H)
     gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
     return base, h, offs_v, start, end, offs_t, mask_t, offs_k, b_q, gam
 
@@ -659,8 +696,9 @@ def _chunk_program(q, g, slot_bounds, T, PER_ROW, H: tl.constexpr, K: tl.constex
 @triton.jit
 def _chunk_scores(b_q, k, g, gam, start, end, h, offs_t, mask_t, offs_k, H: tl.constexpr, K: tl.constexpr,
                   C: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr):
-    """The chunk's decayed causal scores A (`_scores`), its keys loaded here."""
-    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+    """The chunk's decayed causal scores A (`_scores`), its keys loaded here (in q's dtype:
+    without a per-key decay Q Kᵀ is one product of the stored tiles, exact as TF32's)."""
+    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
     return _scores(b_q, b_k, gam, k, g, start, end, h, tl.arange(0, C), offs_k, H, K, C, LEVELS, DECAY)
 
 
@@ -679,7 +717,13 @@ def _output_kernel(q, k, g, slot_bounds, states, delta, o, scale, T, PER_ROW,
     k_ok, v_ok = _slot_dims(start, end, offs_k, offs_v, K, V)
     b_s = tl.load(_state_tile(states, base, offs_k, offs_v, K, V)[0], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
     b_delta = tl.load(delta + (base * C + offs_c[:, None]) * V + offs_v[None, :], mask=v_ok[None, :], other=0.0)
-    b_o = tl.dot(_decayed(b_q, tl.exp(gam), DECAY), b_s.to(tl.float32))
+    if DECAY == 2:
+        b_o = tl.dot(b_q * tl.exp(gam), b_s.to(tl.float32))
+    else:
+        # (Q ⊙ e^Γ) S = e^Γ ⊙ (Q S): the stored tiles' product (exact), decayed after
+        b_o = _stored_dot(b_q, b_s)
+        if DECAY == 1:
+            b_o = b_o * tl.exp(gam)[:, None]
     b_o = tl.dot(scores, b_delta.to(tl.float32), b_o)
     store_tile(o, b_o * scale, offs_t, mask_t, h, offs_v, V, H)
 
@@ -699,7 +743,8 @@ def _output_grad_kernel(q, k, g, do, slot_bounds, d_delta_out, q_decayed, scale,
     # stored before the scores are formed: fewer live tiles (KDA at K = 128 on sm_90: 656
     # bytes of spills a thread, 1000 storing it after them, 760 before the walk read it)
     if tl.program_id(0) % NV == 0:
-        _slot_rows_store(q_decayed, _decayed(b_q * scale, tl.exp(gam), DECAY), base, offs_c, offs_k, K, C)
+        _slot_rows_store(q_decayed, _decayed(b_q.to(tl.float32) * scale, tl.exp(gam), DECAY), base, offs_c, offs_k,
+                         K, C)
     scores = _chunk_scores(b_q, k, g, gam, start, end, h, offs_t, mask_t, offs_k, H, K, C, LEVELS, DECAY)
     b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
     b_dd = tl.dot(tl.trans(scores), b_do) * scale
