@@ -84,7 +84,8 @@ partial dk, g's partial dg: gradients, as accurate as registers would keep them)
 product with an fp32 factor computed in registers (R, βV, Q ⊙ e^Γ, the scores A) takes its
 narrow tile widened (TF32), except the backward walk's (Q ⊙ e^Γ)ᵀ do, a walk product as in
 fla. Without a per-key decay the outputs' Q Kᵀ and Q S are products of the stored tiles
-(exact for bf16, in half the registers), a scalar decay applied to them after. The inverse's block products are 3×TF32 (`INVERSE_PRECISION`).
+(exact for bf16, in half the registers), a scalar decay applied to them after. The
+inverse's block products are 3×TF32 (`INVERSE_PRECISION`).
 Launch parameters: the `delta.*` rows of `lasp.kernels.common.launch.LAUNCH` (the walks'
 `_bf16` rows for bf16 operands, the chunk backward's `_per_key` rows for gk).
 
