@@ -519,15 +519,15 @@ def _slot_program(slot_bounds, T, PER_ROW, H: tl.constexpr, C: tl.constexpr, NV:
 
 
 @triton.jit
-def _diagonal_block_inverse(blocks, a_inv, base, b, C: tl.constexpr, FROM_MEMORY: tl.constexpr):
+def _diagonal_block_inverse(n, a_inv, base, b, C: tl.constexpr, FROM_MEMORY: tl.constexpr):
     """Diagonal block b of chunk `base`'s a_inv [C, C]: the inverse of I + N_b (N_b strictly
-    lower) by forward substitution, row by row in fp32. N_b's rows are gathered from
-    `blocks` ([C/16, 16, 16], N's diagonal blocks in registers: two cross-warp reductions a
-    row) or, FROM_MEMORY, loaded from this block of a_inv, where the caller stored them
-    (`blocks` is then not read)."""
+    lower) by forward substitution, row by row in fp32. N_b's rows are gathered from N
+    (`n`, [C, C] in registers: two cross-warp reductions a row) or, FROM_MEMORY, loaded
+    from this block of a_inv, where the caller stored them (`n` is then not read)."""
     offs_i = tl.arange(0, 16)
     block = a_inv + (base * C + b * 16) * C + b * 16
     if not FROM_MEMORY:
+        blocks = tl.reshape(_diagonal_blocks(n, tl.arange(0, C), C), [C // 16, 16, 16])
         n_block = tl.sum(tl.where(tl.arange(0, C // 16)[:, None, None] == b, blocks, 0.0), 0)
     inv = tl.where(offs_i[None, :] == offs_i[:, None], 1.0, 0.0)
     for i in range(1, 16):
@@ -588,14 +588,11 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
     n = n * b_beta[:, None]                 # N, strictly lower
     # The substitution loads N's diagonal blocks from a_inv, except under a per-key decay
     # (gathered from registers; module docstring, "Speed": loaded they were slower there).
-    if DECAY == 2:
-        blocks = tl.reshape(_diagonal_blocks(n, offs_c, C), [C // 16, 16, 16])
-    else:
-        blocks = n                          # not read
+    if DECAY != 2:
         tl.store(a_inv + (base * C + rows) * C + cols, n, mask=(rows // 16) == (cols // 16))
         tl.debug_barrier()                  # N's blocks, visible to every thread
     for b in tl.static_range(C // 16):
-        _diagonal_block_inverse(blocks, a_inv, base, b, C, DECAY != 2)
+        _diagonal_block_inverse(n, a_inv, base, b, C, DECAY != 2)
     n_below = tl.where((rows // 16) > (cols // 16), n, 0.0)
     tl.debug_barrier()                      # the blocks' stores, visible to every thread
     a_ptrs = a_inv + (base * C + rows) * C + cols
