@@ -89,46 +89,26 @@ inverse's block products are 3×TF32 (`INVERSE_PRECISION`).
 Launch parameters: the `delta.*` rows of `lasp.kernels.common.launch.LAUNCH` (the walks'
 `_bf16` rows for bf16 operands, the chunk backward's `_per_key` rows for gk).
 
-Speed (H100, H=16, D=128, bf16, 1×32K, fwd+bwd, same run; benchmarks/results/
-kernels_delta_split_1x32768_h100_2026-12-06-s5): DeltaNet 11.9 ms, Gated DeltaNet 12.9,
-KDA 41.2 (13.9 / 18.0 / 48.8 before the chunk backward was split, session 4), against fla's
-`chunk_delta_rule` 4.3 ms / `chunk_kda` 13.0 ms (earlier runs, same GPU kind). Per kernel
-(DeltaNet): backward walk 3.8 ms, forward walk 2.2, chunk backward 1.6 + 1.8, UT transform
-1.4, outputs 0.6, outputs' dδ 0.3; KDA: chunk backward 8.3 + 12.6 (the exact per-key
-diagonal blocks). With these fp32 walk operands bf16 runs stay within 2.5e-3 of the fp32
-chunk form on an H100 (tests/kernels/test_delta_gpu.py). bf16 walk operands, when the
-walks' outputs were stored in bf16 too: DeltaNet 6.97 ms, Gated DeltaNet 8.13 (the walks
-1.4 + 0.5 ms), with errors up to 4.3e-3 (DeltaNet dk). Session 6's launch rows
-(`common.launch`): DeltaNet 11.3 ms, Gated DeltaNet 11.3, KDA 41.0 against fla's
-`chunk_delta_rule` 4.32 in the same run (kernels_swept_launch_vs_fla_1x32768_h100_2026-12-06-s6).
-The bf16 operands in their present form (fp32 walk outputs, hi + lo products), same run
-(kernels_walk_modes_1x32768_h100_2026-12-07-s7): DeltaNet 8.02 ms against 11.23 with fp32
-operands, Gated DeltaNet 8.40 against 11.59, KDA 38.3 against 41.3; the forward walk 0.87
-ms against 2.12 and the backward walk 1.92 against 3.87 (DeltaNet), hence the default.
-With session 8's launch rows (the bf16 walks on V-tiles of 16, KDA's chunk backward on 4
-warps; kernels_delta_swept_rows_1x32768_h100_2026-12-07-s8): DeltaNet 7.56 ms, Gated
-DeltaNet 7.85, KDA 32.9, against fla's `chunk_delta_rule` 5.06 in the same run. Session
-11 (the UT transform's N in registers, KDA's factored; delta_wy_variants_1x32768_h100_
-2026-12-07-s11): DeltaNet 7.54 ms, Gated DeltaNet 7.79, KDA 14.19 against 7.53 / 7.97 /
-17.38 before; then the backward walk reading scale Q ⊙ e^Γ from `_output_grad_kernel`
-(delta_walk_q_decayed_1x32768_h100_2026-12-07-s11): 7.42 / 7.71 / 13.21 against 7.57 /
-7.86 / 14.31 in that run. fla's `chunk_delta_rule` took 4.26 ms the same session on the
-same GPU kind (kernels_delta_vs_fla_1x32768_h100_2026-12-07-s11). Session 12, S stored in
-the walk operands' dtype (delta_states_bf16_1x32768_h100_2026-12-07-s12, one run): DeltaNet
-6.61 ms against 7.42, Gated DeltaNet 7.25 / 7.71, KDA 12.51 / 12.88 (the chunk backward's
-do Sᵀ and dδ Sᵀ bf16 products: DeltaNet 1.02 ms against 1.74), worst errors against the
-fp32 chunk form 3.20e-3 (DeltaNet dk) against 3.04e-3; fla's `chunk_delta_rule` 4.29 ms in
-that call. dδ Sᵀ with dδ split hi + lo instead (`_walk_dot`'s way) gave KDA dk 3.00e-3 and
-3.25e-3 in two runs of one binary (the rounded product 2.43e-3 both times, as fp32 S):
-not deterministic, so not taken (triton 3.6 on Hopper). Session 13, on an H200 (no H100
-could be had; delta_variants_parts_1x32768_h200_2026-12-07-s13, one run): the outputs' Q Kᵀ
-and Q S on the stored tiles, DeltaNet 6.20 ms against 6.52, Gated DeltaNet 6.78 / 7.14, KDA
-12.07 / 12.08; the substitution loading N's rows instead of gathering them from registers,
-UT transform 1.00 ms against 1.33 (DeltaNet) and 1.01 / 1.33 (Gated DeltaNet), but 2.52 /
-1.92 under KDA's per-key decay, which keeps the gather. Both (with KDA's scores formed
-once, no change without gk; delta_variants_walks_combo_*-s13): DeltaNet 5.88 ms, Gated
-DeltaNet 6.43, errors unchanged; fla's `chunk_delta_rule` 3.88 ms on that H200
-(kernels_delta_vs_fla_1x32768_h200_2026-12-07-s13).
+Speed. The timings of every session are in README.md ("Measured") and benchmarks/results/;
+the measurements behind the choices above (1×32K, H=16, D=128, bf16, fwd+bwd, before and
+after in one process):
+- bf16 walk operands, fp32 walk outputs, hi + lo products: DeltaNet 8.02 ms against 11.23
+  with fp32 operands on an H100 (kernels_walk_modes_1x32768_h100_2026-12-07-s7); with the
+  walks' outputs in bf16 too, errors reached 4.3e-3. One bf16 product each instead of hi +
+  lo (fla's rounding): 0.42 ms less, but DeltaNet's worst error 3.99e-3 against 3.20e-3 on
+  an H200 (delta_variants_walks_combo_1x32768_h200_2026-12-07-s13).
+- S in the walk operands' dtype: DeltaNet 6.61 ms against 7.42 on an H100
+  (delta_states_bf16_1x32768_h100_2026-12-07-s12). dδ Sᵀ with dδ split hi + lo instead
+  gave KDA dk 3.00e-3 and 3.25e-3 in two runs of one binary (triton 3.6 on Hopper), so dδ
+  is rounded to S's dtype there.
+- The outputs' exact products: DeltaNet 6.20 ms against 6.52 on an H200; the substitution
+  loading N's rows: UT transform 1.00 ms against 1.33 (DeltaNet), but 2.52 against 1.92
+  under KDA's per-key decay, which keeps the register gather
+  (delta_variants_parts_1x32768_h200_2026-12-07-s13).
+- The backward walk reading scale Q ⊙ e^Γ stored by `_output_grad_kernel`: KDA 13.21 ms
+  against 14.31 on an H100 (delta_walk_q_decayed_1x32768_h100_2026-12-07-s11).
+Now, on an H200: DeltaNet 5.88 ms, Gated DeltaNet 6.43, KDA 12.07; fla's
+`chunk_delta_rule` 3.88 ms on that GPU (kernels_delta_vs_fla_1x32768_h200_2026-12-07-s13).
 """
 
 from __future__ import annotations
@@ -588,11 +568,12 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
     n = n * b_beta[:, None]                 # N, strictly lower
     # The substitution loads N's diagonal blocks from a_inv, except under a per-key decay
     # (gathered from registers; module docstring, "Speed": loaded they were slower there).
-    if DECAY != 2:
+    LOAD_BLOCKS: tl.constexpr = DECAY != 2
+    if LOAD_BLOCKS:
         tl.store(a_inv + (base * C + rows) * C + cols, n, mask=(rows // 16) == (cols // 16))
         tl.debug_barrier()                  # N's blocks, visible to every thread
     for b in tl.static_range(C // 16):
-        _diagonal_block_inverse(n, a_inv, base, b, C, DECAY != 2)
+        _diagonal_block_inverse(n, a_inv, base, b, C, LOAD_BLOCKS)
     n_below = tl.where((rows // 16) > (cols // 16), n, 0.0)
     tl.debug_barrier()                      # the blocks' stores, visible to every thread
     a_ptrs = a_inv + (base * C + rows) * C + cols
