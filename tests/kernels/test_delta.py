@@ -260,11 +260,11 @@ def test_affine_phases_match_a_run_from_an_initial_state(backend, decay):
 def test_triton_bf16_walk_operands(monkeypatch, decay, walk_operands):
     """bf16 inputs, both walk-operand modes (`dtri.WALK_OPERANDS`), packed documents, h0,
     two V-tiles, against the float64 chunk form on the same (rounded) inputs: every result
-    within bf16 rounding, and the walks' stored operands (w, k_end, scale Q ⊙ e^Γ) and the
-    chunks' incoming states S in the mode's dtype while the walks' other outputs (δ, dδ,
-    dS'), R, u, the outputs' dδ and the final state stay fp32. fp32 walks leave the fp32
-    results (final, dbeta, ddecay, dh0) at fp32 accuracy. The interpreter computes bf16 as
-    a GPU does (`bf16_interpreter`). An unknown mode: ValueError."""
+    within bf16 rounding, and the walks' stored operands (w, k_end, scale Q ⊙ e^Γ), the
+    chunks' incoming states S and the backward walk's dδ and dS' in the mode's dtype while
+    the forward walk's δ, R, u, the outputs' dδ and the final state stay fp32. fp32 walks
+    leave the fp32 results (final, dbeta, ddecay, dh0) at fp32 accuracy. The interpreter
+    computes bf16 as a GPU does (`bf16_interpreter`). An unknown mode: ValueError."""
     for row in ("delta.state_bf16", "delta.state_grad_bf16", "delta.state_grad_per_key_bf16", "delta.state",
                 "delta.state_grad", "delta.state_grad_per_key", "delta.output", "delta.output_grad",
                 "delta.key_grad", "delta.wy_grad", "delta.key_grad_per_key", "delta.wy_grad_per_key"):
@@ -299,9 +299,9 @@ def test_triton_bf16_walk_operands(monkeypatch, decay, walk_operands):
     n_slots = dtri.chunk_layout(1, sum(lengths), cu, C, "cpu").n_slots
     narrow = sorted(shape for shape, dtype in allocations if shape[0] == n_slots and dtype == torch.bfloat16)
     wide = sorted(shape for shape, dtype in allocations if shape[0] == n_slots and dtype == torch.float32)
-    # w, k_end, the backward walk's scale Q ⊙ e^Γ; the chunks' incoming states S
-    operands = [(n_slots, H, C, K)] * 3 + [(n_slots, H, K, V)]
-    fp32_only = [(n_slots, H, C, V)] * 2 + [(n_slots, H, K, V)]                  # the walks' δ, dδ, dS'
+    # w, k_end, the backward walk's scale Q ⊙ e^Γ; the chunks' incoming states S; dδ, dS'
+    operands = [(n_slots, H, C, K)] * 3 + [(n_slots, H, K, V)] + [(n_slots, H, C, V), (n_slots, H, K, V)]
+    fp32_only = [(n_slots, H, C, V)]                                             # the forward walk's δ
     fp32_only += [(n_slots, H, C, C), (n_slots, H, C, V), (n_slots, H, C, V)]   # R, u, the outputs' dδ
     # the chunk backward's scratch: dw, the partial dk, for g the partial dg of each K-tile (one)
     fp32_only += [(n_slots, H, C, K)] * 2 + ([(n_slots, H, 1, C)] if decay == "g" else [])

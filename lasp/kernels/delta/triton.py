@@ -66,16 +66,16 @@ host sync; the number of slots is a bound from shapes).
 Precision. The walks' stored operands w and k_end take `WALK_OPERANDS` for 16-bit
 inputs: bf16 (the default: half the bytes and shared memory of a pipeline stage) or fp32
 (TF32 products, the accuracy baseline; fp32 inputs always), and so do the chunks' incoming
-states S, which only the outputs and the chunk backward read. The walks' other outputs δ,
-dδ and dS' are stored in fp32 either way, and inside a walk the fp32 operand in registers
-(the state, δ, dS', dδ) meets a bf16 w or k_end as two bf16 halves, hi + lo
-(`_walk_dot`), so that only w's and k_end's rounding enters: with bf16 for those too (as
-fla) DeltaNet's dk and dv reached 4.5e-3 on CPU's bf16-exact interpreter, 3.8e-3 and
-3.1e-3 this way, 3.6e-3 and 3.1e-3 with fp32 walks (T = 1024, K = V = 64, max error
-against float64). On an H100 (tests/kernels/test_delta_gpu.py, bf16 inputs against the
-fp32 chunk form, 16 cases; delta_gpu_h100_2026-12-07-s7) the worst error is 2.97e-3 with
-bf16 operands and 2.51e-3 with fp32 ones (DeltaNet's dk, packed documents at K = 128);
-Gated DeltaNet and KDA stay within 2.2e-3 in both modes. One code path: the kernels take
+states S, which only the outputs and the chunk backward read, and the backward walk's
+outputs dδ and dS' (read by the chunk backward). The forward walk's δ is stored in fp32,
+and there the fp32 operand in registers (the state, δ) meets a bf16 w or k_end as two bf16
+halves, hi + lo (`_walk_dot`), so that only w's and k_end's rounding enters; so does dS'
+meet k_end in the backward walk, whose Wᵀ dδ takes dδ as stored (one product, fla's
+rounding). On an H100 (tests/kernels/test_delta_gpu.py, bf16 inputs against the fp32 chunk
+form, 18 cases; delta_gpu_bw_bytes_h100_2026-12-07-s14) the worst error is 3.58e-3 with
+bf16 operands (DeltaNet's dk, packed documents at K = 128; 3.16e-3 with dδ and dS' in fp32
+and hi + lo products throughout) and 2.51e-3 with fp32 ones; Gated DeltaNet and KDA stay
+within 2.8e-3. One code path: the kernels take
 the loaded tiles' dtype, the carried state and every accumulator stay fp32 in registers.
 R = (I + N)⁻¹ stays fp32 (every w, u and gradient goes through it, dN = −Rᵀ dR Rᵀ through
 it twice, and at [C, C] a chunk it is no big read), as do u and the outputs' dδ
@@ -97,6 +97,15 @@ after in one process):
   walks' outputs in bf16 too, errors reached 4.3e-3. One bf16 product each instead of hi +
   lo (fla's rounding): 0.42 ms less, but DeltaNet's worst error 3.99e-3 against 3.20e-3 on
   an H200 (delta_variants_walks_combo_1x32768_h200_2026-12-07-s13).
+- The backward walk's dδ and dS' in the walk operands' dtype, its Wᵀ dδ one product: on an
+  H100 DeltaNet 5.72 ms against 6.07, Gated DeltaNet 6.38 against 6.63, worst error 3.64e-3
+  against 3.20e-3 (the forward walk's δ in bf16 too: Gated DeltaNet's results differed
+  between two runs of one binary; delta_variants_walk_bytes_1x32768_h100_2026-12-07-s14).
+- The walks' chain is not what limits them: with the next state made independent of δ
+  (timing only) the forward walk took as long and the backward 1.31 ms against 1.55; walks
+  passing S' = e^γ S − P S + k_endᵀ u with P = k_endᵀ w formed per chunk (one product on
+  the chain, [K, K] read a chunk) took 2.4 + 4.9 ms fp32 and 1.2 + 1.5 ms bf16 against
+  0.66 + 1.55, before forming P (delta_variants_transitions_1x32768_h100_2026-12-07-s14).
 - S in the walk operands' dtype: DeltaNet 6.61 ms against 7.42 on an H100
   (delta_states_bf16_1x32768_h100_2026-12-07-s12). dδ Sᵀ with dδ split hi + lo instead
   gave KDA dk 3.00e-3 and 3.25e-3 in two runs of one binary (triton 3.6 on Hopper), so dδ
@@ -107,8 +116,10 @@ after in one process):
   (delta_variants_parts_1x32768_h200_2026-12-07-s13).
 - The backward walk reading scale Q ⊙ e^Γ stored by `_output_grad_kernel`: KDA 13.21 ms
   against 14.31 on an H100 (delta_walk_q_decayed_1x32768_h100_2026-12-07-s11).
-Now, on an H200: DeltaNet 5.88 ms, Gated DeltaNet 6.43, KDA 12.07; fla's
-`chunk_delta_rule` 3.88 ms on that GPU (kernels_delta_vs_fla_1x32768_h200_2026-12-07-s13).
+Now, on an H100 (kernels_delta_bw_bytes_h100_2026-12-07-s14): DeltaNet 6.12 / 5.78 / 22.62
+ms at (8,4K) / (1,32K) / (1,128K), Gated DeltaNet 6.26 / 6.33 / 25.05, KDA 11.79 / 12.00 /
+47.64; fla's `chunk_delta_rule` 3.58 / 5.09 / 19.73 on that GPU the same session
+(kernels_delta_vs_fla_h100_2026-12-07-s14), its `chunk_kda` 12.05 at (1,32K).
 """
 
 from __future__ import annotations
@@ -766,7 +777,8 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_delta_out, q_decayed, do, d_final
             b_qg = _chunk_rows(q_decayed, base, offs_c, offs_k, K, C)
             b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H)
             d_state = tl.dot(tl.trans(b_qg), b_do.to(b_qg.dtype), d_state)
-        d_state = _walk_dot(tl.trans(b_w), -b_dd, d_state)
+        # dδ as stored (the walk operands' dtype): one product, not hi + lo
+        d_state = tl.dot(tl.trans(b_w), (-b_dd).to(b_w.dtype), d_state)
     ptrs, mask = _state_tile(dh0, doc, offs_k, offs_v, K, V)
     tl.store(ptrs, d_state, mask=mask)
 
@@ -811,13 +823,12 @@ def _key_grad_kernel(q, k, g, do, slot_bounds, states, delta, d_next, d_delta, d
         k_ok, v_ok = _slot_dims(start, end, offs_k, offs_v, K, V)
         s_mask = k_ok[:, None] & v_ok[None, :]
         b_s = tl.load(_state_tile(states, base, offs_k, offs_v, K, V)[0], mask=s_mask, other=0.0)
-        b_dn = tl.load(_state_tile(d_next, base, offs_k, offs_v, K, V)[0], mask=s_mask, other=0.0)
+        b_dn = tl.load(_state_tile(d_next, base, offs_k, offs_v, K, V)[0], mask=s_mask, other=0.0).to(tl.float32)
         c_ptrs = (base * C + rows) * V + offs_v[None, :]
         b_delta = tl.load(delta + c_ptrs, mask=v_ok[None, :], other=0.0)
         b_dd = tl.load(d_delta + c_ptrs, mask=v_ok[None, :], other=0.0)
-        # S as stored (the walk operands' dtype), δ, dS' and dδ fp32: do Sᵀ and dδ Sᵀ in
-        # S's dtype, dδ rounded to it (split hi + lo instead, KDA's errors varied between
-        # runs of one binary: module docstring, "Speed")
+        # S, dS' and dδ as stored (the walk operands' dtype), δ fp32: do Sᵀ and dδ Sᵀ in
+        # S's dtype, δ dS'ᵀ a TF32 product of fp32 δ and dS' widened
         if HAS_Q:
             b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H)
             d_out_k = tl.dot(b_do.to(b_s.dtype), tl.trans(b_s), d_out_k)
@@ -1021,12 +1032,12 @@ def _walk(w, u, k_end, g_end, h0, layout: ChunkLayout):
 
 def _walk_back(w, k_end, g_end, d_final, V: int, layout: ChunkLayout, outputs_grad=None, do=None):
     """The backward state pass: (each chunk's total dδ and the gradient of the state leaving
-    each chunk and d initial states, all fp32). The outputs' gradients: none, or
+    each chunk, both in the walk operands' dtype, and d initial states in fp32). The outputs' gradients: none, or
     `output_grad`'s (dδ, scale Q ⊙ e^Γ) per chunk with do (token-major)."""
     n_slots, H, C, K = w.shape
     dev = w.device
-    d_delta = launch.new_tensor((n_slots, H, C, V), torch.float32, dev)
-    d_next = launch.new_tensor((n_slots, H, K, V), torch.float32, dev)
+    d_delta = launch.new_tensor((n_slots, H, C, V), w.dtype, dev)
+    d_next = launch.new_tensor((n_slots, H, K, V), w.dtype, dev)
     dh0 = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, dev)
     d_delta_out, q_decayed = (w, w) if outputs_grad is None else outputs_grad
     bounds, T, per_row = layout.slot_args(w)
