@@ -162,6 +162,45 @@ def test_triton_phases_under_the_interpreter():
     run_distributed(_triton_body, 2)
 
 
+def _triton_bf16_body(rank, W):
+    from tests.bf16_interpreter import bf16_interpreter
+    from tests.conftest import install_kernel_test_hooks
+    install_kernel_test_hooks()
+    H, K, V, L = 2, 16, 32, 11
+    T = 2 * W * L
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, _, _, _ = random_inputs(1, T, H, K, V, generator=gen)
+    gate = random_decay("g", 1, T, H, K, generator=gen)
+    gate["beta"] = torch.rand(1, T, H, dtype=torch.float64, generator=gen)
+    k = torch.nn.functional.normalize(k.detach(), dim=-1)
+    q, k, v = (x.detach().bfloat16().double().requires_grad_() for x in (q, k, v))   # the inputs as bf16 holds them
+    gate = {name: x.detach().requires_grad_() for name, x in gate.items()}
+    do = torch.randn(1, T, H, V, dtype=torch.float64, generator=gen).bfloat16().double()
+    cu = documents(T, L, W)
+    inputs = [q, k, v, *gate.values()]
+    o, _ = linear_attention(q, k, v, **gate, cu_seqlens=cu, backend="torch")
+    want = [o, *grads([o], inputs, [do])]
+    layout = SequenceLayout(T, W, rank, "zigzag")
+    local = [layout.shard(x).detach().to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_()
+             for i, x in enumerate(inputs)]
+    with bf16_interpreter():
+        o_local = sequence_parallel_linear_attention(*local[:3], **dict(zip(gate, local[3:])), layout=layout,
+                                                     cu_seqlens=cu, backend="triton")
+        got = [o_local, *grads([o_local], local, [layout.shard(do).bfloat16()])]
+    errors = {name: rel_err(mine, layout.shard(ref))
+              for name, mine, ref in zip(["o", "dq", "dk", "dv", "dg", "dbeta"], got, want)}
+    assert max(errors.values()) <= 4e-3, f"rank {rank}: relative errors {errors}"
+
+
+def test_triton_phases_bf16_walks():
+    """LASP-2 on the Triton kernels with bf16 inputs, so bf16 walk operands (the delta rule
+    with g, packed, zigzag; its summaries' dense transitions walk widened values, and
+    their gradients go through the backward walk's bf16 dδ and dS'), against the float64
+    oracle on the same rounded inputs: within the GPU tier's bound for bf16 walks (4e-3).
+    The interpreter computes bf16 as a GPU does (`bf16_interpreter`)."""
+    run_distributed(_triton_bf16_body, 2)
+
+
 def sequential_chains(states, transitions, reverse):
     """The value entering each global segment, walking the chains one segment at a time."""
     incoming = torch.zeros_like(states)
