@@ -4,9 +4,9 @@ Every rank draws the same full inputs from a fixed seed, runs the oracle on the 
 sequence, shards the inputs with the layout, runs the parallel op on its shard, and
 checks its outputs and its gradients against the shard of the oracle's (g_gamma: the sum
 over ranks). One process group per world size runs every case, to keep spawning cheap.
-Also: the Triton phases through LASP-2 under the interpreter (fp32), the standalone
-exchanges against a sequential scan, and the order in which LASP-2 interleaves its
-collectives with the local phases.
+Also: the Triton phases through LASP-2 under the interpreter (fp32, and bf16 as a GPU
+computes it), the standalone exchanges against a sequential scan, and the order in which
+LASP-2 interleaves its collectives with the local phases.
 """
 
 import functools

@@ -63,9 +63,9 @@ Intermediates live in chunk slots ([n_slots, H, C, ·]; `ChunkLayout`); inputs a
 gradients stay token-major [B, T, H, ·]. Packed documents: a slot table on the device (no
 host sync; the number of slots is a bound from shapes).
 
-Precision. The walks' stored operands w and k_end take `WALK_OPERANDS` for 16-bit
-inputs: bf16 (the default: half the bytes and shared memory of a pipeline stage) or fp32
-(TF32 products, the accuracy baseline; fp32 inputs always), and so do the chunks' incoming
+Precision. The walks' stored operands w and k_end take `WALK_OPERANDS` for 16-bit inputs:
+bf16 (the default: half the bytes and shared memory of a pipeline stage) or fp32 (TF32
+products, the accuracy baseline; fp32 inputs always), and so do the chunks' incoming
 states S, which only the outputs and the chunk backward read, and the backward walk's
 outputs dδ and dS' (read by the chunk backward). The forward walk's δ is stored in fp32,
 and there the fp32 operand in registers (the state, δ) meets a bf16 w or k_end as two bf16
@@ -75,17 +75,16 @@ rounding). On an H100 (tests/kernels/test_delta_gpu.py, bf16 inputs against the 
 form, 18 cases; delta_gpu_bw_bytes_h100_2026-12-07-s14) the worst error is 3.58e-3 with
 bf16 operands (DeltaNet's dk, packed documents at K = 128; 3.16e-3 with dδ and dS' in fp32
 and hi + lo products throughout) and 2.51e-3 with fp32 ones; Gated DeltaNet and KDA stay
-within 2.8e-3. One code path: the kernels take
-the loaded tiles' dtype, the carried state and every accumulator stay fp32 in registers.
-R = (I + N)⁻¹ stays fp32 (every w, u and gradient goes through it, dN = −Rᵀ dR Rᵀ through
-it twice, and at [C, C] a chunk it is no big read), as do u and the outputs' dδ
-(addends, never operands), the final states and the chunk backward's scratch (dw, the
-partial dk, g's partial dg: gradients, as accurate as registers would keep them); a
-product with an fp32 factor computed in registers (R, βV, Q ⊙ e^Γ, the scores A) takes its
-narrow tile widened (TF32), except the backward walk's (Q ⊙ e^Γ)ᵀ do, a walk product as in
-fla. Without a per-key decay the outputs' Q Kᵀ and Q S are products of the stored tiles
-(exact for bf16, in half the registers), a scalar decay applied to them after. The
-inverse's block products are 3×TF32 (`INVERSE_PRECISION`).
+within 2.8e-3. One code path: the kernels take the loaded tiles' dtype, the carried state
+and every accumulator stay fp32 in registers. R = (I + N)⁻¹ stays fp32 (every w, u and
+gradient goes through it, dN = −Rᵀ dR Rᵀ through it twice, and at [C, C] a chunk it is no
+big read), as do u and the outputs' dδ (addends, never operands), the final states and the
+chunk backward's scratch (dw, the partial dk, g's partial dg: gradients, as accurate as
+registers would keep them); a product with an fp32 factor computed in registers (R, βV,
+Q ⊙ e^Γ, the scores A) takes its narrow tile widened (TF32), except the backward walk's
+(Q ⊙ e^Γ)ᵀ do, a walk product as in fla. Without a per-key decay the outputs' Q Kᵀ and Q S
+are products of the stored tiles (exact for bf16, in half the registers), a scalar decay
+applied to them after. The inverse's block products are 3×TF32 (`INVERSE_PRECISION`).
 Launch parameters: the `delta.*` rows of `lasp.kernels.common.launch.LAUNCH` (the walks'
 `_bf16` rows for bf16 operands, the chunk backward's `_per_key` rows for gk).
 
@@ -1032,8 +1031,9 @@ def _walk(w, u, k_end, g_end, h0, layout: ChunkLayout):
 
 def _walk_back(w, k_end, g_end, d_final, V: int, layout: ChunkLayout, outputs_grad=None, do=None):
     """The backward state pass: (each chunk's total dδ and the gradient of the state leaving
-    each chunk, both in the walk operands' dtype, and d initial states in fp32). The outputs' gradients: none, or
-    `output_grad`'s (dδ, scale Q ⊙ e^Γ) per chunk with do (token-major)."""
+    each chunk, both in the walk operands' dtype, and d initial states in fp32). The
+    outputs' gradients: none, or `output_grad`'s (dδ, scale Q ⊙ e^Γ) per chunk with do
+    (token-major)."""
     n_slots, H, C, K = w.shape
     dev = w.device
     d_delta = launch.new_tensor((n_slots, H, C, V), w.dtype, dev)
