@@ -834,7 +834,7 @@ def _key_grad_kernel(q, k, g, do, slot_bounds, states, delta, d_next, d_delta, d
             d_scores = tl.dot(b_do.to(tl.float32), tl.trans(b_delta), d_scores)
         d_w_neg = tl.dot(b_dd.to(b_s.dtype), tl.trans(b_s), d_w_neg)
         d_k_end = tl.dot(b_delta, tl.trans(b_dn), d_k_end)
-        state_dot += tl.sum(b_s.to(tl.float32) * b_dn.to(tl.float32), 1)
+        state_dot += tl.sum(b_s.to(tl.float32) * b_dn, 1)
     _slot_rows_store(d_w, -d_w_neg, base, offs_c, offs_k, K, C)
 
     b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
