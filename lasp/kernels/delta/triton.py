@@ -65,18 +65,19 @@ host sync; the number of slots is a bound from shapes).
 
 Precision. The walks' stored operands w and k_end take `WALK_OPERANDS` for 16-bit inputs:
 bf16 (the default: half the bytes and shared memory of a pipeline stage) or fp32 (TF32
-products, the accuracy baseline; fp32 inputs always), and so do the chunks' incoming
-states S, which only the outputs and the chunk backward read, and the backward walk's
-outputs dδ and dS' (read by the chunk backward). The forward walk's δ is stored in fp32,
-and there the fp32 operand in registers (the state, δ) meets a bf16 w or k_end as two bf16
-halves, hi + lo (`_walk_dot`), so that only w's and k_end's rounding enters; so does dS'
-meet k_end in the backward walk, whose Wᵀ dδ takes dδ as stored (one product, fla's
-rounding). On an H100 (tests/kernels/test_delta_gpu.py, bf16 inputs against the fp32 chunk
-form, 18 cases; delta_gpu_bw_bytes_h100_2026-12-07-s14) the worst error is 3.58e-3 with
-bf16 operands (DeltaNet's dk, packed documents at K = 128; 3.16e-3 with dδ and dS' in fp32
-and hi + lo products throughout) and 2.51e-3 with fp32 ones; Gated DeltaNet and KDA stay
-within 2.8e-3. One code path: the kernels take the loaded tiles' dtype, the carried state
-and every accumulator stay fp32 in registers. R = (I + N)⁻¹ stays fp32 (every w, u and
+products, the accuracy baseline; fp32 inputs always), and so do the chunks' incoming states
+S, which only the outputs and the chunk backward read, and the backward walk's outputs dδ
+and dS' (read by the chunk backward). Where a walk's fp32 operand in registers meets a bf16
+w or k_end, it is split into two bf16 halves, hi + lo (`_walk_dot`), so that only w's and
+k_end's rounding enters: δ (stored in fp32) in the forward walk's S' += k_endᵀ δ, dS' in the
+backward walk's dδ = k_end dS'. The forward walk's W S takes S as stored and the backward
+walk's Wᵀ dδ takes dδ as stored (one product each, fla's rounding; the chunks read those
+same rounded S and dδ). On an H100 (tests/kernels/test_delta_gpu.py, bf16 inputs against the
+fp32 chunk form, 18 cases; delta_gpu_fwd_round_h100_2026-12-07-s15) the worst error is
+3.72e-3 with bf16 operands (DeltaNet's dk, packed documents at K = 128; 3.16e-3 with every
+walk product hi + lo and dδ, dS' in fp32) and 2.52e-3 with fp32 ones; Gated DeltaNet and KDA
+stay within 2.8e-3. One code path: the kernels take the loaded tiles' dtype, the carried
+state and every accumulator stay fp32 in registers. R = (I + N)⁻¹ stays fp32 (every w, u and
 gradient goes through it, dN = −Rᵀ dR Rᵀ through it twice, and at [C, C] a chunk it is no
 big read), as do u and the outputs' dδ (addends, never operands), the final states and the
 chunk backward's scratch (dw, the partial dk, g's partial dg: gradients, as accurate as
@@ -100,6 +101,10 @@ after in one process):
   H100 DeltaNet 5.72 ms against 6.07, Gated DeltaNet 6.38 against 6.63, worst error 3.64e-3
   against 3.20e-3 (the forward walk's δ in bf16 too: Gated DeltaNet's results differed
   between two runs of one binary; delta_variants_walk_bytes_1x32768_h100_2026-12-07-s14).
+- The forward walk's W S one product of S as stored (was hi + lo): on an H100 its walk 536
+  µs against 675, DeltaNet 5.64 ms against 5.73, Gated DeltaNet 6.25 against 6.32, KDA
+  11.91 against 11.99; worst error against the fp32 chunk form 3.78e-3 against 3.64e-3
+  (delta_variants_walk_rounding_1x32768_h100_2026-12-07-s15).
 - The walks' chain is not what limits them: with the next state made independent of δ
   (timing only) the forward walk took as long and the backward 1.31 ms against 1.55; walks
   passing S' = e^γ S − P S + k_endᵀ u with P = k_endᵀ w formed per chunk (one product on
@@ -658,7 +663,8 @@ def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, d
         tl.store(ptrs, state, mask=mask)
         b_w = _chunk_rows(w, base, offs_c, offs_k, K, C)
         b_u = _chunk_rows(u, base, offs_c, offs_v, V, C).to(tl.float32)
-        b_delta = b_u - _walk_dot(b_w, state, tl.zeros([C, BV], dtype=tl.float32))
+        # S as stored (the walk operands' dtype, the S the outputs read): one product
+        b_delta = b_u - tl.dot(b_w, state.to(b_w.dtype))
         tl.store(delta + (base * C + offs_c[:, None]) * V + offs_v[None, :], b_delta, mask=(offs_v < V)[None, :])
         b_k = _chunk_rows(k_end, base, offs_c, offs_k, K, C)
         state = _decay_state(state, g_end, base, offs_k, K, DECAY)
