@@ -1,18 +1,19 @@
 """Variants of the delta rule's Triton module timed against each other in one process.
 
     python benchmarks/delta_variants.py NAME=PATH[@ROW=warps,stages,block;...] ... \
-        [--decays delta,g+beta,gk+beta] [--T 32768]
+        [--decays delta,g+beta,gk+beta] [--B 1] [--T 32768]
 
 Each PATH is a copy of `lasp/kernels/delta/triton.py` with a change to try (e.g. the
 committed file from `git show REV:lasp/kernels/delta/triton.py` beside the working tree's);
 `@ROW=...` overrides launch rows of `lasp.kernels.common.launch.LAUNCH` for that variant
-only. A variant runs as the module `lasp.kernels.delta.triton` (`lasp.kernels.compiled`
-imports its launches from there on every call), so that before and after share one GPU,
-one process and the same inputs. Per decay and variant, on (1, T, 16, 128) bf16 inputs
-(`kernel_speed.delta_inputs`): the relative error of o and of every gradient against
-lasp's fp32 torch chunk form on the first two heads, whether a second run is bitwise the
-first (no kernel accumulates atomically: "NO" is a race or a miscompile), the fwd+bwd
-median ms and the CUDA µs per kernel. Prints a table last; JSON to
+only (a walk's row gives its widest V-tile, which the walk halves where its programs are
+fewer than the GPU's SMs). A variant runs as the module `lasp.kernels.delta.triton`
+(`lasp.kernels.compiled` imports its launches from there on every call), so that before and
+after share one GPU, one process and the same inputs. Per decay and variant, on
+(B, T, 16, 128) bf16 inputs (`kernel_speed.delta_inputs`): the relative error of o and of
+every gradient against lasp's fp32 torch chunk form on the first two heads, whether a second
+run is bitwise the first (no kernel accumulates atomically: "NO" is a race or a miscompile),
+the fwd+bwd median ms and the CUDA µs per kernel. Prints a table last; JSON to
 $OUT/delta_variants.json (or benchmarks/results/). Session 11 used it for the UT transform
 and the backward walk (`benchmarks/results/delta_wy_variants_*`, `delta_walk_q_decayed_*`),
 session 12 for the chunk states' dtype (`delta_states_bf16_*`).
@@ -89,14 +90,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("variants", nargs="+", help="NAME=PATH[@ROW=warps,stages,block;...]")
     parser.add_argument("--decays", default="delta,g+beta,gk+beta")
+    parser.add_argument("--B", type=int, default=1)
     parser.add_argument("--T", type=int, default=32768)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
     variants = [load_variant(spec) for spec in args.variants]
-    (q, k, v, beta, g, gk), do = delta_inputs(1, args.T)
+    (q, k, v, beta, g, gk), do = delta_inputs(args.B, args.T)
     defaults, original = dict(launch.LAUNCH), sys.modules.get(MODULE)
     results = []
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, T=args.T, results=results)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, B=args.B, T=args.T, results=results)
     try:
         for decay in args.decays.split(","):
             gate = delta_gate(decay, g, gk)
@@ -107,7 +109,8 @@ def main():
                 launch.LAUNCH.update(defaults, **overrides)
                 sys.modules[MODULE] = module
                 errors, repeatable, ms, per_kernel = run_variant(module, leaves, gate, do, want_o, want_grads)
-                results.append(dict(variant=name, decay=decay, T=args.T, ms=ms, errors=errors, repeatable=repeatable,
+                results.append(dict(variant=name, decay=decay, B=args.B, T=args.T, ms=ms, errors=errors,
+                                    repeatable=repeatable,
                                     kernels_us={kk: round(us, 1) for kk, us in per_kernel.items() if us > 20}))
                 print(json.dumps(results[-1]), flush=True)
                 os.makedirs(args.out, exist_ok=True)
@@ -117,7 +120,7 @@ def main():
         launch.LAUNCH.clear()
         launch.LAUNCH.update(defaults)
         sys.modules[MODULE] = original
-    print(f"\n{meta['device']}, T = {args.T}")
+    print(f"\n{meta['device']}, B = {args.B}, T = {args.T}")
     print(f"{'variant':28s} {'decay':8s} {'ms':>8s} {'max err':>9s} {'repeats':>7s} {'UT us':>7s} "
           f"{'walk-back us':>12s}")
     for r in results:

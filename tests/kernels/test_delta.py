@@ -319,3 +319,43 @@ def test_triton_bf16_walk_operands(monkeypatch, decay, walk_operands):
     assert not bad, f"relative errors above the bounds: {bad} (all: {errors})"
     with pytest.raises(ValueError, match="walk_operands"):
         dtri.triton_linear_attention(q, k, v, g, beta, walk_operands="float16", **kw)
+
+
+@cpu_only
+def test_walk_v_tiles_fill_the_gpu(monkeypatch):
+    """The walks take their row's widest V-tile (the bf16 rows': 64) and halve it, down to
+    16, while documents × heads × V-tiles would leave SMs without a program; the fp32 rows'
+    tile is 16. With bf16 walks at the widest tile and at the narrowest, outputs and every
+    gradient stay within bf16 rounding of the float64 chunk form."""
+    def v_tile(B, H, operands, sms):
+        monkeypatch.setattr(dtri, "multiprocessors", lambda device: sms)
+        layout = dtri.chunk_layout(B, 256, None, 64, "cpu")
+        return dtri._walk_grid(layout, H, 128, 128, "delta.state", operands, torch.device("cpu"))[1]["BV"]
+    # (8,4K) and (1,32K) at H = 16 on an H100 (132 SMs): 128 walks keep 64, 16 walks need 16
+    assert [v_tile(8, 16, torch.bfloat16, 132), v_tile(1, 16, torch.bfloat16, 132)] == [64, 16]
+    assert [v_tile(2, 16, torch.bfloat16, 100), v_tile(8, 16, torch.float32, 1)] == [32, 16]
+
+    lengths, H, K, V = [40, 0, 23], 2, 16, 64
+    cu = random_cu_seqlens(lengths)
+    q, k, v, beta, g, _ = _inputs(1, sum(lengths), H, K, V, "g", n_states=None, dtype=torch.bfloat16)
+    d_o = torch.randn(v.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    kw = dict(scale=K ** -0.5, cu_seqlens=cu, chunk_size=16)
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v, beta, g)]
+    o_ref = chunk_linear_attention(*ref[:3], ref[4], ref[3], **kw)[0]
+    want = [o_ref.detach()] + list(_grads([o_ref], ref, [d_o.double()]))
+    tiles, walk_grid = [], dtri._walk_grid
+
+    def recording(*args):
+        grid = walk_grid(*args)
+        tiles.append(grid[1]["BV"])
+        return grid
+    monkeypatch.setattr(dtri, "_walk_grid", recording)
+    for sms in (1, 10 ** 6):        # the widest tile, the narrowest
+        monkeypatch.setattr(dtri, "multiprocessors", lambda device: sms)
+        with bf16_interpreter():
+            o = dtri.triton_linear_attention(q, k, v, g, beta, walk_operands="bfloat16", **kw)[0]
+            got = [o] + list(_grads([o], [q, k, v, beta, g], [d_o]))
+        errors = {name: rel_err(a, b) for name, a, b in zip(("o", "dq", "dk", "dv", "dbeta", "dg"), got, want)}
+        print(f"\n{sms} SMs: " + " ".join(f"{name}={e:.1e}" for name, e in errors.items()))
+        assert max(errors.values()) <= 3e-3, (sms, errors)
+    assert tiles == [64, 64, 16, 16]        # forward and backward walk, at each SM count

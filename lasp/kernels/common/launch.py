@@ -94,12 +94,19 @@ LAUNCH = {
     # The same walks with bf16 operands (`lasp.kernels.delta.triton.WALK_OPERANDS`, the
     # default for 16-bit inputs): a stage's W and k_end tiles take half the shared memory
     # (sm_90, Triton 3.6, K = V = 128, benchmarks/kernel_resources.py), which buys a deeper
-    # pipeline for the forward walk. V-tiles of 16 (more programs) swept best on an H100 at
-    # 1×32K (launch_sweep_h100_2026-12-07-s8): Gated DeltaNet's forward walk 0.92 ms against
-    # 1.17 at 32, its backward walk 1.82 against 1.97, KDA's 3.18 against 3.33.
-    "delta.state_bf16": Launch(num_warps=4, num_stages=3, block=16),
-    "delta.state_grad_bf16": Launch(num_warps=4, num_stages=2, block=16),
-    "delta.state_grad_per_key_bf16": Launch(num_warps=4, num_stages=2, block=16),
+    # pipeline for the forward walk. Their block is the widest V-tile: a walk halves it,
+    # down to 16, while it would have fewer programs than the GPU has SMs (`_walk_grid`).
+    # Every program re-reads its chunks' W and k_end, so wide tiles read less where there
+    # are programs enough: on an H100 at (8,4K) (128 walks) DeltaNet took 4.93 ms fwd+bwd
+    # with 64-wide tiles against 6.21 with 16 (5.64 with 32; 8 warps at 64: 5.03), Gated
+    # DeltaNet 5.20 against 6.26, KDA 10.75 against 11.75
+    # (delta_variants_walk_vtiles_8x4096_h100_2026-12-07-s15). At 1×32K (16 walks) 16 swept
+    # best (launch_sweep_h100_2026-12-07-s8): Gated DeltaNet's forward walk 0.92 ms against
+    # 1.17 at 32, its backward walk 1.82 against 1.97, KDA's 3.18 against 3.33. The fp32
+    # rows stay at 16: their backward walk at 32 needs 240 KB of shared memory (227 on an H100).
+    "delta.state_bf16": Launch(num_warps=4, num_stages=3, block=64),
+    "delta.state_grad_bf16": Launch(num_warps=4, num_stages=2, block=64),
+    "delta.state_grad_per_key_bf16": Launch(num_warps=4, num_stages=2, block=64),
     # The per-chunk kernels of the delta rule (one program per chunk and head; block = the
     # V-tile): the UT transform, the outputs, the outputs' dδ (first guesses). The chunk
     # backward in two: `key_grad` per (chunk, head, K-tile), block = its K-tile and V-tile;
@@ -128,6 +135,13 @@ def tile(row: str, split_dim: int, whole_dim: int) -> int:
     (`whole_dim`, padded to a power of two) stays whole in each program."""
     cap = LAUNCH[row].block if whole_dim <= 128 else LAUNCH[row].block // 2
     return min(cap, 1 << (split_dim - 1).bit_length())
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (torch caches the properties: no host sync);
+    1 off a GPU, so that the Triton interpreter and the offline sm_90 compile
+    (`benchmarks/kernel_resources.py`) take the widest tiles a GPU may take."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def launch_kw(row: str, widest_dim: int = 0) -> dict:

@@ -105,6 +105,13 @@ after in one process):
   µs against 675, DeltaNet 5.64 ms against 5.73, Gated DeltaNet 6.25 against 6.32, KDA
   11.91 against 11.99; worst error against the fp32 chunk form 3.78e-3 against 3.64e-3
   (delta_variants_walk_rounding_1x32768_h100_2026-12-07-s15).
+- The walks' V-tiles: 64 wide where documents × heads × V-tiles still give every SM a
+  program, halved down to 16 otherwise (`_walk_grid`; every program re-reads its chunks' W
+  and k_end): at (8,4K) on an H100 DeltaNet 4.93 ms against 6.21 with 16, Gated DeltaNet
+  5.20 against 6.26, KDA 10.75 against 11.75 (delta_variants_walk_vtiles_8x4096_h100_2026-12-07-s15).
+- Not taken: the backward walk's dδ = k_end dS' as one product of dS' as stored, DeltaNet
+  5.51 ms against 5.64 but a worst error of 3.95e-3
+  (delta_variants_bwd_round_1x32768_h100_2026-12-07-s15).
 - The walks' chain is not what limits them: with the next state made independent of δ
   (timing only) the forward walk took as long and the backward 1.31 ms against 1.55; walks
   passing S' = e^γ S − P S + k_endᵀ u with P = k_endᵀ w formed per chunk (one product on
@@ -120,10 +127,12 @@ after in one process):
   (delta_variants_parts_1x32768_h200_2026-12-07-s13).
 - The backward walk reading scale Q ⊙ e^Γ stored by `_output_grad_kernel`: KDA 13.21 ms
   against 14.31 on an H100 (delta_walk_q_decayed_1x32768_h100_2026-12-07-s11).
-Now, on an H100 (kernels_delta_bw_bytes_h100_2026-12-07-s14): DeltaNet 6.12 / 5.78 / 22.62
-ms at (8,4K) / (1,32K) / (1,128K), Gated DeltaNet 6.26 / 6.33 / 25.05, KDA 11.79 / 12.00 /
-47.64; fla's `chunk_delta_rule` 3.58 / 5.09 / 19.73 on that GPU the same session
-(kernels_delta_vs_fla_h100_2026-12-07-s14), its `chunk_kda` 12.05 at (1,32K).
+Now, on an H100 (kernels_delta_vs_fla_walk_vtile64_8x4096_h100_2026-12-07-s15,
+kernels_delta_vs_fla_profile_1x32768_h100_2026-12-07-s15): DeltaNet 4.90 / 5.62 ms at (8,4K)
+/ (1,32K), Gated DeltaNet 5.13 at (8,4K), KDA 10.66 / 11.92; in the same runs fla's
+`chunk_delta_rule` 3.60 / 4.32 and `chunk_kda` 11.02 at (8,4K). At (1,128K) session 14's
+(kernels_delta_bw_bytes_h100_2026-12-07-s14): DeltaNet 22.62, Gated DeltaNet 25.05, KDA
+47.64 ms, fla's `chunk_delta_rule` 19.73.
 """
 
 from __future__ import annotations
@@ -137,7 +146,7 @@ import triton.language as tl
 from lasp.kernels import compiled
 from lasp.kernels.common import launch
 from lasp.kernels.common.documents import TorchPhases, document_count
-from lasp.kernels.common.launch import chunk_for_head_dims, launch_kw, tile
+from lasp.kernels.common.launch import chunk_for_head_dims, launch_kw, multiprocessors, tile
 from lasp.kernels.common.plan import document_chunk_slots
 from lasp.kernels.common.scan import DECAY_NONE, DECAY_PER_KEY, DECAY_SCALAR
 from lasp.kernels.common.tiles import FACTORED_LOG_DECAY, factored, load_tile, span_range, store_tile
@@ -146,6 +155,9 @@ from lasp.kernels.delta.chunk import check_chunk_size, split, widen
 # The diagonal blocks of the UT transform are inverted exactly, BLOCK×BLOCK each, by forward
 # substitution; the blocks below the diagonal by products. Chunks are whole blocks.
 BLOCK = 16
+
+# The walks' narrowest V-tile: tl.dot's smallest N.
+NARROWEST_V_TILE = 16
 
 # Precision of the products that assemble (I + N)⁻¹ from its diagonal blocks: 3×TF32
 # (about fp32), since every w and u goes through it.
@@ -1008,12 +1020,18 @@ def _decay_of(decay) -> int:
     return DECAY_SCALAR if decay.dim() == 3 else DECAY_PER_KEY
 
 
-def _walk_grid(layout: ChunkLayout, H: int, K: int, V: int, row: str, operands: torch.dtype):
+def _walk_grid(layout: ChunkLayout, H: int, K: int, V: int, row: str, operands: torch.dtype,
+               device: torch.device):
     """Grid and launch keywords of a state walk: one program per (document, head, V-tile);
     each pipeline stage holds a [C, K] tile of W and of k_end in `operands` (`launch_kw`
-    of `row`, or of its `_bf16` row for bf16 operands)."""
+    of `row`, or of its `_bf16` row for bf16 operands). V-tiles: the row's widest (`tile`),
+    halved down to `NARROWEST_V_TILE` while the walk would leave SMs without a program
+    (wide tiles: fewer re-reads of W and k_end; narrow ones: more programs)."""
     row = f"{row}_bf16" if operands == torch.bfloat16 else row
     BV = tile(row, V, K)
+    walks = layout.n_docs * H
+    while BV > NARROWEST_V_TILE and walks * triton.cdiv(V, BV) < multiprocessors(device):
+        BV //= 2
     kw = launch_kw(row, K)
     return (layout.n_docs, H, triton.cdiv(V, BV)), dict(BK=triton.next_power_of_2(K), BV=BV, **kw)
 
@@ -1027,7 +1045,7 @@ def _walk(w, u, k_end, g_end, h0, layout: ChunkLayout):
     states = launch.new_tensor((n_slots, H, K, V), w.dtype, w.device)
     delta = launch.new_tensor((n_slots, H, C, V), torch.float32, w.device)
     final = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, w.device)
-    grid, launch_args = _walk_grid(layout, H, K, V, "delta.state", w.dtype)
+    grid, launch_args = _walk_grid(layout, H, K, V, "delta.state", w.dtype, w.device)
     _state_pass_kernel[grid](
         w, u, k_end, w if g_end is None else g_end, w if h0 is None else h0, layout.doc_chunk0, layout.doc_chunks,
         states, delta, final, H=H, K=K, V=V, C=C, DECAY=_decay_kind(g_end), HAS_INIT=h0 is not None,
@@ -1048,7 +1066,7 @@ def _walk_back(w, k_end, g_end, d_final, V: int, layout: ChunkLayout, outputs_gr
     d_delta_out, q_decayed = (w, w) if outputs_grad is None else outputs_grad
     bounds, T, per_row = layout.slot_args(w)
     row = "delta.state_grad_per_key" if _decay_kind(g_end) == DECAY_PER_KEY else "delta.state_grad"
-    grid, launch_args = _walk_grid(layout, H, K, V, row, w.dtype)
+    grid, launch_args = _walk_grid(layout, H, K, V, row, w.dtype, dev)
     _state_pass_grad_kernel[grid](
         w, k_end, w if g_end is None else g_end, d_delta_out, q_decayed, w if do is None else do,
         w if d_final is None else d_final, layout.doc_chunk0, layout.doc_chunks, bounds, T, per_row,
