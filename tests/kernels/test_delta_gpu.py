@@ -30,6 +30,9 @@ the GPU:
   at most 3.58e-3 (delta_gpu_bw_bytes_h100_2026-12-07-s14.json, 18 cases), Gated DeltaNet
   and KDA <= 2.8e-3. fla, which stores every walk operand in bf16, measures 4.9e-3 on its
   forward alone at 1x32K (ours 2.1e-3; kernels_delta_1x32768_h100_2026-12-06.json).
+  The walks' V-tiles narrow to 16 at these shapes (`_walk_grid`: few documents × heads);
+  "-widest" runs them at their widest (64), as at (8,4K): 18 passed on an H100 with the
+  tier's walks forced 64-wide, at most 3.72e-3 (delta_gpu_walk_vtile64_h100_2026-12-07-s15).
 
 Each case runs twice, and the second run must equal the first bitwise (no kernel
 accumulates atomically: a difference is a race or a miscompile). Each case prints its
@@ -55,17 +58,21 @@ NAMES = ("dq", "dk", "dv", "dbeta", "ddecay", "dh0")
 RESULTS = []
 
 
-@pytest.mark.parametrize("dtype, walk_operands", [
-    (torch.bfloat16, "bfloat16"), (torch.bfloat16, "float32"), (torch.float32, "float32"),
-], ids=["bf16-bf16walks", "bf16-fp32walks", "fp32"])
+@pytest.mark.parametrize("dtype, walk_operands, widest_walks", [
+    (torch.bfloat16, "bfloat16", False), (torch.bfloat16, "bfloat16", True), (torch.bfloat16, "float32", False),
+    (torch.float32, "float32", False),
+], ids=["bf16-bf16walks", "bf16-bf16walks-widest", "bf16-fp32walks", "fp32"])
 @pytest.mark.parametrize("decay", [None, "g", "gk"], ids=["delta", "g", "gk"])
 @pytest.mark.parametrize("B, T, H, K, V, lengths", [
     (1, 4096, 4, 128, 128, [1000, 1, 0, 2047, 1048]),
     (2, 2048, 4, 64, 128, None),
 ], ids=["packed", "rows"])
-def test_triton_matches_fp32_chunk_form(dtype, walk_operands, decay, B, T, H, K, V, lengths):
+def test_triton_matches_fp32_chunk_form(monkeypatch, dtype, walk_operands, widest_walks, decay, B, T, H, K, V,
+                                        lengths):
     from lasp.kernels.delta import triton as dtri
 
+    if widest_walks:        # as with documents × heads enough to fill the GPU (else 16-wide at these shapes)
+        monkeypatch.setattr(dtri, "multiprocessors", lambda device: 1)
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def rand(*shape):
@@ -94,9 +101,11 @@ def test_triton_matches_fp32_chunk_form(dtype, walk_operands, decay, B, T, H, K,
     errors = {"o": rel_err(o, o_ref), "final": rel_err(s, s_ref)}
     errors.update({name: rel_err(a, b) for name, a, b in zip(names, got, want)})
     shown = " ".join(f"{name}={e:.1e}" for name, e in errors.items())
-    print(f"\n{decay or 'delta'} {dtype} {walk_operands} walks {B}x{T} H={H} K={K} V={V}: {shown}")
-    RESULTS.append(dict(decay=decay or "delta", dtype=str(dtype), walk_operands=walk_operands, B=B, T=T, H=H, K=K,
-                        V=V, lengths=lengths, errors=errors, device=torch.cuda.get_device_name()))
+    widest = " (widest)" if widest_walks else ""
+    print(f"\n{decay or 'delta'} {dtype} {walk_operands} walks{widest} {B}x{T} H={H} K={K} V={V}: {shown}")
+    RESULTS.append(dict(decay=decay or "delta", dtype=str(dtype), walk_operands=walk_operands,
+                        widest_walks=widest_walks, B=B, T=T, H=H, K=K, V=V, lengths=lengths, errors=errors,
+                        device=torch.cuda.get_device_name()))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "delta_gpu.json"), "w") as f:
             json.dump(dict(torch=torch.__version__, results=RESULTS), f, indent=1)
