@@ -48,8 +48,9 @@ def chunk_for_head_dims(family: str, K: int, V: int) -> int:
 class Launch:
     """Launch parameters of one kernel: warps, software-pipeline stages and `block`, the
     widest tile along each head dimension the kernel splits across programs (halved when
-    the dimension it keeps whole exceeds 128, to bound registers), or the scan's block of
-    state elements."""
+    the dimension it keeps whole exceeds 128, to bound registers; the delta walks narrow
+    theirs further while they have fewer programs than the GPU has SMs), or the scan's
+    block of state elements."""
 
     num_warps: int
     num_stages: int
@@ -102,7 +103,8 @@ LAUNCH = {
     # DeltaNet 5.20 against 6.26, KDA 10.75 against 11.75
     # (delta_variants_walk_vtiles_8x4096_h100_2026-12-07-s15). At 1×32K (16 walks) 16 swept
     # best (launch_sweep_h100_2026-12-07-s8): Gated DeltaNet's forward walk 0.92 ms against
-    # 1.17 at 32, its backward walk 1.82 against 1.97, KDA's 3.18 against 3.33. The fp32
+    # 1.17 at 32, its backward walk 1.82 against 1.97, KDA's 3.18 against 3.33; DeltaNet
+    # 5.64 ms fwd+bwd against 5.88 at 32 (delta_variants_walk_rounding_*-s15). The fp32
     # rows stay at 16: their backward walk at 32 needs 240 KB of shared memory (227 on an H100).
     "delta.state_bf16": Launch(num_warps=4, num_stages=3, block=64),
     "delta.state_grad_bf16": Launch(num_warps=4, num_stages=2, block=64),
