@@ -125,6 +125,24 @@ def test_bad_input_raises_on_every_rank():
     run_distributed(_bad_input_body, 2)
 
 
+def _oracle_case(decay, delta, B, T, H, K, V, cu, rounding=torch.float64):
+    """One case of the Triton bodies: inputs from a fixed seed, q, k, v and do rounded to
+    `rounding` and held in float64 (as the kernels will see them; the delta rule's keys
+    normalised, as its layers do), and the float64 oracle's output and gradients."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, _, _, _ = random_inputs(B, T, H, K, V, generator=gen)
+    gate = random_decay(decay, B, T, H, K, generator=gen)
+    if delta:
+        k = torch.nn.functional.normalize(k.detach(), dim=-1)
+        gate["beta"] = torch.rand(B, T, H, dtype=torch.float64, generator=gen)
+    do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen).to(rounding).double()
+    q, k, v = (x.detach().to(rounding).double().requires_grad_() for x in (q, k, v))
+    gate = {name: x.detach().requires_grad_() for name, x in gate.items()}
+    inputs = [q, k, v, *gate.values()]
+    o, _ = linear_attention(q, k, v, **gate, cu_seqlens=cu, backend="torch")
+    return gate, inputs, do, [o, *grads([o], inputs, [do])]
+
+
 def _triton_body(rank, W):
     from tests.conftest import install_kernel_test_hooks
     install_kernel_test_hooks()                       # NaN-poisoned outputs, interpreter fix
@@ -133,17 +151,8 @@ def _triton_body(rank, W):
     for decay, delta, packed in ((None, False, False), ("g", False, True), ("gk", False, True), ("g", True, True),
                                  ("gk", True, False)):
         B = 1 if packed else 2
-        gen = torch.Generator().manual_seed(7)
-        q, k, v, _, _, _ = random_inputs(B, T, H, K, V, generator=gen)
-        gate = random_decay(decay, B, T, H, K, generator=gen)
-        if delta:                                   # the layers normalise the delta rule's keys
-            k = torch.nn.functional.normalize(k.detach(), dim=-1).requires_grad_()
-            gate["beta"] = torch.rand(B, T, H, dtype=torch.float64, generator=gen).requires_grad_()
-        do = torch.randn(B, T, H, V, dtype=torch.float64, generator=gen)
         cu = documents(T, L, W) if packed else None
-        inputs = [q, k, v, *gate.values()]
-        o, _ = linear_attention(q, k, v, **gate, cu_seqlens=cu, backend="torch")
-        want = [o, *grads([o], inputs, [do])]
+        gate, inputs, do, want = _oracle_case(decay, delta, B, T, H, K, V, cu)
         for kind in ("contiguous", "zigzag"):
             layout = SequenceLayout(T, W, rank, kind)
             local = [layout.shard(x).detach().float().requires_grad_() for x in inputs]
@@ -168,18 +177,8 @@ def _triton_bf16_body(rank, W):
     install_kernel_test_hooks()
     H, K, V, L = 2, 16, 32, 11
     T = 2 * W * L
-    gen = torch.Generator().manual_seed(7)
-    q, k, v, _, _, _ = random_inputs(1, T, H, K, V, generator=gen)
-    gate = random_decay("g", 1, T, H, K, generator=gen)
-    gate["beta"] = torch.rand(1, T, H, dtype=torch.float64, generator=gen)
-    k = torch.nn.functional.normalize(k.detach(), dim=-1)
-    q, k, v = (x.detach().bfloat16().double().requires_grad_() for x in (q, k, v))   # the inputs as bf16 holds them
-    gate = {name: x.detach().requires_grad_() for name, x in gate.items()}
-    do = torch.randn(1, T, H, V, dtype=torch.float64, generator=gen).bfloat16().double()
     cu = documents(T, L, W)
-    inputs = [q, k, v, *gate.values()]
-    o, _ = linear_attention(q, k, v, **gate, cu_seqlens=cu, backend="torch")
-    want = [o, *grads([o], inputs, [do])]
+    gate, inputs, do, want = _oracle_case("g", True, 1, T, H, K, V, cu, rounding=torch.bfloat16)
     layout = SequenceLayout(T, W, rank, "zigzag")
     local = [layout.shard(x).detach().to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_()
              for i, x in enumerate(inputs)]

@@ -1020,17 +1020,18 @@ def _decay_of(decay) -> int:
     return DECAY_SCALAR if decay.dim() == 3 else DECAY_PER_KEY
 
 
-def _walk_grid(layout: ChunkLayout, H: int, K: int, V: int, row: str, operands: torch.dtype,
-               device: torch.device):
-    """Grid and launch keywords of a state walk: one program per (document, head, V-tile);
-    each pipeline stage holds a [C, K] tile of W and of k_end in `operands` (`launch_kw`
-    of `row`, or of its `_bf16` row for bf16 operands). V-tiles: the row's widest (`tile`),
-    halved down to `NARROWEST_V_TILE` while the walk would leave SMs without a program
-    (wide tiles: fewer re-reads of W and k_end; narrow ones: more programs)."""
-    row = f"{row}_bf16" if operands == torch.bfloat16 else row
+def _walk_grid(w, V: int, row: str, layout: ChunkLayout):
+    """Grid and launch keywords of a state walk over `w` [n_slots, H, C, K]: one program
+    per (document, head, V-tile); each pipeline stage holds a [C, K] tile of W and of k_end
+    in w's dtype (`launch_kw` of `row`, or of its `_bf16` row for bf16 operands). V-tiles:
+    the row's widest (`tile`), halved down to `NARROWEST_V_TILE` while the walk would leave
+    SMs without a program (wide tiles: fewer re-reads of W and k_end; narrow ones: more
+    programs)."""
+    H, K = w.shape[1], w.shape[3]
+    row = f"{row}_bf16" if w.dtype == torch.bfloat16 else row
     BV = tile(row, V, K)
     walks = layout.n_docs * H
-    while BV > NARROWEST_V_TILE and walks * triton.cdiv(V, BV) < multiprocessors(device):
+    while BV > NARROWEST_V_TILE and walks * triton.cdiv(V, BV) < multiprocessors(w.device):
         BV //= 2
     kw = launch_kw(row, K)
     return (layout.n_docs, H, triton.cdiv(V, BV)), dict(BK=triton.next_power_of_2(K), BV=BV, **kw)
@@ -1045,7 +1046,7 @@ def _walk(w, u, k_end, g_end, h0, layout: ChunkLayout):
     states = launch.new_tensor((n_slots, H, K, V), w.dtype, w.device)
     delta = launch.new_tensor((n_slots, H, C, V), torch.float32, w.device)
     final = launch.new_tensor((layout.n_docs, H, K, V), torch.float32, w.device)
-    grid, launch_args = _walk_grid(layout, H, K, V, "delta.state", w.dtype, w.device)
+    grid, launch_args = _walk_grid(w, V, "delta.state", layout)
     _state_pass_kernel[grid](
         w, u, k_end, w if g_end is None else g_end, w if h0 is None else h0, layout.doc_chunk0, layout.doc_chunks,
         states, delta, final, H=H, K=K, V=V, C=C, DECAY=_decay_kind(g_end), HAS_INIT=h0 is not None,
@@ -1066,7 +1067,7 @@ def _walk_back(w, k_end, g_end, d_final, V: int, layout: ChunkLayout, outputs_gr
     d_delta_out, q_decayed = (w, w) if outputs_grad is None else outputs_grad
     bounds, T, per_row = layout.slot_args(w)
     row = "delta.state_grad_per_key" if _decay_kind(g_end) == DECAY_PER_KEY else "delta.state_grad"
-    grid, launch_args = _walk_grid(layout, H, K, V, row, w.dtype, dev)
+    grid, launch_args = _walk_grid(w, V, row, layout)
     _state_pass_grad_kernel[grid](
         w, k_end, w if g_end is None else g_end, d_delta_out, q_decayed, w if do is None else do,
         w if d_final is None else d_final, layout.doc_chunk0, layout.doc_chunks, bounds, T, per_row,
