@@ -109,6 +109,13 @@ after in one process):
   program, halved down to 16 otherwise (`_walk_grid`; every program re-reads its chunks' W
   and k_end): at (8,4K) on an H100 DeltaNet 4.93 ms against 6.21 with 16, Gated DeltaNet
   5.20 against 6.26, KDA 10.75 against 11.75 (delta_variants_walk_vtiles_8x4096_h100_2026-12-07-s15).
+- The walks' register operands loaded a chunk ahead (u and γ forward, the outputs' dδ and
+  γ backward) and the outputs' dδ added after the backward walk's k_end dS' rather than
+  starting its accumulator: on an H100 at (1,32K) DeltaNet 5.38 ms against 5.64, Gated
+  DeltaNet 5.67 against 6.31, KDA 11.24 against 11.91 (backward walk 1.01 / 0.99 / 1.00 ms
+  against 1.36 / 1.48 / 1.57), at (8,4K) 4.74 / 5.07 / 10.56 against 4.88 / 5.15 / 10.69,
+  errors unchanged (delta_variants_walks_ahead_*_h100_2026-12-07-s16; ncu had the backward
+  walk stalled on loads into registers half its cycles).
 - Not taken: the backward walk's dδ = k_end dS' as one product of dS' as stored, DeltaNet
   5.51 ms against 5.64 but a worst error of 3.95e-3
   (delta_variants_bwd_round_1x32768_h100_2026-12-07-s15).
@@ -249,12 +256,33 @@ def _state_tile(ptr, base, offs_k, offs_v, K: tl.constexpr, V: tl.constexpr):
 
 
 @triton.jit
-def _decay_state(state, g_end, base, offs_k, K: tl.constexpr, DECAY: tl.constexpr):
-    """e^γ ⊙ state for chunk `base` (γ: [n, H, 1] scalar or [n, H, K] per key)."""
+def _ahead_rows(ptr, base, offs_c, offs_d, valid, D: tl.constexpr, C: tl.constexpr):
+    """`_chunk_rows`, zeros unless `valid`: a walk's load one chunk ahead, issued a chunk
+    before its products need it (none past the walk's last chunk)."""
+    return tl.load(ptr + (base * C + offs_c[:, None]) * D + offs_d[None, :],
+                   mask=(offs_d < tl.where(valid, D, 0))[None, :], other=0.0)
+
+
+@triton.jit
+def _chunk_log_decay(g_end, base, offs_k, valid, K: tl.constexpr, DECAY: tl.constexpr):
+    """γ of chunk `base` (g_end: [n, H, 1] scalar or [n, H, K] per key), 0 unless `valid`
+    (none read without a decay)."""
+    if DECAY == 2:
+        gam = tl.load(g_end + base * K + offs_k, mask=offs_k < tl.where(valid, K, 0), other=0.0)
+    elif DECAY == 1:
+        gam = tl.load(g_end + base, mask=valid, other=0.0)
+    else:
+        gam = 0.0
+    return gam
+
+
+@triton.jit
+def _decay_state(state, gam, DECAY: tl.constexpr):
+    """e^γ ⊙ state (γ from `_chunk_log_decay`; none without a decay)."""
     if DECAY == 1:
-        state = state * tl.exp(tl.load(g_end + base))
+        state = state * tl.exp(gam)
     elif DECAY == 2:
-        state = state * tl.exp(tl.load(g_end + base * K + offs_k, mask=offs_k < K, other=0.0))[:, None]
+        state = state * tl.exp(gam)[:, None]
     return state
 
 
@@ -669,17 +697,22 @@ def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, d
     (fp32)."""
     doc, h, offs_k, offs_v, state, first, count = _walk_start(h0, doc_chunk0, doc_chunks, H, K, V, BK, BV, HAS_INIT)
     offs_c = tl.arange(0, C)
+    # u and γ are loaded a chunk ahead (their loads off the chain of products)
+    next_u = _ahead_rows(u, first * H + h, offs_c, offs_v, count > 0, V, C)
+    next_gam = _chunk_log_decay(g_end, first * H + h, offs_k, count > 0, K, DECAY)
     for i in range(count):
         base = (first + i) * H + h
         ptrs, mask = _state_tile(states, base, offs_k, offs_v, K, V)
         tl.store(ptrs, state, mask=mask)
         b_w = _chunk_rows(w, base, offs_c, offs_k, K, C)
-        b_u = _chunk_rows(u, base, offs_c, offs_v, V, C).to(tl.float32)
+        b_u, gam = next_u.to(tl.float32), next_gam
+        next_u = _ahead_rows(u, base + H, offs_c, offs_v, i + 1 < count, V, C)
+        next_gam = _chunk_log_decay(g_end, base + H, offs_k, i + 1 < count, K, DECAY)
         # S as stored (the walk operands' dtype, the S the outputs read): one product
         b_delta = b_u - tl.dot(b_w, state.to(b_w.dtype))
         tl.store(delta + (base * C + offs_c[:, None]) * V + offs_v[None, :], b_delta, mask=(offs_v < V)[None, :])
         b_k = _chunk_rows(k_end, base, offs_c, offs_k, K, C)
-        state = _decay_state(state, g_end, base, offs_k, K, DECAY)
+        state = _decay_state(state, gam, DECAY)
         state = _walk_dot(tl.trans(b_k), b_delta, state)
     ptrs, mask = _state_tile(final, doc, offs_k, offs_v, K, V)
     tl.store(ptrs, state, mask=mask)
@@ -774,6 +807,11 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_delta_out, q_decayed, do, d_final
     doc, h, offs_k, offs_v, d_state, first, count = _walk_start(d_final, doc_chunk0, doc_chunks, H, K, V, BK, BV,
                                                                 HAS_D_FINAL)
     offs_c = tl.arange(0, C)
+    # the outputs' dδ and γ are loaded a chunk ahead (their loads off the chain of products)
+    last = (first + count - 1) * H + h
+    if OUTPUT_GRAD:
+        next_dd = _ahead_rows(d_delta_out, last, offs_c, offs_v, count > 0, V, C)
+    next_gam = _chunk_log_decay(g_end, last, offs_k, count > 0, K, DECAY)
     for j in range(count):
         slot = first + count - 1 - j
         base = slot * H + h
@@ -781,14 +819,17 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_delta_out, q_decayed, do, d_final
         tl.store(ptrs, d_state, mask=mask)
         b_k = _chunk_rows(k_end, base, offs_c, offs_k, K, C)
         delta_ptrs = (base * C + offs_c[:, None]) * V + offs_v[None, :]
+        # the outputs' dδ added after the product, not as its accumulator: the product
+        # does not wait for the load
+        b_dd = _walk_dot(b_k, d_state, tl.zeros([C, BV], dtype=tl.float32))
         if OUTPUT_GRAD:
-            b_dd = tl.load(d_delta_out + delta_ptrs, mask=(offs_v < V)[None, :], other=0.0)
-        else:
-            b_dd = tl.zeros([C, BV], dtype=tl.float32)
-        b_dd = _walk_dot(b_k, d_state, b_dd)
+            b_dd += next_dd
+            next_dd = _ahead_rows(d_delta_out, base - H, offs_c, offs_v, j + 1 < count, V, C)
+        gam = next_gam
+        next_gam = _chunk_log_decay(g_end, base - H, offs_k, j + 1 < count, K, DECAY)
         tl.store(d_delta + delta_ptrs, b_dd, mask=(offs_v < V)[None, :])
         b_w = _chunk_rows(w, base, offs_c, offs_k, K, C)
-        d_state = _decay_state(d_state, g_end, base, offs_k, K, DECAY)
+        d_state = _decay_state(d_state, gam, DECAY)
         if OUTPUT_GRAD:
             _, _, offs_t, mask_t = _slot_tokens(slot_bounds, slot, T, PER_ROW, C, VARLEN)
             b_qg = _chunk_rows(q_decayed, base, offs_c, offs_k, K, C)
