@@ -1,7 +1,7 @@
 """Variants of the delta rule's Triton module timed against each other in one process.
 
     python benchmarks/delta_variants.py NAME=PATH[@ROW=warps,stages,block;...] ... \
-        [--decays delta,g+beta,gk+beta] [--B 1] [--T 32768]
+        [--decays delta,g+beta,gk+beta] [--B 1] [--T 32768] [--keys random|collinear]
 
 Each PATH is a copy of `lasp/kernels/delta/triton.py` with a change to try (e.g. the
 committed file from `git show REV:lasp/kernels/delta/triton.py` beside the working tree's);
@@ -11,9 +11,11 @@ fewer than the GPU's SMs). A variant runs as the module `lasp.kernels.delta.trit
 (`lasp.kernels.compiled` imports its launches from there on every call), so that before and
 after share one GPU, one process and the same inputs. Per decay and variant, on
 (B, T, 16, 128) bf16 inputs (`kernel_speed.delta_inputs`): the relative error of o and of
-every gradient against lasp's fp32 torch chunk form on the first two heads, whether a second
+every gradient against lasp's torch chunk form in float64 on the first two heads, whether a second
 run is bitwise the first (no kernel accumulates atomically: "NO" is a race or a miscompile),
-the fwd+bwd median ms and the CUDA µs per kernel. Prints a table last; JSON to
+the fwd+bwd median ms and the CUDA µs per kernel. `--keys collinear` draws each chunk's keys
+near one direction and β near 1, the UT transform's worst-conditioned inverse
+(`collinear_keys`), to compare the variants' errors there. Prints a table last; JSON to
 $OUT/delta_variants.json (or benchmarks/results/). Session 11 used it for the UT transform
 and the backward walk (`benchmarks/results/delta_wy_variants_*`, `delta_walk_q_decayed_*`),
 session 12 for the chunk states' dtype (`delta_states_bf16_*`).
@@ -29,7 +31,9 @@ import sys
 
 import torch
 
-from kernel_speed import D, delta_gate, delta_inputs, kernel_times, time_and_peak
+import torch.nn.functional as F
+
+from kernel_speed import D, _random, delta_gate, delta_inputs, kernel_times, time_and_peak
 from lasp.kernels.common import launch
 from lasp.kernels.common.launch import Launch
 from lasp.kernels.delta import chunk_linear_attention as delta_chunk
@@ -55,11 +59,22 @@ def load_variant(spec: str):
     return name, module, overrides
 
 
+def collinear_keys(k, beta, chunk=64):
+    """Keys of each `chunk` tokens spread 0.1 around one random direction (L2-normalised, as
+    k), and β = σ(x + 4) ≈ 0.98: I + N of the UT transform then has entries near β
+    everywhere below the diagonal, its worst conditioning for these shapes."""
+    rand = _random(1, k.device)
+    B, T, H, K = k.shape
+    direction = rand(B, T // chunk, 1, H, K).expand(-1, -1, chunk, -1, -1).reshape(B, T, H, K)
+    keys = F.normalize(direction + 0.1 * rand(B, T, H, K), dim=-1)
+    return keys.to(k.dtype).requires_grad_(), torch.sigmoid(rand(B, T, H) + 4).requires_grad_()
+
+
 def oracle(leaves, gate, do):
-    """o and every gradient of lasp's fp32 torch chunk form on the first two heads."""
-    ref = [x[:, :, :2].detach().float().requires_grad_() for x in leaves]
+    """o and every gradient of lasp's torch chunk form in float64 on the first two heads."""
+    ref = [x[:, :, :2].detach().double().requires_grad_() for x in leaves]
     o = delta_chunk(ref[0], ref[1], ref[2], None if gate is None else ref[4], ref[3], scale=D ** -0.5)[0]
-    return o.detach(), torch.autograd.grad(o, ref, do[:, :, :2].float())
+    return o.detach(), torch.autograd.grad(o, ref, do[:, :, :2].double())
 
 
 def run_variant(module, leaves, gate, do, want_o, want_grads):
@@ -78,9 +93,9 @@ def run_variant(module, leaves, gate, do, want_o, want_grads):
         torch.autograd.grad(forward(), leaves, do)
     first, again = outputs(), outputs()
     o, got = first[0], first[1:]
-    errors = {"o": ((o[:, :, :2].float() - want_o).norm() / want_o.norm()).item()}
+    errors = {"o": ((o[:, :, :2].double() - want_o).norm() / want_o.norm()).item()}
     for name, mine, ref in zip(GRADS, got, want_grads):
-        errors[name] = ((mine[:, :, :2].float() - ref).norm() / ref.norm()).item()
+        errors[name] = ((mine[:, :, :2].double() - ref).norm() / ref.norm()).item()
     repeatable = all(torch.equal(a, b) for a, b in zip(first, again))
     ms, _ = time_and_peak(step, warmup=10, rep=50)
     return errors, repeatable, ms, kernel_times(step)
@@ -92,13 +107,17 @@ def main():
     parser.add_argument("--decays", default="delta,g+beta,gk+beta")
     parser.add_argument("--B", type=int, default=1)
     parser.add_argument("--T", type=int, default=32768)
+    parser.add_argument("--keys", choices=("random", "collinear"), default="random")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
     variants = [load_variant(spec) for spec in args.variants]
     (q, k, v, beta, g, gk), do = delta_inputs(args.B, args.T)
+    if args.keys == "collinear":
+        k, beta = collinear_keys(k, beta)
     defaults, original = dict(launch.LAUNCH), sys.modules.get(MODULE)
     results = []
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, B=args.B, T=args.T, results=results)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, B=args.B, T=args.T, keys=args.keys,
+                results=results)
     try:
         for decay in args.decays.split(","):
             gate = delta_gate(decay, g, gk)
@@ -120,7 +139,7 @@ def main():
         launch.LAUNCH.clear()
         launch.LAUNCH.update(defaults)
         sys.modules[MODULE] = original
-    print(f"\n{meta['device']}, B = {args.B}, T = {args.T}")
+    print(f"\n{meta['device']}, B = {args.B}, T = {args.T}, {args.keys} keys")
     print(f"{'variant':28s} {'decay':8s} {'ms':>8s} {'max err':>9s} {'repeats':>7s} {'UT us':>7s} "
           f"{'walk-back us':>12s}")
     for r in results:

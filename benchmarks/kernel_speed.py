@@ -86,10 +86,10 @@ def methods():
     return rows
 
 
-def _random(seed=0):
-    """rand(*shape): fp32 normal CUDA tensors from one seeded generator."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    return lambda *shape: torch.randn(*shape, device="cuda", generator=gen)
+def _random(seed=0, device="cuda"):
+    """rand(*shape): fp32 normal tensors (CUDA unless told) from one seeded generator."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return lambda *shape: torch.randn(*shape, device=device, generator=gen)
 
 
 def span_inputs(B, T):

@@ -16,3 +16,21 @@ def test_variant_loads_as_its_own_module_with_its_launch_rows(monkeypatch):
     assert overrides == {"delta.wy": Launch(8, 1, 64), "delta.state": Launch(4, 2, 32)}
     with pytest.raises(ValueError, match="no LAUNCH row 'delta.chunk'"):
         load_variant(f"copy={delta_triton.__file__}@delta.chunk=8,1,16")
+
+
+def test_collinear_keys_crowd_each_chunk_around_one_direction(monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    monkeypatch.syspath_prepend("benchmarks")
+    from benchmarks.delta_variants import collinear_keys
+    k = F.normalize(torch.randn(2, 256, 3, 64), dim=-1).bfloat16()
+    keys, beta = collinear_keys(k, torch.rand(2, 256, 3))
+    assert keys.dtype == k.dtype and keys.shape == k.shape and keys.requires_grad and beta.requires_grad
+    unit = keys.detach().float()
+    torch.testing.assert_close(unit.norm(dim=-1), torch.ones(2, 256, 3), atol=1e-2, rtol=0)
+    chunks = unit.view(2, 4, 64, 3, 64)
+    within = torch.einsum("bcthk,bcshk->bchts", chunks, chunks)
+    across = torch.einsum("bthk,bshk->bhts", chunks[:, 0], chunks[:, 1])
+    assert within.min() > 0.9 and across.abs().mean() < 0.3
+    assert beta.detach().median() > 0.95

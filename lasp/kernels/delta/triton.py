@@ -135,11 +135,11 @@ after in one process):
 - The backward walk reading scale Q ⊙ e^Γ stored by `_output_grad_kernel`: KDA 13.21 ms
   against 14.31 on an H100 (delta_walk_q_decayed_1x32768_h100_2026-12-07-s11).
 Now, on an H100, in one run with fla's kernels
-(kernels_delta_vs_fla_walks_ahead_h100_2026-12-07-s16): DeltaNet 4.80 / 5.34 / 21.3 ms at (8,4K) / (1,32K) / (1,128K), Gated DeltaNet 5.12 / 5.70 /
-22.9, KDA 10.7 / 11.2 / 44.2; fla's `chunk_delta_rule` 3.56 / 5.12 / 19.7 and `chunk_kda`
-10.7 / 13.4 / 52.7. The UT transform's 1.01 ms at (1,32K) holds its diagonal blocks'
-substitution (0.26 ms) and product levels (0.32 ms; timing-only ablations,
-delta_variants_ut_ablations_1x32768_h100_2026-12-07-s16).
+(kernels_delta_vs_fla_walks_ahead_h100_2026-12-07-s16): DeltaNet 4.80 / 5.34 / 21.3 ms at
+(8,4K) / (1,32K) / (1,128K), Gated DeltaNet 5.12 / 5.70 / 22.9, KDA 10.7 / 11.2 / 44.2;
+fla's `chunk_delta_rule` 3.56 / 5.12 / 19.7 and `chunk_kda` 10.7 / 13.4 / 52.7. The UT
+transform's 1.01 ms at (1,32K) holds its diagonal blocks' substitution (0.26 ms) and product
+levels (0.32 ms; timing-only ablations, delta_variants_ut_ablations_1x32768_h100_2026-12-07-s16).
 """
 
 from __future__ import annotations
