@@ -11,10 +11,10 @@ fewer than the GPU's SMs). A variant runs as the module `lasp.kernels.delta.trit
 (`lasp.kernels.compiled` imports its launches from there on every call), so that before and
 after share one GPU, one process and the same inputs. Per decay and variant, on
 (B, T, 16, 128) bf16 inputs (`kernel_speed.delta_inputs`): the relative error of o and of
-every gradient against lasp's torch chunk form in float64 on the first two heads, whether a second
-run is bitwise the first (no kernel accumulates atomically: "NO" is a race or a miscompile),
-the fwd+bwd median ms and the CUDA µs per kernel. `--keys collinear` draws each chunk's keys
-near one direction and β near 1, the UT transform's worst-conditioned inverse
+every gradient against lasp's torch chunk form in float64 on the first two heads, whether a
+second run is bitwise the first (no kernel accumulates atomically: "NO" is a race or a
+miscompile), the fwd+bwd median ms and the CUDA µs per kernel. `--keys collinear` draws each
+chunk's keys near one direction and β near 1, the UT transform's worst-conditioned inverse
 (`collinear_keys`), to compare the variants' errors there. Prints a table last; JSON to
 $OUT/delta_variants.json (or benchmarks/results/). Session 11 used it for the UT transform
 and the backward walk (`benchmarks/results/delta_wy_variants_*`, `delta_walk_q_decayed_*`),
@@ -30,7 +30,6 @@ import os
 import sys
 
 import torch
-
 import torch.nn.functional as F
 
 from kernel_speed import D, _random, delta_gate, delta_inputs, kernel_times, time_and_peak
@@ -59,10 +58,10 @@ def load_variant(spec: str):
     return name, module, overrides
 
 
-def collinear_keys(k, beta, chunk=64):
-    """Keys of each `chunk` tokens spread 0.1 around one random direction (L2-normalised, as
-    k), and β = σ(x + 4) ≈ 0.98: I + N of the UT transform then has entries near β
-    everywhere below the diagonal, its worst conditioning for these shapes."""
+def collinear_keys(k, chunk=64):
+    """(keys, β) to replace k's: each `chunk` tokens' keys spread 0.1 around one random
+    direction (L2-normalised, in k's dtype), β = σ(x + 4) ≈ 0.98. I + N of the UT transform
+    then has entries near β everywhere below the diagonal, its worst conditioning."""
     rand = _random(1, k.device)
     B, T, H, K = k.shape
     direction = rand(B, T // chunk, 1, H, K).expand(-1, -1, chunk, -1, -1).reshape(B, T, H, K)
@@ -113,7 +112,7 @@ def main():
     variants = [load_variant(spec) for spec in args.variants]
     (q, k, v, beta, g, gk), do = delta_inputs(args.B, args.T)
     if args.keys == "collinear":
-        k, beta = collinear_keys(k, beta)
+        k, beta = collinear_keys(k)
     defaults, original = dict(launch.LAUNCH), sys.modules.get(MODULE)
     results = []
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, B=args.B, T=args.T, keys=args.keys,

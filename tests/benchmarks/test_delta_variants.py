@@ -1,7 +1,9 @@
 """benchmarks/delta_variants.py: a variant file loads as its own module with its launch
-overrides; an unknown launch row is refused."""
+overrides; an unknown launch row is refused; --keys collinear crowds each chunk's keys."""
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from lasp.kernels.common.launch import Launch
 from lasp.kernels.delta import triton as delta_triton
@@ -19,13 +21,10 @@ def test_variant_loads_as_its_own_module_with_its_launch_rows(monkeypatch):
 
 
 def test_collinear_keys_crowd_each_chunk_around_one_direction(monkeypatch):
-    import torch
-    import torch.nn.functional as F
-
     monkeypatch.syspath_prepend("benchmarks")
     from benchmarks.delta_variants import collinear_keys
     k = F.normalize(torch.randn(2, 256, 3, 64), dim=-1).bfloat16()
-    keys, beta = collinear_keys(k, torch.rand(2, 256, 3))
+    keys, beta = collinear_keys(k)
     assert keys.dtype == k.dtype and keys.shape == k.shape and keys.requires_grad and beta.requires_grad
     unit = keys.detach().float()
     torch.testing.assert_close(unit.norm(dim=-1), torch.ones(2, 256, 3), atol=1e-2, rtol=0)
