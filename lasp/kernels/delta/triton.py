@@ -113,9 +113,10 @@ after in one process):
   γ backward) and the outputs' dδ added after the backward walk's k_end dS' rather than
   starting its accumulator: on an H100 at (1,32K) DeltaNet 5.38 ms against 5.64, Gated
   DeltaNet 5.67 against 6.31, KDA 11.24 against 11.91 (backward walk 1.01 / 0.99 / 1.00 ms
-  against 1.36 / 1.48 / 1.57), at (8,4K) 4.74 / 5.07 / 10.56 against 4.88 / 5.15 / 10.69,
-  errors unchanged (delta_variants_walks_ahead_*_h100_2026-12-07-s16; ncu had the backward
-  walk stalled on loads into registers half its cycles).
+  against 1.36 / 1.48 / 1.57; the forward walk 636 / 644 / 647 µs against 553 / 790 / 885:
+  u ahead costs DeltaNet there, γ ahead pays), at (8,4K) 4.74 / 5.07 / 10.56 against 4.88 /
+  5.15 / 10.69, errors unchanged (delta_variants_walks_ahead_*_h100_2026-12-07-s16; ncu had
+  the backward walk stalled on loads into registers half its cycles).
 - Not taken: the backward walk's dδ = k_end dS' as one product of dS' as stored, DeltaNet
   5.51 ms against 5.64 but a worst error of 3.95e-3
   (delta_variants_bwd_round_1x32768_h100_2026-12-07-s15).
