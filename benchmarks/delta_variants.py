@@ -2,6 +2,7 @@
 
     python benchmarks/delta_variants.py NAME=PATH[@ROW=warps,stages,block;...] ... \
         [--decays delta,g+beta,gk+beta] [--B 1] [--T 32768] [--keys random|collinear]
+        [--gates mild|strong]
 
 Each PATH is a copy of `lasp/kernels/delta/triton.py` with a change to try (e.g. the
 committed file from `git show REV:lasp/kernels/delta/triton.py` beside the working tree's);
@@ -15,7 +16,9 @@ every gradient against lasp's torch chunk form in float64 on the first two heads
 second run is bitwise the first (no kernel accumulates atomically: "NO" is a race or a
 miscompile), the fwd+bwd median ms and the CUDA µs per kernel. `--keys collinear` draws each
 chunk's keys near one direction and β near 1, the UT transform's worst-conditioned inverse
-(`collinear_keys`), to compare the variants' errors there. Prints a table last; JSON to
+(`collinear_keys`), to compare the variants' errors there; `--gates strong` draws decays
+strong enough that KDA's chunks leave the factored form (`strong_gates`). Prints a table
+last; JSON to
 $OUT/delta_variants.json (or benchmarks/results/). Session 11 used it for the UT transform
 and the backward walk (`benchmarks/results/delta_wy_variants_*`, `delta_walk_q_decayed_*`),
 session 12 for the chunk states' dtype (`delta_states_bf16_*`).
@@ -69,6 +72,13 @@ def collinear_keys(k, chunk=64):
     return keys.to(k.dtype).requires_grad_(), torch.sigmoid(rand(B, T, H) + 4).requires_grad_()
 
 
+def strong_gates(g, gk):
+    """(g, gk) to replace the benchmark's mild decays: log σ(x − 2) ≈ −2.1 a token, so a
+    64-token chunk's per-key Γ falls far below −FACTORED_LOG_DECAY (KDA's exact branch)."""
+    rand = _random(2, g.device)
+    return (F.logsigmoid(rand(*g.shape) - 2).requires_grad_(), F.logsigmoid(rand(*gk.shape) - 2).requires_grad_())
+
+
 def oracle(leaves, gate, do):
     """o and every gradient of lasp's torch chunk form in float64 on the first two heads."""
     ref = [x[:, :, :2].detach().double().requires_grad_() for x in leaves]
@@ -107,16 +117,19 @@ def main():
     parser.add_argument("--B", type=int, default=1)
     parser.add_argument("--T", type=int, default=32768)
     parser.add_argument("--keys", choices=("random", "collinear"), default="random")
+    parser.add_argument("--gates", choices=("mild", "strong"), default="mild")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
     variants = [load_variant(spec) for spec in args.variants]
     (q, k, v, beta, g, gk), do = delta_inputs(args.B, args.T)
     if args.keys == "collinear":
         k, beta = collinear_keys(k)
+    if args.gates == "strong":
+        g, gk = strong_gates(g, gk)
     defaults, original = dict(launch.LAUNCH), sys.modules.get(MODULE)
     results = []
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, B=args.B, T=args.T, keys=args.keys,
-                results=results)
+                gates=args.gates, results=results)
     try:
         for decay in args.decays.split(","):
             gate = delta_gate(decay, g, gk)
@@ -138,7 +151,7 @@ def main():
         launch.LAUNCH.clear()
         launch.LAUNCH.update(defaults)
         sys.modules[MODULE] = original
-    print(f"\n{meta['device']}, B = {args.B}, T = {args.T}, {args.keys} keys")
+    print(f"\n{meta['device']}, B = {args.B}, T = {args.T}, {args.keys} keys, {args.gates} gates")
     print(f"{'variant':28s} {'decay':8s} {'ms':>8s} {'max err':>9s} {'repeats':>7s} {'UT us':>7s} "
           f"{'walk-back us':>12s}")
     for r in results:

@@ -1,11 +1,13 @@
 """benchmarks/delta_variants.py: a variant file loads as its own module with its launch
-overrides; an unknown launch row is refused; --keys collinear crowds each chunk's keys."""
+overrides; an unknown launch row is refused; --keys collinear crowds each chunk's keys;
+--gates strong takes KDA's chunks out of the factored form."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lasp.kernels.common.launch import Launch
+from lasp.kernels.common.tiles import FACTORED_LOG_DECAY
 from lasp.kernels.delta import triton as delta_triton
 
 
@@ -33,3 +35,13 @@ def test_collinear_keys_crowd_each_chunk_around_one_direction(monkeypatch):
     across = torch.einsum("bthk,bshk->bhts", chunks[:, 0], chunks[:, 1])
     assert within.min() > 0.9 and across.abs().mean() < 0.3
     assert beta.detach().median() > 0.95
+
+
+def test_strong_gates_leave_the_factored_form(monkeypatch):
+    monkeypatch.syspath_prepend("benchmarks")
+    from benchmarks.delta_variants import strong_gates
+    g, gk = strong_gates(torch.zeros(1, 256, 2), torch.zeros(1, 256, 2, 8))
+    assert g.shape == (1, 256, 2) and gk.shape == (1, 256, 2, 8) and g.requires_grad and gk.requires_grad
+    assert (g < 0).all() and (gk < 0).all()
+    chunk_log_decay = gk.detach().view(1, 4, 64, 2, 8).sum(2)      # every key's Γ at a chunk's end
+    assert (chunk_log_decay < -FACTORED_LOG_DECAY).all()
