@@ -35,7 +35,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from kernel_speed import D, _random, delta_gate, delta_inputs, kernel_times, time_and_peak
+from kernel_speed import D, delta_gate, delta_inputs, kernel_times, seeded_randn, time_and_peak
 from lasp.kernels.common import launch
 from lasp.kernels.common.launch import Launch
 from lasp.kernels.delta import chunk_linear_attention as delta_chunk
@@ -65,7 +65,7 @@ def collinear_keys(k, chunk=64):
     """(keys, β) to replace k's: each `chunk` tokens' keys spread 0.1 around one random
     direction (L2-normalised, in k's dtype), β = σ(x + 4) ≈ 0.98. I + N of the UT transform
     then has entries near β everywhere below the diagonal, its worst conditioning."""
-    rand = _random(1, k.device)
+    rand = seeded_randn(1, k.device)
     B, T, H, K = k.shape
     direction = rand(B, T // chunk, 1, H, K).expand(-1, -1, chunk, -1, -1).reshape(B, T, H, K)
     keys = F.normalize(direction + 0.1 * rand(B, T, H, K), dim=-1)
@@ -75,7 +75,7 @@ def collinear_keys(k, chunk=64):
 def strong_gates(g, gk):
     """(g, gk) to replace the benchmark's mild decays: log σ(x − 2) ≈ −2.1 a token, so a
     64-token chunk's per-key Γ falls far below −FACTORED_LOG_DECAY (KDA's exact branch)."""
-    rand = _random(2, g.device)
+    rand = seeded_randn(2, g.device)
     return (F.logsigmoid(rand(*g.shape) - 2).requires_grad_(), F.logsigmoid(rand(*gk.shape) - 2).requires_grad_())
 
 

@@ -86,7 +86,7 @@ def methods():
     return rows
 
 
-def _random(seed=0, device="cuda"):
+def seeded_randn(seed=0, device="cuda"):
     """rand(*shape): fp32 normal tensors (CUDA unless told) from one seeded generator."""
     gen = torch.Generator(device=device).manual_seed(seed)
     return lambda *shape: torch.randn(*shape, device=device, generator=gen)
@@ -95,7 +95,7 @@ def _random(seed=0, device="cuda"):
 def span_inputs(B, T):
     """(q, k, v, g, g_gamma, gk) bf16 q/k/v and fp32 decays, leaves that require grad
     (g_gamma a fixed per-head decay), and an output gradient do."""
-    rand = _random()
+    rand = seeded_randn()
     q, k, v = (rand(B, T, H, D).bfloat16().requires_grad_() for _ in range(3))
     g = F.logsigmoid(rand(B, T, H) + 4).requires_grad_()
     gk = F.logsigmoid(rand(B, T, H, D) + 4).requires_grad_()
@@ -106,7 +106,7 @@ def span_inputs(B, T):
 def delta_inputs(B, T):
     """(q, k, v, beta, g, gk) for the delta rule (keys L2-normalised, beta in (0, 1)),
     leaves that require grad, and an output gradient do."""
-    rand = _random()
+    rand = seeded_randn()
     q, v = (rand(B, T, H, D).bfloat16().requires_grad_() for _ in range(2))
     k = F.normalize(rand(B, T, H, D), dim=-1).bfloat16().requires_grad_()
     beta = torch.sigmoid(rand(B, T, H)).requires_grad_()

@@ -107,8 +107,7 @@ after in one process):
   (delta_variants_walk_rounding_1x32768_h100_2026-12-07-s15).
 - The walks' V-tiles: 64 wide where documents × heads × V-tiles still give every SM a
   program, halved down to 16 otherwise (`_walk_grid`; every program re-reads its chunks' W
-  and k_end): at (8,4K) on an H100 DeltaNet 4.93 ms against 6.21 with 16, Gated DeltaNet
-  5.20 against 6.26, KDA 10.75 against 11.75 (delta_variants_walk_vtiles_8x4096_h100_2026-12-07-s15).
+  and k_end); the measurements are beside the walks' rows in `launch.LAUNCH`.
 - The walks' register operands loaded a chunk ahead (u and γ forward, the outputs' dδ and
   γ backward) and the outputs' dδ added after the backward walk's k_end dS' rather than
   starting its accumulator: on an H100 at (1,32K) DeltaNet 5.38 ms against 5.64, Gated
@@ -245,23 +244,17 @@ def chunk_layout(B: int, T: int, cu_seqlens, chunk: int, device) -> ChunkLayout:
 
 
 @triton.jit
-def _chunk_rows(ptr, base, offs_c, offs_d, D: tl.constexpr, C: tl.constexpr):
-    """[C, BD] tile of chunk slot `base` (= slot·H + h) of a [n_slots, H, C, D] tensor."""
-    return tl.load(ptr + (base * C + offs_c[:, None]) * D + offs_d[None, :], mask=(offs_d < D)[None, :], other=0.0)
+def _chunk_rows(ptr, base, offs_c, offs_d, D: tl.constexpr, C: tl.constexpr, valid=True):
+    """[C, BD] tile of chunk slot `base` (= slot·H + h) of a [n_slots, H, C, D] tensor; zeros
+    unless `valid` (a walk's load one chunk ahead: none past its last chunk)."""
+    return tl.load(ptr + (base * C + offs_c[:, None]) * D + offs_d[None, :],
+                   mask=(offs_d < tl.where(valid, D, 0))[None, :], other=0.0)
 
 
 @triton.jit
 def _state_tile(ptr, base, offs_k, offs_v, K: tl.constexpr, V: tl.constexpr):
     """Pointers and mask of a [BK, BV] tile of state `base` (= index·H + h) of [*, H, K, V]."""
     return ptr + (base * K + offs_k[:, None]) * V + offs_v[None, :], (offs_k < K)[:, None] & (offs_v < V)[None, :]
-
-
-@triton.jit
-def _ahead_rows(ptr, base, offs_c, offs_d, valid, D: tl.constexpr, C: tl.constexpr):
-    """`_chunk_rows`, zeros unless `valid`: a walk's load one chunk ahead, issued a chunk
-    before its products need it (none past the walk's last chunk)."""
-    return tl.load(ptr + (base * C + offs_c[:, None]) * D + offs_d[None, :],
-                   mask=(offs_d < tl.where(valid, D, 0))[None, :], other=0.0)
 
 
 @triton.jit
@@ -699,7 +692,7 @@ def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, d
     doc, h, offs_k, offs_v, state, first, count = _walk_start(h0, doc_chunk0, doc_chunks, H, K, V, BK, BV, HAS_INIT)
     offs_c = tl.arange(0, C)
     # u and γ are loaded a chunk ahead (their loads off the chain of products)
-    next_u = _ahead_rows(u, first * H + h, offs_c, offs_v, count > 0, V, C)
+    next_u = _chunk_rows(u, first * H + h, offs_c, offs_v, V, C, count > 0)
     next_gam = _chunk_log_decay(g_end, first * H + h, offs_k, count > 0, K, DECAY)
     for i in range(count):
         base = (first + i) * H + h
@@ -707,7 +700,7 @@ def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, d
         tl.store(ptrs, state, mask=mask)
         b_w = _chunk_rows(w, base, offs_c, offs_k, K, C)
         b_u, gam = next_u.to(tl.float32), next_gam
-        next_u = _ahead_rows(u, base + H, offs_c, offs_v, i + 1 < count, V, C)
+        next_u = _chunk_rows(u, base + H, offs_c, offs_v, V, C, i + 1 < count)
         next_gam = _chunk_log_decay(g_end, base + H, offs_k, i + 1 < count, K, DECAY)
         # S as stored (the walk operands' dtype, the S the outputs read): one product
         b_delta = b_u - tl.dot(b_w, state.to(b_w.dtype))
@@ -811,7 +804,7 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_delta_out, q_decayed, do, d_final
     # the outputs' dδ and γ are loaded a chunk ahead (their loads off the chain of products)
     last = (first + count - 1) * H + h
     if OUTPUT_GRAD:
-        next_dd = _ahead_rows(d_delta_out, last, offs_c, offs_v, count > 0, V, C)
+        next_dd = _chunk_rows(d_delta_out, last, offs_c, offs_v, V, C, count > 0)
     next_gam = _chunk_log_decay(g_end, last, offs_k, count > 0, K, DECAY)
     for j in range(count):
         slot = first + count - 1 - j
@@ -825,7 +818,7 @@ def _state_pass_grad_kernel(w, k_end, g_end, d_delta_out, q_decayed, do, d_final
         b_dd = _walk_dot(b_k, d_state, tl.zeros([C, BV], dtype=tl.float32))
         if OUTPUT_GRAD:
             b_dd += next_dd
-            next_dd = _ahead_rows(d_delta_out, base - H, offs_c, offs_v, j + 1 < count, V, C)
+            next_dd = _chunk_rows(d_delta_out, base - H, offs_c, offs_v, V, C, j + 1 < count)
         gam = next_gam
         next_gam = _chunk_log_decay(g_end, base - H, offs_k, j + 1 < count, K, DECAY)
         tl.store(d_delta + delta_ptrs, b_dd, mask=(offs_v < V)[None, :])
@@ -1072,8 +1065,8 @@ def _walk_grid(w, V: int, row: str, layout: ChunkLayout):
     H, K = w.shape[1], w.shape[3]
     row = f"{row}_bf16" if w.dtype == torch.bfloat16 else row
     BV = tile(row, V, K)
-    walks = layout.n_docs * H
-    while BV > NARROWEST_V_TILE and walks * triton.cdiv(V, BV) < multiprocessors(w.device):
+    walks, sms = layout.n_docs * H, multiprocessors(w.device)
+    while BV > NARROWEST_V_TILE and walks * triton.cdiv(V, BV) < sms:
         BV //= 2
     kw = launch_kw(row, K)
     return (layout.n_docs, H, triton.cdiv(V, BV)), dict(BK=triton.next_power_of_2(K), BV=BV, **kw)
