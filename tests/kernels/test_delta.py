@@ -261,8 +261,9 @@ def test_triton_bf16_walk_operands(monkeypatch, decay, walk_operands):
     """bf16 inputs, both walk-operand modes (`dtri.WALK_OPERANDS`), packed documents, h0,
     two V-tiles, against the float64 chunk form on the same (rounded) inputs: every result
     within bf16 rounding, and the walks' stored operands (w, k_end, scale Q ⊙ e^Γ), the
-    chunks' incoming states S and the backward walk's dδ and dS' in the mode's dtype while
-    the forward walk's δ, R, u, the outputs' dδ and the final state stay fp32. fp32 walks
+    chunks' incoming states S, the backward walk's dδ and dS' and the chunk backward's dw in
+    the mode's dtype while the forward walk's δ, R, u, the outputs' dδ, the partial dk and
+    the final state stay fp32. fp32 walks
     leave the fp32 results (final, dbeta, ddecay, dh0) at fp32 accuracy. The interpreter
     computes bf16 as a GPU does (`bf16_interpreter`). An unknown mode: ValueError."""
     for row in ("delta.state_bf16", "delta.state_grad_bf16", "delta.state_grad_per_key_bf16", "delta.state",
@@ -299,12 +300,13 @@ def test_triton_bf16_walk_operands(monkeypatch, decay, walk_operands):
     n_slots = dtri.chunk_layout(1, sum(lengths), cu, C, "cpu").n_slots
     narrow = sorted(shape for shape, dtype in allocations if shape[0] == n_slots and dtype == torch.bfloat16)
     wide = sorted(shape for shape, dtype in allocations if shape[0] == n_slots and dtype == torch.float32)
-    # w, k_end, the backward walk's scale Q ⊙ e^Γ; the chunks' incoming states S; dδ, dS'
-    operands = [(n_slots, H, C, K)] * 3 + [(n_slots, H, K, V)] + [(n_slots, H, C, V), (n_slots, H, K, V)]
+    # w, k_end, the backward walk's scale Q ⊙ e^Γ, the chunk backward's dw; the chunks'
+    # incoming states S; dδ, dS'
+    operands = [(n_slots, H, C, K)] * 4 + [(n_slots, H, K, V)] + [(n_slots, H, C, V), (n_slots, H, K, V)]
     fp32_only = [(n_slots, H, C, V)]                                             # the forward walk's δ
     fp32_only += [(n_slots, H, C, C), (n_slots, H, C, V), (n_slots, H, C, V)]   # R, u, the outputs' dδ
-    # the chunk backward's scratch: dw, the partial dk, for g the partial dg of each K-tile (one)
-    fp32_only += [(n_slots, H, C, K)] * 2 + ([(n_slots, H, 1, C)] if decay == "g" else [])
+    # the chunk backward's scratch: the partial dk, for g the partial dg of each K-tile (one)
+    fp32_only += [(n_slots, H, C, K)] + ([(n_slots, H, 1, C)] if decay == "g" else [])
     if walk_operands == "bfloat16":
         assert (narrow, wide) == (sorted(operands), sorted(fp32_only + [(n_slots, H, K if decay == "gk" else 1)]))
         # bf16 results' rounding plus w's, k_end's and S's (measured at most 2.3e-3; 2.9e-3

@@ -24,14 +24,16 @@ backward 2.58 / 7.93 and 3.17 / 8.10). Strong decays never form e^{−Γ}: pairs
 halving level of the chunk per tensor-core product (`_halving`, as
 `lasp.kernels.delta.wy._per_key_scores`), so both factors are ≤ 1. The walk's factors
 K ⊙ e^{γ−Γ}, Q ⊙ e^Γ and K ⊙ e^Γ are ≤ 1 too: any decay (gk ~ −30 per token) stays
-finite and exact. The choice is made per program on the device, as the per-key family's
-(`lasp.kernels.diagonal.triton`) per chunk.
+finite and exact. The choice is made per chunk on the device, as the per-key family's
+(`lasp.kernels.diagonal.triton`): each per-chunk kernel is launched twice, once compiled for
+the factored chunks and once for the exact ones (`PER_KEY_BRANCHES`), so that neither holds
+the other's registers.
 
 Launches (one program per chunk slot and head unless said):
 
 forward
   1. `_wy_kernel`: R (the 16×16 diagonal blocks of I + N inverted by forward
-     substitution, exact in fp32; then the blocks below by the product form
+     substitution in fp32, all blocks at once; then the blocks below by the product form
      (I + P)(I + P²)… of P = −D⁻¹ N_below, nilpotent of index C/16), w, u, and the
      walk's k_end = K ⊙ e^{γ−Γ} and γ.
   2. `_state_pass_kernel`, per (document, head, V-tile): δ and every chunk's incoming
@@ -49,8 +51,8 @@ backward
      d initial state.
   3. `_key_grad_kernel`, per (chunk, head, K-tile), V in tiles: from S, dS_next, δ and
      dδ the terms that need all of V for the tile's keys: the outputs' (dq, final) and
-     the walk's (k_end, γ) into a partial dk, and dw = −dδ Sᵀ (fp32 scratch [n_slots, H,
-     C, K] each); the decay's share of dg (into dg per key; for g one row per K-tile).
+     the walk's (k_end, γ) into a partial dk (fp32) and dw = −dδ Sᵀ (in the walk
+     operands' dtype; scratch [n_slots, H, C, K] each); the decay's share of dg (into dg per key; for g one row per K-tile).
   4. `_wy_grad_kernel`, K and V in tiles: the UT transform's terms, which need all of K:
      u = R βV (dv; dR ← dδ (βV)ᵀ), w = R B (dR ← dw Bᵀ over the K-tiles first), then
      R = (I + N)⁻¹ (dN = −Rᵀ dR Rᵀ) per K-tile: dk, dβ, the rest of dg. dg / dgk is the
@@ -80,12 +82,12 @@ stay within 2.8e-3. One code path: the kernels take the loaded tiles' dtype, the
 state and every accumulator stay fp32 in registers. R = (I + N)⁻¹ stays fp32 (every w, u and
 gradient goes through it, dN = −Rᵀ dR Rᵀ through it twice, and at [C, C] a chunk it is no
 big read), as do u and the outputs' dδ (addends, never operands), the final states and the
-chunk backward's scratch (dw, the partial dk, g's partial dg: gradients, as accurate as
-registers would keep them); a product with an fp32 factor computed in registers (R, βV,
+chunk backward's partial dk and g's partial dg (gradients, as accurate as registers would
+keep them); its dw, an operand of wy_grad's products only, takes the walk operands' dtype; a product with an fp32 factor computed in registers (R, βV,
 Q ⊙ e^Γ, the scores A) takes its narrow tile widened (TF32), except the backward walk's
 (Q ⊙ e^Γ)ᵀ do, a walk product as in fla. Without a per-key decay the outputs' Q Kᵀ and Q S
 are products of the stored tiles (exact for bf16, in half the registers), a scalar decay
-applied to them after. The inverse's block products are 3×TF32 (`INVERSE_PRECISION`).
+applied to them after. The inverse's block products are TF32 (`INVERSE_PRECISION`).
 Launch parameters: the `delta.*` rows of `lasp.kernels.common.launch.LAUNCH` (the walks'
 `_bf16` rows for bf16 operands, the chunk backward's `_per_key` rows for gk).
 
@@ -129,9 +131,25 @@ after in one process):
   gave KDA dk 3.00e-3 and 3.25e-3 in two runs of one binary (triton 3.6 on Hopper), so dδ
   is rounded to S's dtype there.
 - The outputs' exact products: DeltaNet 6.20 ms against 6.52 on an H200; the substitution
-  loading N's rows: UT transform 1.00 ms against 1.33 (DeltaNet), but 2.52 against 1.92
-  under KDA's per-key decay, which keeps the register gather
+  loading N's rows: UT transform 1.00 ms against 1.33 (DeltaNet)
   (delta_variants_parts_1x32768_h200_2026-12-07-s13).
+- Session 17, each against session 16's kernels in one process on an H100, fwd+bwd ms at
+  (1,32K) for DeltaNet / Gated DeltaNet / KDA, main 5.39 / 5.65 / 11.14
+  (delta_variants_ut_candidates_*_h100_2026-12-07-s17):
+  - the substitution of every diagonal block at once (15 steps, not C/16 × 15), N's
+    blocks loaded under every decay: 5.34 / 5.67 / 10.75 (UT transform 1.01 / 1.00 / 1.96
+    ms → 0.96 / 0.99 / 1.42; at (8,4K) KDA 10.58 → 10.12);
+  - the inverse's products in TF32 instead of 3×TF32: 5.20 / 5.53 / 10.89, and with the
+    former 5.22 / 5.53 / 10.55 (UT 0.81 / 0.85 / 1.24 ms). Errors against the float64 chunk
+    form: equal with random keys; with each chunk's keys near one direction and β near 1
+    (T = 8192) DeltaNet's worst 1.60e-2 → 1.33e-2, Gated DeltaNet's 8.86e-3 → 9.06e-3,
+    KDA's 9.08e-3 → 9.28e-3;
+  - dw in the walk operands' dtype: 5.12 / 5.48 / 10.92 (worst error 3.78e-3 → 3.86e-3);
+  - the forward walk loading γ ahead but u in its chunk: 5.30 / 5.64 / 11.12;
+  - KDA's two launches per per-chunk kernel: 10.03 against 11.14 (8.66 with only the
+    factored branch compiled, timing only; at (8,4K) 9.51 / 8.04 against 10.56); with
+    decays strong enough that every chunk takes the exact branch, 30.9 against 30.2
+    (delta_variants_kda_two_launch_*_h100_2026-12-07-s17).
 - The backward walk reading scale Q ⊙ e^Γ stored by `_output_grad_kernel`: KDA 13.21 ms
   against 14.31 on an H100 (delta_walk_q_decayed_1x32768_h100_2026-12-07-s11).
 Now, on an H100, in one run with fla's kernels
@@ -166,9 +184,12 @@ BLOCK = 16
 # The walks' narrowest V-tile: tl.dot's smallest N.
 NARROWEST_V_TILE = 16
 
-# Precision of the products that assemble (I + N)⁻¹ from its diagonal blocks: 3×TF32
-# (about fp32), since every w and u goes through it.
-INVERSE_PRECISION = "tf32x3"
+# Precision of the products that assemble (I + N)⁻¹ from its diagonal blocks: TF32. Against
+# 3×TF32 (about fp32) on an H100 the UT transform took 0.82 ms against 1.01 for DeltaNet at
+# 1×32K; the worst errors against the float64 chunk form stayed at 3×TF32's with random keys
+# and within 5% of them with each chunk's keys near one direction, the worst-conditioned
+# inverse (module docstring, "Speed").
+INVERSE_PRECISION = "tf32"
 
 # Element type of the walks' stored operands (w, k_end) for 16-bit inputs: "bfloat16"
 # (fp16 inputs take bf16 too) or "float32"; fp32 inputs always take float32.
@@ -339,10 +360,37 @@ def _pair_decays(gam, offs_c, STRICT: tl.constexpr):
 FACTORED_BOUND = tl.constexpr(FACTORED_LOG_DECAY)
 
 
+# A per-key decay launches each per-chunk kernel twice, `BRANCH` 1 taking the chunks whose
+# every key stays factored and 2 the rest, each program returning at once when its chunk is
+# the other launch's: each launch is compiled for one branch of `_factored`, so it holds one
+# branch's registers, not both. Without a per-key decay BRANCH is 0 (one launch).
+PER_KEY_BRANCHES = (1, 2)
+
+
 @triton.jit
-def _factored(gam):
-    """`tiles.factored` for a per-key Γ tile [rows, BK] (≤ 0, falling along the rows)."""
-    return factored(tl.min(gam, axis=1), FACTORED_BOUND)
+def _factored(gam, BRANCH: tl.constexpr):
+    """`tiles.factored` for a per-key Γ tile [rows, BK] (≤ 0, falling along the rows), or the
+    launch's own branch when it has one (BRANCH 1 factored, 2 exact)."""
+    if BRANCH == 0:
+        out = factored(tl.min(gam, axis=1), FACTORED_BOUND)
+    else:
+        out = BRANCH == 1
+    return out
+
+
+@triton.jit
+def _other_launch(log_decays, BRANCH: tl.constexpr):
+    """Whether a chunk belongs to the other launch of a per-key kernel (BRANCH 1 or 2), from
+    its log-decays ([n], ≤ 0: its Γ tile's row minima or its γ)."""
+    return factored(log_decays, FACTORED_BOUND) != (BRANCH == 1)
+
+
+@triton.jit
+def _other_launch_gamma(g_end, base, K: tl.constexpr, BRANCH: tl.constexpr):
+    """`_other_launch` from chunk `base`'s γ (g_end [n, H, K]): for the K-tiled kernels,
+    whose Γ tile holds only some keys."""
+    gamma = _chunk_log_decay(g_end, base, tl.arange(0, triton.next_power_of_2(K)), True, K, 2)
+    return _other_launch(gamma, BRANCH)
 
 
 @triton.jit
@@ -471,11 +519,11 @@ def _cross_block_scores(a, b, gam, rows, C: tl.constexpr, LEVELS: tl.constexpr):
 
 @triton.jit
 def _key_scores(a, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
-                C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr):
+                C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr, BRANCH: tl.constexpr):
     """[C, C] M_ts = Σ_k a_tk b_sk e^{Γ_tk − Γ_sk} for a per-key Γ [C, BK], s ≤ t (s < t when
     STRICT), else 0: factored when `_factored`, else the exact diagonal blocks and the
     halving levels."""
-    if _factored(gam):
+    if _factored(gam, BRANCH):
         out = tl.where(_causal(rows, STRICT), tl.dot(a * tl.exp(gam), tl.trans(b * tl.exp(-gam))), 0.0)
     else:
         out = (_block_pairs(a, b_ptr, g, start, end, h, rows, offs_k, H, K, C, STRICT)
@@ -485,11 +533,12 @@ def _key_scores(a, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexp
 
 @triton.jit
 def _key_apply(w, blocks, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
-               BK: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr):
+               BK: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr,
+               BRANCH: tl.constexpr):
     """[C, BK] Σ_s w_ts b_s ⊙ e^{Γ_t − Γ_s} (w [C, C] masked to s ≤ t, or s < t when STRICT;
     `blocks` its `_diagonal_blocks`): the gradient of the left factor of `_key_scores` for
     dM = w. Factored when `_factored` (w is masked already)."""
-    if _factored(gam):
+    if _factored(gam, BRANCH):
         out = tl.exp(gam) * tl.dot(w, b * tl.exp(-gam))
     else:
         out = _block_apply(blocks, b_ptr, g, start, end, h, rows, offs_k, H, K, BK, C, STRICT)
@@ -501,11 +550,12 @@ def _key_apply(w, blocks, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.c
 
 @triton.jit
 def _key_apply_t(w, blocks_t, a, gam, a_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
-                 BK: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr):
+                 BK: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr,
+                 BRANCH: tl.constexpr):
     """[C, BK] Σ_t w_ts a_t ⊙ e^{Γ_t − Γ_s} (w masked as in `_key_apply`; `blocks_t` the
     `_diagonal_blocks` of wᵀ): the gradient of the right factor of `_key_scores` for dM = w.
     Factored when `_factored`."""
-    if _factored(gam):
+    if _factored(gam, BRANCH):
         out = tl.exp(-gam) * tl.dot(tl.trans(w), a * tl.exp(gam))
     else:
         out = _block_apply_t(blocks_t, a_ptr, g, start, end, h, rows, offs_k, H, K, BK, C, STRICT)
@@ -517,12 +567,12 @@ def _key_apply_t(w, blocks_t, a, gam, a_ptr, g, start, end, h, rows, offs_k, H: 
 
 @triton.jit
 def _scores(b_q, b_k, gam, k, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
-            LEVELS: tl.constexpr, DECAY: tl.constexpr):
+            LEVELS: tl.constexpr, DECAY: tl.constexpr, BRANCH: tl.constexpr):
     """A [C, C], A_ts = Σ_k q_tk k_sk e^{Γ_tk − Γ_sk} for s ≤ t, else 0 (q, k in one dtype; k also
     token-major for the per-key diagonal blocks)."""
     if DECAY == 2:
         out = _key_scores(b_q.to(tl.float32), b_k.to(tl.float32), gam, k, g, start, end, h, rows, offs_k, H, K, C,
-                          LEVELS, False)
+                          LEVELS, False, BRANCH)
     else:
         out = tl.dot(b_q, tl.trans(b_k)) * _pair_decays(gam, rows, False)
     return out
@@ -548,41 +598,35 @@ def _slot_program(slot_bounds, T, PER_ROW, H: tl.constexpr, C: tl.constexpr, NV:
 
 
 @triton.jit
-def _diagonal_block_inverse(n, a_inv, base, b, C: tl.constexpr, FROM_MEMORY: tl.constexpr):
-    """Diagonal block b of chunk `base`'s a_inv [C, C]: the inverse of I + N_b (N_b strictly
-    lower) by forward substitution, row by row in fp32. N_b's rows are gathered from N
-    (`n`, [C, C] in registers: two cross-warp reductions a row) or, FROM_MEMORY, loaded
-    from this block of a_inv, where the caller stored them (`n` is then not read)."""
+def _diagonal_block_inverses(a_inv, base, C: tl.constexpr):
+    """Chunk `base`'s a_inv [C, C], holding N's 16×16 diagonal blocks N_b (strictly lower),
+    gets their inverses (I + N_b)⁻¹ in place: forward substitution, row by row in fp32, every
+    block at once (15 steps, each loading row i of every N_b)."""
+    offs_b = tl.arange(0, C // 16)
     offs_i = tl.arange(0, 16)
-    block = a_inv + (base * C + b * 16) * C + b * 16
-    if not FROM_MEMORY:
-        blocks = tl.reshape(_diagonal_blocks(n, tl.arange(0, C), C), [C // 16, 16, 16])
-        n_block = tl.sum(tl.where(tl.arange(0, C // 16)[:, None, None] == b, blocks, 0.0), 0)
-    inv = tl.where(offs_i[None, :] == offs_i[:, None], 1.0, 0.0)
+    corner = base * C * C + offs_b * 16 * (C + 1)            # each block's (0, 0) in a_inv
+    eye = tl.where(offs_i[:, None] == offs_i[None, :], 1.0, 0.0)
+    inv = tl.broadcast_to(eye[None, :, :], (C // 16, 16, 16))
     for i in range(1, 16):
-        # row i = e_i − Σ_{j<i} N_ij (row j), rows j < i already final
-        if FROM_MEMORY:
-            n_row = tl.load(block + i * C + offs_i)
-        else:
-            n_row = tl.sum(tl.where(offs_i[:, None] == i, n_block, 0.0), 0)
-        inv -= tl.where(offs_i[:, None] == i, tl.sum(n_row[:, None] * inv, 0)[None, :], 0.0)
-    if FROM_MEMORY:
-        tl.debug_barrier()                  # every thread has read N_b
-    tl.store(block + offs_i[:, None] * C + offs_i[None, :], inv)
+        # row i = e_i − Σ_{j<i} N_ij (row j), rows j < i already final (N_ij = 0 for j ≥ i)
+        n_row = tl.load(a_inv + corner[:, None] + i * C + offs_i[None, :])     # [NB, 16]
+        inv -= tl.where(offs_i[None, :, None] == i, tl.sum(n_row[:, :, None] * inv, 1)[:, None, :], 0.0)
+    tl.debug_barrier()                  # every thread has read the blocks of N
+    tl.store(a_inv + corner[:, None, None] + offs_i[None, :, None] * C + offs_i[None, None, :], inv)
 
 
 @triton.jit
 def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, PRECISION: tl.constexpr,
-               DECAY: tl.constexpr, VARLEN: tl.constexpr):
+               DECAY: tl.constexpr, VARLEN: tl.constexpr, BRANCH: tl.constexpr):
     """The UT transform of one chunk slot and head: R = (I + N)⁻¹ (`a_inv`, [C, C]), w,
     u, k_end = K ⊙ e^{γ−Γ} and γ (`g_end` [1] or [K] per slot and head, with a decay).
     Padded rows come out zero in w, u and k_end (their k, v and β are zero).
 
     N comes whole, [C, C] in registers (a per-key decay's from `_key_scores`, strict:
     factored in TF32 where `_factored`, as the outputs' scores). R: the
-    inverses of N's 16×16 diagonal blocks D⁻¹ first (`_diagonal_block_inverse`, through
+    inverses of N's 16×16 diagonal blocks D⁻¹ first (`_diagonal_block_inverses`, through
     `a_inv`), then with N_below the entries of N under the diagonal blocks and
     P = −D⁻¹ N_below (nilpotent: C/16 blocks), R = (I + P)(I + P²)…(I + P^{2^(LEVELS−1)}) D⁻¹
     = Σ_{j < C/16} Pʲ D⁻¹, LEVELS = log2(C/16). The walk's operands k_end and γ are stored
@@ -602,6 +646,9 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
     b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
     b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
     gam, g_last = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
+    if BRANCH != 0:
+        if _other_launch(tl.min(gam, axis=1), BRANCH):
+            return
     b_kf = b_k.to(tl.float32)
     tl.store(k_end + (base * C + rows) * K + offs_k[None, :], _decayed(b_kf, tl.exp(g_last - gam), DECAY),
              mask=k_mask)
@@ -611,18 +658,13 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
         tl.store(g_end + base * K + offs_k, g_last, mask=offs_k < K)
     b_b = _decayed(b_kf * b_beta[:, None], tl.exp(gam), DECAY)
     if DECAY == 2:
-        n = _key_scores(b_kf, b_kf, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, True)
+        n = _key_scores(b_kf, b_kf, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, True, BRANCH)
     else:
         n = tl.dot(b_k, tl.trans(b_k)) * _pair_decays(gam, offs_c, True)
     n = n * b_beta[:, None]                 # N, strictly lower
-    # The substitution loads N's diagonal blocks from a_inv, except under a per-key decay
-    # (gathered from registers; module docstring, "Speed": loaded they were slower there).
-    LOAD_BLOCKS: tl.constexpr = DECAY != 2
-    if LOAD_BLOCKS:
-        tl.store(a_inv + (base * C + rows) * C + cols, n, mask=(rows // 16) == (cols // 16))
-        tl.debug_barrier()                  # N's blocks, visible to every thread
-    for b in tl.static_range(C // 16):
-        _diagonal_block_inverse(n, a_inv, base, b, C, LOAD_BLOCKS)
+    tl.store(a_inv + (base * C + rows) * C + cols, n, mask=(rows // 16) == (cols // 16))
+    tl.debug_barrier()                  # N's blocks, visible to every thread
+    _diagonal_block_inverses(a_inv, base, C)
     n_below = tl.where((rows // 16) > (cols // 16), n, 0.0)
     tl.debug_barrier()                      # the blocks' stores, visible to every thread
     a_ptrs = a_inv + (base * C + rows) * C + cols
@@ -691,16 +733,16 @@ def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, d
     (fp32)."""
     doc, h, offs_k, offs_v, state, first, count = _walk_start(h0, doc_chunk0, doc_chunks, H, K, V, BK, BV, HAS_INIT)
     offs_c = tl.arange(0, C)
-    # u and γ are loaded a chunk ahead (their loads off the chain of products)
-    next_u = _chunk_rows(u, first * H + h, offs_c, offs_v, V, C, count > 0)
+    # γ is loaded a chunk ahead (off the chain of products); u in its own chunk, since loading
+    # it ahead too made DeltaNet's walk slower (H100, session 16: 553 -> 636 µs at 1 x 32K)
     next_gam = _chunk_log_decay(g_end, first * H + h, offs_k, count > 0, K, DECAY)
     for i in range(count):
         base = (first + i) * H + h
         ptrs, mask = _state_tile(states, base, offs_k, offs_v, K, V)
         tl.store(ptrs, state, mask=mask)
         b_w = _chunk_rows(w, base, offs_c, offs_k, K, C)
-        b_u, gam = next_u.to(tl.float32), next_gam
-        next_u = _chunk_rows(u, base + H, offs_c, offs_v, V, C, i + 1 < count)
+        b_u = _chunk_rows(u, base, offs_c, offs_v, V, C).to(tl.float32)
+        gam = next_gam
         next_gam = _chunk_log_decay(g_end, base + H, offs_k, i + 1 < count, K, DECAY)
         # S as stored (the walk operands' dtype, the S the outputs read): one product
         b_delta = b_u - tl.dot(b_w, state.to(b_w.dtype))
@@ -729,23 +771,26 @@ def _chunk_program(q, g, slot_bounds, T, PER_ROW, H: tl.constexpr, K: tl.constex
 
 @triton.jit
 def _chunk_scores(b_q, k, g, gam, start, end, h, offs_t, mask_t, offs_k, H: tl.constexpr, K: tl.constexpr,
-                  C: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr):
+                  C: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr, BRANCH: tl.constexpr):
     """The chunk's decayed causal scores A (`_scores`), its keys loaded here (in q's dtype:
     without a per-key decay Q Kᵀ is one product of the stored tiles, exact as TF32's)."""
     b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
-    return _scores(b_q, b_k, gam, k, g, start, end, h, tl.arange(0, C), offs_k, H, K, C, LEVELS, DECAY)
+    return _scores(b_q, b_k, gam, k, g, start, end, h, tl.arange(0, C), offs_k, H, K, C, LEVELS, DECAY, BRANCH)
 
 
 @triton.jit
 def _output_kernel(q, k, g, slot_bounds, states, delta, o, scale, T, PER_ROW,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
-                   VARLEN: tl.constexpr):
+                   VARLEN: tl.constexpr, BRANCH: tl.constexpr):
     """Outputs of one chunk slot, head and V-tile: scale [(Q ⊙ e^Γ) S + A δ], A the
     decayed causal scores (`_scores`)."""
     base, h, offs_v, start, end, offs_t, mask_t, offs_k, b_q, gam = _chunk_program(
         q, g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, DECAY, triton.cdiv(V, BV), VARLEN)
-    scores = _chunk_scores(b_q, k, g, gam, start, end, h, offs_t, mask_t, offs_k, H, K, C, LEVELS, DECAY)
+    if BRANCH != 0:
+        if _other_launch(tl.min(gam, axis=1), BRANCH):
+            return
+    scores = _chunk_scores(b_q, k, g, gam, start, end, h, offs_t, mask_t, offs_k, H, K, C, LEVELS, DECAY, BRANCH)
     offs_c = tl.arange(0, C)
     # A trailing slot of packed input (no tokens): the walk wrote no state, nothing is read.
     k_ok, v_ok = _slot_dims(start, end, offs_k, offs_v, K, V)
@@ -766,20 +811,23 @@ def _output_kernel(q, k, g, slot_bounds, states, delta, o, scale, T, PER_ROW,
 def _output_grad_kernel(q, k, g, do, slot_bounds, d_delta_out, q_decayed, scale, T, PER_ROW,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
-                        VARLEN: tl.constexpr):
+                        VARLEN: tl.constexpr, BRANCH: tl.constexpr):
     """The outputs' gradient of δ for one chunk slot, head and V-tile: scale Aᵀ do
     (`_scores`), every row of the slot (zero past its tokens); from the first V-tile also
     the backward walk's factor scale Q ⊙ e^Γ (`q_decayed`, in the walk operands' dtype)."""
     NV: tl.constexpr = triton.cdiv(V, BV)
     base, h, offs_v, start, end, offs_t, mask_t, offs_k, b_q, gam = _chunk_program(
         q, g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, DECAY, NV, VARLEN)
+    if BRANCH != 0:
+        if _other_launch(tl.min(gam, axis=1), BRANCH):
+            return
     offs_c = tl.arange(0, C)
     # stored before the scores are formed: fewer live tiles (KDA at K = 128 on sm_90: 656
     # bytes of spills a thread, 1000 storing it after them, 760 before the walk read it)
     if tl.program_id(0) % NV == 0:
         _slot_rows_store(q_decayed, _decayed(b_q.to(tl.float32) * scale, tl.exp(gam), DECAY), base, offs_c, offs_k,
                          K, C)
-    scores = _chunk_scores(b_q, k, g, gam, start, end, h, offs_t, mask_t, offs_k, H, K, C, LEVELS, DECAY)
+    scores = _chunk_scores(b_q, k, g, gam, start, end, h, offs_t, mask_t, offs_k, H, K, C, LEVELS, DECAY, BRANCH)
     b_do = load_tile(do, offs_t, mask_t, h, offs_v, V, H).to(tl.float32)
     b_dd = tl.dot(tl.trans(scores), b_do) * scale
     tl.store(d_delta_out + (base * C + offs_c[:, None]) * V + offs_v[None, :], b_dd, mask=(offs_v < V)[None, :])
@@ -842,10 +890,10 @@ def _slot_rows_store(ptr, value, base, offs_c, offs_d, D: tl.constexpr, C: tl.co
 
 
 @triton.jit
-def _key_grad_kernel(q, k, g, do, slot_bounds, states, delta, d_next, d_delta, dq, dk_part, d_w, dg, dg_part,
-                     scale, T, PER_ROW, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
-                     HAS_Q: tl.constexpr, VARLEN: tl.constexpr):
+def _key_grad_kernel(q, k, g, g_end, do, slot_bounds, states, delta, d_next, d_delta, dq, dk_part, d_w, dg,
+                     dg_part, scale, T, PER_ROW, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr,
+                     DECAY: tl.constexpr, HAS_Q: tl.constexpr, VARLEN: tl.constexpr, BRANCH: tl.constexpr):
     """The chunk backward's terms that need all of V, for one chunk slot, head and K-tile
     (the tile's keys only; V in tiles).
 
@@ -859,6 +907,9 @@ def _key_grad_kernel(q, k, g, do, slot_bounds, states, delta, d_next, d_delta, d
     """
     NK: tl.constexpr = triton.cdiv(K, BK)
     base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, NK, VARLEN)
+    if BRANCH != 0:
+        if _other_launch_gamma(g_end, base, K, BRANCH):
+            return
     kt = tl.program_id(0) % NK
     offs_c = tl.arange(0, C)
     offs_k = kt * BK + tl.arange(0, BK)
@@ -899,9 +950,9 @@ def _key_grad_kernel(q, k, g, do, slot_bounds, states, delta, d_next, d_delta, d
         if DECAY == 2:
             d_qk = tl.where(rows >= cols, d_scores, 0.0) * scale
             b_dq = d_out_k + _key_apply(d_qk, _diagonal_blocks(d_qk, offs_c, C), b_k, gam, k, g, start, end, h,
-                                        offs_c, offs_k, H, K, BK, C, LEVELS, False)
+                                        offs_c, offs_k, H, K, BK, C, LEVELS, False, BRANCH)
             b_dk = _key_apply_t(d_qk, _diagonal_blocks(tl.trans(d_qk), offs_c, C), b_q, gam, q, g, start, end, h,
-                                offs_c, offs_k, H, K, BK, C, LEVELS, False)
+                                offs_c, offs_k, H, K, BK, C, LEVELS, False, BRANCH)
             d_gam = b_q * b_dq - b_k * b_dk
         else:
             d_qk = d_scores * _pair_decays(gam, offs_c, False) * scale
@@ -940,10 +991,10 @@ def _key_tile(k, g, gam_row, offs_t, mask_t, h, offs_k, H: tl.constexpr, K: tl.c
 
 
 @triton.jit
-def _wy_grad_kernel(k, v, beta, g, slot_bounds, a_inv, d_delta, dk_part, d_w, dg_part, dk, dv, dbeta, dg,
+def _wy_grad_kernel(k, v, beta, g, g_end, slot_bounds, a_inv, d_delta, dk_part, d_w, dg_part, dk, dv, dbeta, dg,
                     T, PER_ROW, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                     BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
-                    VARLEN: tl.constexpr, DG_ROWS: tl.constexpr):
+                    VARLEN: tl.constexpr, DG_ROWS: tl.constexpr, BRANCH: tl.constexpr):
     """The rest of the chunk backward, one chunk slot and head, K and V in tiles: the UT
     transform's u = R (βV) and w = R B (B = β K ⊙ e^Γ) and R = (I + N)⁻¹.
 
@@ -958,6 +1009,9 @@ def _wy_grad_kernel(k, v, beta, g, slot_bounds, a_inv, d_delta, dk_part, d_w, dg
     """
     NK: tl.constexpr = triton.cdiv(K, BK)
     base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, 1, VARLEN)
+    if BRANCH != 0:
+        if _other_launch_gamma(g_end, base, K, BRANCH):
+            return
     offs_c = tl.arange(0, C)
     rows, cols = offs_c[:, None], offs_c[None, :]
     b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
@@ -988,7 +1042,7 @@ def _wy_grad_kernel(k, v, beta, g, slot_bounds, a_inv, d_delta, dk_part, d_w, dg
         b_k, gam, b_kg = _key_tile(k, g, gam_row, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
         if DECAY != 2:
             gram = tl.dot(b_k, tl.trans(b_k), gram)
-        b_dw = _chunk_rows(d_w, base, offs_c, offs_k, K, C)
+        b_dw = _chunk_rows(d_w, base, offs_c, offs_k, K, C).to(tl.float32)
         d_inv = tl.dot(b_dw, tl.trans(b_kg * b_beta[:, None]), d_inv)
 
     # R = (I + N)⁻¹, N = diag(β) (K Kᵀ ⊙ E) strictly lower
@@ -1009,15 +1063,15 @@ def _wy_grad_kernel(k, v, beta, g, slot_bounds, a_inv, d_delta, dk_part, d_w, dg
     for kt in range(NK):
         offs_k = kt * BK + tl.arange(0, BK)
         b_k, gam, b_kg = _key_tile(k, g, gam_row, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
-        d_b = tl.dot(tl.trans(inv), _chunk_rows(d_w, base, offs_c, offs_k, K, C))
-        b_dk = _chunk_rows(dk_part, base, offs_c, offs_k, K, C) + _decayed(d_b * b_beta[:, None], tl.exp(gam), DECAY)
+        d_b = tl.dot(tl.trans(inv), _chunk_rows(d_w, base, offs_c, offs_k, K, C).to(tl.float32))
+        b_dk = _chunk_rows(dk_part, base, offs_c, offs_k, K, C).to(tl.float32) + _decayed(d_b * b_beta[:, None], tl.exp(gam), DECAY)
         kg_dot = b_kg * d_b
         d_beta += tl.sum(kg_dot, 1)
         if DECAY == 2:
             d_left = _key_apply(d_n, n_blocks, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, BK, C, LEVELS,
-                                True)
+                                True, BRANCH)
             d_right = _key_apply_t(d_n_beta, n_blocks_t, b_k, gam, k, g, start, end, h, offs_c, offs_k, H, K, BK, C,
-                                   LEVELS, True)
+                                   LEVELS, True, BRANCH)
             d_beta += tl.sum(b_k * d_left, 1)
             b_dk += d_left * b_beta[:, None] + d_right
             d_gam = (kg_dot + b_k * d_left) * b_beta[:, None] - b_k * d_right
@@ -1136,8 +1190,10 @@ def _wy(k, v, beta, g, layout: ChunkLayout, operands: torch.dtype):
     kw = _chunk_kw(layout, "delta.wy", H, K, V, decay)
     if NS:
         bounds, T, per_row = layout.slot_args(k)
-        _wy_kernel[(NS, H)](k, v, beta, k if g is None else g, bounds, a_inv, w, u, k_end,
-                            w if g_end is None else g_end, T, per_row, PRECISION=INVERSE_PRECISION, **kw)
+        for branch in _branches(decay):
+            _wy_kernel[(NS, H)](k, v, beta, k if g is None else g, bounds, a_inv, w, u, k_end,
+                                w if g_end is None else g_end, T, per_row, PRECISION=INVERSE_PRECISION,
+                                BRANCH=branch, **kw)
     return a_inv, w, u, k_end, g_end
 
 
@@ -1151,8 +1207,15 @@ def _slot_launch(kernel, layout: ChunkLayout, row: str, K: int, V: int, H: int, 
 
     def run(*args, **switches):
         if layout.n_slots:
-            kernel[(layout.n_slots * n_tiles, H)](*args, **switches, **kw)
+            for branch in _branches(decay):
+                kernel[(layout.n_slots * n_tiles, H)](*args, **switches, BRANCH=branch, **kw)
     return run
+
+
+def _branches(decay: int) -> tuple[int, ...]:
+    """The `BRANCH` of each launch of a per-chunk kernel: two for a per-key decay
+    (`PER_KEY_BRANCHES`), else one that decides nothing."""
+    return PER_KEY_BRANCHES if decay == DECAY_PER_KEY else (0,)
 
 
 def forward_summary(k, v, beta, g, h0, layout: ChunkLayout, operands):
@@ -1208,16 +1271,18 @@ def state_grad(q, k, v, beta, g, saved, do, outputs_grad, d_final, layout: Chunk
     key_row, wy_row = ("delta.key_grad_per_key", "delta.wy_grad_per_key") if decay == DECAY_PER_KEY \
         else ("delta.key_grad", "delta.wy_grad")
     NS, C = layout.n_slots, layout.chunk
-    d_w = launch.new_tensor((NS, H, C, K), torch.float32, k.device)
+    d_w = launch.new_tensor((NS, H, C, K), w.dtype, k.device)     # the walk operands' dtype
     dk_part = launch.new_tensor((NS, H, C, K), torch.float32, k.device)
     n_k = triton.cdiv(K, _chunk_kw(layout, key_row, H, K, V, decay, tiled_k=True)["BK"])
     dg_part = launch.new_tensor((NS, H, n_k, C), torch.float32, k.device) if decay == DECAY_SCALAR else None
     _slot_launch(_key_grad_kernel, layout, key_row, K, V, H, decay, "k")(
-        q if has_q else k, k, k if g is None else g, do if has_q else k, bounds, states, delta, d_next,
+        q if has_q else k, k, k if g is None else g, k if g_end is None else g_end, do if has_q else k, bounds,
+        states, delta, d_next,
         d_delta, k if dq is None else dq, dk_part, d_w, k if dg is None else dg, k if dg_part is None else dg_part,
         scale, T, per_row, HAS_Q=has_q)
     _slot_launch(_wy_grad_kernel, layout, wy_row, K, V, H, decay, None, tiled_k=True)(
-        k, v, beta, k if g is None else g, bounds, a_inv, d_delta, dk_part, d_w, k if dg_part is None else dg_part,
+        k, v, beta, k if g is None else g, k if g_end is None else g_end, bounds, a_inv, d_delta, dk_part, d_w,
+        k if dg_part is None else dg_part,
         dk, dv, dbeta, k if dg is None else dg, T, per_row, DG_ROWS=n_k)
     return dq, dk, dv, dbeta, dg, dh0
 
