@@ -33,6 +33,8 @@ the GPU:
   The walks' V-tiles narrow to 16 at these shapes (`_walk_grid`: few documents × heads);
   "-widest" runs them at their widest (64), as at (8,4K): 18 passed on an H100 with the
   tier's walks forced 64-wide, at most 3.72e-3 (delta_gpu_walk_vtile64_h100_2026-12-07-s15).
+  With the inverse's products in TF32 and the chunk backward's dw in bf16 too: at most
+  3.83e-3, DeltaNet's dk again (delta_gpu_h100_2026-12-07-s17.json, 24 cases).
 
 Each case runs twice, and the second run must equal the first bitwise (no kernel
 accumulates atomically: a difference is a race or a miscompile). Each case prints its

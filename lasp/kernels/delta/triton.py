@@ -75,10 +75,10 @@ k_end's rounding enters: δ (stored in fp32) in the forward walk's S' += k_end�
 backward walk's dδ = k_end dS'. The forward walk's W S takes S as stored and the backward
 walk's Wᵀ dδ takes dδ as stored (one product each, fla's rounding; the chunks read those
 same rounded S and dδ). On an H100 (tests/kernels/test_delta_gpu.py, bf16 inputs against the
-fp32 chunk form, 18 cases; delta_gpu_fwd_round_h100_2026-12-07-s15) the worst error is
-3.72e-3 with bf16 operands (DeltaNet's dk, packed documents at K = 128; 3.16e-3 with every
-walk product hi + lo and dδ, dS' in fp32) and 2.52e-3 with fp32 ones; Gated DeltaNet and KDA
-stay within 2.8e-3. One code path: the kernels take the loaded tiles' dtype, the carried
+fp32 chunk form, 24 cases; delta_gpu_h100_2026-12-07-s17) the worst error is 3.83e-3 with
+bf16 operands (DeltaNet's dk, packed documents at K = 128; 3.72e-3 before dw took bf16 and
+the inverse TF32, 3.16e-3 with every walk product hi + lo and dδ, dS' in fp32) and 2.52e-3
+with fp32 ones; Gated DeltaNet and KDA stay within 2.8e-3. One code path: the kernels take the loaded tiles' dtype, the carried
 state and every accumulator stay fp32 in registers. R = (I + N)⁻¹ stays fp32 (every w, u and
 gradient goes through it, dN = −Rᵀ dR Rᵀ through it twice, and at [C, C] a chunk it is no
 big read), as do u and the outputs' dδ (addends, never operands), the final states and the
@@ -152,12 +152,13 @@ after in one process):
     (delta_variants_kda_two_launch_*_h100_2026-12-07-s17).
 - The backward walk reading scale Q ⊙ e^Γ stored by `_output_grad_kernel`: KDA 13.21 ms
   against 14.31 on an H100 (delta_walk_q_decayed_1x32768_h100_2026-12-07-s11).
-Now, on an H100, in one run with fla's kernels
-(kernels_delta_vs_fla_walks_ahead_h100_2026-12-07-s16): DeltaNet 4.80 / 5.34 / 21.3 ms at
-(8,4K) / (1,32K) / (1,128K), Gated DeltaNet 5.12 / 5.70 / 22.9, KDA 10.7 / 11.2 / 44.2;
-fla's `chunk_delta_rule` 3.56 / 5.12 / 19.7 and `chunk_kda` 10.7 / 13.4 / 52.7. The UT
-transform's 1.01 ms at (1,32K) holds its diagonal blocks' substitution (0.26 ms) and product
-levels (0.32 ms; timing-only ablations, delta_variants_ut_ablations_1x32768_h100_2026-12-07-s16).
+Now, on an H100, in one run with fla's kernels (kernels_delta_vs_fla_*_h100_2026-12-07-s17):
+DeltaNet 4.37 / 4.88 ms at (8,4K) / (1,32K), Gated DeltaNet 4.70 / 5.31, KDA 8.75 / 9.22;
+fla's `chunk_delta_rule` 3.53 / 5.05 (`chunk_kda` 10.7 / 13.4 in session 16's run,
+kernels_delta_vs_fla_walks_ahead_h100_2026-12-07-s16). Against session 16's kernels in one
+process: (1,32K) 5.36 / 5.71 / 11.11 → 4.94 / 5.31 / 9.32, (8,4K) 4.75 / 5.05 / 10.58 →
+4.33 / 4.66 / 8.68, KDA with every chunk exact 30.1 → 28.7 ms
+(delta_variants_s16_vs_s17_*_h100_2026-12-07-s17).
 """
 
 from __future__ import annotations
