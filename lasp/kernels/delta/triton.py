@@ -52,7 +52,8 @@ backward
   3. `_key_grad_kernel`, per (chunk, head, K-tile), V in tiles: from S, dS_next, δ and
      dδ the terms that need all of V for the tile's keys: the outputs' (dq, final) and
      the walk's (k_end, γ) into a partial dk (fp32) and dw = −dδ Sᵀ (in the walk
-     operands' dtype; scratch [n_slots, H, C, K] each); the decay's share of dg (into dg per key; for g one row per K-tile).
+     operands' dtype; scratch [n_slots, H, C, K] each); the decay's share of dg (into dg
+     per key; for g one row per K-tile).
   4. `_wy_grad_kernel`, K and V in tiles: the UT transform's terms, which need all of K:
      u = R βV (dv; dR ← dδ (βV)ᵀ), w = R B (dR ← dw Bᵀ over the K-tiles first), then
      R = (I + N)⁻¹ (dN = −Rᵀ dR Rᵀ) per K-tile: dk, dβ, the rest of dg. dg / dgk is the
@@ -78,14 +79,15 @@ same rounded S and dδ). On an H100 (tests/kernels/test_delta_gpu.py, bf16 input
 fp32 chunk form, 24 cases; delta_gpu_h100_2026-12-07-s17) the worst error is 3.83e-3 with
 bf16 operands (DeltaNet's dk, packed documents at K = 128; 3.72e-3 before dw took bf16 and
 the inverse TF32, 3.16e-3 with every walk product hi + lo and dδ, dS' in fp32) and 2.52e-3
-with fp32 ones; Gated DeltaNet and KDA stay within 2.8e-3. One code path: the kernels take the loaded tiles' dtype, the carried
-state and every accumulator stay fp32 in registers. R = (I + N)⁻¹ stays fp32 (every w, u and
-gradient goes through it, dN = −Rᵀ dR Rᵀ through it twice, and at [C, C] a chunk it is no
-big read), as do u and the outputs' dδ (addends, never operands), the final states and the
-chunk backward's partial dk and g's partial dg (gradients, as accurate as registers would
-keep them); its dw, an operand of wy_grad's products only, takes the walk operands' dtype; a product with an fp32 factor computed in registers (R, βV,
-Q ⊙ e^Γ, the scores A) takes its narrow tile widened (TF32), except the backward walk's
-(Q ⊙ e^Γ)ᵀ do, a walk product as in fla. Without a per-key decay the outputs' Q Kᵀ and Q S
+with fp32 ones; Gated DeltaNet and KDA stay within 2.8e-3. One code path: the kernels take
+the loaded tiles' dtype, the carried state and every accumulator stay fp32 in registers.
+R = (I + N)⁻¹ stays fp32 (every w, u and gradient goes through it, dN = −Rᵀ dR Rᵀ through it
+twice, and at [C, C] a chunk it is no big read), as do u and the outputs' dδ (addends, never
+operands), the final states and the chunk backward's partial dk and g's partial dg
+(gradients, as accurate as registers would keep them); its dw, read only as an operand of
+wy_grad's products, takes the walk operands' dtype. A product with an fp32 factor computed in
+registers (R, βV, Q ⊙ e^Γ, the scores A) takes its narrow tile widened (TF32), except the
+backward walk's (Q ⊙ e^Γ)ᵀ do, a walk product as in fla. Without a per-key decay the outputs' Q Kᵀ and Q S
 are products of the stored tiles (exact for bf16, in half the registers), a scalar decay
 applied to them after. The inverse's block products are TF32 (`INVERSE_PRECISION`).
 Launch parameters: the `delta.*` rows of `lasp.kernels.common.launch.LAUNCH` (the walks'
@@ -390,7 +392,7 @@ def _other_launch(log_decays, BRANCH: tl.constexpr):
 def _other_launch_gamma(g_end, base, K: tl.constexpr, BRANCH: tl.constexpr):
     """`_other_launch` from chunk `base`'s γ (g_end [n, H, K]): for the K-tiled kernels,
     whose Γ tile holds only some keys."""
-    gamma = _chunk_log_decay(g_end, base, tl.arange(0, triton.next_power_of_2(K)), True, K, 2)
+    gamma = _chunk_log_decay(g_end, base, tl.arange(0, triton.next_power_of_2(K)), True, K, 2)  # DECAY 2: per key
     return _other_launch(gamma, BRANCH)
 
 
@@ -1065,7 +1067,7 @@ def _wy_grad_kernel(k, v, beta, g, g_end, slot_bounds, a_inv, d_delta, dk_part, 
         offs_k = kt * BK + tl.arange(0, BK)
         b_k, gam, b_kg = _key_tile(k, g, gam_row, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
         d_b = tl.dot(tl.trans(inv), _chunk_rows(d_w, base, offs_c, offs_k, K, C).to(tl.float32))
-        b_dk = _chunk_rows(dk_part, base, offs_c, offs_k, K, C).to(tl.float32) + _decayed(d_b * b_beta[:, None], tl.exp(gam), DECAY)
+        b_dk = _chunk_rows(dk_part, base, offs_c, offs_k, K, C) + _decayed(d_b * b_beta[:, None], tl.exp(gam), DECAY)
         kg_dot = b_kg * d_b
         d_beta += tl.sum(kg_dot, 1)
         if DECAY == 2:
