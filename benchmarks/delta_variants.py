@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from kernel_speed import D, delta_gate, delta_inputs, kernel_times, seeded_randn, time_and_peak
 from lasp.kernels.common import launch
-from lasp.kernels.common.launch import Launch
+from lasp.kernels.common.launch import Launch, chunk_for_head_dims
 from lasp.kernels.delta import chunk_linear_attention as delta_chunk
 
 MODULE = "lasp.kernels.delta.triton"
@@ -61,12 +61,14 @@ def load_variant(spec: str):
     return name, module, overrides
 
 
-def collinear_keys(k, chunk=64):
-    """(keys, β) to replace k's: each `chunk` tokens' keys spread 0.1 around one random
-    direction (L2-normalised, in k's dtype), β = σ(x + 4) ≈ 0.98. I + N of the UT transform
-    then has entries near β everywhere below the diagonal, its worst conditioning."""
+def collinear_keys(k):
+    """(keys, β) to replace k's: each chunk's keys (the delta kernels' chunk for k's head dim)
+    spread 0.1 around one random direction (L2-normalised, in k's dtype), β = σ(x + 4) ≈ 0.98.
+    I + N of the UT transform then has entries near β everywhere below the diagonal, its worst
+    conditioning."""
     rand = seeded_randn(1, k.device)
     B, T, H, K = k.shape
+    chunk = chunk_for_head_dims("delta", K, K)
     direction = rand(B, T // chunk, 1, H, K).expand(-1, -1, chunk, -1, -1).reshape(B, T, H, K)
     keys = F.normalize(direction + 0.1 * rand(B, T, H, K), dim=-1)
     return keys.to(k.dtype).requires_grad_(), torch.sigmoid(rand(B, T, H) + 4).requires_grad_()

@@ -263,9 +263,9 @@ def test_triton_bf16_walk_operands(monkeypatch, decay, walk_operands):
     within bf16 rounding, and the walks' stored operands (w, k_end, scale Q ⊙ e^Γ), the
     chunks' incoming states S, the backward walk's dδ and dS' and the chunk backward's dw in
     the mode's dtype while the forward walk's δ, R, u, the outputs' dδ, the partial dk and
-    the final state stay fp32. fp32 walks
-    leave the fp32 results (final, dbeta, ddecay, dh0) at fp32 accuracy. The interpreter
-    computes bf16 as a GPU does (`bf16_interpreter`). An unknown mode: ValueError."""
+    the final state stay fp32. fp32 walks leave the fp32 results (final, dbeta, ddecay, dh0)
+    at fp32 accuracy. The interpreter computes bf16 as a GPU does (`bf16_interpreter`). An
+    unknown mode: ValueError."""
     for row in ("delta.state_bf16", "delta.state_grad_bf16", "delta.state_grad_per_key_bf16", "delta.state",
                 "delta.state_grad", "delta.state_grad_per_key", "delta.output", "delta.output_grad",
                 "delta.key_grad", "delta.wy_grad", "delta.key_grad_per_key", "delta.wy_grad_per_key"):

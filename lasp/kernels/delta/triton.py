@@ -16,7 +16,7 @@ N_ts = β_t Σ_k k_tk k_sk e^{Γ_tk − Γ_sk}, A likewise).
 Per-key decays: where every key of a tile decays by less than e^-60 over the chunk, the
 products through the pair decays (the UT transform's N, the outputs' scores, the chunk
 backward's) are one tensor-core product of the factors · ⊙ e^Γ and · ⊙ e^{−Γ}
-(`_factored`; below e^60, finite in fp32; KDA at 1×32K on an H100, ms against the exact
+(`PER_KEY_BRANCHES`; below e^60, finite in fp32; KDA at 1×32K on an H100, ms against the exact
 form's: UT transform 1.93 / 4.89, outputs 1.42 / 4.38, outputs' dδ 0.99 / 3.60, chunk
 backward 2.58 / 7.93 and 3.17 / 8.10). Strong decays never form e^{−Γ}: pairs inside a
 16-token block are summed exactly, column by column, with exponents Σ_{s<u≤t} gk_u
@@ -187,11 +187,9 @@ BLOCK = 16
 # The walks' narrowest V-tile: tl.dot's smallest N.
 NARROWEST_V_TILE = 16
 
-# Precision of the products that assemble (I + N)⁻¹ from its diagonal blocks: TF32. Against
-# 3×TF32 (about fp32) on an H100 the UT transform took 0.82 ms against 1.01 for DeltaNet at
-# 1×32K; the worst errors against the float64 chunk form stayed at 3×TF32's with random keys
-# and within 5% of them with each chunk's keys near one direction, the worst-conditioned
-# inverse (module docstring, "Speed").
+# Precision of the products that assemble (I + N)⁻¹ from its diagonal blocks: TF32, faster
+# than 3×TF32 (about fp32) at errors within 5% of its even for the worst-conditioned inverse
+# (module docstring, "Speed", session 17).
 INVERSE_PRECISION = "tf32"
 
 # Element type of the walks' stored operands (w, k_end) for 16-bit inputs: "bfloat16"
@@ -352,33 +350,24 @@ def _pair_decays(gam, offs_c, STRICT: tl.constexpr):
     return tl.exp(tl.where(_causal(offs_c, STRICT), gam[:, None] - gam[None, :], float("-inf")))
 
 
-# Per-key decays (KDA), module docstring: the factored products where `_factored`, else a
-# pair s ≤ t of a chunk is either in one 16-token block (the diagonal blocks, computed
-# exactly: `_block_pairs`, `_block_apply`, `_block_apply_t`) or split by one level of a
-# binary halving of the chunk into blocks of 32, 64, … tokens: s in the left half and t
-# in the right half of one block, whose right half starts at r (s < r ≤ t), so
+# Per-key decays (KDA), module docstring: the factored products in the factored launch
+# (`PER_KEY_BRANCHES`), else a pair s ≤ t of a chunk is either in one 16-token block (the
+# diagonal blocks, computed exactly: `_block_pairs`, `_block_apply`, `_block_apply_t`) or
+# split by one level of a binary halving of the chunk into blocks of 32, 64, … tokens: s in
+# the left half and t in the right half of one block, whose right half starts at r
+# (s < r ≤ t), so
 # e^{Γ_t − Γ_s} = e^{Γ_t − Γ_r} e^{Γ_r − Γ_s} with both factors ≤ 1 (`_halving`): one
 # tensor-core product per level (log2(C/16) levels), no exponent ever positive.
 # The factors are fp32 here (the tiles are widened), so every input dtype takes the shared bound.
 FACTORED_BOUND = tl.constexpr(FACTORED_LOG_DECAY)
 
 
-# A per-key decay launches each per-chunk kernel twice, `BRANCH` 1 taking the chunks whose
-# every key stays factored and 2 the rest, each program returning at once when its chunk is
-# the other launch's: each launch is compiled for one branch of `_factored`, so it holds one
-# branch's registers, not both. Without a per-key decay BRANCH is 0 (one launch).
+# A per-key decay launches each per-chunk kernel twice: `BRANCH` 1 takes the chunks whose
+# every key stays factored (`tiles.factored`) and computes them factored, 2 takes the rest and
+# computes them exactly; a program returns at once when its chunk is the other launch's. Each
+# launch is compiled for its own branch only, so it holds one branch's registers, not both.
+# Without a per-key decay BRANCH is 0: one launch, and no per-key product to choose for.
 PER_KEY_BRANCHES = (1, 2)
-
-
-@triton.jit
-def _factored(gam, BRANCH: tl.constexpr):
-    """`tiles.factored` for a per-key Γ tile [rows, BK] (≤ 0, falling along the rows), or the
-    launch's own branch when it has one (BRANCH 1 factored, 2 exact)."""
-    if BRANCH == 0:
-        out = factored(tl.min(gam, axis=1), FACTORED_BOUND)
-    else:
-        out = BRANCH == 1
-    return out
 
 
 @triton.jit
@@ -524,9 +513,9 @@ def _cross_block_scores(a, b, gam, rows, C: tl.constexpr, LEVELS: tl.constexpr):
 def _key_scores(a, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.constexpr, K: tl.constexpr,
                 C: tl.constexpr, LEVELS: tl.constexpr, STRICT: tl.constexpr, BRANCH: tl.constexpr):
     """[C, C] M_ts = Σ_k a_tk b_sk e^{Γ_tk − Γ_sk} for a per-key Γ [C, BK], s ≤ t (s < t when
-    STRICT), else 0: factored when `_factored`, else the exact diagonal blocks and the
-    halving levels."""
-    if _factored(gam, BRANCH):
+    STRICT), else 0: factored in the factored launch (BRANCH 1, `PER_KEY_BRANCHES`), else the
+    exact diagonal blocks and the halving levels."""
+    if BRANCH == 1:
         out = tl.where(_causal(rows, STRICT), tl.dot(a * tl.exp(gam), tl.trans(b * tl.exp(-gam))), 0.0)
     else:
         out = (_block_pairs(a, b_ptr, g, start, end, h, rows, offs_k, H, K, C, STRICT)
@@ -540,8 +529,8 @@ def _key_apply(w, blocks, b, gam, b_ptr, g, start, end, h, rows, offs_k, H: tl.c
                BRANCH: tl.constexpr):
     """[C, BK] Σ_s w_ts b_s ⊙ e^{Γ_t − Γ_s} (w [C, C] masked to s ≤ t, or s < t when STRICT;
     `blocks` its `_diagonal_blocks`): the gradient of the left factor of `_key_scores` for
-    dM = w. Factored when `_factored` (w is masked already)."""
-    if _factored(gam, BRANCH):
+    dM = w. Factored in the factored launch (w is masked already)."""
+    if BRANCH == 1:
         out = tl.exp(gam) * tl.dot(w, b * tl.exp(-gam))
     else:
         out = _block_apply(blocks, b_ptr, g, start, end, h, rows, offs_k, H, K, BK, C, STRICT)
@@ -557,8 +546,8 @@ def _key_apply_t(w, blocks_t, a, gam, a_ptr, g, start, end, h, rows, offs_k, H: 
                  BRANCH: tl.constexpr):
     """[C, BK] Σ_t w_ts a_t ⊙ e^{Γ_t − Γ_s} (w masked as in `_key_apply`; `blocks_t` the
     `_diagonal_blocks` of wᵀ): the gradient of the right factor of `_key_scores` for dM = w.
-    Factored when `_factored`."""
-    if _factored(gam, BRANCH):
+    Factored in the factored launch."""
+    if BRANCH == 1:
         out = tl.exp(-gam) * tl.dot(tl.trans(w), a * tl.exp(gam))
     else:
         out = _block_apply_t(blocks_t, a_ptr, g, start, end, h, rows, offs_k, H, K, BK, C, STRICT)
@@ -628,7 +617,7 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
     Padded rows come out zero in w, u and k_end (their k, v and β are zero).
 
     N comes whole, [C, C] in registers (a per-key decay's from `_key_scores`, strict:
-    factored in TF32 where `_factored`, as the outputs' scores). R: the
+    factored in TF32 in the factored launch, as the outputs' scores). R: the
     inverses of N's 16×16 diagonal blocks D⁻¹ first (`_diagonal_block_inverses`, through
     `a_inv`), then with N_below the entries of N under the diagonal blocks and
     P = −D⁻¹ N_below (nilpotent: C/16 blocks), R = (I + P)(I + P²)…(I + P^{2^(LEVELS−1)}) D⁻¹
