@@ -44,6 +44,7 @@ CANDIDATES = {
     "diagonal.output": ("_output_kernel", [(4, 2, 64), (8, 3, 128), (8, 1, 128), (16, 2, 128)]),
     "diagonal.dq": ("_dq_kernel", [(4, 2, 64), (4, 3, 32), (4, 1, 32), (8, 2, 32), (4, 2, 16)]),
     "diagonal.dkdv": ("_dkdv_kernel", [(8, 1, 64), (8, 2, 64), (4, 2, 64), (4, 1, 32)]),
+    "delta.inverse": ("_inverse_kernel", [(8, 1, 64), (4, 2, 64)]),
     "delta.wy": ("_wy_kernel", [(8, 1, 64), (4, 2, 64), (4, 1, 32), (8, 1, 32)]),
     "delta.state": ("_state_pass_kernel", [(4, 2, 32), (4, 1, 16), (8, 2, 16)]),
     "delta.state_bf16": ("_state_pass_kernel", [(4, 2, 32), (4, 4, 32), (4, 3, 16), (4, 3, 64), (8, 3, 64)]),
@@ -70,7 +71,7 @@ def delta_launch_rows(decay: str, walks: str) -> list[str]:
     """The LAUNCH rows of the delta rule's kernels for `decay` and walk operands `walks`."""
     walk = "" if walks == "float32" else "_bf16"
     per_key = "_per_key" if decay == "gk+beta" else ""
-    return ["delta.wy", f"delta.state{walk}", "delta.output", "delta.output_grad",
+    return ["delta.inverse", "delta.wy", f"delta.state{walk}", "delta.output", "delta.output_grad",
             f"delta.state_grad{per_key}{walk}", f"delta.key_grad{per_key}", f"delta.wy_grad{per_key}"]
 
 

@@ -37,6 +37,6 @@ def test_triton_launches_fit_hopper_shared_memory():
     assert len(results) == len(cases)
     for case in results:
         kernels = case["kernels"]
-        assert len(kernels) == (7 if case["family"].startswith("delta") else 5), case  # forward and backward compiled
+        assert len(kernels) == (8 if case["family"].startswith("delta") else 5), case  # forward and backward compiled
         over = {name: r["shared"] for name, r in kernels.items() if r["shared"] > HOPPER_SHARED_BYTES}
         assert not over, f"{case['family']} D={case['D']} {case['decay']} {case['dtype']}: over the limit: {over}"

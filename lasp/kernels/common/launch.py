@@ -110,7 +110,10 @@ LAUNCH = {
     "delta.state_grad_bf16": Launch(num_warps=4, num_stages=2, block=64),
     "delta.state_grad_per_key_bf16": Launch(num_warps=4, num_stages=2, block=64),
     # The per-chunk kernels of the delta rule (one program per chunk and head; block = the
-    # V-tile): the UT transform, the outputs, the outputs' dδ (first guesses). The chunk
+    # V-tile): the UT transform (`inverse`, R alone: its block is unused; `wy`, w and u; on
+    # an H100 at (8,4K) 8 warps took R 1.03 ms against 0.36 on 4, w and u 0.48 against 0.40,
+    # DeltaNet, delta_variants_ut_split_warps_8x4096_h100_2026-12-07-s18), the outputs, the
+    # outputs' dδ (first guesses). The chunk
     # backward in two: `key_grad` per (chunk, head, K-tile), block = its K-tile and V-tile;
     # `wy_grad` per (chunk, head), block = the K- and V-tiles of its loops. The per-key
     # decay's exact diagonal blocks hold more registers: narrower tiles (its `_per_key`
@@ -121,6 +124,7 @@ LAUNCH = {
     # UT transform's 4 warps were already the best. The `_per_key` rows on 4 warps too (KDA,
     # launch_sweep_kda_h100_2026-12-07-s8): wy_grad 8.03 ms against 12.57 on 8, key_grad 7.75
     # against 8.25, although on 4 warps they spill (0.3 and 0.7 KB a thread, bf16).
+    "delta.inverse": Launch(num_warps=4, num_stages=1, block=64),
     "delta.wy": Launch(num_warps=4, num_stages=1, block=64),
     "delta.output": Launch(num_warps=4, num_stages=2, block=64),
     "delta.output_grad": Launch(num_warps=4, num_stages=2, block=64),

@@ -32,13 +32,13 @@ the other's registers.
 Launches (one program per chunk slot and head unless said):
 
 forward
-  1. `_wy_kernel`: R (the 16×16 diagonal blocks of I + N inverted by forward
+  1. `_inverse_kernel`: R (the 16×16 diagonal blocks of I + N inverted by forward
      substitution in fp32, all blocks at once; then the blocks below by the product form
-     (I + P)(I + P²)… of P = −D⁻¹ N_below, nilpotent of index C/16), w, u, and the
-     walk's k_end = K ⊙ e^{γ−Γ} and γ.
-  2. `_state_pass_kernel`, per (document, head, V-tile): δ and every chunk's incoming
+     (I + P)(I + P²)… of P = −D⁻¹ N_below, nilpotent of index C/16).
+  2. `_wy_kernel`: w, u, and the walk's k_end = K ⊙ e^{γ−Γ} and γ.
+  3. `_state_pass_kernel`, per (document, head, V-tile): δ and every chunk's incoming
      state S, walking the document (as fla's `chunk_gated_delta_rule_fwd_h`).
-  3. `_output_kernel`, per (chunk, head, V-tile): o.
+  4. `_output_kernel`, per (chunk, head, V-tile): o.
 
 backward
   1. `_output_grad_kernel`, per (chunk, head, V-tile): the outputs' dδ = scale Aᵀ do,
@@ -608,48 +608,40 @@ def _diagonal_block_inverses(a_inv, base, C: tl.constexpr):
 
 
 @triton.jit
-def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW,
-               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr, PRECISION: tl.constexpr,
-               DECAY: tl.constexpr, VARLEN: tl.constexpr, BRANCH: tl.constexpr):
-    """The UT transform of one chunk slot and head: R = (I + N)⁻¹ (`a_inv`, [C, C]), w,
-    u, k_end = K ⊙ e^{γ−Γ} and γ (`g_end` [1] or [K] per slot and head, with a decay).
-    Padded rows come out zero in w, u and k_end (their k, v and β are zero).
+def _inverse_kernel(k, beta, g, slot_bounds, a_inv, T, PER_ROW, H: tl.constexpr, K: tl.constexpr,
+                    C: tl.constexpr, BK: tl.constexpr, LEVELS: tl.constexpr, PRECISION: tl.constexpr,
+                    DECAY: tl.constexpr, VARLEN: tl.constexpr, BRANCH: tl.constexpr):
+    """R = (I + N)⁻¹ of one chunk slot and head (`a_inv`, [C, C]), the UT transform's first
+    launch.
 
     N comes whole, [C, C] in registers (a per-key decay's from `_key_scores`, strict:
-    factored in TF32 in the factored launch, as the outputs' scores). R: the
-    inverses of N's 16×16 diagonal blocks D⁻¹ first (`_diagonal_block_inverses`, through
-    `a_inv`), then with N_below the entries of N under the diagonal blocks and
-    P = −D⁻¹ N_below (nilpotent: C/16 blocks), R = (I + P)(I + P²)…(I + P^{2^(LEVELS−1)}) D⁻¹
-    = Σ_{j < C/16} Pʲ D⁻¹, LEVELS = log2(C/16). The walk's operands k_end and γ are stored
-    first, and the keys then kept only as B = βK ⊙ e^Γ, the right factor of w = R B (no
-    spills at K = 128 without a per-key decay on sm_90). H100, 1×32K, UT transform ms
-    against session 10's (each diagonal block's N computed again from k, the per-key N
-    always exact): 1.31 / 1.38 (DeltaNet), 1.30 / 1.42 (Gated DeltaNet), 1.93 / 4.89 (KDA;
-    delta_wy_variants_1x32768_h100_2026-12-07-s11, "regblocks_factored"). N from
-    `_scores` (non-strict, fp32 operands) instead measured 1.32 / 1.34 / 2.22 ms.
+    factored in TF32 in the factored launch, as the outputs' scores). R: the inverses of
+    N's 16×16 diagonal blocks D⁻¹ first (`_diagonal_block_inverses`, through `a_inv`), then
+    with N_below the entries of N under the diagonal blocks and P = −D⁻¹ N_below
+    (nilpotent: C/16 blocks), R = (I + P)(I + P²)…(I + P^{2^(LEVELS−1)}) D⁻¹
+    = Σ_{j < C/16} Pʲ D⁻¹, LEVELS = log2(C/16).
+
+    A launch of its own (w and u in `_wy_kernel`): the 15-step substitution is serial
+    latency, which more programs an SM hide (128 registers a thread at K = 128 on sm_90
+    against 234 with w and u). H100 at (8,4K), UT transform ms in two launches against one:
+    0.76 / 0.83 DeltaNet, 0.80 / 0.84 Gated DeltaNet, 1.32 / 1.30 KDA
+    (delta_variants_ut_split_8x4096_h100_2026-12-07-s18). N from `_scores` (non-strict,
+    fp32 operands) instead measured 1.32 / 1.34 / 2.22 ms against 1.31 / 1.30 / 1.93
+    (DeltaNet / Gated DeltaNet / KDA at 1×32K, one launch,
+    delta_wy_variants_1x32768_h100_2026-12-07-s11).
     """
     base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, 1, VARLEN)
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, BK)
     rows, cols = offs_c[:, None], offs_c[None, :]
-
-    k_mask = (offs_k < K)[None, :]
-    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
-    b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
-    gam, g_last = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
+    gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
     if BRANCH != 0:
         if _other_launch(tl.min(gam, axis=1), BRANCH):
             return
-    b_kf = b_k.to(tl.float32)
-    tl.store(k_end + (base * C + rows) * K + offs_k[None, :], _decayed(b_kf, tl.exp(g_last - gam), DECAY),
-             mask=k_mask)
-    if DECAY == 1:
-        tl.store(g_end + base, g_last)
-    elif DECAY == 2:
-        tl.store(g_end + base * K + offs_k, g_last, mask=offs_k < K)
-    b_b = _decayed(b_kf * b_beta[:, None], tl.exp(gam), DECAY)
+    b_k = load_tile(k, offs_t, mask_t, h, offs_k, K, H)
+    b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
     if DECAY == 2:
+        b_kf = b_k.to(tl.float32)
         n = _key_scores(b_kf, b_kf, gam, k, g, start, end, h, offs_c, offs_k, H, K, C, LEVELS, True, BRANCH)
     else:
         n = tl.dot(b_k, tl.trans(b_k)) * _pair_decays(gam, offs_c, True)
@@ -667,6 +659,33 @@ def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW
         power = tl.dot(power, power, input_precision=PRECISION)
     tl.debug_barrier()                      # every thread has read the blocks
     tl.store(a_ptrs, inv)
+
+
+@triton.jit
+def _wy_kernel(k, v, beta, g, slot_bounds, a_inv, w, u, k_end, g_end, T, PER_ROW,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, VARLEN: tl.constexpr):
+    """The rest of the UT transform of one chunk slot and head, R read from `a_inv`
+    (`_inverse_kernel`): w = R B (B = βK ⊙ e^Γ), u = R βV (V in tiles), the walk's
+    k_end = K ⊙ e^{γ−Γ} and γ (`g_end` [1] or [K] per slot and head, with a decay). Padded
+    rows come out zero in w, u and k_end (their k, v and β are zero). No per-key branch:
+    every product here is with R or by a per-row factor."""
+    base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, 1, VARLEN)
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    rows, cols = offs_c[:, None], offs_c[None, :]
+    k_mask = (offs_k < K)[None, :]
+    b_kf = load_tile(k, offs_t, mask_t, h, offs_k, K, H).to(tl.float32)
+    b_beta = tl.load(beta + offs_t * H + h, mask=mask_t, other=0.0)
+    gam, g_last = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
+    tl.store(k_end + (base * C + rows) * K + offs_k[None, :], _decayed(b_kf, tl.exp(g_last - gam), DECAY),
+             mask=k_mask)
+    if DECAY == 1:
+        tl.store(g_end + base, g_last)
+    elif DECAY == 2:
+        tl.store(g_end + base * K + offs_k, g_last, mask=offs_k < K)
+    inv = tl.load(a_inv + (base * C + rows) * C + cols)
+    b_b = _decayed(b_kf * b_beta[:, None], tl.exp(gam), DECAY)
     tl.store(w + (base * C + rows) * K + offs_k[None, :], tl.dot(inv, b_b), mask=k_mask)
     for vt in tl.static_range(triton.cdiv(V, BV)):
         offs_v = vt * BV + tl.arange(0, BV)
@@ -747,18 +766,18 @@ def _state_pass_kernel(w, u, k_end, g_end, h0, doc_chunk0, doc_chunks, states, d
 
 
 @triton.jit
-def _chunk_program(q, g, slot_bounds, T, PER_ROW, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+def _chunk_program(g, slot_bounds, T, PER_ROW, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, NV: tl.constexpr,
                    VARLEN: tl.constexpr):
     """The program of a per-chunk kernel over (chunk slot, V-tile) × head: (slot·H + h, h,
-    its V offsets, the slot's token range, its rows' tokens and mask, the K offsets, q in
-    its dtype, Γ)."""
+    its V offsets, the slot's token range, its rows' tokens and mask, the K offsets, Γ).
+    The caller loads q once its per-key branch is decided (a program of the other launch
+    loads only g)."""
     base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, NV, VARLEN)
     offs_v = (tl.program_id(0) % NV) * BV + tl.arange(0, BV)
     offs_k = tl.arange(0, BK)
-    b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H)
     gam, _ = _chunk_gates(g, offs_t, mask_t, h, offs_k, H, K, C, DECAY)
-    return base, h, offs_v, start, end, offs_t, mask_t, offs_k, b_q, gam
+    return base, h, offs_v, start, end, offs_t, mask_t, offs_k, gam
 
 
 @triton.jit
@@ -777,11 +796,12 @@ def _output_kernel(q, k, g, slot_bounds, states, delta, o, scale, T, PER_ROW,
                    VARLEN: tl.constexpr, BRANCH: tl.constexpr):
     """Outputs of one chunk slot, head and V-tile: scale [(Q ⊙ e^Γ) S + A δ], A the
     decayed causal scores (`_scores`)."""
-    base, h, offs_v, start, end, offs_t, mask_t, offs_k, b_q, gam = _chunk_program(
-        q, g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, DECAY, triton.cdiv(V, BV), VARLEN)
+    base, h, offs_v, start, end, offs_t, mask_t, offs_k, gam = _chunk_program(
+        g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, DECAY, triton.cdiv(V, BV), VARLEN)
     if BRANCH != 0:
         if _other_launch(tl.min(gam, axis=1), BRANCH):
             return
+    b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H)
     scores = _chunk_scores(b_q, k, g, gam, start, end, h, offs_t, mask_t, offs_k, H, K, C, LEVELS, DECAY, BRANCH)
     offs_c = tl.arange(0, C)
     # A trailing slot of packed input (no tokens): the walk wrote no state, nothing is read.
@@ -808,11 +828,12 @@ def _output_grad_kernel(q, k, g, do, slot_bounds, d_delta_out, q_decayed, scale,
     (`_scores`), every row of the slot (zero past its tokens); from the first V-tile also
     the backward walk's factor scale Q ⊙ e^Γ (`q_decayed`, in the walk operands' dtype)."""
     NV: tl.constexpr = triton.cdiv(V, BV)
-    base, h, offs_v, start, end, offs_t, mask_t, offs_k, b_q, gam = _chunk_program(
-        q, g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, DECAY, NV, VARLEN)
+    base, h, offs_v, start, end, offs_t, mask_t, offs_k, gam = _chunk_program(
+        g, slot_bounds, T, PER_ROW, H, K, C, BK, BV, DECAY, NV, VARLEN)
     if BRANCH != 0:
         if _other_launch(tl.min(gam, axis=1), BRANCH):
             return
+    b_q = load_tile(q, offs_t, mask_t, h, offs_k, K, H)
     offs_c = tl.arange(0, C)
     # stored before the scores are formed: fewer live tiles (KDA at K = 128 on sm_90: 656
     # bytes of spills a thread, 1000 storing it after them, 760 before the walk read it)
@@ -1167,10 +1188,10 @@ def _chunk_kw(layout: ChunkLayout, row: str, H: int, K: int, V: int, decay: int,
 
 
 def _wy(k, v, beta, g, layout: ChunkLayout, operands: torch.dtype):
-    """The UT transform of every chunk slot (`_wy_kernel`): R, w, u, k_end and γ (None
-    without a decay; [n_slots, H, 1] for g, [n_slots, H, K] for gk); w and k_end, the
-    walks' operands, in `operands`, the rest fp32 (R: every w, u and gradient goes through
-    it; u: an addend of δ, never a product's operand)."""
+    """The UT transform of every chunk slot (`_inverse_kernel`, then `_wy_kernel`): R, w,
+    u, k_end and γ (None without a decay; [n_slots, H, 1] for g, [n_slots, H, K] for gk);
+    w and k_end, the walks' operands, in `operands`, the rest fp32 (R: every w, u and
+    gradient goes through it; u: an addend of δ, never a product's operand)."""
     H, K = k.shape[2:]
     V, C, NS, dev = v.shape[-1], layout.chunk, layout.n_slots, k.device
     a_inv = launch.new_tensor((NS, H, C, C), torch.float32, dev)
@@ -1179,13 +1200,17 @@ def _wy(k, v, beta, g, layout: ChunkLayout, operands: torch.dtype):
     k_end = launch.new_tensor((NS, H, C, K), operands, dev)
     decay = _decay_of(g)
     g_end = None if g is None else launch.new_tensor((NS, H, K if decay == DECAY_PER_KEY else 1), torch.float32, dev)
-    kw = _chunk_kw(layout, "delta.wy", H, K, V, decay)
+    inverse_kw = _chunk_kw(layout, "delta.inverse", H, K, V, decay)
+    del inverse_kw["V"], inverse_kw["BV"]                      # R holds all of K, no V
+    wy_kw = _chunk_kw(layout, "delta.wy", H, K, V, decay)
+    del wy_kw["LEVELS"]                                         # no product levels
     if NS:
         bounds, T, per_row = layout.slot_args(k)
         for branch in _branches(decay):
-            _wy_kernel[(NS, H)](k, v, beta, k if g is None else g, bounds, a_inv, w, u, k_end,
-                                w if g_end is None else g_end, T, per_row, PRECISION=INVERSE_PRECISION,
-                                BRANCH=branch, **kw)
+            _inverse_kernel[(NS, H)](k, beta, k if g is None else g, bounds, a_inv, T, per_row,
+                                     PRECISION=INVERSE_PRECISION, BRANCH=branch, **inverse_kw)
+        _wy_kernel[(NS, H)](k, v, beta, k if g is None else g, bounds, a_inv, w, u, k_end,
+                            w if g_end is None else g_end, T, per_row, **wy_kw)
     return a_inv, w, u, k_end, g_end
 
 
