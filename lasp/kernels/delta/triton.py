@@ -154,13 +154,19 @@ after in one process):
     (delta_variants_kda_two_launch_*_h100_2026-12-07-s17).
 - The backward walk reading scale Q ⊙ e^Γ stored by `_output_grad_kernel`: KDA 13.21 ms
   against 14.31 on an H100 (delta_walk_q_decayed_1x32768_h100_2026-12-07-s11).
-Now, on an H100, in one run with fla's kernels (kernels_delta_vs_fla_*_h100_2026-12-07-s17):
-DeltaNet 4.37 / 4.88 ms at (8,4K) / (1,32K), Gated DeltaNet 4.70 / 5.31, KDA 8.75 / 9.22;
-fla's `chunk_delta_rule` 3.53 / 5.05 (`chunk_kda` 10.7 / 13.4 in session 16's run,
-kernels_delta_vs_fla_walks_ahead_h100_2026-12-07-s16). Against session 16's kernels in one
-process: (1,32K) 5.36 / 5.71 / 11.11 → 4.94 / 5.31 / 9.32, (8,4K) 4.75 / 5.05 / 10.58 →
-4.33 / 4.66 / 8.68, KDA with every chunk exact 30.1 → 28.7 ms
-(delta_variants_s16_vs_s17_*_h100_2026-12-07-s17).
+- Session 18, against session 17's kernels in one process on an H100
+  (delta_variants_ut_split_*_h100_2026-12-07-s18): the UT transform in two launches
+  (`_inverse_kernel`) and KDA's per-chunk programs deciding their launch before loading q:
+  (1,32K) 4.91 / 5.24 / 9.32 → 4.77 / 5.17 / 9.01, (8,4K) 4.37 / 4.70 / 8.74 → 4.25 /
+  4.67 / 8.50, KDA with every chunk exact 28.6 → 28.3. Not taken: the chunk backward in one
+  launch per chunk and head (key tiles, a barrier, then the UT transform's gradient reading
+  their scratch back from L2): 928 B of spills a thread on 4 warps, DeltaNet 5.45 ms at
+  (8,4K) (4.93 on 8 warps) against 4.37.
+Now, on an H100, in one run with fla's `chunk_delta_rule`
+(kernels_delta_vs_fla_*_h100_2026-12-07-s18): DeltaNet 4.22 / 4.75 / 18.6 ms at (8,4K) /
+(1,32K) / (1,128K) against fla's 3.52 / 5.03 / 19.5; Gated DeltaNet 4.64 / 5.13 / 20.2, KDA
+8.43 / 8.90 / 35.4 (fla's `chunk_kda` 10.7 / 13.4 / 52.7 in session 16's run,
+kernels_delta_vs_fla_walks_ahead_h100_2026-12-07-s16).
 """
 
 from __future__ import annotations
@@ -622,10 +628,11 @@ def _inverse_kernel(k, beta, g, slot_bounds, a_inv, T, PER_ROW, H: tl.constexpr,
     = Σ_{j < C/16} Pʲ D⁻¹, LEVELS = log2(C/16).
 
     A launch of its own (w and u in `_wy_kernel`): the 15-step substitution is serial
-    latency, which more programs an SM hide (128 registers a thread at K = 128 on sm_90
-    against 234 with w and u). H100 at (8,4K), UT transform ms in two launches against one:
-    0.76 / 0.83 DeltaNet, 0.80 / 0.84 Gated DeltaNet, 1.32 / 1.30 KDA
-    (delta_variants_ut_split_8x4096_h100_2026-12-07-s18). N from `_scores` (non-strict,
+    latency, which more programs an SM hide (at K = 128 on sm_90, 128 registers a thread
+    against 234 with w and u; with a per-key decay 416 B of spills against 576). H100 at
+    (8,4K), UT transform ms in two launches against one: 0.76 / 0.83 DeltaNet, 0.80 / 0.84
+    Gated DeltaNet, 1.32 / 1.30 KDA (delta_variants_ut_split_8x4096_h100_2026-12-07-s18).
+    N from `_scores` (non-strict,
     fp32 operands) instead measured 1.32 / 1.34 / 2.22 ms against 1.31 / 1.30 / 1.93
     (DeltaNet / Gated DeltaNet / KDA at 1×32K, one launch,
     delta_wy_variants_1x32768_h100_2026-12-07-s11).
