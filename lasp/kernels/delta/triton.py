@@ -632,9 +632,8 @@ def _inverse_kernel(k, beta, g, slot_bounds, a_inv, T, PER_ROW, H: tl.constexpr,
     against 234 with w and u; with a per-key decay 416 B of spills against 576). H100 at
     (8,4K), UT transform ms in two launches against one: 0.76 / 0.83 DeltaNet, 0.80 / 0.84
     Gated DeltaNet, 1.32 / 1.30 KDA (delta_variants_ut_split_8x4096_h100_2026-12-07-s18).
-    N from `_scores` (non-strict,
-    fp32 operands) instead measured 1.32 / 1.34 / 2.22 ms against 1.31 / 1.30 / 1.93
-    (DeltaNet / Gated DeltaNet / KDA at 1×32K, one launch,
+    N from `_scores` (non-strict, fp32 operands) instead measured 1.32 / 1.34 / 2.22 ms
+    against 1.31 / 1.30 / 1.93 (DeltaNet / Gated DeltaNet / KDA at 1×32K, one launch,
     delta_wy_variants_1x32768_h100_2026-12-07-s11).
     """
     base, h, start, end, offs_t, mask_t = _slot_program(slot_bounds, T, PER_ROW, H, C, 1, VARLEN)
@@ -1207,17 +1206,11 @@ def _wy(k, v, beta, g, layout: ChunkLayout, operands: torch.dtype):
     k_end = launch.new_tensor((NS, H, C, K), operands, dev)
     decay = _decay_of(g)
     g_end = None if g is None else launch.new_tensor((NS, H, K if decay == DECAY_PER_KEY else 1), torch.float32, dev)
-    inverse_kw = _chunk_kw(layout, "delta.inverse", H, K, V, decay)
-    del inverse_kw["V"], inverse_kw["BV"]                      # R holds all of K, no V
-    wy_kw = _chunk_kw(layout, "delta.wy", H, K, V, decay)
-    del wy_kw["LEVELS"]                                         # no product levels
-    if NS:
-        bounds, T, per_row = layout.slot_args(k)
-        for branch in _branches(decay):
-            _inverse_kernel[(NS, H)](k, beta, k if g is None else g, bounds, a_inv, T, per_row,
-                                     PRECISION=INVERSE_PRECISION, BRANCH=branch, **inverse_kw)
-        _wy_kernel[(NS, H)](k, v, beta, k if g is None else g, bounds, a_inv, w, u, k_end,
-                            w if g_end is None else g_end, T, per_row, **wy_kw)
+    bounds, T, per_row = layout.slot_args(k)
+    _slot_launch(_inverse_kernel, layout, "delta.inverse", K, V, H, decay, None)(
+        k, beta, k if g is None else g, bounds, a_inv, T, per_row, PRECISION=INVERSE_PRECISION)
+    _slot_launch(_wy_kernel, layout, "delta.wy", K, V, H, decay, None)(
+        k, v, beta, k if g is None else g, bounds, a_inv, w, u, k_end, w if g_end is None else g_end, T, per_row)
     return a_inv, w, u, k_end, g_end
 
 
@@ -1225,14 +1218,18 @@ def _slot_launch(kernel, layout: ChunkLayout, row: str, K: int, V: int, H: int, 
                  tiled_k: bool = False):
     """Launch `kernel` once per (chunk slot, head), or per (chunk slot, V-tile, head) when
     `split` is "v", per (chunk slot, K-tile, head) when "k", with the per-chunk keywords
-    of `row` (K in tiles when `tiled_k` or split by K); returns the launcher."""
+    of `row` that it declares (K in tiles when `tiled_k` or split by K); a kernel with a
+    `BRANCH` once per `_branches(decay)`. Returns the launcher."""
     kw = _chunk_kw(layout, row, H, K, V, decay, tiled_k=tiled_k or split == "k")
     n_tiles = {None: 1, "v": triton.cdiv(V, kw["BV"]), "k": triton.cdiv(K, kw["BK"])}[split]
+    declared = set(kernel.arg_names) | set(launch_kw(row))        # its parameters, num_warps, num_stages
+    kw = {name: value for name, value in kw.items() if name in declared}
+    branches = [dict(BRANCH=branch) for branch in _branches(decay)] if "BRANCH" in kernel.arg_names else [{}]
 
     def run(*args, **switches):
         if layout.n_slots:
-            for branch in _branches(decay):
-                kernel[(layout.n_slots * n_tiles, H)](*args, **switches, BRANCH=branch, **kw)
+            for branch in branches:
+                kernel[(layout.n_slots * n_tiles, H)](*args, **switches, **branch, **kw)
     return run
 
 
