@@ -171,14 +171,15 @@ kernels_delta_vs_fla_walks_ahead_h100_2026-12-07-s16).
 Bytes, an estimate from the tensors' shapes (DeltaNet, C = 64, K = V = 128, bf16 walk
 operands, a tile re-read by several V-tile programs counted once): the launches above move
 ~992 KB per chunk and head (UT inverse 32, w and u 112, forward walk 128, outputs 112,
-outputs' dδ 96, backward walk 144, key_grad 224, wy_grad 144), 2.74 ms for the 8192 chunks
-and heads of (8,4K) at the 3.04 TB/s copy bandwidth of session 18's run, against 4.24 ms
-measured there (delta_variants_ut_split_8x4096_h100_2026-12-07-s18). Every launch but the
-UT inverse (4.1× its bytes' time) and wy_grad (2.5×) runs at 74-95% of that bandwidth.
-fla's `chunk_delta_rule` moves about as many bytes (bf16 intermediates, but w, u and the
-walk recomputed in the backward). A time of 2.35 ms at (8,4K), 1.5× fla's, therefore needs
-fewer bytes (δ, u, the outputs' dδ and the partial dk narrower or never stored), not only
-faster launches.
+outputs' dδ 96, backward walk 144, key_grad 224, wy_grad 144): 2.74 ms for the 8192 chunks
+and heads of (8,4K) at the copy bandwidth session 18 measured on its H100, 3.04 TB/s
+(kernels_delta_vs_fla_8x4096_1x32768_h100_2026-12-07-s18), against DeltaNet's 4.25 ms there,
+4.23 of it in these launches (delta_variants_ut_split_8x4096_h100_2026-12-07-s18). Every
+launch but the UT inverse (4.1× its bytes' time) and wy_grad (2.5×) runs at 74-95% of that
+bandwidth. fla's `chunk_delta_rule` moves about as many bytes (bf16 intermediates, but w, u
+and the walk recomputed in the backward). A time of 2.35 ms at (8,4K), 1.5× fla's,
+therefore needs fewer bytes (δ, u, the outputs' dδ and the partial dk narrower or never
+stored), not only faster launches.
 """
 
 from __future__ import annotations
