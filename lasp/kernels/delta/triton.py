@@ -665,13 +665,14 @@ def _inverse_kernel(k, beta, g, slot_bounds, a_inv, T, PER_ROW, H: tl.constexpr,
     else:
         n = tl.dot(b_k, tl.trans(b_k)) * _pair_decays(gam, offs_c, True)
     n = n * b_beta[:, None]                 # N, strictly lower
-    tl.store(a_inv + (base * C + rows) * C + cols, n, mask=(rows // 16) == (cols // 16))
+    a_ptrs = a_inv + (base * C + rows) * C + cols
+    diagonal_block = (rows // 16) == (cols // 16)
+    tl.store(a_ptrs, n, mask=diagonal_block)
     tl.debug_barrier()                  # N's blocks, visible to every thread
     _diagonal_block_inverses(a_inv, base, C)
     n_below = tl.where((rows // 16) > (cols // 16), n, 0.0)
     tl.debug_barrier()                      # the blocks' stores, visible to every thread
-    a_ptrs = a_inv + (base * C + rows) * C + cols
-    inv = tl.load(a_ptrs, mask=(rows // 16) == (cols // 16), other=0.0)
+    inv = tl.load(a_ptrs, mask=diagonal_block, other=0.0)
     power = -tl.dot(inv, n_below, input_precision=PRECISION)
     for _ in tl.static_range(LEVELS):
         inv += tl.dot(power, inv, input_precision=PRECISION)
